@@ -1,0 +1,20 @@
+"""disttrain - an MPI-native distributed training runtime (mpi4py + NumPy + Numba).
+
+    import disttrain as dt
+    dt.init()
+    y = dt.allreduce(x, op="avg")
+
+The public API (names and meanings fixed by DESIGN.md sec. 3) is re-exported here. MPI starts on
+``dt.init()`` (or on the first collective), not at import.
+"""
+from .comm import (ALLREDUCE_ALGORITHMS, ALLTOALL_ALGORITHMS, CollectiveError, Handle, allgather, allreduce,
+                   allreduce_, allreduce_async, allreduce_async_, alltoall, broadcast, broadcast_, calibrate,
+                   reduce_scatter, set_validation, set_verbose)
+from .runtime import Group, init, local_rank, local_size, new_group, rank, size, world
+
+__version__ = "0.1.0"
+
+__all__ = ["init", "rank", "size", "local_rank", "local_size", "world", "new_group", "Group",
+           "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "broadcast", "broadcast_",
+           "allgather", "reduce_scatter", "alltoall", "calibrate", "set_validation", "set_verbose",
+           "Handle", "CollectiveError", "ALLREDUCE_ALGORITHMS", "ALLTOALL_ALGORITHMS"]

@@ -1,0 +1,66 @@
+"""AllToAll(v) on point-to-point: pairwise exchange and Bruck's algorithm, for uneven splits.
+
+Both move raw bytes (the caller views any dtype as uint8), so one implementation serves every
+dtype and row shape.
+
+- pairwise: p-1 rounds; in round k rank r sends to r+k and receives from r-k (Thakur et al. 2005,
+  sec. 3). Every byte moves once: the large-message algorithm.
+- bruck: ceil(log2 p) rounds (Bruck et al. 1997, "Efficient algorithms for all-to-all
+  communications in multiport message-passing systems"). Blocks are rotated so that position j
+  holds data for rank r+j; in round k all positions with bit k set move to rank r+2^k. Each byte
+  moves up to log2 p times, but there are only log2 p messages: the small-message algorithm. With
+  uneven splits an intermediate rank does not know the sizes of the blocks it forwards, so each
+  round sends a small size header before the packed data.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import pack
+from .p2p import TAG_BRUCK_DATA, TAG_BRUCK_SIZE, TAG_PAIRWISE, scratch
+from .registry import ALLTOALL
+
+
+@ALLTOALL.register("pairwise")
+def pairwise(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
+    p, r = comm.Get_size(), comm.Get_rank()
+    recv[rdispls[r]:rdispls[r] + rcounts[r]] = send[sdispls[r]:sdispls[r] + scounts[r]]
+    for k in range(1, p):
+        dst, src = (r + k) % p, (r - k) % p
+        comm.Sendrecv(send[sdispls[dst]:sdispls[dst] + scounts[dst]], dst, TAG_PAIRWISE,
+                      recv[rdispls[src]:rdispls[src] + rcounts[src]], src, TAG_PAIRWISE)
+
+
+@ALLTOALL.register("bruck")
+def bruck(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
+    p, r = comm.Get_size(), comm.Get_rank()
+    pos = (r + np.arange(p)) % p  # position j holds the block for rank r+j
+    off, ln = np.asarray(sdispls, np.int64)[pos].copy(), np.asarray(scounts, np.int64)[pos].copy()
+    store = np.empty(max(64, 2 * send.shape[0]), np.uint8)  # received blocks are appended here
+    store[:send.shape[0]] = send
+    end = send.shape[0]
+    j = np.arange(p)
+    dist = 1
+    while dist < p:
+        sel = np.nonzero(j & dist)[0]
+        to, frm = (r + dist) % p, (r - dist) % p
+        sizes = ln[sel].copy()
+        nsend = int(sizes.sum())
+        sbuf = scratch(nsend, np.uint8, slot=2)
+        pack(store, off[sel], sizes, sbuf)
+        rsizes = np.empty_like(sizes)
+        comm.Sendrecv(sizes, to, TAG_BRUCK_SIZE, rsizes, frm, TAG_BRUCK_SIZE)
+        total = int(rsizes.sum())
+        if end + total > store.shape[0]:
+            grown = np.empty(max(2 * store.shape[0], end + total), np.uint8)
+            grown[:end] = store[:end]
+            store = grown
+        comm.Sendrecv(sbuf[:nsend], to, TAG_BRUCK_DATA, store[end:end + total], frm, TAG_BRUCK_DATA)
+        off[sel] = end + np.concatenate(([0], np.cumsum(rsizes)[:-1]))
+        ln[sel] = rsizes
+        end += total
+        dist <<= 1
+    src_pos = (r - np.arange(p)) % p  # the block from rank s ended at position r-s
+    if not np.array_equal(ln[src_pos], np.asarray(rcounts, np.int64)):
+        raise AssertionError("bruck: received block sizes disagree with the exchanged counts")
+    pack(store, off[src_pos], ln[src_pos], recv)

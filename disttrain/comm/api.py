@@ -1,0 +1,346 @@
+"""The public collectives (DESIGN.md sec. 3): argument checks, work buffers, dispatch, async.
+
+Every call follows one path: check the arguments locally -> cross-rank consistency check
+(validate.py; a local error on any rank raises CollectiveError on all of them) -> pick the
+algorithm ("auto" asks the cost model) -> run it on a flat contiguous work buffer in the
+accumulation dtype -> finish (avg division, cast back) -> return. The asynchronous variants run the
+very same path on the communication thread (engine.py) with the group's ``async_comm``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from ..runtime import as_group
+from . import validate
+from .config import settings
+from .costmodel import choose
+from .engine import Handle, engine
+from .errors import CollectiveError
+from .kernels import divide, float_to_half, half_to_float
+from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
+from .p2p import partition, scratch
+from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
+
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _choose(registry, algorithm: str, comm, nbytes: int, dtype) -> str:
+    return algorithm if algorithm != "auto" else choose(registry.family, comm, nbytes, dtype)
+
+
+def _check_array(x, inplace: bool, kind: str, reduce: bool, min_ndim: int = 0):
+    """Return (array, error message or None) for the data argument."""
+    if not isinstance(x, np.ndarray):
+        if inplace:
+            return x, f"{kind}: the in-place variant needs a NumPy array, got {type(x).__name__}"
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # noqa: BLE001
+            return None, f"{kind}: cannot convert input to an array: {e}"
+    if reduce and x.dtype not in REDUCE_DTYPES:
+        return x, f"{kind}: unsupported dtype {x.dtype}; supported: {[str(d) for d in REDUCE_DTYPES]}"
+    if x.dtype.hasobject:
+        return x, f"{kind}: object arrays cannot be communicated"
+    if x.ndim < min_ndim:
+        return x, f"{kind}: needs an array with at least {min_ndim} dimension(s), got shape {x.shape}"
+    if inplace and not x.flags.writeable:
+        return x, f"{kind}: the in-place variant needs a writeable array"
+    return x, None
+
+
+def _op_code(op, kind: str):
+    code = OPS.get(op) if isinstance(op, str) else None
+    return code, (None if code is not None else f"{kind}: unknown op {op!r}; choose one of {list(OPS)}")
+
+
+def _log(kind: str, name: str, nbytes: int, t0: float, comm) -> None:
+    sys.stderr.write(f"[disttrain r{comm.Get_rank()}/{comm.Get_size()}] {kind} {name} "
+                     f"{nbytes} B {1e6 * (time.perf_counter() - t0):.1f} us\n")
+
+
+def _to_work(x: np.ndarray, acc, inplace: bool) -> np.ndarray:
+    """Flat contiguous buffer in the accumulation dtype holding x (x itself when possible)."""
+    if acc != x.dtype:  # float16: reduce in float32 (thread-local scratch, no allocation)
+        work = scratch(x.size, acc, slot=0)
+        half_to_float(np.ascontiguousarray(x).reshape(-1), work)
+        return work
+    if inplace and x.flags.c_contiguous:
+        return x.reshape(-1)
+    return np.array(x, order="C", copy=True).reshape(-1)
+
+
+def _from_work(work: np.ndarray, x: np.ndarray, shape, inplace: bool) -> np.ndarray:
+    """Cast/copy the finished work buffer into the result (x when in place)."""
+    if work.dtype != x.dtype:
+        out = x if (inplace and x.flags.c_contiguous) else np.empty(shape, x.dtype)
+        float_to_half(work, out.reshape(-1))
+        if inplace and out is not x:
+            x[...] = out
+            out = x
+        return out
+    if inplace:
+        if work.base is not x:
+            x[...] = work.reshape(shape)
+        return x
+    return work.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ allreduce
+_plans: dict = {}  # (algorithm, op, dtype, inplace) -> (op code, kernel op, accumulation dtype, error)
+
+
+def _plan(x, op, algorithm, inplace):
+    """Everything about a call that depends only on its signature - cached: the hot path is one lookup."""
+    try:
+        key = (algorithm, op, x.dtype, inplace)
+        plan = _plans.get(key)
+    except TypeError:  # unhashable op/algorithm: not cached, reported below
+        key, plan = None, None
+    if plan is None:
+        _, err = _check_array(x, False, "allreduce", reduce=True)
+        opc, operr = _op_code(op, "allreduce")
+        err = err or operr or ALLREDUCE.problem(algorithm)
+        plan = (opc, kernel_op(opc) if opc is not None else None, accum_dtype(x.dtype), err)
+        if key is not None:
+            _plans[key] = plan
+    return plan
+
+
+def _allreduce(g, comm, x, op, algorithm, inplace):
+    if type(x) is not np.ndarray:
+        x, err = _check_array(x, inplace, "allreduce", reduce=True)
+        if err:
+            validate.check(comm, "allreduce", {"shape": None, "dtype": "", "op": op, "algorithm": algorithm}, err)
+    opc, kop, acc, err = _plan(x, op, algorithm, inplace)
+    if inplace and not err and not x.flags.writeable:
+        err = "allreduce: the in-place variant needs a writeable array"
+    if settings.validate:
+        validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
+                                           "algorithm": algorithm}, err)
+    elif err:
+        raise CollectiveError(err)
+    if settings.verbose:
+        t0 = time.perf_counter()
+    name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
+    if inplace and acc is x.dtype and x.flags.c_contiguous:  # the hot path of DataParallel buckets
+        work = x.reshape(-1)
+        ALLREDUCE.resolve(name)(comm, work, kop)
+        if opc == AVG:
+            divide(work, comm.Get_size())
+        out = x
+    else:
+        work = _to_work(x, acc, inplace)
+        ALLREDUCE.resolve(name)(comm, work, kop)
+        if opc == AVG:
+            divide(work, comm.Get_size())
+        out = _from_work(work, x, x.shape, inplace)
+    if settings.verbose:
+        _log("allreduce", name, work.nbytes, t0, comm)
+    return out
+
+
+def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+    """Reduce `x` over all ranks of the group and return the result (a new array) on every rank.
+
+    Args:
+        x: NumPy array of any shape; dtype float16 (reduced in float32), float32, float64, int32
+            or int64. Shape and dtype must be the same on every rank.
+        op: "sum" | "avg" | "min" | "max" | "prod". "avg" divides the sum once at the end (integer
+            dtypes: floor division).
+        algorithm: a name from ``ALLREDUCE_ALGORITHMS`` ("ring", "tree", "double_tree",
+            "butterfly", "rabenseifner", "ps" or "ps:S" for S server shards, "mpi") or "auto"
+            (chosen by the calibrated cost model from process count, bytes and dtype).
+        group: a Group from ``new_group`` (default: all ranks).
+
+    Returns:
+        The reduced array, same shape and dtype as `x`; bit-identical on every rank.
+
+    Raises:
+        CollectiveError: on every rank, if any rank passed a different shape/dtype/op/algorithm or
+            an invalid argument.
+
+    Example:
+        >>> g = dt.allreduce(np.full(4, dt.rank(), np.float32), op="avg")
+    """
+    g = as_group(group)
+    return _allreduce(g, g.comm, x, op, algorithm, inplace=False)
+
+
+def allreduce_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+    """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
+    g = as_group(group)
+    return _allreduce(g, g.comm, x, op, algorithm, inplace=True)
+
+
+def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
+    """Start an allreduce on the communication thread and return a Handle at once.
+
+    `x` is copied before this returns, so the caller may reuse it immediately. The reduction
+    progresses while the caller computes; ``h.test()`` polls, ``h.wait()`` returns the result.
+    Every rank must start its async collectives in the same order.
+
+    Example:
+        >>> h = dt.allreduce_async(grad)      # communication starts now ...
+        >>> loss = model.forward(next_batch)  # ... and overlaps this
+        >>> grad_sum = h.wait()
+    """
+    g = as_group(group)
+    xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+    return engine.submit(lambda: _allreduce(g, g.async_comm, xc, op, algorithm, inplace=True), "allreduce")
+
+
+def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
+    """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
+    g = as_group(group)
+    return engine.submit(lambda: _allreduce(g, g.async_comm, x, op, algorithm, inplace=True), "allreduce_")
+
+
+# ------------------------------------------------------------------------------- reduce_scatter
+def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+    """Reduce `x` over the group; rank r gets block r of ``np.array_split(result, size, axis=0)``.
+
+    Same arguments and dtypes as :func:`allreduce` (algorithms: "ring", "mpi", "auto"); `x` needs at
+    least one dimension. Returns a new array of shape (rows_r, *x.shape[1:]).
+    """
+    g = as_group(group)
+    comm = g.comm
+    x, err = _check_array(x, False, "reduce_scatter", reduce=True, min_ndim=1)
+    opc, operr = _op_code(op, "reduce_scatter")
+    err = err or operr or REDUCE_SCATTER.problem(algorithm)
+    validate.check(comm, "reduce_scatter", {"shape": getattr(x, "shape", None), "dtype": str(getattr(x, "dtype", "")),
+                                            "op": op, "algorithm": algorithm}, err)
+    p, r = comm.Get_size(), comm.Get_rank()
+    acc = accum_dtype(x.dtype)
+    name = _choose(REDUCE_SCATTER, algorithm, comm, x.size * acc.itemsize, acc)
+    rowsize = int(np.prod(x.shape[1:], dtype=np.int64))
+    rcounts, rdispls = partition(x.shape[0], p)
+    work = _to_work(x, acc, inplace=False)
+    block = REDUCE_SCATTER.resolve(name)(comm, work, kernel_op(opc), rcounts * rowsize, rdispls * rowsize)
+    if opc == AVG:
+        divide(block, p)
+    out = np.empty((int(rcounts[r]),) + x.shape[1:], x.dtype)
+    if acc != x.dtype:
+        float_to_half(block, out.reshape(-1))
+    else:
+        out.reshape(-1)[...] = block
+    return out
+
+
+# ------------------------------------------------------------------------------------ broadcast
+def _broadcast(x, root, algorithm, group, inplace):
+    g = as_group(group)
+    comm = g.comm
+    x, err = _check_array(x, inplace, "broadcast", reduce=False)
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < comm.Get_size():
+        err = err or f"broadcast: root must be an int in [0, {comm.Get_size()}), got {root!r}"
+    err = err or BROADCAST.problem(algorithm)
+    validate.check(comm, "broadcast", {"shape": getattr(x, "shape", None), "dtype": str(getattr(x, "dtype", "")),
+                                       "root": root if isinstance(root, (int, np.integer)) else repr(root),
+                                       "algorithm": algorithm}, err)
+    root = int(root)
+    name = _choose(BROADCAST, algorithm, comm, x.nbytes, x.dtype)
+    if inplace and x.flags.c_contiguous:
+        work = x.reshape(-1)
+    elif comm.Get_rank() == root:
+        work = np.array(x, order="C", copy=True).reshape(-1)
+    else:
+        work = np.empty(x.size, x.dtype)
+    BROADCAST.resolve(name)(comm, work.view(np.uint8), root)
+    if inplace:
+        if work.base is not x:
+            x[...] = work.reshape(x.shape)
+        return x
+    return work.reshape(x.shape)
+
+
+def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
+    """Return root's `x` on every rank (a new array). Shape and dtype must match on all ranks.
+
+    Any dtype; algorithms "tree" (pipelined binary tree), "mpi", "auto".
+    """
+    return _broadcast(x, root, algorithm, group, inplace=False)
+
+
+def broadcast_(x: np.ndarray, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
+    """In-place :func:`broadcast`: non-root ranks' `x` is overwritten with root's."""
+    return _broadcast(x, root, algorithm, group, inplace=True)
+
+
+# ------------------------------------------------------------------------------------ allgather
+def allgather(x, group=None, algorithm: str = "auto") -> np.ndarray:
+    """Concatenate every rank's `x` along axis 0, in rank order; first dimensions may differ.
+
+    Any dtype; dtype and trailing dimensions must match on all ranks. Algorithms "ring", "mpi",
+    "auto". Returns a new array of shape (sum of rows, *x.shape[1:]).
+    """
+    g = as_group(group)
+    comm = g.comm
+    x, err = _check_array(x, False, "allgather", reduce=False, min_ndim=1)
+    err = err or ALLGATHER.problem(algorithm)
+    validate.check(comm, "allgather", {"trailing_shape": getattr(x, "shape", (None,))[1:],
+                                       "dtype": str(getattr(x, "dtype", "")), "algorithm": algorithm}, err)
+    p, r = comm.Get_size(), comm.Get_rank()
+    rows = np.empty(p, np.int64)
+    comm.Allgather(np.array([x.shape[0]], np.int64), rows)
+    rowbytes = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize
+    out = np.empty((int(rows.sum()),) + x.shape[1:], x.dtype)
+    counts = rows * rowbytes
+    displs = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    flat = out.reshape(-1).view(np.uint8)
+    flat[displs[r]:displs[r] + counts[r]] = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    name = _choose(ALLGATHER, algorithm, comm, int(counts.sum()), np.dtype(np.uint8))
+    ALLGATHER.resolve(name)(comm, flat, counts, displs)
+    return out
+
+
+# ------------------------------------------------------------------------------------- alltoall
+def alltoall(x, splits=None, algorithm: str = "auto", group=None):
+    """Send rows of `x` to every rank: block j (``splits[j]`` rows along axis 0) goes to rank j.
+
+    Args:
+        x: array with at least one dimension; any dtype; dtype and trailing dims equal on all ranks.
+        splits: rows for each destination (length = group size, non-negative, summing to
+            x.shape[0]); None = ``np.array_split`` of the rows (equal when divisible).
+        algorithm: "pairwise", "bruck", "mpi" or "auto".
+
+    Returns:
+        (y, recv_splits): y concatenates, in rank order, the blocks every rank sent here;
+        recv_splits[i] is the number of rows that came from rank i.
+    """
+    g = as_group(group)
+    comm = g.comm
+    p = comm.Get_size()
+    x, err = _check_array(x, False, "alltoall", reduce=False, min_ndim=1)
+    send_rows = None
+    if err is None:
+        if splits is None:
+            send_rows = partition(x.shape[0], p)[0]
+        else:
+            try:
+                send_rows = np.asarray([int(s) for s in splits], dtype=np.int64)
+            except (TypeError, ValueError):
+                err = f"alltoall: splits must be a sequence of ints, got {splits!r}"
+            if send_rows is not None and err is None:
+                if send_rows.shape[0] != p:
+                    err = f"alltoall: splits has {send_rows.shape[0]} entries but the group has {p} ranks"
+                elif (send_rows < 0).any():
+                    err = f"alltoall: splits must be non-negative, got {send_rows.tolist()}"
+                elif int(send_rows.sum()) != x.shape[0]:
+                    err = f"alltoall: splits sum to {int(send_rows.sum())} but x has {x.shape[0]} rows"
+    err = err or ALLTOALL.problem(algorithm)
+    validate.check(comm, "alltoall", {"trailing_shape": getattr(x, "shape", (None,))[1:],
+                                      "dtype": str(getattr(x, "dtype", "")), "algorithm": algorithm}, err)
+    recv_rows = np.empty(p, np.int64)
+    comm.Alltoall(send_rows, recv_rows)
+    rowbytes = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize
+    sc, rc = send_rows * rowbytes, recv_rows * rowbytes
+    sd = np.concatenate(([0], np.cumsum(sc)[:-1])).astype(np.int64)
+    rd = np.concatenate(([0], np.cumsum(rc)[:-1])).astype(np.int64)
+    y = np.empty((int(recv_rows.sum()),) + x.shape[1:], x.dtype)
+    send = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    name = _choose(ALLTOALL, algorithm, comm, int(sc.sum()), np.dtype(np.uint8))
+    ALLTOALL.resolve(name)(comm, send, sc, sd, y.reshape(-1).view(np.uint8), rc, rd)
+    return y, [int(v) for v in recv_rows]

@@ -1,0 +1,98 @@
+"""Asynchronous collectives: one communication thread per process, FIFO, and Handles.
+
+Why a thread and not MPI's nonblocking collectives: an MPI_Iallreduce only advances while the
+caller is inside MPI, so it stalls exactly while the caller computes - the time overlap is meant
+to hide. The communication thread runs the same algorithms as the blocking calls and sits inside
+MPI (and numba ``nogil`` reduction kernels) with the GIL released, so a rank that is busy in BLAS or
+a numba kernel keeps communicating. It uses each group's private ``async_comm``, so its messages
+can never be matched by a blocking collective running on the main thread at the same time.
+
+Operations run in submission order; every rank must submit the same collectives in the same order
+(as with any MPI collective). Several may be outstanding; ``wait`` them in any order.
+"""
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+
+
+class Handle:
+    """The future of an asynchronous collective.
+
+    ``test()`` returns True once it has completed (never blocks); ``wait()`` blocks until then and
+    returns the result array, or raises the collective's exception (e.g. CollectiveError, on every
+    rank). Until ``wait`` returns, in-place operations own their input array: do not modify it.
+    """
+
+    __slots__ = ("_done", "_result", "_error", "name")
+
+    def __init__(self, name: str = ""):
+        self._done = threading.Event()
+        self._result = None
+        self._error = None
+        self.name = name
+
+    def test(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"collective {self.name} did not complete within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self, result=None, error=None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def __repr__(self) -> str:
+        return f"Handle({self.name}, done={self.test()})"
+
+
+class Engine:
+    """The communication thread. Started on first use, stopped at interpreter exit."""
+
+    def __init__(self):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn, name: str = "") -> Handle:
+        """Run ``fn()`` on the communication thread; its return value becomes the handle's result."""
+        h = Handle(name)
+        if self._thread is None:
+            self._start()
+        self._q.put((fn, h))
+        return h
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                t = threading.Thread(target=self._loop, name="disttrain-comm", daemon=True)
+                t.start()
+                self._thread = t
+                atexit.register(self.stop)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, h = item
+            try:
+                h._finish(result=fn())
+            except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
+                h._finish(error=e)
+
+    def stop(self) -> None:
+        """Finish queued work and join the thread (before MPI_Finalize)."""
+        t = self._thread
+        if t is not None and t.is_alive():
+            self._q.put(None)
+            t.join()
+        self._thread = None
+
+
+engine = Engine()

@@ -1,0 +1,50 @@
+"""Parameter-server AllReduce: workers push their data to server shards, which reduce and send the
+result back (Li et al. 2014, "Scaling distributed machine learning with the parameter server").
+
+With S servers the vector is cut into S shards (np.array_split); server j lives on rank j*p//S and
+reduces shard j from all p ranks in rank order (deterministic), then returns it to everyone. With
+the default S = p every rank serves one shard - the "direct" all-to-all reduce-scatter +
+allgather. With S < p each server receives (p-1)*n/S elements while the other ranks' links idle:
+the pattern's classic bottleneck, which the benchmark shows.
+Choose S with ``algorithm="ps:S"`` or ``DISTTRAIN_PS_SERVERS``.
+"""
+from __future__ import annotations
+
+from . import config
+from .kernels import reduce_into
+from .p2p import TAG_PS_PULL, TAG_PS_PUSH, partition, scratch, waitall
+from .registry import ALLREDUCE
+
+
+def server_ranks(p: int, servers: int) -> list:
+    s = min(max(1, servers), p)
+    return [j * p // s for j in range(s)]
+
+
+@ALLREDUCE.register("ps", takes_param=True)
+def ps(comm, buf, op: int, param: int | None = None) -> None:
+    p, r, n = comm.Get_size(), comm.Get_rank(), buf.shape[0]
+    if p == 1 or n == 0:
+        return
+    srv = server_ranks(p, param or config.settings.ps_servers or p)
+    counts, displs = partition(n, len(srv))
+    shard = srv.index(r) if r in srv else -1
+    others = [q for q in range(p) if q != r]
+    pushes_in, pulls_out = [], []
+    if shard >= 0 and counts[shard]:
+        c = int(counts[shard])
+        tmp = scratch(c * (p - 1), buf.dtype, slot=2)
+        pushes_in = [comm.Irecv(tmp[i * c:(i + 1) * c], q, TAG_PS_PUSH) for i, q in enumerate(others)]
+    pushes_out = [comm.Isend(buf[displs[j]:displs[j] + counts[j]], s, TAG_PS_PUSH)
+                  for j, s in enumerate(srv) if s != r and counts[j]]
+    if pushes_in:
+        c, own = int(counts[shard]), buf[displs[shard]:displs[shard] + counts[shard]]
+        for i, req in enumerate(pushes_in):
+            req.Wait()
+            reduce_into(own, tmp[i * c:(i + 1) * c], op)
+        pulls_out = [comm.Isend(own, q, TAG_PS_PULL) for q in others]
+    waitall(pushes_out)  # our pushed shards must leave before the results land in the same memory
+    pulls_in = [comm.Irecv(buf[displs[j]:displs[j] + counts[j]], s, TAG_PS_PULL)
+                for j, s in enumerate(srv) if s != r and counts[j]]
+    waitall(pulls_in)
+    waitall(pulls_out)

@@ -1,0 +1,71 @@
+"""One registry per collective family, keyed by algorithm name.
+
+Every member of a family has the same signature (documented on the family below), so tests and
+benchmarks loop over ``ALLREDUCE.names()`` and a new algorithm is one decorated function.
+A name may carry one parameter after a colon ("ps:2"); it reaches the function as ``param=``.
+"""
+from __future__ import annotations
+
+import functools
+
+from .errors import CollectiveError
+
+
+class Registry:
+    def __init__(self, family: str, signature: str):
+        self.family, self.signature = family, signature
+        self._fns: dict = {}
+        self._resolved: dict = {}
+
+    def register(self, name: str, *, takes_param: bool = False):
+        def deco(fn):
+            fn.takes_param = takes_param
+            self._fns[name] = fn
+            return fn
+
+        return deco
+
+    def names(self) -> tuple:
+        return tuple(self._fns)
+
+    def problem(self, name) -> str | None:
+        """Why `name` is not a valid algorithm of this family (None if it is)."""
+        if not isinstance(name, str):
+            return f"{self.family} algorithm must be a str, got {type(name).__name__}"
+        base, _, param = name.partition(":")
+        fn = self._fns.get(base)
+        if fn is None and base != "auto":
+            return f"unknown {self.family} algorithm {name!r}; choose one of {['auto', *self._fns]}"
+        if param and (base == "auto" or not fn.takes_param):
+            return f"{self.family} algorithm {base!r} takes no parameter (got {name!r})"
+        if param and not param.isdigit():
+            return f"{self.family} algorithm parameter must be a positive integer, got {name!r}"
+        return None
+
+    def resolve(self, name: str):
+        """The function for a validated, non-auto name (cached)."""
+        fn = self._resolved.get(name)
+        if fn is None:
+            fn = self._resolved[name] = self._resolve(name)
+        return fn
+
+    def _resolve(self, name: str):
+        base, _, param = name.partition(":")
+        fn = self._fns.get(base)
+        if fn is None:
+            raise CollectiveError(self.problem(name) or f"cannot resolve {name!r}")
+        return functools.partial(fn, param=int(param)) if param else fn
+
+
+#: fn(comm, buf, op) -> None. buf: 1-D contiguous, in the accumulation dtype; reduced in place on
+#: every rank. op: a kernel op code (ops.SUM/PROD/MIN/MAX; avg arrives as SUM).
+ALLREDUCE = Registry("allreduce", "fn(comm, buf, op)")
+#: fn(comm, buf, op, counts, displs) -> ndarray: the fully reduced block `rank` of buf.
+REDUCE_SCATTER = Registry("reduce_scatter", "fn(comm, buf, op, counts, displs)")
+#: fn(comm, buf, counts, displs) -> None: block `rank` of buf is filled in; afterwards all are.
+ALLGATHER = Registry("allgather", "fn(comm, buf, counts, displs)")
+#: fn(comm, buf, root) -> None: buf on every rank ends equal to buf on root.
+BROADCAST = Registry("broadcast", "fn(comm, buf, root)")
+#: fn(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None; byte (uint8) buffers and
+#: byte counts: block j of `send` goes to rank j, block i of `recv` comes from rank i.
+ALLTOALL = Registry("alltoall", "fn(comm, send, scounts, sdispls, recv, rcounts, rdispls)")

@@ -1,0 +1,203 @@
+"""Process runtime: MPI start-up, world and node-local topology, groups, abort-on-failure.
+
+One worker process per MPI rank. ``init()`` is idempotent and is called implicitly by every
+collective, so custom training loops need not call it - but calling it first installs the
+excepthook that turns an uncaught exception in any rank into a prompt, job-wide abort instead of a
+job that hangs with N-1 ranks waiting in a collective forever.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+_lock = threading.Lock()
+_world: "Group | None" = None
+_local = None  # node-local communicator (ranks sharing memory)
+
+
+@dataclass(eq=False)
+class Group:
+    """A set of ranks that run collectives together (``group=`` in every collective).
+
+    Attributes:
+        ranks: world ranks of the members, in group-rank order.
+        rank: this process's rank in the group (-1 if it is not a member).
+        size: number of members.
+        comm: the MPI communicator for blocking collectives (a private duplicate, so disttrain's
+            messages never match a user's own point-to-point traffic).
+        async_comm: a second duplicate used only by the communication thread, so asynchronous and
+            blocking collectives in flight at the same time can never match each other's messages.
+    """
+
+    ranks: tuple
+    rank: int
+    size: int
+    comm: object = field(repr=False, default=None)
+    async_comm: object = field(repr=False, default=None)
+
+    @property
+    def is_member(self) -> bool:
+        return self.comm is not None
+
+    def __repr__(self) -> str:
+        return f"Group(ranks={list(self.ranks)}, rank={self.rank}, size={self.size})"
+
+
+def _mpi():
+    from mpi4py import MPI  # imported lazily: `import disttrain` must stay cheap
+
+    return MPI
+
+
+def init() -> "Group":
+    """Start the runtime (idempotent) and return the world group.
+
+    Requests MPI_THREAD_MULTIPLE (the asynchronous collectives run on a communication thread) and
+    installs an excepthook that prints the failing rank's traceback and aborts the whole job.
+
+    Example:
+        >>> import disttrain as dt
+        >>> dt.init(); print(dt.rank(), dt.size())
+    """
+    global _world, _local
+    if _world is not None:
+        return _world
+    with _lock:
+        if _world is not None:
+            return _world
+        MPI = _mpi()
+        if not MPI.Is_initialized():
+            MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        cw = MPI.COMM_WORLD
+        _local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
+        _world = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
+        _install_abort_hooks()
+        from .comm import config, costmodel
+
+        config.load_from_env()
+        costmodel.ensure(_world.comm)
+    return _world
+
+
+def world() -> Group:
+    """The group of all ranks."""
+    return _world if _world is not None else init()
+
+
+def rank() -> int:
+    """This process's rank in the world."""
+    return world().rank
+
+
+def size() -> int:
+    """Number of ranks in the world."""
+    return world().size
+
+
+def local_rank() -> int:
+    """This process's rank among the ranks on the same host (shared-memory node)."""
+    world()
+    return _local.Get_rank()
+
+
+def local_size() -> int:
+    """Number of ranks on this host."""
+    world()
+    return _local.Get_size()
+
+
+def thread_level_ok() -> bool:
+    """True when MPI granted MPI_THREAD_MULTIPLE (needed for truly asynchronous collectives)."""
+    MPI = _mpi()
+    return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
+
+def new_group(ranks) -> Group:
+    """Create a sub-group of the world for use as ``group=`` in collectives.
+
+    Collective over the WORLD: every rank calls it with the same ``ranks`` (like
+    ``torch.distributed.new_group``); non-members get a Group with ``is_member == False`` and
+    rank -1. Group rank i is world rank ``ranks[i]``. Raises CollectiveError on every rank if the
+    list is invalid or differs between ranks.
+
+    Example:
+        >>> evens = dt.new_group(range(0, dt.size(), 2))
+        >>> if evens.is_member: y = dt.allreduce(x, group=evens)
+    """
+    from .comm import validate
+
+    w = world()
+    err = None
+    try:
+        ranks = tuple(int(r) for r in ranks)
+    except (TypeError, ValueError):
+        err, ranks = f"new_group: ranks must be a sequence of ints, got {ranks!r}", ()
+    if err is None:
+        if not ranks:
+            err = "new_group: ranks is empty"
+        elif len(set(ranks)) != len(ranks):
+            err = f"new_group: ranks contains duplicates: {list(ranks)}"
+        elif min(ranks) < 0 or max(ranks) >= w.size:
+            err = f"new_group: ranks must lie in [0, {w.size}), got {list(ranks)}"
+    validate.check(w.comm, "new_group", {"ranks": ranks}, err)
+    MPI = _mpi()
+    member = w.rank in ranks
+    color = 0 if member else MPI.UNDEFINED
+    key = ranks.index(w.rank) if member else 0
+    comm = w.comm.Split(color, key)
+    acomm = w.async_comm.Split(color, key)
+    if not member:
+        return Group(ranks, -1, len(ranks), None, None)
+    from .comm import costmodel
+
+    costmodel.ensure(comm)
+    return Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm)
+
+
+# -------------------------------------------------------------------------------- abort on error
+def _abort(kind: str, exc_type, exc, tb) -> None:
+    MPI = _mpi()
+    r = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else "?"
+    msg = "".join(traceback.format_exception(exc_type, exc, tb))
+    sys.stderr.write(f"[disttrain] rank {r}: uncaught exception in {kind}; aborting all ranks\n{msg}")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.COMM_WORLD.Abort(1)
+    os._exit(1)
+
+
+def _install_abort_hooks() -> None:
+    if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") == "1":
+        return
+    prev = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt) and _mpi().COMM_WORLD.Get_size() == 1:
+            return prev(exc_type, exc, tb)
+        _abort("the main thread", exc_type, exc, tb)
+
+    def thread_excepthook(args):
+        if args.exc_type is SystemExit:
+            return
+        _abort(f"thread {args.thread.name if args.thread else '?'}", args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+
+
+def as_group(group) -> Group:
+    """Resolve ``group=`` (None -> world); a non-member group is an error."""
+    if group is None:
+        return world()
+    if not isinstance(group, Group):
+        raise TypeError(f"group must be a disttrain Group or None, got {type(group).__name__}")
+    if not group.is_member:
+        from .comm.errors import CollectiveError
+
+        raise CollectiveError(f"this rank ({rank()}) is not a member of {group!r}")
+    return group
+
