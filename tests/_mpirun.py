@@ -1,0 +1,36 @@
+"""Launch a command under mpiexec with the oversubscription settings this machine needs."""
+import os
+import shutil
+import subprocess
+import sys
+
+# MPICH busy-polls; with more ranks than cores, throttle the progress engine (DESIGN.md sec. 5).
+OVERSUBSCRIBE_ENV = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1"}
+
+
+def mpiexec() -> list:
+    """The mpiexec next to this Python (the mpich wheel's) unless DISTTRAIN_MPIEXEC names another."""
+    exe = os.environ.get("DISTTRAIN_MPIEXEC") or shutil.which("mpiexec", path=os.path.dirname(sys.executable)) \
+        or shutil.which("mpiexec")
+    if not exe:
+        raise RuntimeError("mpiexec not found: pip install mpich, or set DISTTRAIN_MPIEXEC")
+    cmd = exe.split()
+    out = subprocess.run(cmd + ["--version"], capture_output=True, text=True).stdout
+    if "Open MPI" in out or "OpenRTE" in out:
+        cmd.append("--oversubscribe")
+    return cmd
+
+
+def run(n: int, args: list, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python args...` on n ranks; kill the whole job if it outlives `timeout` (a hang)."""
+    e = dict(os.environ, **OVERSUBSCRIBE_ENV, **(env or {}))
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(mpiexec() + ["-n", str(n), sys.executable, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=e, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        return subprocess.CompletedProcess(proc.args, -9, out + f"\n*** TIMEOUT after {timeout} s (hang) ***\n")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)

@@ -1,0 +1,127 @@
+"""Bad input raises CollectiveError on EVERY rank, with a message naming the ranks - no hang, no
+silently wrong data - and the group stays usable afterwards."""
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain.comm.config import settings
+
+pytestmark = pytest.mark.mpi
+
+
+def still_works(comm):
+    """No stray message of the failed call may linger: a correct collective must follow."""
+    p = comm.Get_size()
+    for alg in ("ring", "butterfly", "mpi"):
+        assert np.all(dt.allreduce(np.ones(1000, np.float32), algorithm=alg) == p)
+
+
+def raises_everywhere(comm, fn, match):
+    with pytest.raises(dt.CollectiveError, match=match) as e:
+        fn()
+    msgs = comm.allgather(str(e.value))
+    assert len(set(msgs)) == 1, f"ranks raised different messages: {msgs}"
+    still_works(comm)
+    return msgs[0]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_mismatched_shape_names_the_ranks(comm):
+    r = comm.Get_rank()
+    msg = raises_everywhere(comm, lambda: dt.allreduce(np.ones(4 if r == 0 else 5), algorithm="ring"), "shape")
+    assert "ranks [0]" in msg and "(4,)" in msg and "(5,)" in msg
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("field,call", [
+    ("dtype", lambda r: dt.allreduce(np.ones(3, np.float32 if r else np.float64))),
+    ("op", lambda r: dt.allreduce(np.ones(3), op="sum" if r else "max")),
+    ("algorithm", lambda r: dt.allreduce(np.ones(3), algorithm="ring" if r else "tree")),
+    ("root", lambda r: dt.broadcast(np.ones(3), root=0 if r else 1)),
+    ("shape", lambda r: dt.broadcast_(np.ones(3 + (r == 1)), root=0)),
+    ("shape", lambda r: dt.reduce_scatter(np.ones((2 + r, 2)))),
+    ("trailing_shape", lambda r: dt.allgather(np.ones((2, 1 + (r == 1))))),
+    ("dtype", lambda r: dt.alltoall(np.ones(comm_size(), np.int32 if r else np.int64))),
+])
+def test_mismatched_arguments(comm, field, call):
+    r = comm.Get_rank()
+    raises_everywhere(comm, lambda: call(r), field)
+
+
+def comm_size():
+    return dt.size()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_different_collectives_at_the_same_point(comm):
+    r = comm.Get_rank()
+    call = (lambda: dt.allreduce(np.ones(2))) if r == 0 else (lambda: dt.broadcast(np.ones(2)))
+    raises_everywhere(comm, call, "different collectives")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_unknown_name_on_one_rank_raises_on_all(comm):
+    r = comm.Get_rank()
+    msg = raises_everywhere(comm, lambda: dt.allreduce(np.ones(2), algorithm="rign" if r == 1 else "ring"),
+                            "unknown allreduce algorithm")
+    assert "rank(s) [1]" in msg
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: dt.allreduce(np.ones(2), op="mean"), "unknown op"),
+    (lambda: dt.allreduce(np.ones(2), algorithm="bogus"), "unknown allreduce algorithm"),
+    (lambda: dt.allreduce(np.ones(2), algorithm="ring:2"), "takes no parameter"),
+    (lambda: dt.allreduce(np.ones(2, np.complex64)), "unsupported dtype"),
+    (lambda: dt.allreduce(np.array(["a"], dtype=object)), "unsupported dtype"),
+    (lambda: dt.allreduce_([1.0, 2.0]), "NumPy array"),
+    (lambda: dt.broadcast(np.ones(2), root=dt.size()), "root must be"),
+    (lambda: dt.broadcast(np.ones(2), root="0"), "root must be"),
+    (lambda: dt.reduce_scatter(np.float32(3.0)), "at least 1 dimension"),
+    (lambda: dt.alltoall(np.ones(3), splits=[1] * (dt.size() + 1)), "entries"),
+    (lambda: dt.alltoall(np.ones(3), splits=[2] + [0] * (dt.size() - 1)), "sum to"),
+    (lambda: dt.alltoall(np.ones(3), splits=[-1, 4] + [0] * (dt.size() - 2) if dt.size() > 1 else [-1]),
+     "non-negative|sum to"),
+    (lambda: dt.alltoall(np.ones(3), splits="abc"), "sequence of ints|entries"),
+    (lambda: dt.allgather(np.ones(2), algorithm="bruck"), "unknown allgather algorithm"),
+])
+def test_bad_arguments(comm, call, match):
+    raises_everywhere(comm, call, match)
+
+
+def test_readonly_array_in_place(comm):
+    x = np.ones(3)
+    x.setflags(write=False)
+    raises_everywhere(comm, lambda: dt.allreduce_(x), "writeable")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bad_arguments_on_one_rank_only(comm):
+    r = comm.Get_rank()
+    splits = [1] * comm.Get_size()
+    if r == 1:
+        splits = [2] * comm.Get_size()  # does not sum to the rows on rank 1 only
+    msg = raises_everywhere(comm, lambda: dt.alltoall(np.ones(comm.Get_size()), splits=splits), "sum to")
+    assert "rank(s) [1]" in msg
+
+
+def test_new_group_validation(comm):
+    p = comm.Get_size()
+    raises_everywhere(comm, lambda: dt.new_group([0, 0]), "duplicates")
+    raises_everywhere(comm, lambda: dt.new_group([p]), r"must lie in")
+    raises_everywhere(comm, lambda: dt.new_group([]), "empty")
+    if p > 1:
+        r = comm.Get_rank()
+        raises_everywhere(comm, lambda: dt.new_group([0] if r else [1]), "ranks")
+        g = dt.new_group([0])
+        if r != 0:
+            with pytest.raises(dt.CollectiveError, match="not a member"):
+                dt.allreduce(np.ones(1), group=g)
+
+
+def test_validation_off_still_reports_local_errors(comm):
+    dt.set_validation(False)
+    with pytest.raises(dt.CollectiveError, match="unknown op"):
+        dt.allreduce(np.ones(2), op="mean")  # every rank makes the same mistake: no hang possible
+    assert settings.validate is False
+    dt.set_validation(True)
+    still_works(comm)

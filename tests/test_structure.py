@@ -1,0 +1,85 @@
+"""Pure logic of the algorithms: partitions, trees, registries, cost model (one process)."""
+import math
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain.comm import costmodel
+from disttrain.comm.p2p import partition, pow2_below, real_rank, segments
+from disttrain.comm.registry import ALLREDUCE
+from disttrain.comm.tree import tree_links, tree_root
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 17, 100])
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_partition_is_array_split(n, parts):
+    counts, displs = partition(n, parts)
+    ref = np.array_split(np.arange(n), parts)
+    assert [len(b) for b in ref] == counts.tolist()
+    assert [int(b[0]) if len(b) else None for b in ref] == [int(d) if c else None for d, c in zip(displs, counts)]
+
+
+def test_segments_cover_exactly():
+    for count in (0, 1, 10, 11):
+        segs = segments(5, count, 3)
+        assert sum(m for _, m in segs) == count and all(0 < m <= 3 for _, m in segs)
+        assert [o for o, _ in segs] == list(range(5, 5 + count, 3))
+
+
+@pytest.mark.parametrize("p", list(range(1, 40)) + [64, 100, 127, 128])
+def test_fold_renumbering_is_a_bijection(p):
+    rem = p - pow2_below(p)
+    survivors = [r for r in range(p) if r >= 2 * rem or r % 2 == 1]
+    assert sorted(real_rank(i, p) for i in range(pow2_below(p))) == survivors
+
+
+@pytest.mark.parametrize("p", list(range(1, 70)) + [128, 255, 1000])
+def test_trees_are_spanning_and_complementary(p):
+    for shift in (0, 1, 3 % p):
+        parent, children = tree_links(p, shift)
+        root = tree_root(p, shift)
+        assert parent[root] == -1 and sum(q == -1 for q in parent) == 1
+        for r in range(p):  # every rank reaches the root: a tree, not a forest or a cycle
+            seen, q = 0, r
+            while parent[q] != -1:
+                q, seen = parent[q], seen + 1
+                assert seen <= p
+            assert q == root
+            assert all(parent[c] == r for c in children[r]) and len(children[r]) <= 2
+        height = max(_depth(parent, r) for r in range(p))
+        assert height <= max(1, math.ceil(math.log2(p)))
+    interior1 = {r for r, c in enumerate(tree_links(p, 0)[1]) if c}
+    interior2 = {r for r, c in enumerate(tree_links(p, 1)[1]) if c}
+    assert not interior1 & interior2, "double tree: no rank may be interior in both trees"
+
+
+def _depth(parent, r):
+    d = 0
+    while parent[r] != -1:
+        r, d = parent[r], d + 1
+    return d
+
+
+def test_public_names_and_registry():
+    for name in ("ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"):
+        assert name in dt.ALLREDUCE_ALGORITHMS
+    for name in ("pairwise", "bruck", "mpi"):
+        assert name in dt.ALLTOALL_ALGORITHMS
+    assert ALLREDUCE.problem("ring") is None and ALLREDUCE.problem("ps:3") is None
+    assert "unknown" in ALLREDUCE.problem("rign") and "takes no parameter" in ALLREDUCE.problem("ring:2")
+    assert "positive integer" in ALLREDUCE.problem("ps:x") and "must be a str" in ALLREDUCE.problem(3)
+
+
+def test_cost_model_shapes():
+    c = costmodel.CostParams(8, alpha=5e-6, beta=1e-10, gamma=2e-10)
+    small, large = 64, 64 << 20
+    pr = {a: costmodel.predict(c, a, small) for a in costmodel.ALLREDUCE_MODELS if a != "mpi"}
+    pl = {a: costmodel.predict(c, a, large) for a in costmodel.ALLREDUCE_MODELS if a != "mpi"}
+    assert min(pr, key=pr.get) == "butterfly"  # latency-bound: fewest rounds
+    assert min(pl, key=pl.get) in ("ring", "rabenseifner", "ps")  # bandwidth-bound: 2(p-1)/p n
+    assert pl["tree"] > pl["double_tree"] > pl["ring"]
+    assert costmodel.predict(c, "ps:1", large) > costmodel.predict(c, "ps", large)  # one server: a hot spot
+    c.native = [(8, 3e-6), (1 << 20, 2e-4)]
+    assert math.isclose(costmodel.t_native(c, 1 << 10), math.exp(np.interp(math.log(1024), np.log([8, 1 << 20]),
+                                                                         np.log([3e-6, 2e-4]))))
