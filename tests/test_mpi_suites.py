@@ -26,7 +26,8 @@ def compiled_kernels():
 @pytest.mark.parametrize("n", RANKS)
 def test_mpi_suite(n, tmp_path):
     res = run(n, [os.path.join(HERE, "mpi", "run.py"), str(tmp_path), "-q", "-x", "--no-header",
-                  "-W", "error::RuntimeWarning", os.path.join(HERE, "mpi")], timeout=150 + 45 * n)
+                  "-W", "error::RuntimeWarning", os.path.join(HERE, "mpi")], timeout=150 + 45 * n,
+              env={"DISTTRAIN_TEST_ABORT_ON_FAIL": "1"})
     if res.returncode != 0:
         logs = "".join(f"\n----- {os.path.basename(f)} -----\n" + open(f).read()[-4000:]
                        for f in sorted(glob.glob(str(tmp_path / "rank*.log"))))
