@@ -1,26 +1,34 @@
 """Alpha-beta-gamma cost model of every collective algorithm, its calibration, and algorithm="auto".
 
 The formulas follow Thakur, Rabenseifner & Gropp, "Optimization of Collective Communication
-Operations in MPICH" (IJHPCA 2005): a message of n bytes costs alpha + n*beta, reducing n bytes
-costs n*gamma. Here n is the size of the reduced vector in bytes, p the number of ranks, p2 the
-largest power of two <= p, S the number of pipeline segments.
+Operations in MPICH" (IJHPCA 2005): a message of m bytes costs alpha + m*beta, reducing m bytes
+costs m*gamma. n is the reduced vector in bytes, p the ranks, p2 the largest power of two <= p,
+S the pipeline segments, h the tree height, k the most children of a tree node (1 when p == 2).
+A tree's pipeline step is bounded by its busiest node: an interior node receives k segments from
+below and one from above while sending one up and k down, and a simultaneous send+receive of m
+bytes costs m*beta (that is how beta is measured), hence the (k+1) beta per segment; in the double
+tree a rank is interior in one tree and a leaf (one segment each way) in the other.
+Every algorithm also pays a fixed software overhead o_a per call (LogP's "o": Python, request
+objects, scratch buffers), which is what makes the latency-optimal algorithm lose to the MPI
+library's C code for tiny messages.
 
-  ring          2(p-1)(alpha*ceil(n/(pS_b)) + n/p beta) + (p-1) n/p gamma
-  butterfly     lg p2 (alpha + n beta + n gamma)                     (+ fold, if p != p2)
-  rabenseifner  2 lg p2 alpha + 2 (p2-1)/p2 n beta + (p2-1)/p2 n gamma (+ fold)
-  tree          (h + S - 1)(4 alpha + 4 n/S beta + 2 n/S gamma)       h = tree height
-  double_tree   (h + S - 1)(4 alpha + 3 n/(2S) beta + n/S gamma)        every rank interior once
-  ps (S srv)    2(p-1) alpha + 2 (p-1) n/S beta + (p-1) n/S gamma
-  fold          2 (alpha + n beta) + n gamma  (non-power-of-two ranks fold in and out)
+  ring          o + 2(p-1)(alpha*ceil(n/(p*seg)) + n/p beta) + (p-1) n/p gamma
+  butterfly     o + lg p2 (alpha + n beta + n gamma)                        (+ fold if p != p2)
+  rabenseifner  o + 2 lg p2 alpha + (p2-1)/p2 n (2 beta + gamma)              (+ fold)
+  tree          o + (h + S - 1)((2k+2) alpha + n/S ((k+1) beta + k gamma))
+  double_tree   o + (h + S - 1)((2k+4) alpha + n/(2S) ((k+2) beta + k gamma))   each tree carries n/2
+  ps (S srv)    o + 2(p-1) alpha + (p-1) n/S (2 beta + gamma)
+  fold          2 (alpha + n beta) + n gamma
 
-"mpi" (the library's own collective) has no formula we could honestly write - MPICH switches
-among internal algorithms by size - so calibrate() measures it at a few sizes and the model
-interpolates that table in log-log space.
+beta and gamma depend on the working set: a vector that fits in cache moves and reduces several
+times faster than one streamed from DRAM, so both are measured at 1 MiB and at 32 MiB and
+interpolated in log(n) between (constant outside). "mpi" (the library's collective) gets no
+formula - MPICH switches among internal algorithms by size, so we could not write an honest one -
+calibrate() measures it from 8 B to 64 MiB and the model interpolates that table in log-log.
 
-alpha, beta and gamma are measured on the communicator itself: alpha and beta from simultaneous
-neighbour exchanges (every rank sending and receiving at once, which is what the algorithms do,
-so shared-memory bandwidth contention is included), gamma from the reduction kernel run on all
-ranks at once. Calibration is collective and takes well under a second; its result is cached per
+Measurements are made on the communicator itself with every rank active at once (what the
+algorithms do, so shared-memory bandwidth contention is included), and the slowest rank's value
+is kept. Calibration is collective and takes about a second; its result is cached per
 communicator size in memory and on disk, and rank 0's parameters are broadcast so that every rank
 makes the same choice (different choices on different ranks would deadlock).
 """
@@ -40,73 +48,94 @@ from .ops import SUM
 from .p2p import TAG_XCHG, pow2_below
 from .tree import tree_links
 
+SMALL, LARGE = 1 << 20, 32 << 20  # working sets at which beta and gamma are measured
+
 
 @dataclass
 class CostParams:
     """Calibrated machine parameters for one communicator size (seconds, seconds per byte)."""
 
     p: int
-    alpha: float = 6e-6
-    beta: float = 1.5e-10
-    gamma: float = 2.5e-10
+    alpha: float = 3e-6
+    beta: float = 1.0e-10  # at SMALL bytes (cache-resident)
+    gamma: float = 3.0e-11
+    beta_large: float = 1.6e-10  # at LARGE bytes (DRAM)
+    gamma_large: float = 1.2e-10
+    overhead: dict = field(default_factory=dict)  # algorithm -> o (s per call)
     native: list = field(default_factory=list)  # [(bytes, seconds)] of the library's allreduce
     source: str = "defaults"
 
 
 # ----------------------------------------------------------------------------------- formulas
+def _interp(c: CostParams, n: float, small: float, large: float) -> float:
+    w = min(1.0, max(0.0, (math.log(max(n, 1)) - math.log(SMALL)) / (math.log(LARGE) - math.log(SMALL))))
+    return math.exp((1 - w) * math.log(small) + w * math.log(large))
+
+
+def _bg(c: CostParams, n: float) -> tuple[float, float]:
+    return _interp(c, n, c.beta, c.beta_large), _interp(c, n, c.gamma, c.gamma_large)
+
+
 def _fold(c: CostParams, n: float) -> float:
-    return 0.0 if c.p == pow2_below(c.p) else 2 * (c.alpha + n * c.beta) + n * c.gamma
+    if c.p == pow2_below(c.p):
+        return 0.0
+    b, g = _bg(c, n)
+    return 2 * (c.alpha + n * b) + n * g
 
 
 def _segments(n: float) -> int:
     return max(1, math.ceil(n / config.settings.segment_bytes))
 
 
-def _tree_height(p: int) -> int:
-    parent, _ = tree_links(p)
+def _tree_shape(p: int) -> tuple[int, int]:
+    """(height, most children of any node) of the in-order tree."""
+    parent, children = tree_links(p)
     h = 0
     for r in range(p):
         d, q = 0, r
         while parent[q] >= 0:
             q, d = parent[q], d + 1
         h = max(h, d)
-    return h
+    return h, max(len(ch) for ch in children)
 
 
 def t_ring(c: CostParams, n: float) -> float:
-    p = c.p
-    return 2 * (p - 1) * (c.alpha * _segments(n / p) + n / p * c.beta) + (p - 1) * n / p * c.gamma
+    p, (b, g) = c.p, _bg(c, n)
+    return 2 * (p - 1) * (c.alpha * _segments(n / p) + n / p * b) + (p - 1) * n / p * g
 
 
 def t_butterfly(c: CostParams, n: float) -> float:
-    return _fold(c, n) + math.log2(pow2_below(c.p)) * (c.alpha + n * c.beta + n * c.gamma)
+    b, g = _bg(c, n)
+    return _fold(c, n) + math.log2(pow2_below(c.p)) * (c.alpha + n * b + n * g)
 
 
 def t_rabenseifner(c: CostParams, n: float) -> float:
-    p2 = pow2_below(c.p)
-    return _fold(c, n) + 2 * math.log2(p2) * c.alpha + (p2 - 1) / p2 * n * (2 * c.beta + c.gamma)
+    p2, (b, g) = pow2_below(c.p), _bg(c, n)
+    return _fold(c, n) + 2 * math.log2(p2) * c.alpha + (p2 - 1) / p2 * n * (2 * b + g)
 
 
 def t_tree(c: CostParams, n: float) -> float:
-    s = _segments(n)
-    return (_tree_height(c.p) + s - 1) * (4 * c.alpha + n / s * (4 * c.beta + 2 * c.gamma))
+    (h, k), s, (b, g) = _tree_shape(c.p), _segments(n), _bg(c, n)
+    inner = k + (c.p > 2)  # the busiest node's segments in (= out) per step; the root has no parent
+    return (h + s - 1) * (2 * inner * c.alpha + n / s * (inner * b + k * g))
 
 
 def t_double_tree(c: CostParams, n: float) -> float:
-    s = _segments(n / 2)
-    return (_tree_height(c.p) + s - 1) * (4 * c.alpha + n / s * (1.5 * c.beta + c.gamma))
+    (h, k), s, (b, g) = _tree_shape(c.p), _segments(n / 2), _bg(c, n)
+    inner = k + (c.p > 2) + 1  # interior in one tree, plus one segment each way as a leaf of the other
+    return (h + s - 1) * (2 * inner * c.alpha + n / (2 * s) * (inner * b + k * g))
 
 
 def t_ps(c: CostParams, n: float, servers: int = 0) -> float:
-    p = c.p
+    p, (b, g) = c.p, _bg(c, n)
     s = min(p, servers or config.settings.ps_servers or p)
-    return 2 * (p - 1) * c.alpha + (p - 1) * n / s * (2 * c.beta + c.gamma)
+    return 2 * (p - 1) * c.alpha + (p - 1) * n / s * (2 * b + g)
 
 
 def t_native(c: CostParams, n: float) -> float:
     """Log-log interpolation of the measured library allreduce (linear extrapolation outside)."""
-    if not c.native:
-        return t_rabenseifner(c, n) * 0.8 + c.alpha  # uncalibrated guess: the library's best, less our overhead
+    if not c.native:  # uncalibrated: assume the library matches our best algorithm, minus Python
+        return min(t_butterfly(c, n), t_rabenseifner(c, n))
     xs = np.log([max(b, 1) for b, _ in c.native])
     ys = np.log([t for _, t in c.native])
     x = math.log(max(n, 1))
@@ -119,28 +148,39 @@ def t_native(c: CostParams, n: float) -> float:
 
 ALLREDUCE_MODELS = {"ring": t_ring, "tree": t_tree, "double_tree": t_double_tree, "butterfly": t_butterfly,
                     "rabenseifner": t_rabenseifner, "ps": t_ps, "mpi": t_native}
+_DEFAULT_OVERHEAD = {"ring": 25e-6, "tree": 15e-6, "double_tree": 30e-6, "butterfly": 5e-6,
+                     "rabenseifner": 15e-6, "ps": 20e-6, "mpi": 1.5e-6}
 
 
 def predict(c: CostParams, algorithm: str, nbytes: int) -> float:
+    """Predicted seconds for one allreduce of `nbytes` with `algorithm` ("ps:S" allowed)."""
+    if c.p == 1:
+        return c.overhead.get("mpi", 1e-6)
     base, _, param = algorithm.partition(":")
+    o = c.overhead.get(base, _DEFAULT_OVERHEAD[base]) if base != "mpi" or not c.native else 0.0
     if base == "ps" and param:
-        return t_ps(c, nbytes, int(param))
-    return ALLREDUCE_MODELS[base](c, nbytes)
+        return o + t_ps(c, nbytes, int(param))
+    return o + ALLREDUCE_MODELS[base](c, nbytes)
 
 
 # -------------------------------------------------------------------------------- calibration
-def _timed(fn, reps: int) -> float:
+def _timed(fn, reps: int, rounds: int = 5) -> float:
+    """Median over `rounds` batches of the mean time of `reps` calls (robust to a noisy host)."""
     fn()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t) / reps
+    ts = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        ts.append((time.perf_counter() - t) / reps)
+    return float(np.median(ts))
 
 
 def calibrate(group=None, save: str | None = None) -> CostParams:
-    """Measure alpha, beta, gamma (and the library's allreduce) on a group; install and return them.
+    """Measure alpha, beta, gamma, per-algorithm overheads and the library's allreduce; install them.
 
-    Collective over the group. Takes ~0.2-1 s. `save` writes the parameters as JSON (rank 0).
+    Collective over the group; takes about a second. `save` writes the parameters as JSON (rank 0)
+    for ``DISTTRAIN_COSTMODEL=FILE`` or the per-user cache that later jobs load automatically.
 
     Example:
         >>> dt.calibrate()      # then algorithm="auto" uses the measured parameters
@@ -148,6 +188,7 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
     from mpi4py import MPI
 
     from ..runtime import as_group
+    from .registry import ALLREDUCE
 
     comm = as_group(group).comm
     p, r = comm.Get_size(), comm.Get_rank()
@@ -157,27 +198,40 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
         s, d = np.ones(max(1, nb // 4), np.float32), np.empty(max(1, nb // 4), np.float32)
         return lambda: comm.Sendrecv(s, right, TAG_XCHG, d, left, TAG_XCHG)
 
+    def reduce(nb):
+        a, b = np.ones(nb // 4, np.float32), np.ones(nb // 4, np.float32)
+        return lambda: reduce_into(a, b, SUM)
+
     comm.Barrier()
-    if p > 1:
-        alpha = _timed(xchg(8), 200)
-        big = 4 << 20
-        beta = max(1e-13, (_timed(xchg(big), 6) - alpha) / big)
-    else:
-        alpha, beta = 1e-6, 1e-11
-    a, b = np.ones(1 << 20, np.float32), np.ones(1 << 20, np.float32)
-    comm.Barrier()
-    gamma = _timed(lambda: reduce_into(a, b, SUM), 8) / a.nbytes
-    native = []
-    for nb in (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22):
+    alpha = _timed(xchg(8), 100) if p > 1 else 1e-6
+    vals = [alpha]
+    for nb in (SMALL, LARGE):  # beta: bytes moved each way in a simultaneous exchange
+        comm.Barrier()
+        vals.append(max(1e-13, (_timed(xchg(nb), 8 if nb == SMALL else 1) - alpha) / nb) if p > 1 else 1e-12)
+        comm.Barrier()
+        vals.append(_timed(reduce(nb), 8 if nb == SMALL else 1) / nb)
+    native_sizes = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+    for nb in native_sizes:
         x = np.ones(nb // 4, np.float32)
         comm.Barrier()
-        native.append((nb, _timed(lambda: comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM), 30 if nb < 1 << 18 else 5)))
-    vals = np.array([alpha, beta, gamma] + [t for _, t in native])
-    comm.Allreduce(MPI.IN_PLACE, vals, op=MPI.MAX)  # the slowest rank decides a collective's time
-    c = CostParams(p, float(vals[0]), float(vals[1]), float(vals[2]),
-                   [(nb, float(t)) for (nb, _), t in zip(native, vals[3:])], "measured")
+        vals.append(_timed(lambda: comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM), 20 if nb < 1 << 18 else 1))
+    tiny = np.ones(2, np.float32)
+    names = list(ALLREDUCE_MODELS)
+    for name in names:  # o: the fixed cost of one call with next to no data
+        fn = ALLREDUCE.resolve(name)
+        comm.Barrier()
+        vals.append(_timed(lambda: fn(comm, tiny, SUM), 30))
+    v = np.array(vals)
+    comm.Allreduce(MPI.IN_PLACE, v, op=MPI.MAX)  # the slowest rank decides a collective's time
+    nnat = len(native_sizes)
+    c = CostParams(p, float(v[0]), float(v[1]), float(v[2]), float(v[3]), float(v[4]),
+                   native=[(nb, float(t)) for nb, t in zip(native_sizes, v[5:5 + nnat])], source="measured")
+    base = {name: ALLREDUCE_MODELS[name](c, 8) for name in names if name != "mpi"}
+    c.overhead = {name: max(0.0, float(t) - base.get(name, float(t))) for name, t in zip(names, v[5 + nnat:])}
+    c.overhead["mpi"] = 0.0  # the native table already includes it
     install(comm, c)
     if save and r == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
         with open(save, "w") as f:
             json.dump(asdict(c), f, indent=1)
     return c
@@ -194,9 +248,13 @@ def install(comm, c: CostParams) -> None:
         del _choices[k]
 
 
-def _cache_file(p: int) -> str:
+def _cache_file(comm) -> str:
+    """Per-user cache, keyed by ranks and hosts: 4 ranks on one node and on two are different machines."""
+    from mpi4py import MPI
+
+    hosts = len(set(comm.allgather(MPI.Get_processor_name())))
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(root, "disttrain", f"costmodel-p{p}.json")
+    return os.path.join(root, "disttrain", f"costmodel-p{comm.Get_size()}-hosts{hosts}.json")
 
 
 def ensure(comm) -> CostParams:
@@ -215,9 +273,10 @@ def ensure(comm) -> CostParams:
     if spec == "measure":
         return calibrate_comm(comm)
     loaded = None
+    path = spec or (_cache_file(comm) if spec != "defaults" else "")
     if comm.Get_rank() == 0 and spec != "defaults":
         try:
-            with open(spec or _cache_file(p)) as f:
+            with open(path) as f:
                 d = json.load(f)
             loaded = d if int(d.get("p", -1)) == p else None
         except (OSError, ValueError):
@@ -250,38 +309,45 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         return "mpi"
     if family == "allreduce":
         return min(ALLREDUCE_MODELS, key=lambda a: predict(c, a, nbytes))
-    if family == "reduce_scatter":
-        ring = (c.p - 1) * (c.alpha * _segments(nbytes / c.p) + nbytes / c.p * (c.beta + c.gamma))
-        return "ring" if ring < 0.5 * t_native(c, nbytes) else "mpi"
-    if family == "alltoall":
+    b, g = _bg(c, nbytes)
+    if family == "reduce_scatter":  # half a ring allreduce vs half the library's allreduce
+        ring = c.overhead.get("ring", _DEFAULT_OVERHEAD["ring"]) / 2 + t_ring(c, nbytes) / 2
+        return "ring" if ring < t_native(c, nbytes) / 2 else "mpi"
+    if family == "alltoall":  # Bruck: lg p rounds of ~n/2 bytes (+ a size header); pairwise: p-1 of n/p
         lg = math.ceil(math.log2(c.p))
-        bruck = lg * (2 * c.alpha + nbytes / 2 * c.beta)
-        pairwise = (c.p - 1) * (c.alpha + nbytes / c.p * c.beta)
+        bruck = lg * (2 * c.alpha + nbytes / 2 * b)
+        pairwise = (c.p - 1) * (c.alpha + nbytes / c.p * b)
         return "bruck" if bruck < pairwise else "pairwise"
     return "mpi"  # broadcast / allgather: the library's versions are at least as good here
 
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None) -> None:
-    """Print predicted vs measured time for every allreduce algorithm (run under mpiexec)."""
+    """Calibrate, then print predicted vs measured time of every allreduce algorithm per size.
+
+    mpiexec -n 2 python scripts/costmodel_check.py [--sizes 1M,4M,16M,64M] [--json out.json]
+    """
     import argparse
 
     import disttrain as dt
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--sizes", default="1K,64K,1M,4M,16M", help="bytes, K/M suffixes")
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="8,4K,64K,1M,4M,16M,64M", help="bytes, K/M suffixes")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--save", default="", help="write the calibrated parameters to this JSON file")
+    ap.add_argument("--save", default="", help="write the calibrated parameters here (default: the per-user "
+                    "cache that later jobs load)")
     ap.add_argument("--json", default="", help="write the comparison rows to this JSON file")
     a = ap.parse_args(argv)
     dt.init()
     dt.set_validation(False)
     comm = dt.world().comm
-    c = calibrate(save=a.save or _cache_file(comm.Get_size()))
+    c = calibrate(save=a.save or _cache_file(comm))
     rows = []
     if dt.rank() == 0:
-        print(f"p={c.p} alpha={c.alpha * 1e6:.2f} us  beta={1 / c.beta / 1e9:.2f} GB/s  "
-              f"gamma={1 / c.gamma / 1e9:.2f} GB/s (reduce)")
+        print(f"p={c.p} alpha={c.alpha * 1e6:.2f} us  1/beta={1 / c.beta / 1e9:.2f} (1 MiB) "
+              f"{1 / c.beta_large / 1e9:.2f} (32 MiB) GB/s  1/gamma={1 / c.gamma / 1e9:.2f} / "
+              f"{1 / c.gamma_large / 1e9:.2f} GB/s  o[us]=" +
+              " ".join(f"{k}:{v * 1e6:.0f}" for k, v in c.overhead.items()))
         print(f"{'algorithm':>13} {'bytes':>10} {'predicted_us':>13} {'measured_us':>12} {'error':>7}")
     for s in a.sizes.split(","):
         nb = int(float(s.rstrip("KMkm")) * {"K": 1 << 10, "M": 1 << 20}.get(s[-1].upper(), 1))
@@ -299,5 +365,3 @@ def main(argv=None) -> None:
             json.dump(dict(params=asdict(c), rows=rows), f, indent=1)
 
 
-if __name__ == "__main__":
-    main()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 
 import numpy as np
 
@@ -32,9 +33,17 @@ def partition(n: int, parts: int) -> tuple[np.ndarray, np.ndarray]:
     return counts, displs
 
 
-def segments(start: int, count: int, seg: int):
-    """[(offset, length)] pieces of at most `seg` elements covering [start, start+count)."""
-    return [(start + o, min(seg, count - o)) for o in range(0, count, seg)]
+@lru_cache(maxsize=1024)
+def blocks(n: int, parts: int) -> tuple[tuple, tuple]:
+    """Cached :func:`partition` as tuples of Python ints (cheap to index on the hot path)."""
+    counts, displs = partition(n, parts)
+    return tuple(counts.tolist()), tuple(displs.tolist())
+
+
+@lru_cache(maxsize=4096)
+def segments(start: int, count: int, seg: int) -> tuple:
+    """((offset, length), ...) pieces of at most `seg` elements covering [start, start+count)."""
+    return tuple((start + o, min(seg, count - o)) for o in range(0, count, seg))
 
 
 def seg_elems(buf: np.ndarray, seg_bytes: int) -> int:
@@ -62,9 +71,7 @@ def scratch(n: int, dtype, slot: int = 0) -> np.ndarray:
 
 def waitall(reqs: list) -> None:
     if reqs:
-        from mpi4py import MPI
-
-        MPI.Request.Waitall(reqs)
+        reqs[0].Waitall(reqs)
         reqs.clear()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import config
 from .kernels import reduce_into
-from .p2p import TAG_PS_PULL, TAG_PS_PUSH, partition, scratch, waitall
+from .p2p import TAG_PS_PULL, TAG_PS_PUSH, blocks, scratch, waitall
 from .registry import ALLREDUCE
 
 
@@ -27,18 +27,18 @@ def ps(comm, buf, op: int, param: int | None = None) -> None:
     if p == 1 or n == 0:
         return
     srv = server_ranks(p, param or config.settings.ps_servers or p)
-    counts, displs = partition(n, len(srv))
+    counts, displs = blocks(n, len(srv))
     shard = srv.index(r) if r in srv else -1
     others = [q for q in range(p) if q != r]
     pushes_in, pulls_out = [], []
     if shard >= 0 and counts[shard]:
-        c = int(counts[shard])
+        c = counts[shard]
         tmp = scratch(c * (p - 1), buf.dtype, slot=2)
         pushes_in = [comm.Irecv(tmp[i * c:(i + 1) * c], q, TAG_PS_PUSH) for i, q in enumerate(others)]
     pushes_out = [comm.Isend(buf[displs[j]:displs[j] + counts[j]], s, TAG_PS_PUSH)
                   for j, s in enumerate(srv) if s != r and counts[j]]
     if pushes_in:
-        c, own = int(counts[shard]), buf[displs[shard]:displs[shard] + counts[shard]]
+        c, own = counts[shard], buf[displs[shard]:displs[shard] + counts[shard]]
         for i, req in enumerate(pushes_in):
             req.Wait()
             reduce_into(own, tmp[i * c:(i + 1) * c], op)

@@ -7,10 +7,8 @@ halving phase a rank keeps the half of its current block range that contains its
 """
 from __future__ import annotations
 
-import numpy as np
-
 from .kernels import reduce_into
-from .p2p import TAG_AG, TAG_RS, fold, partition, pow2_below, real_rank, scratch, unfold
+from .p2p import TAG_AG, TAG_RS, blocks, fold, pow2_below, real_rank, scratch, unfold
 from .registry import ALLREDUCE
 
 
@@ -22,8 +20,7 @@ def rabenseifner(comm, buf, op: int) -> None:
     newrank = fold(comm, buf, op)
     if newrank >= 0:
         p2 = pow2_below(p)
-        counts, displs = partition(n, p2)
-        bounds = np.append(displs, n)
+        bounds = blocks(n, p2)[1] + (n,)
         tmp = scratch((n + 1) // 2 + 1, buf.dtype, slot=2)
         lo, hi, mask = 0, p2, p2 >> 1
         while mask:  # recursive halving: keep the half holding block `newrank`

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import config
 from .kernels import reduce_into
-from .p2p import TAG_AG, TAG_RS, partition, scratch, seg_elems, segments, waitall
+from .p2p import TAG_AG, TAG_RS, blocks, scratch, seg_elems, segments, waitall
 from .registry import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
 
 
@@ -26,7 +26,7 @@ def ring_reduce_scatter(comm, buf, op, counts, displs, seg) -> None:
     if p == 1:
         return
     right, left = (r + 1) % p, (r - 1) % p
-    maxc = int(counts.max())
+    maxc = max(counts)
     tmps = (scratch(maxc, buf.dtype, slot=2), scratch(maxc, buf.dtype, slot=3))
 
     def post(k):
@@ -75,7 +75,7 @@ def ring(comm, buf: np.ndarray, op: int) -> None:
     p = comm.Get_size()
     if p == 1 or buf.shape[0] == 0:
         return
-    counts, displs = partition(buf.shape[0], p)
+    counts, displs = blocks(buf.shape[0], p)
     seg = seg_elems(buf, config.settings.segment_bytes)
     ring_reduce_scatter(comm, buf, op, counts, displs, seg)
     ring_allgather(comm, buf, counts, displs, seg)
@@ -84,10 +84,12 @@ def ring(comm, buf: np.ndarray, op: int) -> None:
 @REDUCE_SCATTER.register("ring")
 def ring_rs(comm, buf, op, counts, displs):
     r = comm.Get_rank()
+    counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
     ring_reduce_scatter(comm, buf, op, counts, displs, seg_elems(buf, config.settings.segment_bytes))
     return buf[displs[r]:displs[r] + counts[r]]
 
 
 @ALLGATHER.register("ring")
 def ring_ag(comm, buf, counts, displs) -> None:
+    counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
     ring_allgather(comm, buf, counts, displs, seg_elems(buf, config.settings.segment_bytes))
