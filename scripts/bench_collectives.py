@@ -3,6 +3,7 @@
     mpiexec -n 2 python scripts/bench_collectives.py                      # allreduce, 8 B .. 64 MiB
     mpiexec -n 4 python scripts/bench_collectives.py --collective alltoall --max-bytes 16M
     mpiexec -n 2 python scripts/bench_collectives.py --plot               # + PNG (pip install .[plot])
+    python scripts/bench_collectives.py --from-json results/bench_allreduce_p2.json --plot   # redraw
 
 For each message size the native call and every algorithm are timed in interleaved rounds (so
 drift on a shared machine hits all of them alike); a round times a batch of back-to-back calls,
@@ -99,7 +100,15 @@ def main(argv=None):
     ap.add_argument("--calibrate", action="store_true", help="calibrate the cost model first (for auto)")
     ap.add_argument("--out", default="results", help="directory for the CSV/JSON (and PNG) files")
     ap.add_argument("--plot", action="store_true", help="draw a PNG (needs matplotlib: pip install .[plot])")
+    ap.add_argument("--from-json", default="", help="re-print (and with --plot re-draw) a saved run; no MPI")
     a = ap.parse_args(argv)
+    if a.from_json:
+        with open(a.from_json) as f:
+            saved = json.load(f)
+        print_markdown(saved["rows"], saved["collective"], saved["p"])
+        if a.plot:
+            plot(saved["rows"], os.path.splitext(a.from_json)[0] + ".png", saved["collective"], saved["p"])
+        return
 
     import disttrain as dt
     from mpi4py import MPI
