@@ -6,7 +6,7 @@ the ranks call different numbers of MPI collectives, which hangs.
 Environment variables (read by ``dt.init()``):
     DISTTRAIN_VALIDATE=0        skip the cross-rank consistency check (see validate.py for its cost)
     DISTTRAIN_VERBOSE=1         log every collective (name, algorithm, bytes, time) to stderr
-    DISTTRAIN_SEGMENT_BYTES=N   pipeline segment size of ring / tree / double_tree (default 512 KiB)
+    DISTTRAIN_SEGMENT_BYTES=N   pipeline segment size of ring / tree / double_tree (default 2 MiB)
     DISTTRAIN_PS_SERVERS=K      parameter-server shards for algorithm="ps" (default: every rank)
     DISTTRAIN_COSTMODEL=FILE    calibrated cost-model parameters for algorithm="auto"
 """
@@ -20,7 +20,12 @@ from dataclasses import dataclass
 class Config:
     validate: bool = True
     verbose: bool = False
-    segment_bytes: int = 512 * 1024
+    # Pipeline segment. Measured on shared memory (scripts/bench_collectives.py, README): every
+    # "transfer" there is a CPU copy on the same core that reduces, so there is nothing to overlap
+    # and fewer, larger segments win (ring at 16 MiB, p=2: 1.15x native with 512 KiB segments,
+    # 1.27x with 2 MiB). Over a network the NIC's DMA overlaps the reduction and smaller segments
+    # (256-512 KiB) pay off: set DISTTRAIN_SEGMENT_BYTES there.
+    segment_bytes: int = 2 * 1024 * 1024
     ps_servers: int = 0  # 0 = every rank serves one shard
     costmodel_file: str = ""
 
