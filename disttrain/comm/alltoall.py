@@ -17,25 +17,42 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels import pack
-from .p2p import TAG_BRUCK_DATA, TAG_BRUCK_SIZE, TAG_PAIRWISE, scratch
+from .p2p import TAG_BRUCK_DATA, TAG_BRUCK_SIZE, TAG_PAIRWISE, scratch, waitall
 from .registry import ALLTOALL
 
 
 @ALLTOALL.register("pairwise")
-def pairwise(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
+def pairwise(comm, send, scounts, sdispls):
+    """Every send is posted first (to r+1, r+2, ...); the incoming sizes are then learnt by matched
+    probes (MPI_Mprobe) from r-1, r-2, ..., so no separate exchange of counts is needed."""
+    from mpi4py import MPI
+
     p, r = comm.Get_size(), comm.Get_rank()
-    recv[rdispls[r]:rdispls[r] + rcounts[r]] = send[sdispls[r]:sdispls[r] + scounts[r]]
+    sends = [comm.Isend(send[sdispls[d]:sdispls[d] + scounts[d]], d, TAG_PAIRWISE)
+             for d in ((r + k) % p for k in range(1, p))]
+    status = MPI.Status()
+    msgs, rcounts = {}, [0] * p
     for k in range(1, p):
-        dst, src = (r + k) % p, (r - k) % p
-        comm.Sendrecv(send[sdispls[dst]:sdispls[dst] + scounts[dst]], dst, TAG_PAIRWISE,
-                      recv[rdispls[src]:rdispls[src] + rcounts[src]], src, TAG_PAIRWISE)
+        src = (r - k) % p
+        msgs[src] = comm.Mprobe(src, TAG_PAIRWISE, status)
+        rcounts[src] = status.Get_count(MPI.BYTE)
+    rcounts[r] = scounts[r]
+    rdispls = [0] * p
+    for i in range(1, p):
+        rdispls[i] = rdispls[i - 1] + rcounts[i - 1]
+    recv = np.empty(sum(rcounts), np.uint8)
+    recv[rdispls[r]:rdispls[r] + rcounts[r]] = send[sdispls[r]:sdispls[r] + scounts[r]]
+    for src, msg in msgs.items():
+        msg.Recv(recv[rdispls[src]:rdispls[src] + rcounts[src]])
+    waitall(sends)
+    return recv, rcounts
 
 
 @ALLTOALL.register("bruck")
-def bruck(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
+def bruck(comm, send, scounts, sdispls):
     p, r = comm.Get_size(), comm.Get_rank()
     pos = (r + np.arange(p)) % p  # position j holds the block for rank r+j
-    off, ln = np.asarray(sdispls, np.int64)[pos].copy(), np.asarray(scounts, np.int64)[pos].copy()
+    off, ln = np.asarray(sdispls, np.int64)[pos], np.asarray(scounts, np.int64)[pos]
     store = np.empty(max(64, 2 * send.shape[0]), np.uint8)  # received blocks are appended here
     store[:send.shape[0]] = send
     end = send.shape[0]
@@ -61,6 +78,8 @@ def bruck(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
         end += total
         dist <<= 1
     src_pos = (r - np.arange(p)) % p  # the block from rank s ended at position r-s
-    if not np.array_equal(ln[src_pos], np.asarray(rcounts, np.int64)):
-        raise AssertionError("bruck: received block sizes disagree with the exchanged counts")
-    pack(store, off[src_pos], ln[src_pos], recv)
+    rcounts = ln[src_pos]
+    recv = np.empty(int(rcounts.sum()), np.uint8)
+    pack(store, off[src_pos], rcounts, recv)
+    return recv, rcounts.tolist()
+

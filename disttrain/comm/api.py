@@ -297,6 +297,24 @@ def allgather(x, group=None, algorithm: str = "auto") -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- alltoall
+def _send_rows(x, splits, p):
+    """(rows per destination as a list of ints, error or None)."""
+    if splits is None:
+        q, rem = divmod(x.shape[0], p)
+        return [q + (j < rem) for j in range(p)], None
+    try:
+        rows = [int(s) for s in splits]
+    except (TypeError, ValueError):
+        return None, f"alltoall: splits must be a sequence of ints, got {splits!r}"
+    if len(rows) != p:
+        return None, f"alltoall: splits has {len(rows)} entries but the group has {p} ranks"
+    if min(rows) < 0:
+        return None, f"alltoall: splits must be non-negative, got {rows}"
+    if sum(rows) != x.shape[0]:
+        return None, f"alltoall: splits sum to {sum(rows)} but x has {x.shape[0]} rows"
+    return rows, None
+
+
 def alltoall(x, splits=None, algorithm: str = "auto", group=None):
     """Send rows of `x` to every rank: block j (``splits[j]`` rows along axis 0) goes to rank j.
 
@@ -314,33 +332,30 @@ def alltoall(x, splits=None, algorithm: str = "auto", group=None):
     comm = g.comm
     p = comm.Get_size()
     x, err = _check_array(x, False, "alltoall", reduce=False, min_ndim=1)
-    send_rows = None
+    rows = None
     if err is None:
-        if splits is None:
-            send_rows = partition(x.shape[0], p)[0]
-        else:
-            try:
-                send_rows = np.asarray([int(s) for s in splits], dtype=np.int64)
-            except (TypeError, ValueError):
-                err = f"alltoall: splits must be a sequence of ints, got {splits!r}"
-            if send_rows is not None and err is None:
-                if send_rows.shape[0] != p:
-                    err = f"alltoall: splits has {send_rows.shape[0]} entries but the group has {p} ranks"
-                elif (send_rows < 0).any():
-                    err = f"alltoall: splits must be non-negative, got {send_rows.tolist()}"
-                elif int(send_rows.sum()) != x.shape[0]:
-                    err = f"alltoall: splits sum to {int(send_rows.sum())} but x has {x.shape[0]} rows"
+        rows, err = _send_rows(x, splits, p)
     err = err or ALLTOALL.problem(algorithm)
-    validate.check(comm, "alltoall", {"trailing_shape": getattr(x, "shape", (None,))[1:],
-                                      "dtype": str(getattr(x, "dtype", "")), "algorithm": algorithm}, err)
-    recv_rows = np.empty(p, np.int64)
-    comm.Alltoall(send_rows, recv_rows)
-    rowbytes = int(np.prod(x.shape[1:], dtype=np.int64)) * x.itemsize
-    sc, rc = send_rows * rowbytes, recv_rows * rowbytes
-    sd = np.concatenate(([0], np.cumsum(sc)[:-1])).astype(np.int64)
-    rd = np.concatenate(([0], np.cumsum(rc)[:-1])).astype(np.int64)
-    y = np.empty((int(recv_rows.sum()),) + x.shape[1:], x.dtype)
+    if settings.validate:
+        validate.check(comm, "alltoall", {"trailing_shape": getattr(x, "shape", (None,))[1:],
+                                          "dtype": str(getattr(x, "dtype", "")), "algorithm": algorithm}, err)
+    elif err:
+        raise CollectiveError(err)
+    tail = x.shape[1:]
+    rowbytes = x.itemsize
+    for d in tail:
+        rowbytes *= d
+    if rowbytes == 0:  # rows of zero bytes: nothing to move, but the row counts must still travel
+        recv_rows = comm.alltoall(rows)
+        return np.empty((sum(recv_rows),) + tail, x.dtype), recv_rows
+    sc = [n * rowbytes for n in rows]
+    sd = [0] * p
+    for j in range(1, p):
+        sd[j] = sd[j - 1] + sc[j - 1]
     send = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-    name = _choose(ALLTOALL, algorithm, comm, int(sc.sum()), np.dtype(np.uint8))
-    ALLTOALL.resolve(name)(comm, send, sc, sd, y.reshape(-1).view(np.uint8), rc, rd)
-    return y, [int(v) for v in recv_rows]
+    name = _choose(ALLTOALL, algorithm, comm, sd[-1] + sc[-1], _U8)
+    recv, rc = ALLTOALL.resolve(name)(comm, send, sc, sd)
+    return recv.view(x.dtype).reshape((-1,) + tail), [c // rowbytes for c in rc]
+
+
+_U8 = np.dtype(np.uint8)

@@ -9,18 +9,15 @@ with bit-identical results.
 from __future__ import annotations
 
 from .kernels import reduce_into
-from .p2p import TAG_XCHG, fold, pow2_below, real_rank, scratch, unfold
+from .p2p import TAG_XCHG, pow2_allreduce, real_rank, scratch
 from .registry import ALLREDUCE
 
 
 @ALLREDUCE.register("butterfly")
 def butterfly(comm, buf, op: int) -> None:
     p, n = comm.Get_size(), buf.shape[0]
-    if p == 1 or n == 0:
-        return
-    newrank = fold(comm, buf, op)
-    if newrank >= 0:
-        p2 = pow2_below(p)
+
+    def rounds(newrank, p2):
         tmp = scratch(n, buf.dtype, slot=2)
         mask = 1
         while mask < p2:
@@ -28,4 +25,5 @@ def butterfly(comm, buf, op: int) -> None:
             comm.Sendrecv(buf, partner, TAG_XCHG, tmp, partner, TAG_XCHG)
             reduce_into(buf, tmp, op)
             mask <<= 1
-    unfold(comm, buf)
+
+    pow2_allreduce(comm, buf, op, rounds)

@@ -154,6 +154,10 @@ def t_native(c: CostParams, n: float) -> float:
 
 ALLREDUCE_MODELS = {"ring": t_ring, "tree": t_tree, "double_tree": t_double_tree, "butterfly": t_butterfly,
                     "rabenseifner": t_rabenseifner, "ps": t_ps, "mpi": t_native}
+#: Software overheads of the alltoall algorithms (Python and NumPy bookkeeping), measured with
+#: scripts/bench_collectives.py --collective alltoall at p=2 on the development machine; not yet
+#: part of calibrate().
+_A2A_OVERHEAD = {"bruck_round": 25e-6, "pairwise": 7e-6}
 _DEFAULT_OVERHEAD = {"ring": 25e-6, "tree": 15e-6, "double_tree": 30e-6, "butterfly": 5e-6,
                      "rabenseifner": 15e-6, "ps": 20e-6, "mpi": 1.5e-6}
 
@@ -332,8 +336,8 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         return "ring" if ring < t_native(c, nbytes) / 2 else "mpi"
     if family == "alltoall":  # Bruck: lg p rounds of ~n/2 bytes (+ a size header); pairwise: p-1 of n/p
         lg = math.ceil(math.log2(c.p))
-        bruck = lg * (2 * c.alpha + nbytes / 2 * b)
-        pairwise = (c.p - 1) * (c.alpha + nbytes / c.p * b)
+        bruck = lg * (_A2A_OVERHEAD["bruck_round"] + 2 * c.alpha + nbytes / 2 * b)
+        pairwise = _A2A_OVERHEAD["pairwise"] + (c.p - 1) * (c.alpha + nbytes / c.p * b)
         return "bruck" if bruck < pairwise else "pairwise"
     return "mpi"  # broadcast / allgather: the library's versions are at least as good here
 

@@ -60,12 +60,36 @@ class Engine:
         self._lock = threading.Lock()
 
     def submit(self, fn, name: str = "") -> Handle:
-        """Run ``fn()`` on the communication thread; its return value becomes the handle's result."""
+        """Run ``fn()`` on the communication thread; its return value becomes the handle's result.
+
+        If MPI did not grant MPI_THREAD_MULTIPLE (some system MPIs), a second thread calling MPI
+        would be unsafe: then ``fn`` runs here, synchronously, and a warning says so once.
+        """
         h = Handle(name)
         if self._thread is None:
+            if not self._threads_allowed():
+                try:
+                    h._finish(result=fn())
+                except BaseException as e:  # noqa: BLE001
+                    h._finish(error=e)
+                return h
             self._start()
         self._q.put((fn, h))
         return h
+
+    _allowed: bool | None = None
+
+    def _threads_allowed(self) -> bool:
+        if self._allowed is None:
+            from ..runtime import thread_level_ok
+
+            self._allowed = thread_level_ok()
+            if not self._allowed:
+                import warnings
+
+                warnings.warn("MPI did not grant MPI_THREAD_MULTIPLE: asynchronous collectives run "
+                              "synchronously (no overlap). Use an MPI built with thread support.")
+        return self._allowed
 
     def _start(self) -> None:
         with self._lock:

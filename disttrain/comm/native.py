@@ -1,6 +1,8 @@
 """algorithm="mpi": the MPI library's own collectives - the reference baseline and the oracle."""
 from __future__ import annotations
 
+import numpy as np
+
 from .ops import mpi_op
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
@@ -25,8 +27,6 @@ def mpi_allreduce(comm, buf, op: int) -> None:
 
 @REDUCE_SCATTER.register("mpi")
 def mpi_reduce_scatter(comm, buf, op, counts, displs):
-    import numpy as np
-
     out = np.empty(int(counts[comm.Get_rank()]), buf.dtype)
     comm.Reduce_scatter(buf, out, [int(c) for c in counts], op=mpi_op(op))
     return out
@@ -45,8 +45,13 @@ def mpi_broadcast(comm, buf, root: int) -> None:
 
 
 @ALLTOALL.register("mpi")
-def mpi_alltoall(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None:
+def mpi_alltoall(comm, send, scounts, sdispls):
     if MPI is None:
         _bind()
-    il = lambda a: [int(v) for v in a]  # noqa: E731
-    comm.Alltoallv([send, (il(scounts), il(sdispls)), MPI.BYTE], [recv, (il(rcounts), il(rdispls)), MPI.BYTE])
+    rcounts = comm.alltoall(scounts)  # MPI_Alltoallv needs the receive counts up front
+    rdispls = [0] * len(rcounts)
+    for i in range(1, len(rcounts)):
+        rdispls[i] = rdispls[i - 1] + rcounts[i - 1]
+    recv = np.empty(sum(rcounts), np.uint8)
+    comm.Alltoallv([send, (scounts, sdispls), MPI.BYTE], [recv, (rcounts, rdispls), MPI.BYTE])
+    return recv, rcounts

@@ -106,6 +106,18 @@ def unfold(comm, buf: np.ndarray) -> None:
             comm.Send(buf, r - 1, TAG_UNFOLD)
 
 
+def pow2_allreduce(comm, buf: np.ndarray, op: int, body) -> None:
+    """Run ``body(newrank, p2)`` - an allreduce among a power-of-two subset of ranks - wrapped in
+    the fold/unfold that handles any other process count (and the trivial cases)."""
+    p = comm.Get_size()
+    if p == 1 or buf.shape[0] == 0:
+        return
+    newrank = fold(comm, buf, op)
+    if newrank >= 0:
+        body(newrank, pow2_below(p))
+    unfold(comm, buf)
+
+
 def real_rank(newrank: int, p: int) -> int:
     """Inverse of the fold's renumbering."""
     rem = p - pow2_below(p)

@@ -8,18 +8,15 @@ halving phase a rank keeps the half of its current block range that contains its
 from __future__ import annotations
 
 from .kernels import reduce_into
-from .p2p import TAG_AG, TAG_RS, blocks, fold, pow2_below, real_rank, scratch, unfold
+from .p2p import TAG_AG, TAG_RS, blocks, pow2_allreduce, real_rank, scratch
 from .registry import ALLREDUCE
 
 
 @ALLREDUCE.register("rabenseifner")
 def rabenseifner(comm, buf, op: int) -> None:
     p, n = comm.Get_size(), buf.shape[0]
-    if p == 1 or n == 0:
-        return
-    newrank = fold(comm, buf, op)
-    if newrank >= 0:
-        p2 = pow2_below(p)
+
+    def halving_doubling(newrank, p2):
         bounds = blocks(n, p2)[1] + (n,)
         tmp = scratch((n + 1) // 2 + 1, buf.dtype, slot=2)
         lo, hi, mask = 0, p2, p2 >> 1
@@ -39,4 +36,5 @@ def rabenseifner(comm, buf, op: int) -> None:
             comm.Sendrecv(buf[bounds[lo]:bounds[hi]], partner, TAG_AG,
                           buf[bounds[olo]:bounds[ohi]], partner, TAG_AG)
             lo, hi, mask = min(lo, olo), max(hi, ohi), mask << 1
-    unfold(comm, buf)
+
+    pow2_allreduce(comm, buf, op, halving_doubling)

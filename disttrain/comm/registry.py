@@ -66,6 +66,7 @@ REDUCE_SCATTER = Registry("reduce_scatter", "fn(comm, buf, op, counts, displs)")
 ALLGATHER = Registry("allgather", "fn(comm, buf, counts, displs)")
 #: fn(comm, buf, root) -> None: buf on every rank ends equal to buf on root.
 BROADCAST = Registry("broadcast", "fn(comm, buf, root)")
-#: fn(comm, send, scounts, sdispls, recv, rcounts, rdispls) -> None; byte (uint8) buffers and
-#: byte counts: block j of `send` goes to rank j, block i of `recv` comes from rank i.
-ALLTOALL = Registry("alltoall", "fn(comm, send, scounts, sdispls, recv, rcounts, rdispls)")
+#: fn(comm, send, scounts, sdispls) -> (recv, rcounts): uint8 buffers and byte counts; block j of
+#: `send` goes to rank j; `recv` (allocated by the algorithm, which finds out the incoming sizes its
+#: own way) concatenates the blocks from ranks 0..p-1, rcounts[i] bytes from rank i.
+ALLTOALL = Registry("alltoall", "fn(comm, send, scounts, sdispls) -> (recv, rcounts)")

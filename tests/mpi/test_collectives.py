@@ -92,6 +92,10 @@ def test_alltoall_default_split_is_array_split(comm, algorithm):
         y, rs = dt.alltoall(x, algorithm=algorithm)
         want = comm.alltoall(np.array_split(x, p, axis=0))
         assert rs == [len(b) for b in want] and np.array_equal(y, np.concatenate(want))
+        empty_rows = np.zeros((rows + comm.Get_rank(), 0), np.float64)  # rows of zero bytes still count
+        y0, rs0 = dt.alltoall(empty_rows, algorithm=algorithm)
+        want0 = comm.alltoall(np.array_split(empty_rows, p, axis=0))
+        assert rs0 == [len(b) for b in want0] and y0.shape == (sum(rs0), 0)
 
 
 @pytest.mark.mpi
