@@ -4,7 +4,8 @@ The formulas follow Thakur, Rabenseifner & Gropp, "Optimization of Collective Co
 Operations in MPICH" (IJHPCA 2005): a message of m bytes costs alpha + m*beta, reducing m bytes
 costs m*gamma. n is the reduced vector in bytes, p the ranks, p2 the largest power of two <= p,
 S the pipeline segments, h the tree height, k the most children of a tree node (1 when p == 2).
-A tree's pipeline step is bounded by its busiest node: an interior node receives k segments from
+A pipelined reduce-then-broadcast takes 2h + S - 1 segment steps (the last segment reaches the
+root after h + S - 1 and the leaves h steps later); each step is bounded by the busiest node: an interior node receives k segments from
 below and one from above while sending one up and k down, and a simultaneous send+receive of m
 bytes costs m*beta (that is how beta is measured), hence the (k+1) beta per segment; in the double
 tree a rank is interior in one tree and a leaf (one segment each way) in the other.
@@ -15,8 +16,8 @@ library's C code for tiny messages.
   ring          o + 2(p-1)(alpha*ceil(n/(p*seg)) + n/p beta) + (p-1) n/p gamma
   butterfly     o + lg p2 (alpha + n beta + n gamma)                        (+ fold if p != p2)
   rabenseifner  o + 2 lg p2 alpha + (p2-1)/p2 n (2 beta + gamma)              (+ fold)
-  tree          o + (h + S - 1)((2k+2) alpha + n/S ((k+1) beta + k gamma))
-  double_tree   o + (h + S - 1)((2k+4) alpha + n/(2S) ((k+2) beta + k gamma))   each tree carries n/2
+  tree          o + (2h + S - 1)((2k+2) alpha + n/S ((k+1) beta + k gamma))
+  double_tree   o + (2h + S - 1)((2k+4) alpha + n/(2S) ((k+2) beta + k gamma))  each tree carries n/2
   ps (S srv)    o + 2(p-1) alpha + (p-1) n/S (2 beta + gamma)
   fold          2 (alpha + n beta) + n gamma
 
@@ -123,13 +124,13 @@ def t_rabenseifner(c: CostParams, n: float) -> float:
 def t_tree(c: CostParams, n: float) -> float:
     (h, k), s, (b, g) = _tree_shape(c.p), _segments(n), _bg(c, n)
     inner = k + (c.p > 2)  # the busiest node's segments in (= out) per step; the root has no parent
-    return (h + s - 1) * (2 * inner * c.alpha + n / s * (inner * b + k * g))
+    return (2 * h + s - 1) * (2 * inner * c.alpha + n / s * (inner * b + k * g))
 
 
 def t_double_tree(c: CostParams, n: float) -> float:
     (h, k), s, (b, g) = _tree_shape(c.p), _segments(n / 2), _bg(c, n)
     inner = k + (c.p > 2) + 1  # interior in one tree, plus one segment each way as a leaf of the other
-    return (h + s - 1) * (2 * inner * c.alpha + n / (2 * s) * (inner * b + k * g))
+    return (2 * h + s - 1) * (2 * inner * c.alpha + n / (2 * s) * (inner * b + k * g))
 
 
 def t_ps(c: CostParams, n: float, servers: int = 0) -> float:
