@@ -83,3 +83,15 @@ def test_cost_model_shapes():
     c.native = [(8, 3e-6), (1 << 20, 2e-4)]
     assert math.isclose(costmodel.t_native(c, 1 << 10), math.exp(np.interp(math.log(1024), np.log([8, 1 << 20]),
                                                                          np.log([3e-6, 2e-4]))))
+
+
+def test_async_runs_synchronously_without_thread_multiple():
+    from disttrain.comm.engine import Engine
+
+    e = Engine()
+    e._allowed = False  # as if MPI had granted less than MPI_THREAD_MULTIPLE
+    h = e.submit(lambda: 41 + 1)
+    assert h.test() and h.wait() == 42 and e._thread is None
+    bad = e.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        bad.wait()

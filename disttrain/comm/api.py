@@ -8,9 +8,6 @@ very same path on the communication thread (engine.py) with the group's ``async_
 """
 from __future__ import annotations
 
-import sys
-import time
-
 import numpy as np
 
 from ..runtime import as_group
@@ -54,11 +51,6 @@ def _check_array(x, inplace: bool, kind: str, reduce: bool, min_ndim: int = 0):
 def _op_code(op, kind: str):
     code = OPS.get(op) if isinstance(op, str) else None
     return code, (None if code is not None else f"{kind}: unknown op {op!r}; choose one of {list(OPS)}")
-
-
-def _log(kind: str, name: str, nbytes: int, t0: float, comm) -> None:
-    sys.stderr.write(f"[disttrain r{comm.Get_rank()}/{comm.Get_size()}] {kind} {name} "
-                     f"{nbytes} B {1e6 * (time.perf_counter() - t0):.1f} us\n")
 
 
 def _to_work(x: np.ndarray, acc, inplace: bool) -> np.ndarray:
@@ -122,8 +114,6 @@ def _allreduce(g, comm, x, op, algorithm, inplace):
                                            "algorithm": algorithm}, err)
     elif err:
         raise CollectiveError(err)
-    if settings.verbose:
-        t0 = time.perf_counter()
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
     if inplace and acc is x.dtype and x.flags.c_contiguous:  # the hot path of DataParallel buckets
         work = x.reshape(-1)
@@ -137,8 +127,6 @@ def _allreduce(g, comm, x, op, algorithm, inplace):
         if opc == AVG:
             divide(work, comm.Get_size())
         out = _from_work(work, x, x.shape, inplace)
-    if settings.verbose:
-        _log("allreduce", name, work.nbytes, t0, comm)
     return out
 
 

@@ -7,7 +7,10 @@ A name may carry one parameter after a colon ("ps:2"); it reaches the function a
 from __future__ import annotations
 
 import functools
+import sys
+import time
 
+from . import config
 from .errors import CollectiveError
 
 
@@ -43,11 +46,11 @@ class Registry:
         return None
 
     def resolve(self, name: str):
-        """The function for a validated, non-auto name (cached)."""
+        """The function for a validated, non-auto name (cached); logged when verbose is on."""
         fn = self._resolved.get(name)
         if fn is None:
             fn = self._resolved[name] = self._resolve(name)
-        return fn
+        return _logged(self.family, name, fn) if config.settings.verbose else fn
 
     def _resolve(self, name: str):
         base, _, param = name.partition(":")
@@ -70,3 +73,16 @@ BROADCAST = Registry("broadcast", "fn(comm, buf, root)")
 #: `send` goes to rank j; `recv` (allocated by the algorithm, which finds out the incoming sizes its
 #: own way) concatenates the blocks from ranks 0..p-1, rcounts[i] bytes from rank i.
 ALLTOALL = Registry("alltoall", "fn(comm, send, scounts, sdispls) -> (recv, rcounts)")
+
+
+def _logged(family: str, name: str, fn):
+    """Wrap an algorithm so that each call prints rank, family, algorithm, bytes and duration."""
+
+    def run(comm, buf, *args, **kw):
+        t = time.perf_counter()
+        out = fn(comm, buf, *args, **kw)
+        sys.stderr.write(f"[disttrain r{comm.Get_rank()}/{comm.Get_size()}] {family} {name} {buf.nbytes} B "
+                         f"{1e6 * (time.perf_counter() - t):.1f} us\n")
+        return out
+
+    return run

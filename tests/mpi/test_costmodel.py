@@ -28,3 +28,35 @@ def test_auto_choices_are_valid_and_correct(comm):
     choices = comm.allgather([costmodel.choose("allreduce", dt.world().comm, 1 << k, np.dtype(np.float32))
                               for k in range(27)])
     assert all(c == choices[0] for c in choices), "every rank must pick the same algorithm"
+
+
+@pytest.mark.mpi
+def test_saved_calibration_is_loaded_and_shared(comm, tmp_path_factory):
+    from disttrain.comm import config
+
+    path = comm.bcast(str(tmp_path_factory.mktemp("cm") / "cm.json") if comm.Get_rank() == 0 else None)
+    saved = dt.calibrate(save=path)
+    p = comm.Get_size()
+    old, old_spec = costmodel._params.pop(p), config.settings.costmodel_file
+    try:
+        config.settings.costmodel_file = path
+        loaded = costmodel.ensure(dt.world().comm)  # rank 0 reads the file, every rank gets its values
+        assert (loaded.alpha, loaded.beta, loaded.native) == (saved.alpha, saved.beta, [tuple(x) for x in saved.native])
+        assert loaded.source == "measured"
+    finally:
+        config.settings.costmodel_file = old_spec
+        costmodel.install(dt.world().comm, old)
+
+
+@pytest.mark.mpi
+def test_verbose_logs_every_collective(comm, capfd):
+    dt.set_verbose(True)
+    try:
+        dt.allreduce(np.ones(4, np.float32), algorithm="ring")
+        dt.broadcast(np.ones(2), algorithm="mpi")
+        dt.alltoall(np.ones(comm.Get_size()), algorithm="pairwise")
+    finally:
+        dt.set_verbose(False)
+    err = capfd.readouterr().err
+    for line in ("allreduce ring 16 B", "broadcast mpi 16 B", "alltoall pairwise"):
+        assert line in err, err
