@@ -1,0 +1,12 @@
+"""Layers as forward/backward pairs (Module protocol in module.py), losses and initialisers."""
+from .activations import GELU, ReLU, Sigmoid, Tanh
+from .dropout import Dropout
+from .embedding import Embedding
+from .init import kaiming_uniform, xavier_uniform
+from .layernorm import LayerNorm
+from .linear import Linear
+from .losses import MSE, SoftmaxCrossEntropy
+from .module import Module, Parameter, Sequential
+
+__all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
+           "LayerNorm", "Embedding", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]

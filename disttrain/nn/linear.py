@@ -1,0 +1,42 @@
+"""Fully connected layer: y = x @ W + b (W is (in, out), so both GEMMs are plain BLAS calls)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .init import kaiming_uniform, xavier_uniform
+from .module import Module, Parameter
+
+
+class Linear(Module):
+    """Args:
+        in_features, out_features: sizes of the last dimension.
+        bias: add a learned bias.
+        init: "kaiming" (for ReLU-family activations) or "xavier" (tanh / sigmoid / output layers).
+        rng: a NumPy Generator (default: seeded 0, so every rank builds the same model).
+        dtype: float32 (default) or float64.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
+                 rng=None, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        shape = (in_features, out_features)
+        w = (kaiming_uniform(rng, in_features, shape, dtype) if init == "kaiming"
+             else xavier_uniform(rng, in_features, out_features, shape, dtype))
+        self.weight = Parameter(w)
+        self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None
+        self._x = None
+
+    def forward(self, x):
+        self._x = x
+        y = x @ self.weight.data
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, dy):
+        x = self._x
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        self.weight.grad += x2.T @ dy2
+        if self.bias is not None:
+            self.bias.grad += dy2.sum(axis=0)
+        return dy @ self.weight.data.T

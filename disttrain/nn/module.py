@@ -1,0 +1,122 @@
+"""The Module protocol: layers as explicit forward/backward pairs (no autograd).
+
+    y = m.forward(x)        # caches what backward needs
+    dx = m.backward(dy)     # accumulates parameter grads (+=), returns the input grad
+    m.parameters()          # [Parameter] in a stable order, each with .data, .grad, .name
+
+Names are attribute paths ("layers.0.weight"), assigned when ``parameters()`` is first called, so
+they are stable across runs and ranks - what checkpoints and error-feedback state key on.
+Containers report each child's gradients as ready the moment its backward returns (the hook
+DataParallel uses to start a bucket's allreduce while earlier layers are still differentiating).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array and its gradient (same shape and dtype)."""
+
+    __slots__ = ("data", "grad", "name")
+
+    def __init__(self, data: np.ndarray, name: str = ""):
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class. Subclasses implement forward and backward; parameters are found by attribute."""
+
+    training = True
+    _grad_hook = None  # callable(list[Parameter]) set by DataParallel on containers
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def children(self):
+        """(name, Module) pairs in attribute order (lists/tuples of modules are indexed)."""
+        for k, v in vars(self).items():
+            if isinstance(v, Module):
+                yield k, v
+            elif isinstance(v, (list, tuple)):
+                for i, m in enumerate(v):
+                    if isinstance(m, Module):
+                        yield f"{k}.{i}", m
+
+    def named_parameters(self, prefix: str = ""):
+        for k, v in vars(self).items():
+            if isinstance(v, Parameter):
+                yield prefix + k, v
+        for k, m in self.children():
+            yield from m.named_parameters(f"{prefix}{k}.")
+
+    def parameters(self) -> list:
+        out = []
+        for name, p in self.named_parameters():
+            p.name = p.name or name
+            out.append(p)
+        return out
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad[...] = 0  # in place: DataParallel's bucket views must survive
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        for _, m in self.children():
+            m.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self) -> dict:
+        return {p.name: p.data.copy() for p in self.parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        params = {p.name: p for p in self.parameters()}
+        missing, extra = set(params) - set(state), set(state) - set(params)
+        if missing or extra:
+            raise KeyError(f"state_dict mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for k, p in params.items():
+            if state[k].shape != p.data.shape:
+                raise ValueError(f"{k}: shape {state[k].shape} != {p.data.shape}")
+            p.data[...] = state[k]
+
+    def _grads_ready(self, child: "Module") -> None:
+        if self._grad_hook is not None:
+            self._grad_hook(child.parameters())
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse, reporting each child's grads ready."""
+
+    def __init__(self, *layers: Module):
+        self.layers = list(layers)
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m.forward(x)
+        return x
+
+    def backward(self, dy):
+        for m in reversed(self.layers):
+            dy = m.backward(dy)
+            self._grads_ready(m)
+        return dy
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)

@@ -1,0 +1,159 @@
+"""Every layer's gradients against central finite differences (float64); kernels vs NumPy twins."""
+import numpy as np
+import pytest
+
+from disttrain import nn
+from disttrain.nn import kernels as K
+
+RNG = np.random.default_rng(0)
+
+
+def fd_check(module, x, rtol=1e-6, atol=1e-8, eps=1e-6):
+    """Compare backward() with central differences of L = sum(forward(x) * g)."""
+    y = module.forward(x.copy())
+    g = RNG.standard_normal(y.shape)
+    for p in module.parameters():
+        p.grad[...] = 0
+    module.forward(x.copy())
+    dx = module.backward(g.copy())
+    loss = lambda: float(np.sum(module.forward(x_) * g))  # noqa: E731
+    x_ = x.copy()
+    if dx is not None:
+        num = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            old = x_[i]
+            x_[i] = old + eps
+            lp = loss()
+            x_[i] = old - eps
+            lm = loss()
+            x_[i] = old
+            num[i] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(dx, num, rtol=rtol, atol=atol)
+    for p in module.parameters():
+        num = np.zeros_like(p.data)
+        for i in np.ndindex(p.data.shape):
+            old = p.data[i]
+            p.data[i] = old + eps
+            lp = loss()
+            p.data[i] = old - eps
+            lm = loss()
+            p.data[i] = old
+            num[i] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(p.grad, num, rtol=rtol, atol=atol, err_msg=p.name)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Linear(5, 4, dtype=np.float64), (3, 5)),
+    (lambda: nn.Linear(5, 4, bias=False, init="xavier", dtype=np.float64), (2, 3, 5)),
+    (lambda: nn.ReLU(), (4, 6)),
+    (lambda: nn.GELU(), (4, 6)),
+    (lambda: nn.Tanh(), (4, 6)),
+    (lambda: nn.Sigmoid(), (4, 6)),
+    (lambda: nn.LayerNorm(6, dtype=np.float64), (3, 6)),
+    (lambda: nn.Sequential(nn.Linear(4, 7, dtype=np.float64), nn.GELU(), nn.LayerNorm(7, dtype=np.float64),
+                           nn.Linear(7, 3, dtype=np.float64), nn.Tanh()), (5, 4)),
+])
+def test_layer_gradients_match_finite_differences(make, shape):
+    m = make()
+    x = RNG.standard_normal(shape)
+    if isinstance(m, nn.ReLU):
+        x[np.abs(x) < 1e-3] = 0.5  # keep clear of the kink
+    if isinstance(m, nn.LayerNorm):
+        m.weight.data[...] = RNG.standard_normal(m.weight.data.shape)
+        m.bias.data[...] = RNG.standard_normal(m.bias.data.shape)
+    fd_check(m, x)
+
+
+def test_embedding_gradient_and_padding():
+    e = nn.Embedding(6, 3, padding_idx=0, dtype=np.float64)
+    assert np.all(e.weight.data[0] == 0)
+    ids = np.array([[1, 0, 3], [3, 5, 0]])
+    g = RNG.standard_normal((2, 3, 3))
+    e.forward(ids)
+    e.backward(g)
+    want = np.zeros_like(e.weight.data)
+    K.embedding_bwd_ref(ids.reshape(-1), g.reshape(-1, 3), want, 0)
+    np.testing.assert_allclose(e.weight.grad, want)
+    assert np.all(e.weight.grad[0] == 0) and np.allclose(e.weight.grad[3], g[0, 2] + g[1, 0])
+    with pytest.raises(IndexError):
+        e.forward(np.array([6]))
+
+
+@pytest.mark.parametrize("ignore", [-100, 2])
+def test_softmax_cross_entropy_gradient_and_ignore_index(ignore):
+    loss = nn.SoftmaxCrossEntropy(ignore_index=ignore)
+    logits = RNG.standard_normal((6, 4)) * 3
+    t = np.array([0, 2, 3, 1, 2, 0])
+    base = loss.forward(logits, t)
+    d = loss.backward()
+    probs, losses, count = K.softmax_xent_ref(logits, t, ignore)
+    assert np.isclose(base, losses.sum() / count)
+    num = np.zeros_like(logits)
+    for i in np.ndindex(logits.shape):
+        lp, lm = logits.copy(), logits.copy()
+        lp[i] += 1e-6
+        lm[i] -= 1e-6
+        num[i] = (loss.forward(lp, t) - loss.forward(lm, t)) / 2e-6
+    np.testing.assert_allclose(d, num, rtol=1e-6, atol=1e-9)
+    if ignore == 2:
+        assert np.all(d[t == 2] == 0)
+    with pytest.raises(IndexError):
+        loss.forward(logits, np.array([0, 1, 4, 0, 0, 0]))
+
+
+def test_softmax_cross_entropy_is_stable_for_huge_logits():
+    loss = nn.SoftmaxCrossEntropy()
+    v = loss.forward(np.array([[1000.0, 0.0], [-1000.0, 0.0]], np.float32), np.array([0, 1]))
+    assert np.isfinite(v) and v < 1e-6
+
+
+def test_mse_gradient():
+    m = nn.MSE()
+    p, t = RNG.standard_normal((3, 4)), RNG.standard_normal((3, 4))
+    m.forward(p, t)
+    np.testing.assert_allclose(m.backward(), 2 * (p - t) / p.size)
+
+
+def test_dropout_mask_scaling_and_eval():
+    d = nn.Dropout(0.25, rng=np.random.default_rng(1))
+    x = np.ones((200, 50), np.float32)
+    y = d.forward(x)
+    assert set(np.unique(y)) <= {0.0, np.float32(1 / 0.75)} and abs(y.mean() - 1) < 0.05
+    g = RNG.standard_normal(x.shape).astype(np.float32)
+    np.testing.assert_allclose(d.backward(g), g * y)  # same mask, same scale
+    d.eval()
+    assert d.forward(x) is x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_match_numpy_twins(dtype):
+    x = RNG.standard_normal(1000).astype(dtype)
+    y = np.empty_like(x)
+    for fwd, ref in [(K.relu_fwd, lambda v: np.maximum(v, 0)), (K.gelu_fwd, K.gelu_ref),
+                     (K.tanh_fwd, np.tanh), (K.sigmoid_fwd, K.sigmoid_ref)]:
+        fwd(x, y)
+        np.testing.assert_allclose(y, ref(x), rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-7)
+    a = RNG.standard_normal((7, 9)).astype(dtype)
+    gamma, beta = RNG.standard_normal(9).astype(dtype), RNG.standard_normal(9).astype(dtype)
+    out, xhat, rstd = np.empty_like(a), np.empty_like(a), np.empty(7, dtype)
+    K.layernorm_fwd(a, gamma, beta, 1e-5, out, xhat, rstd)
+    np.testing.assert_allclose(out, K.layernorm_ref(a, gamma, beta, 1e-5), rtol=1e-5, atol=1e-5)
+    t = RNG.integers(0, 9, 7)
+    probs, losses = np.empty_like(a), np.empty(7, dtype)
+    n = K.softmax_xent_fwd(a, t, -100, probs, losses)
+    p_ref, l_ref, n_ref = K.softmax_xent_ref(a.astype(np.float64), t, -100)
+    assert n == n_ref
+    np.testing.assert_allclose(probs, p_ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(losses, l_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_names_are_stable_paths():
+    m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 1)))
+    assert [p.name for p in m.parameters()] == ["layers.0.weight", "layers.0.bias", "layers.2.layers.0.weight",
+                                                "layers.2.layers.0.bias", "layers.2.layers.1.weight",
+                                                "layers.2.layers.1.bias"]
+    sd = m.state_dict()
+    m2 = nn.Sequential(nn.Linear(2, 3, rng=np.random.default_rng(5)), nn.ReLU(),
+                       nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 1)))
+    m2.load_state_dict(sd)
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(m.parameters(), m2.parameters()))
