@@ -1,0 +1,29 @@
+"""LAMB (You et al. 2020, "Large batch optimization for deep learning: training BERT in 76 minutes"):
+Adam's direction, rescaled per layer by the trust ratio ||w|| / ||update|| so that very large
+batches (and the large learning rates they need) stay stable."""
+from __future__ import annotations
+
+import numpy as np
+
+from .optimizer import Optimizer
+
+
+class LAMB(Optimizer):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01):
+        super().__init__(params, lr)
+        self.b1, self.b2 = betas
+        self.eps, self.weight_decay = eps, weight_decay
+
+    def _update(self, p, st):
+        g = p.grad
+        m, v = self._buf(st, "m", p.data), self._buf(st, "v", p.data)
+        m *= self.b1
+        m += (1 - self.b1) * g
+        v *= self.b2
+        v += (1 - self.b2) * g * g
+        u = (m / (1 - self.b1 ** self.steps)) / (np.sqrt(v / (1 - self.b2 ** self.steps)) + self.eps)
+        if self.weight_decay:
+            u = u + self.weight_decay * p.data
+        wn, un = float(np.linalg.norm(p.data)), float(np.linalg.norm(u))
+        trust = wn / un if wn > 0 and un > 0 else 1.0
+        p.data -= (self.lr * trust * u).astype(p.data.dtype)

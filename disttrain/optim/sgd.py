@@ -1,0 +1,29 @@
+"""SGD with momentum, Nesterov momentum and L2 weight decay (PyTorch's update rule)."""
+from __future__ import annotations
+
+from .optimizer import Optimizer
+
+
+class SGD(Optimizer):
+    """v <- momentum * v + (g + wd * w);  w <- w - lr * (g + wd*w + momentum * v if nesterov else v)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        super().__init__(params, lr)
+        if nesterov and momentum <= 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def _update(self, p, st):
+        g = p.grad
+        if self.weight_decay:
+            g = g + self.weight_decay * p.data
+        if self.momentum:
+            first = "momentum" not in st
+            v = self._buf(st, "momentum", p.data)
+            if first:
+                v[...] = g
+            else:
+                v *= self.momentum
+                v += g
+            g = g + self.momentum * v if self.nesterov else v
+        p.data -= self.lr * g
