@@ -79,6 +79,7 @@ def init() -> "Group":
 
         config.load_from_env()
         costmodel.ensure(_world.comm)
+        _warn_blas_threads()
     return _world
 
 
@@ -155,6 +156,18 @@ def new_group(ranks) -> Group:
 
     costmodel.ensure(comm)
     return Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm)
+
+
+def _warn_blas_threads() -> None:
+    """Several ranks on a host, each with a BLAS pool of one thread per core, oversubscribe the
+    cores and make small GEMMs ~100x slower; say so once (launchers/local.sh sets the threads)."""
+    n = _local.Get_size()
+    if n > 1 and _local.Get_rank() == 0 and not any(
+            os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
+        share = max(1, (os.cpu_count() or 1) // n)
+        sys.stderr.write(f"[disttrain] warning: {n} ranks share this host and no BLAS thread count is set; each "
+                         f"BLAS may start {os.cpu_count()} threads. Set OMP_NUM_THREADS={share} (launchers/local.sh "
+                         "does) or compute will be much slower.\n")
 
 
 # -------------------------------------------------------------------------------- abort on error

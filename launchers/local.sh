@@ -15,6 +15,13 @@ if [ "$n" -ge "$(nproc)" ]; then
   export MPIR_CVAR_CH4_PROGRESS_THROTTLE=${MPIR_CVAR_CH4_PROGRESS_THROTTLE:-1}
   export MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT=${MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT:-1}
 fi
+# BLAS thread pools: N ranks x (one OpenBLAS/MKL thread per core) on one host oversubscribe the
+# cores many times over and make small GEMMs ~100x slower (measured: the digits MLP goes from
+# ~800 to ~80,000 samples/s at 2 ranks). Give each rank its share of the cores unless set.
+share=$(( $(nproc) / n )); [ "$share" -ge 1 ] || share=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$share}
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}
+export MKL_NUM_THREADS=${MKL_NUM_THREADS:-$OMP_NUM_THREADS}
 launcher=${MPIEXEC:-mpiexec}
 extra=()
 if "$launcher" --version 2>/dev/null | grep -q "Open MPI"; then extra+=(--oversubscribe); fi

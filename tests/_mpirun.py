@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 # MPICH busy-polls; with more ranks than cores, throttle the progress engine (DESIGN.md sec. 5).
-OVERSUBSCRIBE_ENV = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1"}
+# One BLAS thread per rank: up to 8 ranks share 2 cores here.
+OVERSUBSCRIBE_ENV = {"MPIR_CVAR_CH4_PROGRESS_THROTTLE": "1", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT": "1",
+                     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def mpiexec() -> list:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 
 
 class Handle:
@@ -25,13 +26,14 @@ class Handle:
     rank). Until ``wait`` returns, in-place operations own their input array: do not modify it.
     """
 
-    __slots__ = ("_done", "_result", "_error", "name")
+    __slots__ = ("_done", "_result", "_error", "name", "seconds")
 
     def __init__(self, name: str = ""):
         self._done = threading.Event()
         self._result = None
         self._error = None
         self.name = name
+        self.seconds = 0.0  # how long the collective ran on the communication thread
 
     def test(self) -> bool:
         return self._done.is_set()
@@ -105,10 +107,13 @@ class Engine:
             if item is None:
                 return
             fn, h = item
+            t = time.perf_counter()
             try:
-                h._finish(result=fn())
+                result, error = fn(), None
             except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
-                h._finish(error=e)
+                result, error = None, e
+            h.seconds = time.perf_counter() - t
+            h._finish(result=result, error=error)
 
     def stop(self) -> None:
         """Finish queued work and join the thread (before MPI_Finalize)."""

@@ -71,7 +71,8 @@ class DataParallel:
         self.buckets = self._make_buckets(bucket_mb * (1 << 20), dtypes.pop())
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._sync = True
-        self.comm_seconds = 0.0  # time the caller spent waiting for bucket allreduces (exposed)
+        self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
+        self.exposed_comm_seconds = 0.0  # the part backward's caller waited for: not hidden
         for m in _modules(model):  # containers call the hook as each child's backward returns
             m._grad_hook = self._on_ready
 
@@ -131,8 +132,9 @@ class DataParallel:
                 self._launch(b)
         for b in self.buckets:
             b.handle.wait()
+            self.comm_seconds += b.handle.seconds
             b.handle = None
-        self.comm_seconds += time.perf_counter() - t
+        self.exposed_comm_seconds += time.perf_counter() - t
         return dx
 
     @contextlib.contextmanager

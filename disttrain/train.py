@@ -1,0 +1,270 @@
+"""The main job: synchronous data-parallel training under mpiexec.
+
+    mpiexec -n 2 python -m disttrain.train                        # MLP on the embedded digits data
+    mpiexec -n 4 python -m disttrain.train --steps 1000 --global-batch-size 128 --metrics m.jsonl \\
+        --checkpoint-dir ckpt --checkpoint-every 100 [--resume] [--config train.toml]
+
+Configuration is a TrainConfig: defaults, then an optional --config file (TOML or JSON with the
+same keys), then command-line flags. Rank 0 prints a progress line and writes one JSON object per
+logged step to --metrics (step, loss, samples_per_s, comm_s, exposed_comm_s, lr, ...; comm times
+are seconds per step over the logging interval: comm_s is how long the gradient allreduces ran,
+exposed_comm_s the part backward had to wait for). Checkpoints are atomic (checkpoint.py); with
+--resume the job continues from the newest one in --checkpoint-dir and reproduces the
+uninterrupted run exactly: the sampler's indices depend only on the step, and the parameters,
+optimizer state, step count and schedule are restored bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import disttrain as dt
+from disttrain import checkpoint, nn, optim
+from disttrain.data import DistributedSampler, load
+
+
+@dataclass
+class TrainConfig:
+    model: str = "mlp"
+    hidden: str = "256,256"  # MLP hidden sizes
+    dataset: str = "digits"
+    steps: int = 600
+    global_batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adam | adamw | lamb
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 30
+    seed: int = 0
+    dtype: str = "float32"
+    algorithm: str = "auto"
+    bucket_mb: float = 25.0
+    overlap: bool = True
+    log_every: int = 50
+    metrics: str = ""
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0
+    resume: bool = False
+    stop_after_steps: int = 0  # exit (with a checkpoint) after this many steps of this run: time-limited allocations
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(argv=None) -> TrainConfig:
+    ap = argparse.ArgumentParser(prog="python -m disttrain.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="TOML or JSON file with TrainConfig keys (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            ap.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=None)
+    a = ap.parse_args(argv)
+    values = {}
+    if a.config:
+        values.update(_read_config_file(a.config))
+    values.update({k: v for k, v in vars(a).items() if k != "config" and v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown configuration keys {sorted(unknown)}; valid keys: {sorted(known)}")
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _read_config_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            if path.endswith(".toml"):
+                import tomllib
+
+                d = tomllib.load(f)
+            else:
+                d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    return {k.replace("-", "_"): v for k, v in d.items()}
+
+
+def _validate(c: TrainConfig) -> None:
+    problems = []
+    if c.steps <= 0:
+        problems.append(f"steps must be positive (got {c.steps})")
+    if c.global_batch_size <= 0:
+        problems.append(f"global-batch-size must be positive (got {c.global_batch_size})")
+    if c.lr <= 0:
+        problems.append(f"lr must be positive (got {c.lr})")
+    if c.optimizer not in ("sgd", "adam", "adamw", "lamb"):
+        problems.append(f"optimizer must be sgd, adam, adamw or lamb (got {c.optimizer!r})")
+    if c.model != "mlp":
+        problems.append(f"model must be 'mlp' (the zoo grows with later releases), got {c.model!r}")
+    if c.dtype not in ("float32", "float64"):
+        problems.append(f"dtype must be float32 or float64 (got {c.dtype!r})")
+    if c.resume and not c.checkpoint_dir:
+        problems.append("--resume needs --checkpoint-dir")
+    if c.log_every <= 0:
+        problems.append(f"log-every must be positive (got {c.log_every})")
+    try:
+        [int(h) for h in c.hidden.split(",") if h]
+    except ValueError:
+        problems.append(f"hidden must be comma-separated ints (got {c.hidden!r})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def build(cfg: TrainConfig, data):
+    from models.mlp import MLP
+
+    sizes = [data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], data.num_classes]
+    model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+    params = model.parameters()
+    opt = {"sgd": lambda: optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+           "adam": lambda: optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay),
+           "adamw": lambda: optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay),
+           "lamb": lambda: optim.LAMB(params, cfg.lr, weight_decay=cfg.weight_decay)}[cfg.optimizer]()
+    return model, opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+
+
+_ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer")
+
+
+def save_checkpoint(cfg, step, model, opt):
+    arrays = {f"param/{p.name}": p.data for p in model.parameters()}
+    arrays.update({f"opt/{k}": v for k, v in opt.state_arrays().items()})
+    checkpoint.save(checkpoint.path_for(cfg.checkpoint_dir, step), arrays,
+                    dict(step=step, opt_steps=opt.steps, world_size=dt.size(), config=dataclasses.asdict(cfg)))
+
+
+def restore(cfg, model, opt, sched) -> int:
+    """Load the newest checkpoint on rank 0, check it fits, broadcast it; return the step to resume at."""
+    comm = dt.world().comm
+    err, step = None, 0
+    if dt.rank() == 0:
+        path = checkpoint.latest(cfg.checkpoint_dir)
+        try:
+            if path is None:
+                raise ValueError(f"--resume: no checkpoint in {cfg.checkpoint_dir}")
+            arrays, meta = checkpoint.load(path)
+            saved = meta["config"]
+            diff = [k for k in _ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
+            if diff:
+                raise ValueError(f"checkpoint {path} was written for a different setup: "
+                                 + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
+            params = {p.name: p for p in model.parameters()}
+            for name, p in params.items():
+                p.data[...] = arrays[f"param/{name}"]
+            for key, v in arrays.items():
+                if key.startswith("opt/"):
+                    pname, buf = key[4:].rsplit("/", 1)
+                    opt.state.setdefault(pname, {})[buf] = v.copy()
+            opt.steps, step = meta["opt_steps"], meta["step"]
+            print(f"[disttrain] resumed from {path} at step {step}", flush=True)
+        except (ValueError, KeyError) as e:
+            err = str(e)
+    err, step = comm.bcast((err, step), root=0)
+    if err:
+        raise ConfigError(err)
+    dt.broadcast_parameters(model)
+    dt.broadcast_optimizer_state(opt)
+    sched.t = step
+    sched._apply()
+    return step
+
+
+def evaluate(model, x, y) -> float:
+    model.eval()
+    pred = model.forward(x).argmax(axis=1)
+    model.train()
+    return float((pred == y).mean())
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        print(f"disttrain.train: configuration error: {e}", file=sys.stderr)
+        return 2
+    dt.init()
+    rank, world = dt.rank(), dt.size()
+    data = load(cfg.dataset)
+    try:
+        sampler = DistributedSampler(len(data.y_train), cfg.global_batch_size, rank, world, seed=cfg.seed)
+    except ValueError as e:  # identical on every rank: all of them stop, none hangs
+        if rank == 0:
+            print(f"disttrain.train: configuration error: {e}", file=sys.stderr)
+        return 2
+    model, opt, sched = build(cfg, data)
+    dt.broadcast_parameters(model)
+    ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, algorithm=cfg.algorithm, overlap=cfg.overlap)
+    start = 0
+    if cfg.resume:
+        try:
+            start = restore(cfg, model, opt, sched)
+        except ConfigError as e:
+            if rank == 0:
+                print(f"disttrain.train: {e}", file=sys.stderr)
+            return 2
+    loss_fn = nn.SoftmaxCrossEntropy()
+    log = open(cfg.metrics, "a" if start else "w") if (cfg.metrics and rank == 0) else None
+    if rank == 0:
+        print(f"[disttrain] {world} ranks | {cfg.model} {cfg.hidden} on {cfg.dataset} "
+              f"({len(data.y_train)} train / {len(data.y_test)} test) | global batch {cfg.global_batch_size} | "
+              f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr}", flush=True)
+    t0, losses, c0, e0 = time.perf_counter(), [], 0.0, 0.0
+    last = start
+    for step in range(start, cfg.steps):
+        idx = sampler.indices(step)
+        x, y = data.x_train[idx], data.y_train[idx]
+        losses.append(loss_fn.forward(ddp.forward(x), y))
+        ddp.backward(loss_fn.backward())
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            loss = float(dt.allreduce(np.array([np.mean(losses)]), op="avg", algorithm="mpi")[0])
+            dt_s, n = time.perf_counter() - t0, done - last
+            rec = dict(step=done, loss=loss, samples_per_s=n * cfg.global_batch_size / dt_s, step_time_s=dt_s / n,
+                       comm_s=(ddp.comm_seconds - c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - e0) / n,
+                       lr=opt.lr)
+            if rank == 0:
+                print(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | {rec['samples_per_s']:>9,.0f} samples/s | "
+                      f"comm {rec['comm_s'] / rec['step_time_s']:4.0%} of step, exposed "
+                      f"{rec['exposed_comm_s'] / rec['step_time_s']:4.0%} | lr {opt.lr:.4g}", flush=True)
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+            t0, losses, c0, e0, last = time.perf_counter(), [], ddp.comm_seconds, ddp.exposed_comm_seconds, done
+        if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and rank == 0:
+            save_checkpoint(cfg, done, model, opt)
+        if cfg.stop_after_steps and done - start >= cfg.stop_after_steps and done < cfg.steps:
+            if cfg.checkpoint_dir and rank == 0:
+                save_checkpoint(cfg, done, model, opt)
+                print(f"[disttrain] stopped after step {done}; continue with --resume", flush=True)
+            if log:
+                log.close()
+            return 0
+    acc = evaluate(model, data.x_test, data.y_test)
+    train_acc = evaluate(model, data.x_train, data.y_train)
+    if cfg.checkpoint_dir and rank == 0:
+        save_checkpoint(cfg, cfg.steps, model, opt)
+    if rank == 0:
+        print(f"[disttrain] done: test accuracy {acc:.4f} (train {train_acc:.4f})", flush=True)
+        if log:
+            log.write(json.dumps(dict(step=cfg.steps, final=True, test_accuracy=acc, train_accuracy=train_acc)) + "\n")
+            log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The main job end to end under mpiexec: accuracy, exact resume, clear configuration errors."""
+import json
+import os
+import time
+
+from ._mpirun import run
+
+ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
+
+
+def train(n, *flags, timeout=120):
+    t = time.monotonic()
+    res = run(n, ["-m", "disttrain.train", *flags], timeout=timeout, env=ENV)
+    return res, time.monotonic() - t
+
+
+def test_trains_digits_to_95_percent_on_2_ranks_in_under_a_minute(tmp_path):
+    res, took = train(2, "--metrics", str(tmp_path / "m.jsonl"))
+    assert res.returncode == 0, res.stdout
+    final = json.loads(open(tmp_path / "m.jsonl").read().splitlines()[-1])
+    assert final["final"] and final["test_accuracy"] >= 0.95, final
+    assert took < 60, f"{took:.0f} s"
+    assert "step    600/600" in res.stdout and "samples/s" in res.stdout
+
+
+def losses(path):
+    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, open(path).read().splitlines()) if "loss" in r]
+
+
+def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path):
+    common = ["--steps", "60", "--log-every", "10", "--checkpoint-every", "20"]
+    a, _ = train(3, *common, "--global-batch-size", "48", "--metrics", str(tmp_path / "a.jsonl"),
+                 "--checkpoint-dir", str(tmp_path / "ca"))
+    b1, _ = train(3, *common, "--global-batch-size", "48", "--metrics", str(tmp_path / "b.jsonl"),
+                  "--checkpoint-dir", str(tmp_path / "cb"), "--stop-after-steps", "30")
+    assert "stopped after step 30" in b1.stdout, b1.stdout
+    b2, _ = train(3, *common, "--global-batch-size", "48", "--metrics", str(tmp_path / "b.jsonl"),
+                  "--checkpoint-dir", str(tmp_path / "cb"), "--resume")
+    assert a.returncode == b1.returncode == b2.returncode == 0, a.stdout + b1.stdout + b2.stdout
+    assert "resumed from" in b2.stdout and "ckpt-00000030" in b2.stdout
+    assert losses(tmp_path / "a.jsonl") == losses(tmp_path / "b.jsonl")  # bit for bit, every logged step
+
+
+def test_configuration_errors_end_every_rank_with_a_message(tmp_path):
+    for flags, msg in [(["--global-batch-size", "10"], "not divisible by the 3 ranks"),
+                       (["--steps", "0"], "steps must be positive"),
+                       (["--optimizer", "rmsprop"], "optimizer must be"),
+                       (["--resume"], "--resume needs --checkpoint-dir"),
+                       (["--resume", "--global-batch-size", "48", "--checkpoint-dir", str(tmp_path / "none")], "no checkpoint")]:
+        res, took = train(3, *flags, timeout=60)
+        assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
+        assert took < 30
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('steps = 20\nbogus_key = 1\n')
+    res, _ = train(1, "--config", str(cfg))
+    assert res.returncode != 0 and "unknown configuration keys ['bogus_key']" in res.stdout
+    os.remove(cfg)
