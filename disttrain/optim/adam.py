@@ -6,6 +6,17 @@ import numpy as np
 from .optimizer import Optimizer
 
 
+def moments(st: dict, g: np.ndarray, like: np.ndarray, b1: float, b2: float, t: int):
+    """Adam's bias-corrected first and second moment estimates at step t (state updated in place)."""
+    m = st.setdefault("m", np.zeros_like(like))
+    v = st.setdefault("v", np.zeros_like(like))
+    m *= b1
+    m += (1 - b1) * g
+    v *= b2
+    v += (1 - b2) * g * g
+    return m / (1 - b1 ** t), v / (1 - b2 ** t)
+
+
 class Adam(Optimizer):
     decoupled = False
 
@@ -18,13 +29,7 @@ class Adam(Optimizer):
         g = p.grad
         if self.weight_decay and not self.decoupled:
             g = g + self.weight_decay * p.data
-        m, v = self._buf(st, "m", p.data), self._buf(st, "v", p.data)
-        m *= self.b1
-        m += (1 - self.b1) * g
-        v *= self.b2
-        v += (1 - self.b2) * g * g
-        mhat = m / (1 - self.b1 ** self.steps)
-        vhat = v / (1 - self.b2 ** self.steps)
+        mhat, vhat = moments(st, g, p.data, self.b1, self.b2, self.steps)
         if self.weight_decay and self.decoupled:
             p.data -= self.lr * self.weight_decay * p.data
         p.data -= (self.lr * mhat / (np.sqrt(vhat) + self.eps)).astype(p.data.dtype)

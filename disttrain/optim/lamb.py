@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .adam import moments
 from .optimizer import Optimizer
 
 
@@ -15,13 +16,8 @@ class LAMB(Optimizer):
         self.eps, self.weight_decay = eps, weight_decay
 
     def _update(self, p, st):
-        g = p.grad
-        m, v = self._buf(st, "m", p.data), self._buf(st, "v", p.data)
-        m *= self.b1
-        m += (1 - self.b1) * g
-        v *= self.b2
-        v += (1 - self.b2) * g * g
-        u = (m / (1 - self.b1 ** self.steps)) / (np.sqrt(v / (1 - self.b2 ** self.steps)) + self.eps)
+        mhat, vhat = moments(st, p.grad, p.data, self.b1, self.b2, self.steps)
+        u = mhat / (np.sqrt(vhat) + self.eps)
         if self.weight_decay:
             u = u + self.weight_decay * p.data
         wn, un = float(np.linalg.norm(p.data)), float(np.linalg.norm(u))
