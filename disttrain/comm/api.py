@@ -22,7 +22,6 @@ from .p2p import partition, scratch
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
 
-
 # ------------------------------------------------------------------------------------- helpers
 def _choose(registry, algorithm: str, comm, nbytes: int, dtype) -> str:
     return algorithm if algorithm != "auto" else choose(registry.family, comm, nbytes, dtype)
@@ -53,31 +52,27 @@ def _op_code(op, kind: str):
     return code, (None if code is not None else f"{kind}: unknown op {op!r}; choose one of {list(OPS)}")
 
 
-def _to_work(x: np.ndarray, acc, inplace: bool) -> np.ndarray:
-    """Flat contiguous buffer in the accumulation dtype holding x (x itself when possible)."""
+def _to_work(x: np.ndarray, acc) -> np.ndarray:
+    """A flat contiguous copy of x in the accumulation dtype (callers reduce in x itself when they can)."""
     if acc != x.dtype:  # float16: reduce in float32 (thread-local scratch, no allocation)
         work = scratch(x.size, acc, slot=0)
         half_to_float(np.ascontiguousarray(x).reshape(-1), work)
         return work
-    if inplace and x.flags.c_contiguous:
-        return x.reshape(-1)
     return np.array(x, order="C", copy=True).reshape(-1)
 
 
-def _from_work(work: np.ndarray, x: np.ndarray, shape, inplace: bool) -> np.ndarray:
-    """Cast/copy the finished work buffer into the result (x when in place)."""
+def _from_work(work: np.ndarray, x: np.ndarray, inplace: bool) -> np.ndarray:
+    """The result from the finished work buffer: cast back, and written into x when in place."""
     if work.dtype != x.dtype:
-        out = x if (inplace and x.flags.c_contiguous) else np.empty(shape, x.dtype)
+        out = x if (inplace and x.flags.c_contiguous) else np.empty(x.shape, x.dtype)
         float_to_half(work, out.reshape(-1))
         if inplace and out is not x:
             x[...] = out
-            out = x
-        return out
-    if inplace:
-        if work.base is not x:
-            x[...] = work.reshape(shape)
+        return x if inplace else out
+    if inplace:  # x is not contiguous (otherwise the caller reduced in x directly)
+        x[...] = work.reshape(x.shape)
         return x
-    return work.reshape(shape)
+    return work.reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------ allreduce
@@ -101,7 +96,7 @@ def _plan(x, op, algorithm, inplace):
     return plan
 
 
-def _allreduce(g, comm, x, op, algorithm, inplace):
+def _allreduce(comm, x, op, algorithm, inplace):
     if type(x) is not np.ndarray:
         x, err = _check_array(x, inplace, "allreduce", reduce=True)
         if err:
@@ -115,19 +110,12 @@ def _allreduce(g, comm, x, op, algorithm, inplace):
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
-    if inplace and acc is x.dtype and x.flags.c_contiguous:  # the hot path of DataParallel buckets
-        work = x.reshape(-1)
-        ALLREDUCE.resolve(name)(comm, work, kop)
-        if opc == AVG:
-            divide(work, comm.Get_size())
-        out = x
-    else:
-        work = _to_work(x, acc, inplace)
-        ALLREDUCE.resolve(name)(comm, work, kop)
-        if opc == AVG:
-            divide(work, comm.Get_size())
-        out = _from_work(work, x, x.shape, inplace)
-    return out
+    direct = inplace and acc is x.dtype and x.flags.c_contiguous  # reduce in x itself: DataParallel's buckets
+    work = x.reshape(-1) if direct else _to_work(x, acc)
+    ALLREDUCE.resolve(name)(comm, work, kop)
+    if opc == AVG:
+        divide(work, comm.Get_size())
+    return x if direct else _from_work(work, x, inplace)
 
 
 def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
@@ -154,13 +142,13 @@ def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.nda
         >>> g = dt.allreduce(np.full(4, dt.rank(), np.float32), op="avg")
     """
     g = as_group(group)
-    return _allreduce(g, g.comm, x, op, algorithm, inplace=False)
+    return _allreduce(g.comm, x, op, algorithm, inplace=False)
 
 
 def allreduce_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
     g = as_group(group)
-    return _allreduce(g, g.comm, x, op, algorithm, inplace=True)
+    return _allreduce(g.comm, x, op, algorithm, inplace=True)
 
 
 def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
@@ -177,13 +165,13 @@ def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> 
     """
     g = as_group(group)
     xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
-    return engine.submit(lambda: _allreduce(g, g.async_comm, xc, op, algorithm, inplace=True), "allreduce")
+    return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce")
 
 
 def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
     """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
     g = as_group(group)
-    return engine.submit(lambda: _allreduce(g, g.async_comm, x, op, algorithm, inplace=True), "allreduce_")
+    return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce_")
 
 
 # ------------------------------------------------------------------------------- reduce_scatter
@@ -205,7 +193,7 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> n
     name = _choose(REDUCE_SCATTER, algorithm, comm, x.size * acc.itemsize, acc)
     rowsize = int(np.prod(x.shape[1:], dtype=np.int64))
     rcounts, rdispls = partition(x.shape[0], p)
-    work = _to_work(x, acc, inplace=False)
+    work = _to_work(x, acc)
     block = REDUCE_SCATTER.resolve(name)(comm, work, kernel_op(opc), rcounts * rowsize, rdispls * rowsize)
     if opc == AVG:
         divide(block, p)
@@ -230,18 +218,17 @@ def _broadcast(x, root, algorithm, group, inplace):
                                        "algorithm": algorithm}, err)
     root = int(root)
     name = _choose(BROADCAST, algorithm, comm, x.nbytes, x.dtype)
-    if inplace and x.flags.c_contiguous:
+    direct = inplace and x.flags.c_contiguous  # broadcast into x itself
+    if direct:
         work = x.reshape(-1)
     elif comm.Get_rank() == root:
         work = np.array(x, order="C", copy=True).reshape(-1)
     else:
         work = np.empty(x.size, x.dtype)
     BROADCAST.resolve(name)(comm, work.view(np.uint8), root)
-    if inplace:
-        if work.base is not x:
-            x[...] = work.reshape(x.shape)
-        return x
-    return work.reshape(x.shape)
+    if inplace and not direct:
+        x[...] = work.reshape(x.shape)
+    return x if inplace else work.reshape(x.shape)
 
 
 def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
