@@ -157,3 +157,61 @@ def test_parameter_names_are_stable_paths():
                        nn.Sequential(nn.LayerNorm(3), nn.Linear(3, 1)))
     m2.load_state_dict(sd)
     assert all(np.array_equal(a.data, b.data) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+def _lstm_loss(m, x, h0, c0, lengths, g, gh, gc):
+    y = m.forward(x, h0, c0, lengths)
+    h, c = m.state
+    return float(np.sum(y * g) + np.sum(h * gh) + np.sum(c * gc))
+
+
+@pytest.mark.parametrize("lengths", [None, np.array([4, 2, 0])])
+def test_lstm_gradients_match_finite_differences(lengths):
+    """Input, parameter, initial-state grads of L = <y, g> + <h_n, gh> + <c_n, gc> (float64),
+    with and without padded rows (a row of length 0 must pass its initial state straight through)."""
+    m = nn.LSTM(3, 4, rng=np.random.default_rng(2), dtype=np.float64)
+    n_b, n_t = 3, 4
+    x, h0, c0 = RNG.standard_normal((n_b, n_t, 3)), RNG.standard_normal((n_b, 4)), RNG.standard_normal((n_b, 4))
+    g, gh, gc = RNG.standard_normal((n_b, n_t, 4)), RNG.standard_normal((n_b, 4)), RNG.standard_normal((n_b, 4))
+    m.forward(x, h0, c0, lengths)
+    dx = m.backward(g.copy(), gh, gc)
+    dh0, dc0 = m.dstate
+    eps = 1e-6
+    for arr, ana, name in [(x, dx, "x"), (h0, dh0, "h0"), (c0, dc0, "c0")] + \
+            [(p.data, p.grad, p.name) for p in m.parameters()]:
+        num = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            old = arr[i]
+            arr[i] = old + eps
+            lp = _lstm_loss(m, x, h0, c0, lengths, g, gh, gc)
+            arr[i] = old - eps
+            lm = _lstm_loss(m, x, h0, c0, lengths, g, gh, gc)
+            arr[i] = old
+            num[i] = (lp - lm) / (2 * eps)
+        np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8, err_msg=name)
+    if lengths is not None:
+        m.forward(x, h0, c0, lengths)
+        np.testing.assert_array_equal(m.state[0][2], h0[2])  # length 0: state untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lstm_kernel_matches_numpy_step(dtype):
+    n_b, n_h = 5, 7
+    gates = (RNG.standard_normal((n_b, 4 * n_h)) * 2).astype(dtype)
+    c_prev, h_prev = RNG.standard_normal((n_b, n_h)).astype(dtype), RNG.standard_normal((n_b, n_h)).astype(dtype)
+    acts_ref, c_ref, h_ref = K.lstm_cell_ref(gates.astype(np.float64), c_prev.astype(np.float64))
+    acts, c, h, tc = gates.copy(), np.empty_like(c_prev), np.empty_like(c_prev), np.empty_like(c_prev)
+    K.lstm_cell_fwd(acts, c_prev, h_prev, np.ones(n_b, np.uint8), c, h, tc)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    for a, b in [(acts, acts_ref), (c, c_ref), (h, h_ref)]:
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+
+
+def test_lstm_float32_default_and_bad_input():
+    m = nn.LSTM(3, 4)
+    y = m.forward(np.zeros((2, 5, 3), np.float32))
+    assert y.shape == (2, 5, 4) and y.dtype == np.float32 and m.bias.data[4:8].tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="input size 3"):
+        m.forward(np.zeros((2, 5, 6), np.float32))
+    with pytest.raises(ValueError, match="lengths"):
+        m.forward(np.zeros((2, 5, 3), np.float32), lengths=np.array([6, 1]))

@@ -5,8 +5,9 @@ from .embedding import Embedding
 from .init import kaiming_uniform, xavier_uniform
 from .layernorm import LayerNorm
 from .linear import Linear
+from .lstm import LSTM
 from .losses import MSE, SoftmaxCrossEntropy
 from .module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
-           "LayerNorm", "Embedding", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]
+           "LayerNorm", "Embedding", "LSTM", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]
