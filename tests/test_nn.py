@@ -215,3 +215,19 @@ def test_lstm_float32_default_and_bad_input():
         m.forward(np.zeros((2, 5, 6), np.float32))
     with pytest.raises(ValueError, match="lengths"):
         m.forward(np.zeros((2, 5, 3), np.float32), lengths=np.array([6, 1]))
+
+
+def test_first_layer_may_skip_its_input_grad_but_no_other_layer():
+    x, g = RNG.standard_normal((4, 3)), RNG.standard_normal((4, 2))
+    full = nn.Sequential(nn.Linear(3, 5, dtype=np.float64), nn.ReLU(), nn.Linear(5, 2, dtype=np.float64))
+    skip = nn.Sequential(nn.Linear(3, 5, dtype=np.float64, input_grad=False), nn.ReLU(), nn.Linear(5, 2, dtype=np.float64))
+    full.forward(x)
+    assert full.backward(g).shape == x.shape
+    skip.forward(x)
+    assert skip.backward(g) is None
+    for a, b in zip(full.parameters(), skip.parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad)  # the parameter grads do not change
+    bad = nn.Sequential(nn.Linear(3, 5, dtype=np.float64), nn.Linear(5, 2, dtype=np.float64, input_grad=False))
+    bad.forward(x)
+    with pytest.raises(ValueError, match="not the first layer"):
+        bad.backward(g)

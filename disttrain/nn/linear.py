@@ -14,10 +14,13 @@ class Linear(Module):
         init: "kaiming" (for ReLU-family activations) or "xavier" (tanh / sigmoid / output layers).
         rng: a NumPy Generator (default: seeded 0, so every rank builds the same model).
         dtype: float32 (default) or float64.
+        input_grad: compute the gradient w.r.t. the input in backward. A first layer fed with data
+            needs none; skipping it saves one of the three GEMMs (as autograd does for inputs
+            that do not require grad). backward then returns None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
-                 rng=None, dtype=np.float32):
+                 rng=None, dtype=np.float32, input_grad: bool = True):
         rng = rng if rng is not None else np.random.default_rng(0)
         shape = (in_features, out_features)
         w = (kaiming_uniform(rng, in_features, shape, dtype) if init == "kaiming"
@@ -25,6 +28,7 @@ class Linear(Module):
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None
         self._x = None
+        self.input_grad = input_grad
 
     def forward(self, x):
         self._x = x
@@ -39,4 +43,4 @@ class Linear(Module):
         self.weight.grad += x2.T @ dy2
         if self.bias is not None:
             self.bias.grad += dy2.sum(axis=0)
-        return dy @ self.weight.data.T
+        return dy @ self.weight.data.T if self.input_grad else None

@@ -110,9 +110,13 @@ class Sequential(Module):
         return x
 
     def backward(self, dy):
-        for m in reversed(self.layers):
+        for i in range(len(self.layers) - 1, -1, -1):
+            m = self.layers[i]
             dy = m.backward(dy)
             self._grads_ready(m)
+            if dy is None and i > 0:  # the layers below would silently keep stale grads
+                raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
+                                 "the first layer; only the first layer may skip it (input_grad=False)")
         return dy
 
     def __getitem__(self, i):
