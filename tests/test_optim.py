@@ -119,3 +119,18 @@ def test_bad_hyperparameters():
         optim.SGD(params(), lr=0.1, nesterov=True)
     with pytest.raises(ValueError):
         optim.SGD([], lr=0.1)
+
+
+@pytest.mark.parametrize("momentum,nesterov,wd,first", [(0.0, False, 0.0, False), (0.9, False, 0.0, True),
+                                                        (0.9, True, 1e-2, False), (0.5, False, 0.1, False)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_sgd_kernel_matches_numpy_twin(momentum, nesterov, wd, first, dtype):
+    from disttrain.optim.kernels import sgd_step, sgd_step_ref
+    rng = np.random.default_rng(3)
+    w, g, v = (rng.standard_normal(257).astype(dtype) for _ in range(3))
+    w2, v2 = w.copy(), v.copy()
+    sgd_step(w, g, v, dtype(0.1), dtype(momentum), dtype(wd), nesterov, first)
+    sgd_step_ref(w2, g, v2, dtype(0.1), dtype(momentum), dtype(wd), nesterov, first)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(w, w2, rtol=tol, atol=tol)
+    np.testing.assert_allclose(v, v2, rtol=tol, atol=tol)

@@ -1,6 +1,7 @@
 """SGD with momentum, Nesterov momentum and L2 weight decay (PyTorch's update rule)."""
 from __future__ import annotations
 
+from .kernels import sgd_step
 from .optimizer import Optimizer
 
 
@@ -14,16 +15,8 @@ class SGD(Optimizer):
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
     def _update(self, p, st):
-        g = p.grad
-        if self.weight_decay:
-            g = g + self.weight_decay * p.data
-        if self.momentum:
-            first = "momentum" not in st
-            v = self._buf(st, "momentum", p.data)
-            if first:
-                v[...] = g
-            else:
-                v *= self.momentum
-                v += g
-            g = g + self.momentum * v if self.nesterov else v
-        p.data -= self.lr * g
+        first = "momentum" not in st
+        v = self._buf(st, "momentum", p.data) if self.momentum else p.data  # v unused without momentum
+        w = p.data.reshape(-1)
+        sgd_step(w, p.grad.reshape(-1), v.reshape(-1), w.dtype.type(self.lr), w.dtype.type(self.momentum),
+                 w.dtype.type(self.weight_decay), self.nesterov, first)

@@ -100,7 +100,7 @@ class DataParallel:
         return out
 
     def _on_ready(self, params) -> None:
-        if not (self._sync and self.overlap):
+        if not (self._sync and self.overlap) or self.group.size == 1:
             return
         for p in params:
             b = self._bucket_of.get(id(p))
@@ -124,7 +124,7 @@ class DataParallel:
             b.pending = {id(p) for p in b.params}
             b.handle = None
         dx = self.model.backward(dy)
-        if not self._sync:
+        if not self._sync or self.group.size == 1:  # one rank: its grads already are the average
             return dx
         t = time.perf_counter()
         for b in self.buckets:  # launch what the hooks did not (no overlap, or non-reporting models)

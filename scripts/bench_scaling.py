@@ -1,0 +1,282 @@
+"""Scaling benchmark for data-parallel training, side by side with PyTorch DDP (gloo) when installed.
+
+    python scripts/bench_scaling.py                          # P = 1..cores, weak + strong, MLP 784-1024-1024-10
+    python scripts/bench_scaling.py --max-procs 4 --plot     # oversubscribe, draw results/bench_scaling.png
+    python scripts/bench_scaling.py --from-json results/bench_scaling.json --plot     # redraw
+
+The driver (this script without --worker) launches every configuration as its own
+``mpiexec -n P python scripts/bench_scaling.py --worker ...`` job, in interleaved repeats (every
+P and implementation once per repeat, so drift on a shared machine hits all of them alike), and
+reports the median over repeats. PyTorch runs under the same mpiexec (rank and size from the
+launcher's environment) but talks through torch.distributed's gloo backend, not MPI.
+
+Every worker: one BLAS/OpenMP thread per rank (``--threads``), float32, synthetic inputs (the
+benchmark measures the runtime, not learning), momentum SGD, warm-up steps, then timed steps.
+Throughput = global samples / the slowest rank's wall time.
+
+- weak scaling: batch per rank fixed (``--batch``); efficiency(P) = thr(P) / (P * thr(1)).
+- strong scaling: global batch fixed (``--global-batch``, split over ranks); same efficiency formula
+  (it equals t(1) / (P t(P)) for a fixed amount of work).
+- comm_ms: time the bucket allreduces ran (on the communication thread) per step;
+  exposed_ms: the part of it the training loop waited for after backward (not hidden).
+  PyTorch exposes neither, so only throughput is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ----------------------------------------------------------------------------------- workers
+def _synthetic(batch: int, sizes, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, sizes[0])).astype(np.float32), rng.integers(0, sizes[-1], batch)
+
+
+def worker_disttrain(a) -> dict | None:
+    sys.path.insert(0, ROOT)
+    from mpi4py import MPI
+
+    import disttrain as dt
+    from disttrain import nn, optim
+    from models.mlp import MLP
+
+    dt.init()
+    p, r = dt.size(), dt.rank()
+    x, y = _synthetic(a.local_batch, a.sizes, 1 + r)
+    model, loss_fn = MLP(a.sizes), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, bucket_mb=a.bucket_mb, algorithm=a.algorithm, overlap=not a.no_overlap)
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss_fn.forward(ddp.forward(x), y)
+        ddp.backward(loss_fn.backward())
+        opt.step()
+        opt.zero_grad()
+
+    for _ in range(a.warmup):
+        step()
+    ddp.comm_seconds = ddp.exposed_comm_seconds = 0.0
+    world = dt.world().comm
+    world.Barrier()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    elapsed = time.perf_counter() - t
+    stats = np.array([elapsed, ddp.comm_seconds, ddp.exposed_comm_seconds])
+    worst = np.empty_like(stats)
+    world.Allreduce(stats, worst, op=MPI.MAX)
+    if r:
+        return None
+    return dict(elapsed_s=worst[0], comm_ms=worst[1] / a.steps * 1e3, exposed_ms=worst[2] / a.steps * 1e3)
+
+
+def worker_torch(a) -> dict | None:
+    import torch
+    import torch.distributed as tdist
+
+    torch.set_num_threads(a.threads)
+    env = os.environ
+    r = int(env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK", 0)))
+    p = int(env.get("PMI_SIZE", env.get("OMPI_COMM_WORLD_SIZE", 1)))
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=r, world_size=p)
+    torch.manual_seed(0)
+    layers = []
+    for i, (m, n) in enumerate(zip(a.sizes[:-1], a.sizes[1:])):
+        layers.append(torch.nn.Linear(m, n))
+        if i < len(a.sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers)
+    model = torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=a.bucket_mb) if p > 1 else net
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    xn, yn = _synthetic(a.local_batch, a.sizes, 1 + r)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    tdist.barrier()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    elapsed = torch.tensor([time.perf_counter() - t], dtype=torch.float64)
+    tdist.all_reduce(elapsed, op=tdist.ReduceOp.MAX)
+    tdist.destroy_process_group()
+    return None if r else dict(elapsed_s=float(elapsed[0]), comm_ms=None, exposed_ms=None)
+
+
+# ------------------------------------------------------------------------------------ driver
+def have_torch() -> bool:
+    try:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(impl: str, p: int, local_batch: int, a) -> dict:
+    mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
+               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if p > (os.cpu_count() or 1):  # oversubscribed: ranks must yield the core while they poll
+        env.update(MPIR_CVAR_CH4_PROGRESS_THROTTLE="1", MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="1")
+    cmd = [mpiexec, "-n", str(p), sys.executable, os.path.abspath(__file__), "--worker", impl,
+           "--local-batch", str(local_batch), "--sizes", ",".join(map(str, a.sizes)), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--bucket-mb", str(a.bucket_mb), "--algorithm", a.algorithm,
+           "--threads", str(a.threads), "--port", str(free_port())] + (["--no-overlap"] if a.no_overlap else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def run_all(a) -> list[dict]:
+    impls = ["disttrain"] + (["torch-ddp"] if a.torch == "on" or (a.torch == "auto" and have_torch()) else [])
+    procs = list(range(1, a.max_procs + 1))
+    configs = [(mode, p, impl) for mode in a.modes for p in procs for impl in impls]
+    samples: dict = {c: [] for c in configs}
+    for rep in range(a.repeats):
+        for mode, p, impl in configs:
+            if mode == "strong" and a.global_batch % p:
+                continue
+            local = a.batch if mode == "weak" else a.global_batch // p
+            res = launch("torch" if impl == "torch-ddp" else "disttrain", p, local, a)
+            res["samples_per_s"] = local * p * a.steps / res["elapsed_s"]
+            samples[(mode, p, impl)].append(res)
+            print(f"  repeat {rep + 1}/{a.repeats} {mode:6s} P={p} {impl:10s} "
+                  f"{res['samples_per_s']:>10,.0f} samples/s", flush=True)
+    rows = []
+    for (mode, p, impl), rs in samples.items():
+        if not rs:
+            continue
+        med = lambda k: statistics.median(r[k] for r in rs) if rs[0][k] is not None else None  # noqa: E731
+        local = a.batch if mode == "weak" else a.global_batch // p
+        rows.append(dict(mode=mode, impl=impl, procs=p, local_batch=local, global_batch=local * p,
+                         samples_per_s=med("samples_per_s"), step_ms=1e3 * med("elapsed_s") / a.steps,
+                         comm_ms=med("comm_ms"), exposed_ms=med("exposed_ms"), repeats=len(rs)))
+    for r in rows:
+        base = next(b for b in rows if b["mode"] == r["mode"] and b["impl"] == r["impl"] and b["procs"] == 1)
+        r["efficiency"] = r["samples_per_s"] / (r["procs"] * base["samples_per_s"])
+        twin = [b for b in rows if b["mode"] == r["mode"] and b["procs"] == r["procs"] and b["impl"] == "torch-ddp"]
+        r["vs_torch"] = r["samples_per_s"] / twin[0]["samples_per_s"] if twin and r["impl"] == "disttrain" else None
+    return rows
+
+
+def report(rows: list[dict], meta: dict) -> None:
+    print(f"\nMLP {meta['sizes']}, float32, {meta['threads']} thread(s)/rank, {meta['steps']} timed steps, "
+          f"median of {meta['repeats']} repeats, {meta['host']}")
+    print(f"{'mode':6s} {'impl':10s} {'P':>2s} {'batch/rank':>10s} {'samples/s':>11s} {'step ms':>8s} "
+          f"{'eff':>5s} {'comm ms':>8s} {'exposed ms':>10s} {'vs DDP':>7s}")
+    for r in rows:
+        f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+        print(f"{r['mode']:6s} {r['impl']:10s} {r['procs']:>2d} {r['local_batch']:>10d} {r['samples_per_s']:>11,.0f} "
+              f"{r['step_ms']:>8.2f} {r['efficiency']:>5.2f} {f(r['comm_ms'], '8.2f'):>8s} "
+              f"{f(r['exposed_ms'], '10.2f'):>10s} {f(r['vs_torch'], '7.2f'):>7s}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = sorted({r["mode"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(2, len(modes), figsize=(6 * len(modes), 8), squeeze=False)
+    for j, mode in enumerate(modes):
+        for impl in sorted({r["impl"] for r in rows}):
+            rs = sorted((r for r in rows if r["mode"] == mode and r["impl"] == impl), key=lambda r: r["procs"])
+            ps = [r["procs"] for r in rs]
+            axes[0][j].plot(ps, [r["samples_per_s"] for r in rs], "o-", label=impl)
+            axes[1][j].plot(ps, [r["efficiency"] for r in rs], "o-", label=impl)
+        axes[0][j].set(title=f"{mode} scaling", xlabel="ranks", ylabel="samples/s", xticks=ps)
+        axes[1][j].set(xlabel="ranks", ylabel="scaling efficiency", ylim=(0, 1.1))
+        axes[1][j].axhline(0.85, ls=":", c="grey")
+        for ax in axes[:, j]:
+            ax.legend()
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", choices=["disttrain", "torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--local-batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", default="784,1024,1024,10")
+    ap.add_argument("--batch", type=int, default=128, help="weak scaling: samples per rank per step")
+    ap.add_argument("--global-batch", type=int, default=256, help="strong scaling: samples per step, all ranks")
+    ap.add_argument("--max-procs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--modes", default="weak,strong")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads per rank")
+    ap.add_argument("--bucket-mb", type=float, default=25.0)
+    ap.add_argument("--algorithm", default="auto")
+    ap.add_argument("--no-overlap", action="store_true")
+    ap.add_argument("--torch", choices=["auto", "on", "off"], default="auto",
+                    help="compare with PyTorch DDP (gloo): auto = when torch is installed")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_scaling"))
+    ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--from-json")
+    a = ap.parse_args(argv)
+    a.sizes = [int(s) for s in a.sizes.split(",")]
+    a.modes = a.modes.split(",")
+    if a.worker:
+        res = (worker_torch if a.worker == "torch" else worker_disttrain)(a)
+        if res is not None:
+            print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    if a.from_json:
+        with open(a.from_json) as f:
+            doc = json.load(f)
+        report(doc["rows"], doc["meta"])
+        if a.plot:
+            plot(doc["rows"], os.path.splitext(a.from_json)[0] + ".png")
+        return 0
+    meta = dict(sizes=a.sizes, threads=a.threads, steps=a.steps, repeats=a.repeats, batch=a.batch,
+                global_batch=a.global_batch, bucket_mb=a.bucket_mb, algorithm=a.algorithm,
+                overlap=not a.no_overlap, host=f"{os.cpu_count()} cores", python=sys.version.split()[0])
+    rows = run_all(a)
+    report(rows, meta)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(a.out + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {a.out}.json, {a.out}.csv")
+    if a.plot:
+        plot(rows, a.out + ".png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
