@@ -212,7 +212,7 @@ def plot(rows: list[dict], path: str) -> None:
             axes[0][j].plot(ps, [r["samples_per_s"] for r in rs], "o-", label=impl)
             axes[1][j].plot(ps, [r["efficiency"] for r in rs], "o-", label=impl)
         axes[0][j].set(title=f"{mode} scaling", xlabel="ranks", ylabel="samples/s", xticks=ps)
-        axes[1][j].set(xlabel="ranks", ylabel="scaling efficiency", ylim=(0, 1.1))
+        axes[1][j].set(xlabel="ranks", ylabel="scaling efficiency", ylim=(0, 1.1), xticks=ps)
         axes[1][j].axhline(0.85, ls=":", c="grey")
         for ax in axes[:, j]:
             ax.legend()
