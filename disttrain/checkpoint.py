@@ -15,6 +15,8 @@ import re
 
 import numpy as np
 
+from . import faults
+
 _META = "__meta__"
 
 
@@ -29,23 +31,38 @@ def _digest(arrays: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
-def save(path: str, arrays: dict, meta: dict) -> None:
+def save(path: str, arrays: dict, meta: dict, rank: int = 0) -> None:
     """Write `arrays` (name -> ndarray) and `meta` (JSON-serialisable) atomically to `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     safe = {k.replace("/", "::"): np.ascontiguousarray(v) for k, v in arrays.items()}
     record = dict(meta, sha256=_digest(safe, meta))
+    _remove_stale_tmp(d)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         np.savez(f, **safe, **{_META: np.frombuffer(json.dumps(record).encode(), np.uint8)})
         f.flush()
         os.fsync(f.fileno())
+    faults.point("checkpoint-write", rank)  # tests: die between the write and the rename
     os.replace(tmp, path)
     fd = os.open(d, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_stale_tmp(directory: str) -> None:
+    """Delete temporary files of writers that died mid-write (their process no longer exists)."""
+    for f in os.listdir(directory):
+        m = re.fullmatch(r"ckpt-\d{8}\.npz\.tmp-(\d+)", f)
+        if m and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(directory, f))
+            except PermissionError:
+                pass  # someone else's live process
 
 
 def load(path: str) -> tuple[dict, dict]:
@@ -64,6 +81,22 @@ def load(path: str) -> tuple[dict, dict]:
 
 def path_for(directory: str, step: int) -> str:
     return os.path.join(directory, f"ckpt-{step:08d}.npz")
+
+
+def latest_valid(directory: str, warn=print) -> tuple[str | None, dict, dict]:
+    """(path, arrays, meta) of the newest checkpoint that loads and passes its checksum, newest
+    first; each corrupt or unreadable one is reported through `warn` and skipped, so a torn or
+    damaged newest file costs one checkpoint interval, never the run. (None, {}, {}) if none."""
+    if not os.path.isdir(directory):
+        return None, {}, {}
+    for f in sorted((f for f in os.listdir(directory) if re.fullmatch(r"ckpt-\d{8}\.npz", f)), reverse=True):
+        path = os.path.join(directory, f)
+        try:
+            arrays, meta = load(path)
+            return path, arrays, meta
+        except ValueError as e:
+            warn(f"[disttrain] skipping {e}")
+    return None, {}, {}
 
 
 def latest(directory: str) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -80,6 +81,14 @@ def init() -> "Group":
         config.load_from_env()
         costmodel.ensure(_world.comm)
         _warn_blas_threads()
+        if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
+            from . import stall
+
+            stall.start(_world)  # stall reports and signal -> job-wide abort
+        if os.environ.get("DISTTRAIN_TIMELINE"):
+            from . import timeline
+
+            timeline.start(os.environ["DISTTRAIN_TIMELINE"])
     return _world
 
 
@@ -178,6 +187,7 @@ def _abort(kind: str, exc_type, exc, tb) -> None:
     sys.stderr.write(f"[disttrain] rank {r}: uncaught exception in {kind}; aborting all ranks\n{msg}")
     sys.stderr.flush()
     sys.stdout.flush()
+    time.sleep(0.2)  # the launcher forwards output asynchronously; an abort at once can drop it
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.COMM_WORLD.Abort(1)
     os._exit(1)

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import disttrain as dt
-from disttrain import checkpoint, nn, optim
+from disttrain import checkpoint, nn, numerics, optim, timeline
 from disttrain.data import DistributedSampler, load
 
 
@@ -52,6 +53,8 @@ class TrainConfig:
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
     resume: bool = False
+    timeline: str = ""  # Chrome-trace/Perfetto JSON of every rank (disttrain/timeline.py)
+    on_nonfinite: str = "skip"  # NaN/Inf gradients: "skip" the step with a warning, or "stop" the job
     stop_after_steps: int = 0  # exit (with a checkpoint) after this many steps of this run: time-limited allocations
 
 
@@ -118,6 +121,8 @@ def _validate(c: TrainConfig) -> None:
         [int(h) for h in c.hidden.split(",") if h]
     except ValueError:
         problems.append(f"hidden must be comma-separated ints (got {c.hidden!r})")
+    if c.on_nonfinite not in ("skip", "stop"):
+        problems.append(f"on_nonfinite must be 'skip' or 'stop' (got {c.on_nonfinite!r})")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -142,7 +147,10 @@ def save_checkpoint(cfg, step, model, opt):
     arrays = {f"param/{p.name}": p.data for p in model.parameters()}
     arrays.update({f"opt/{k}": v for k, v in opt.state_arrays().items()})
     checkpoint.save(checkpoint.path_for(cfg.checkpoint_dir, step), arrays,
-                    dict(step=step, opt_steps=opt.steps, world_size=dt.size(), config=dataclasses.asdict(cfg)))
+                    dict(step=step, opt_steps=opt.steps, world_size=dt.size(), mesh=dict(dp=dt.size(), pp=1, tp=1),
+                         data_position=dict(step=step, epoch_size=None), rng=dict(seed=cfg.seed),
+                         params={p.name: list(p.data.shape) for p in model.parameters()},
+                         config=dataclasses.asdict(cfg)))
 
 
 def restore(cfg, model, opt, sched) -> int:
@@ -150,17 +158,21 @@ def restore(cfg, model, opt, sched) -> int:
     comm = dt.world().comm
     err, step = None, 0
     if dt.rank() == 0:
-        path = checkpoint.latest(cfg.checkpoint_dir)
+        path, arrays, meta = checkpoint.latest_valid(cfg.checkpoint_dir,
+                                                     warn=lambda m: print(m, file=sys.stderr, flush=True))
         try:
             if path is None:
-                raise ValueError(f"--resume: no checkpoint in {cfg.checkpoint_dir}")
-            arrays, meta = checkpoint.load(path)
+                raise ValueError(f"--resume: no valid checkpoint in {cfg.checkpoint_dir}")
             saved = meta["config"]
             diff = [k for k in _ARCH_KEYS if saved.get(k) != getattr(cfg, k)]
             if diff:
                 raise ValueError(f"checkpoint {path} was written for a different setup: "
                                  + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
             params = {p.name: p for p in model.parameters()}
+            want = {k: list(p.data.shape) for k, p in params.items()}
+            if meta.get("params", want) != want:
+                raise ValueError(f"checkpoint {path} holds a different model: parameters "
+                                 f"{meta['params']} but this model has {want}")
             for name, p in params.items():
                 p.data[...] = arrays[f"param/{name}"]
             for key, v in arrays.items():
@@ -179,6 +191,17 @@ def restore(cfg, model, opt, sched) -> int:
     sched.t = step
     sched._apply()
     return step
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop records past the resumed step: the killed run logged them, the resumed run redoes them."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def evaluate(model, x, y) -> float:
@@ -215,28 +238,50 @@ def main(argv=None) -> int:
                 print(f"disttrain.train: {e}", file=sys.stderr)
             return 2
     loss_fn = nn.SoftmaxCrossEntropy()
+    if cfg.timeline:
+        timeline.start(cfg.timeline)
+    if start and cfg.metrics and rank == 0:
+        _truncate_metrics(cfg.metrics, start)
     log = open(cfg.metrics, "a" if start else "w") if (cfg.metrics and rank == 0) else None
     if rank == 0:
         print(f"[disttrain] {world} ranks | {cfg.model} {cfg.hidden} on {cfg.dataset} "
               f"({len(data.y_train)} train / {len(data.y_test)} test) | global batch {cfg.global_batch_size} | "
               f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr}", flush=True)
-    t0, losses, c0, e0 = time.perf_counter(), [], 0.0, 0.0
+    t0, losses, c0, e0, skipped = time.perf_counter(), [], 0.0, 0.0, 0
     last = start
     for step in range(start, cfg.steps):
         idx = sampler.indices(step)
         x, y = data.x_train[idx], data.y_train[idx]
-        losses.append(loss_fn.forward(ddp.forward(x), y))
-        ddp.backward(loss_fn.backward())
-        opt.step()
-        opt.zero_grad()
+        with timeline.span("step", "step", step=step + 1):
+            losses.append(loss_fn.forward(ddp.forward(x), y))
+            ddp.backward(loss_fn.backward())
+            # Averaged grads are identical on every rank, so this verdict is too (numerics.py).
+            finite = numerics.all_finite(ddp.parameters())
+            if finite:
+                opt.step()
+            opt.zero_grad()
         sched.step()
         done = step + 1
+        if not finite:
+            skipped += 1
+            if cfg.on_nonfinite == "stop":
+                if rank == 0:
+                    print(f"disttrain.train: step {done}: non-finite (NaN/Inf) gradients; stopping before they "
+                          f"are applied (--on-nonfinite stop). Lower --lr or check the data.", file=sys.stderr, flush=True)
+                timeline.stop()
+                return 3
+            if rank == 0:
+                print(f"[disttrain] warning: step {done}: non-finite (NaN/Inf) gradients; step skipped "
+                      f"({skipped} so far)", file=sys.stderr, flush=True)
         if done % cfg.log_every == 0 or done == cfg.steps:
             loss = float(dt.allreduce(np.array([np.mean(losses)]), op="avg", algorithm="mpi")[0])
             dt_s, n = time.perf_counter() - t0, done - last
             rec = dict(step=done, loss=loss, samples_per_s=n * cfg.global_batch_size / dt_s, step_time_s=dt_s / n,
                        comm_s=(ddp.comm_seconds - c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - e0) / n,
-                       lr=opt.lr)
+                       lr=opt.lr, skipped_steps=skipped)
+            rec["compute_s"] = rec["step_time_s"] - rec["exposed_comm_s"]
+            rss = dt.world().comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
+            rec["peak_rss_mib"] = rss  # per rank (Linux reports KiB)
             if rank == 0:
                 print(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | {rec['samples_per_s']:>9,.0f} samples/s | "
                       f"comm {rec['comm_s'] / rec['step_time_s']:4.0%} of step, exposed "
@@ -251,9 +296,12 @@ def main(argv=None) -> int:
             if cfg.checkpoint_dir and rank == 0:
                 save_checkpoint(cfg, done, model, opt)
                 print(f"[disttrain] stopped after step {done}; continue with --resume", flush=True)
+            timeline.stop()
             if log:
                 log.close()
             return 0
+    if timeline.stop() and rank == 0:
+        print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
     acc = evaluate(model, data.x_test, data.y_test)
     train_acc = evaluate(model, data.x_train, data.y_train)
     if cfg.checkpoint_dir and rank == 0:

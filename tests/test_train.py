@@ -46,7 +46,7 @@ def test_configuration_errors_end_every_rank_with_a_message(tmp_path):
                        (["--steps", "0"], "steps must be positive"),
                        (["--optimizer", "rmsprop"], "optimizer must be"),
                        (["--resume"], "--resume needs --checkpoint-dir"),
-                       (["--resume", "--global-batch-size", "48", "--checkpoint-dir", str(tmp_path / "none")], "no checkpoint")]:
+                       (["--resume", "--global-batch-size", "48", "--checkpoint-dir", str(tmp_path / "none")], "no valid checkpoint")]:
         res, took = train(3, *flags, timeout=60)
         assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
         assert took < 30

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
 from ..runtime import as_group
+from ..stall import tracked
 from . import validate
 from .config import settings
 from .costmodel import choose
@@ -112,12 +114,17 @@ def _allreduce(comm, x, op, algorithm, inplace):
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
     direct = inplace and acc is x.dtype and x.flags.c_contiguous  # reduce in x itself: DataParallel's buckets
     work = x.reshape(-1) if direct else _to_work(x, acc)
-    ALLREDUCE.resolve(name)(comm, work, kop)
+    if timeline.enabled():
+        with timeline.span(f"allreduce:{name}", "algo", bytes=work.nbytes):
+            ALLREDUCE.resolve(name)(comm, work, kop)
+    else:
+        ALLREDUCE.resolve(name)(comm, work, kop)
     if opc == AVG:
         divide(work, comm.Get_size())
     return x if direct else _from_work(work, x, inplace)
 
 
+@tracked("allreduce")
 def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over all ranks of the group and return the result (a new array) on every rank.
 
@@ -145,6 +152,7 @@ def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.nda
     return _allreduce(g.comm, x, op, algorithm, inplace=False)
 
 
+@tracked("allreduce")
 def allreduce_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
     g = as_group(group)
@@ -165,16 +173,17 @@ def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> 
     """
     g = as_group(group)
     xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
-    return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce")
+    return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc)
 
 
 def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
     """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
     g = as_group(group)
-    return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce_")
+    return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce", x)
 
 
 # ------------------------------------------------------------------------------- reduce_scatter
+@tracked("reduce_scatter")
 def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over the group; rank r gets block r of ``np.array_split(result, size, axis=0)``.
 
@@ -231,6 +240,7 @@ def _broadcast(x, root, algorithm, group, inplace):
     return x if inplace else work.reshape(x.shape)
 
 
+@tracked("broadcast")
 def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
     """Return root's `x` on every rank (a new array). Shape and dtype must match on all ranks.
 
@@ -239,12 +249,14 @@ def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarr
     return _broadcast(x, root, algorithm, group, inplace=False)
 
 
+@tracked("broadcast")
 def broadcast_(x: np.ndarray, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
     """In-place :func:`broadcast`: non-root ranks' `x` is overwritten with root's."""
     return _broadcast(x, root, algorithm, group, inplace=True)
 
 
 # ------------------------------------------------------------------------------------ allgather
+@tracked("allgather")
 def allgather(x, group=None, algorithm: str = "auto") -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order; first dimensions may differ.
 
@@ -290,6 +302,7 @@ def _send_rows(x, splits, p):
     return rows, None
 
 
+@tracked("alltoall")
 def alltoall(x, splits=None, algorithm: str = "auto", group=None):
     """Send rows of `x` to every rank: block j (``splits[j]`` rows along axis 0) goes to rank j.
 

@@ -17,6 +17,8 @@ import queue
 import threading
 import time
 
+from .. import stall, timeline
+
 
 class Handle:
     """The future of an asynchronous collective.
@@ -61,13 +63,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, fn, name: str = "") -> Handle:
+    def submit(self, fn, name: str = "", x=None) -> Handle:
         """Run ``fn()`` on the communication thread; its return value becomes the handle's result.
 
         If MPI did not grant MPI_THREAD_MULTIPLE (some system MPIs), a second thread calling MPI
         would be unsafe: then ``fn`` runs here, synchronously, and a warning says so once.
         """
         h = Handle(name)
+        site = stall.call_site()
         if self._thread is None:
             if not self._threads_allowed():
                 try:
@@ -76,7 +79,7 @@ class Engine:
                     h._finish(error=e)
                 return h
             self._start()
-        self._q.put((fn, h))
+        self._q.put((fn, h, x, site))
         return h
 
     _allowed: bool | None = None
@@ -106,13 +109,16 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            fn, h = item
+            fn, h, x, site = item
+            op = stall.enter(h.name + " (async)", x, site)
             t = time.perf_counter()
             try:
-                result, error = fn(), None
+                with timeline.span(h.name, "comm-async", detail=op.detail, site=site):
+                    result, error = fn(), None
             except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
                 result, error = None, e
             h.seconds = time.perf_counter() - t
+            stall.leave(op)
             h._finish(result=result, error=error)
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
 from . import config
 from .kernels import reduce_into
 from .p2p import TAG_AG, TAG_RS, blocks, scratch, seg_elems, segments, waitall
@@ -77,8 +78,10 @@ def ring(comm, buf: np.ndarray, op: int) -> None:
         return
     counts, displs = blocks(buf.shape[0], p)
     seg = seg_elems(buf, config.settings.segment_bytes)
-    ring_reduce_scatter(comm, buf, op, counts, displs, seg)
-    ring_allgather(comm, buf, counts, displs, seg)
+    with timeline.span("ring reduce-scatter", "phase"):
+        ring_reduce_scatter(comm, buf, op, counts, displs, seg)
+    with timeline.span("ring allgather", "phase"):
+        ring_allgather(comm, buf, counts, displs, seg)
 
 
 @REDUCE_SCATTER.register("ring")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
+
 
 class Parameter:
     """A trainable array and its gradient (same shape and dtype)."""
@@ -98,6 +100,13 @@ class Module:
             self._grad_hook(child.parameters())
 
 
+def _span(m: Module, what: str, i: int):
+    """Timeline span for a leaf layer (containers are not recorded: their leaves are)."""
+    if not timeline.enabled() or isinstance(m, Sequential):
+        return timeline.NULL
+    return timeline.span(f"{what} {i}.{type(m).__name__}", "layer")
+
+
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse, reporting each child's grads ready."""
 
@@ -105,14 +114,16 @@ class Sequential(Module):
         self.layers = list(layers)
 
     def forward(self, x):
-        for m in self.layers:
-            x = m.forward(x)
+        for i, m in enumerate(self.layers):
+            with _span(m, "fwd", i):
+                x = m.forward(x)
         return x
 
     def backward(self, dy):
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            dy = m.backward(dy)
+            with _span(m, "bwd", i):
+                dy = m.backward(dy)
             self._grads_ready(m)
             if dy is None and i > 0:  # the layers below would silently keep stale grads
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "

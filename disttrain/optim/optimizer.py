@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import timeline
+
 
 class Optimizer:
     def __init__(self, params, lr: float):
@@ -21,8 +23,9 @@ class Optimizer:
 
     def step(self) -> None:
         self.steps += 1
-        for p in self.params:
-            self._update(p, self.state.setdefault(p.name, {}))
+        with timeline.span(f"{type(self).__name__}.step", "optim"):
+            for p in self.params:
+                self._update(p, self.state.setdefault(p.name, {}))
 
     def _update(self, p, st: dict) -> None:
         raise NotImplementedError

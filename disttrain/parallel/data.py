@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .. import comm as C
+from .. import timeline
 from ..nn.module import Module
 from ..runtime import as_group
 
@@ -110,6 +111,7 @@ class DataParallel:
                     self._launch(b)
 
     def _launch(self, b: _Bucket) -> None:
+        timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
         b.handle = C.allreduce_async_(b.buffer, op="avg", algorithm=self.algorithm, group=self.group)
 
     # ------------------------------------------------------------------------- training
@@ -130,10 +132,11 @@ class DataParallel:
         for b in self.buckets:  # launch what the hooks did not (no overlap, or non-reporting models)
             if b.handle is None:
                 self._launch(b)
-        for b in self.buckets:
-            b.handle.wait()
-            self.comm_seconds += b.handle.seconds
-            b.handle = None
+        with timeline.span("wait for gradient allreduces", "wait"):
+            for b in self.buckets:
+                b.handle.wait()
+                self.comm_seconds += b.handle.seconds
+                b.handle = None
         self.exposed_comm_seconds += time.perf_counter() - t
         return dx
 
