@@ -31,7 +31,7 @@ def _digest(arrays: dict, meta: dict) -> str:
     return h.hexdigest()
 
 
-def save(path: str, arrays: dict, meta: dict, rank: int = 0) -> None:
+def save(path: str, arrays: dict, meta: dict) -> None:
     """Write `arrays` (name -> ndarray) and `meta` (JSON-serialisable) atomically to `path`."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -43,7 +43,7 @@ def save(path: str, arrays: dict, meta: dict, rank: int = 0) -> None:
         np.savez(f, **safe, **{_META: np.frombuffer(json.dumps(record).encode(), np.uint8)})
         f.flush()
         os.fsync(f.fileno())
-    faults.point("checkpoint-write", rank)  # tests: die between the write and the rename
+    faults.point("checkpoint-write")  # tests: die between the write and the rename
     os.replace(tmp, path)
     fd = os.open(d, os.O_RDONLY)
     try:
@@ -87,10 +87,7 @@ def latest_valid(directory: str, warn=print) -> tuple[str | None, dict, dict]:
     """(path, arrays, meta) of the newest checkpoint that loads and passes its checksum, newest
     first; each corrupt or unreadable one is reported through `warn` and skipped, so a torn or
     damaged newest file costs one checkpoint interval, never the run. (None, {}, {}) if none."""
-    if not os.path.isdir(directory):
-        return None, {}, {}
-    for f in sorted((f for f in os.listdir(directory) if re.fullmatch(r"ckpt-\d{8}\.npz", f)), reverse=True):
-        path = os.path.join(directory, f)
+    for path in reversed(_checkpoints(directory)):
         try:
             arrays, meta = load(path)
             return path, arrays, meta
@@ -101,7 +98,12 @@ def latest_valid(directory: str, warn=print) -> tuple[str | None, dict, dict]:
 
 def latest(directory: str) -> str | None:
     """The checkpoint with the highest step in `directory` (None if there is none)."""
+    found = _checkpoints(directory)
+    return found[-1] if found else None
+
+
+def _checkpoints(directory: str) -> list:
+    """Paths of the finished checkpoints in `directory`, oldest step first."""
     if not os.path.isdir(directory):
-        return None
-    found = sorted(f for f in os.listdir(directory) if re.fullmatch(r"ckpt-\d{8}\.npz", f))
-    return os.path.join(directory, found[-1]) if found else None
+        return []
+    return [os.path.join(directory, f) for f in sorted(os.listdir(directory)) if re.fullmatch(r"ckpt-\d{8}\.npz", f)]

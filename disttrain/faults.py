@@ -14,10 +14,12 @@ import signal
 _hits: dict = {}
 
 
-def point(name: str, rank: int = 0) -> None:
+def point(name: str) -> None:
     if os.environ.get("DISTTRAIN_FAULT_INJECT") != name:
         return
-    if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != rank:
+    from .runtime import _world
+
+    if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != (_world.rank if _world is not None else 0):
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(os.environ.get("DISTTRAIN_FAULT_AT", "1")):

@@ -38,16 +38,22 @@ _settings = {"warn": 60.0, "shutdown": 0.0}
 
 
 class _Op:
-    __slots__ = ("name", "seq", "detail", "site", "t0", "thread")
+    __slots__ = ("name", "seq", "x", "site", "t0", "thread")
 
-    def __init__(self, name, detail, site):
+    def __init__(self, name, x, site):
         tid = threading.get_native_id()
-        self.name, self.detail, self.site, self.t0 = name, detail, site, time.monotonic()
+        self.name, self.x, self.site, self.t0 = name, x, site, time.monotonic()
         self.seq = next(_counters.setdefault(tid, itertools.count(1)))
         self.thread = threading.current_thread().name
 
+    @property
+    def detail(self) -> str:  # formatted only when reported: enter() is on every collective's path
+        shape, dtype = getattr(self.x, "shape", None), getattr(self.x, "dtype", None)
+        return f"shape {tuple(shape)}, {dtype}" if shape is not None else ""
+
     def describe(self, now) -> str:
-        return (f"{self.name} (#{self.seq} on thread {self.thread}{'; ' + self.detail if self.detail else ''}) "
+        detail = self.detail
+        return (f"{self.name} (#{self.seq} on thread {self.thread}{'; ' + detail if detail else ''}) "
                 f"for {now - self.t0:.1f} s, called at {self.site}")
 
 
@@ -60,13 +66,8 @@ def call_site(skip_pkg: str = os.path.dirname(os.path.abspath(__file__))) -> str
     return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
 
 
-def _detail(x) -> str:
-    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    return f"shape {tuple(shape)}, {dtype}" if shape is not None else ""
-
-
 def enter(name: str, x=None, site: str | None = None) -> _Op:
-    op = _Op(name, _detail(x), site or call_site())
+    op = _Op(name, x, site or call_site())
     _inflight[threading.get_native_id()] = op
     return op
 
@@ -74,6 +75,7 @@ def enter(name: str, x=None, site: str | None = None) -> _Op:
 def leave(op: _Op) -> None:
     tid = threading.get_native_id()
     _inflight.pop(tid, None)
+    op.x = None  # do not keep the caller's array alive
     _last[tid] = (op.name, op.seq, time.monotonic())
 
 

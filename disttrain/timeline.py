@@ -152,20 +152,6 @@ def merge(out: str, inputs: list) -> int:
     return len(events)
 
 
-def summary(events: list, rank: int = 0) -> dict:
-    """Seconds of compute (forward/backward/optimizer spans on the main thread), communication
-    (collectives on any thread) and exposed communication (main-thread waits for collectives)."""
-    tot = {"compute": 0.0, "comm": 0.0, "exposed_comm": 0.0}
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") != rank:
-            continue
-        key = {"layer": "compute", "optim": "compute", "comm-async": "comm", "comm": "comm",
-               "wait": "exposed_comm"}.get(e.get("cat"))
-        if key:
-            tot[key] += e["dur"] / 1e6
-    return tot
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 3 or argv[0] != "merge":

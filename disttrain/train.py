@@ -198,7 +198,8 @@ def _truncate_metrics(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step and not json.loads(ln).get("final")]
+        recs = [(ln, json.loads(ln)) for ln in f if ln.strip()]
+    keep = [ln for ln, r in recs if r.get("step", 0) <= step and not r.get("final")]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)

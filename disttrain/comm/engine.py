@@ -113,7 +113,8 @@ class Engine:
             op = stall.enter(h.name + " (async)", x, site)
             t = time.perf_counter()
             try:
-                with timeline.span(h.name, "comm-async", detail=op.detail, site=site):
+                with (timeline.span(h.name, "comm-async", detail=op.detail, site=site) if timeline.enabled()
+                      else timeline.NULL):
                     result, error = fn(), None
             except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
                 result, error = None, e
