@@ -17,18 +17,38 @@ from .p2p import TAG_AG, TAG_RS, blocks, scratch, seg_elems, segments, waitall
 from .registry import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
 
 
-def ring_reduce_scatter(comm, buf, op, counts, displs, seg) -> None:
+def ring_reduce_scatter(comm, buf, op, counts, displs, seg, codec=None) -> None:
     """After return, block `rank` of buf (counts/displs) holds the reduction over all ranks.
 
     At step k rank r sends block (r-k-1) mod p right and receives block (r-k-2) mod p from the
     left, reduces it, and forwards it at step k+1; the last block received is its own, block r.
+
+    With a `codec` (a narrower wire format, e.g. fp16/bf16 gradient compression) every segment is
+    encoded just before it is sent and decoded-and-added on arrival: the data travels narrow while
+    the running sums in `buf` stay in buf's (wider) dtype. `op` must then be SUM.
     """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1:
         return
     right, left = (r + 1) % p, (r - 1) % p
     maxc = max(counts)
-    tmps = (scratch(maxc, buf.dtype, slot=2), scratch(maxc, buf.dtype, slot=3))
+    wire = buf.dtype if codec is None else codec.wire_dtype
+    tmps = (scratch(maxc, wire, slot=2), scratch(maxc, wire, slot=3))
+    if codec is None:
+        def send(o, n):
+            return comm.Isend(buf[o:o + n], right, TAG_RS)
+
+        def reduce(o, n, t):
+            reduce_into(buf[o:o + n], t, op)
+    else:  # every block is sent once per phase, so one encode buffer indexed like buf serves all sends
+        enc = scratch(buf.shape[0], wire, slot=4)
+
+        def send(o, n):
+            codec.encode(buf[o:o + n], enc[o:o + n])
+            return comm.Isend(enc[o:o + n], right, TAG_RS)
+
+        def reduce(o, n, t):
+            codec.accumulate(buf[o:o + n], t)
 
     def post(k):
         b = (r - k - 2) % p
@@ -37,7 +57,7 @@ def ring_reduce_scatter(comm, buf, op, counts, displs, seg) -> None:
                 for o, n in segments(displs[b], counts[b], seg)]
 
     b0 = (r - 1) % p
-    sends = [comm.Isend(buf[o:o + n], right, TAG_RS) for o, n in segments(displs[b0], counts[b0], seg)]
+    sends = [send(o, n) for o, n in segments(displs[b0], counts[b0], seg)]
     recvs = post(0)
     for k in range(p - 1):
         last = k == p - 2
@@ -45,9 +65,9 @@ def ring_reduce_scatter(comm, buf, op, counts, displs, seg) -> None:
         t, base = tmps[k % 2], displs[(r - k - 2) % p]
         for req, o, n in recvs:
             req.Wait()
-            reduce_into(buf[o:o + n], t[o - base:o - base + n], op)
+            reduce(o, n, t[o - base:o - base + n])
             if not last:
-                sends.append(comm.Isend(buf[o:o + n], right, TAG_RS))
+                sends.append(send(o, n))
         recvs = ahead
     waitall(sends)
 
@@ -73,15 +93,34 @@ def ring_allgather(comm, buf, counts, displs, seg) -> None:
 
 @ALLREDUCE.register("ring")
 def ring(comm, buf: np.ndarray, op: int) -> None:
+    ring_allreduce(comm, buf, op)
+
+
+def ring_allreduce(comm, buf: np.ndarray, op: int, codec=None) -> None:
+    """Ring reduce-scatter, then ring allgather.
+
+    With a `codec` (a narrow wire format; op must be SUM) the reduce-scatter encodes and
+    decodes-and-adds per segment as described above; then each rank rounds its finished block to
+    the wire format once and the allgather circulates the *encoded* blocks, so every rank decodes
+    the very same bits: the result is identical on all ranks (as a plain allreduce's is), each
+    element rounded to the wire format at most p times, and the sums accumulated in buf's dtype.
+    """
     p = comm.Get_size()
     if p == 1 or buf.shape[0] == 0:
         return
     counts, displs = blocks(buf.shape[0], p)
     seg = seg_elems(buf, config.settings.segment_bytes)
     with timeline.span("ring reduce-scatter", "phase"):
-        ring_reduce_scatter(comm, buf, op, counts, displs, seg)
+        ring_reduce_scatter(comm, buf, op, counts, displs, seg, codec)
     with timeline.span("ring allgather", "phase"):
-        ring_allgather(comm, buf, counts, displs, seg)
+        if codec is None:
+            ring_allgather(comm, buf, counts, displs, seg)
+            return
+        enc = scratch(buf.shape[0], codec.wire_dtype, slot=4)
+        o, n = displs[comm.Get_rank()], counts[comm.Get_rank()]
+        codec.encode(buf[o:o + n], enc[o:o + n])
+        ring_allgather(comm, enc, counts, displs, seg)
+        codec.decode(enc, buf)
 
 
 @REDUCE_SCATTER.register("ring")
