@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import disttrain as dt
-from disttrain import checkpoint, nn, numerics, optim, timeline
+from disttrain import checkpoint, compression, nn, numerics, optim, timeline
 from disttrain.data import DistributedSampler, load
 
 
@@ -46,9 +46,11 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     algorithm: str = "auto"
+    compression: str = "none"  # gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK
     bucket_mb: float = 25.0
     overlap: bool = True
     log_every: int = 50
+    eval_every: int = 0  # also log test accuracy every N steps (time-to-accuracy; evaluation time excluded)
     metrics: str = ""
     checkpoint_dir: str = ""
     checkpoint_every: int = 0
@@ -117,10 +119,18 @@ def _validate(c: TrainConfig) -> None:
         problems.append("--resume needs --checkpoint-dir")
     if c.log_every <= 0:
         problems.append(f"log-every must be positive (got {c.log_every})")
+    if c.eval_every < 0:
+        problems.append(f"eval-every must be >= 0 (got {c.eval_every})")
     try:
         [int(h) for h in c.hidden.split(",") if h]
     except ValueError:
         problems.append(f"hidden must be comma-separated ints (got {c.hidden!r})")
+    try:
+        problem = compression.make(c.compression).check_algorithm(c.algorithm)
+        if problem:
+            problems.append(problem)
+    except ValueError as e:
+        problems.append(str(e))
     if c.on_nonfinite not in ("skip", "stop"):
         problems.append(f"on_nonfinite must be 'skip' or 'stop' (got {c.on_nonfinite!r})")
     if problems:
@@ -143,9 +153,17 @@ def build(cfg: TrainConfig, data):
 _ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer")
 
 
-def save_checkpoint(cfg, step, model, opt):
+def gather_compressor_state(ddp) -> list | None:
+    """Every rank's compressor state on rank 0 (collective). Error-feedback residuals differ per
+    rank and are part of the training state: a resume without them would drop gradient mass."""
+    return dt.world().comm.gather(ddp.compressor.state_dict(), root=0)
+
+
+def save_checkpoint(cfg, step, model, opt, zstates=None):
     arrays = {f"param/{p.name}": p.data for p in model.parameters()}
     arrays.update({f"opt/{k}": v for k, v in opt.state_arrays().items()})
+    for r, st in enumerate(zstates or []):
+        arrays.update({f"zstate/{r}/{k}": v for k, v in st.items()})
     checkpoint.save(checkpoint.path_for(cfg.checkpoint_dir, step), arrays,
                     dict(step=step, opt_steps=opt.steps, world_size=dt.size(), mesh=dict(dp=dt.size(), pp=1, tp=1),
                          data_position=dict(step=step, epoch_size=None), rng=dict(seed=cfg.seed),
@@ -153,10 +171,10 @@ def save_checkpoint(cfg, step, model, opt):
                          config=dataclasses.asdict(cfg)))
 
 
-def restore(cfg, model, opt, sched) -> int:
+def restore(cfg, model, opt, sched, ddp) -> int:
     """Load the newest checkpoint on rank 0, check it fits, broadcast it; return the step to resume at."""
     comm = dt.world().comm
-    err, step = None, 0
+    err, step, zstates = None, 0, None
     if dt.rank() == 0:
         path, arrays, meta = checkpoint.latest_valid(cfg.checkpoint_dir,
                                                      warn=lambda m: print(m, file=sys.stderr, flush=True))
@@ -180,17 +198,37 @@ def restore(cfg, model, opt, sched) -> int:
                     pname, buf = key[4:].rsplit("/", 1)
                     opt.state.setdefault(pname, {})[buf] = v.copy()
             opt.steps, step = meta["opt_steps"], meta["step"]
+            zstates = _compressor_states(arrays, saved, meta, cfg)
             print(f"[disttrain] resumed from {path} at step {step}", flush=True)
         except (ValueError, KeyError) as e:
             err = str(e)
     err, step = comm.bcast((err, step), root=0)
     if err:
         raise ConfigError(err)
+    mine = comm.scatter(zstates, root=0) if comm.bcast(zstates is not None, root=0) else None
+    if mine is not None:
+        ddp.compressor.load_state_dict(mine)
     dt.broadcast_parameters(model)
     dt.broadcast_optimizer_state(opt)
     sched.t = step
     sched._apply()
     return step
+
+
+def _compressor_states(arrays, saved, meta, cfg):
+    """Per-rank compressor states from a checkpoint (rank 0), or None with a warning when they do not fit."""
+    per_rank = {}
+    for key, v in arrays.items():
+        if key.startswith("zstate/"):
+            r, name = key[7:].split("/", 1)
+            per_rank.setdefault(int(r), {})[name] = v
+    if saved.get("compression", "none") != cfg.compression or meta["world_size"] != dt.size():
+        if per_rank:
+            print(f"[disttrain] warning: the checkpoint's compressor state ({saved.get('compression')!r} on "
+                  f"{meta['world_size']} ranks) does not fit this run ({cfg.compression!r} on {dt.size()} ranks); "
+                  "error-feedback residuals start from zero", file=sys.stderr, flush=True)
+        return None
+    return [per_rank.get(r, {}) for r in range(dt.size())]
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -229,11 +267,12 @@ def main(argv=None) -> int:
         return 2
     model, opt, sched = build(cfg, data)
     dt.broadcast_parameters(model)
-    ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, algorithm=cfg.algorithm, overlap=cfg.overlap)
+    ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
+                          overlap=cfg.overlap)
     start = 0
     if cfg.resume:
         try:
-            start = restore(cfg, model, opt, sched)
+            start = restore(cfg, model, opt, sched, ddp)
         except ConfigError as e:
             if rank == 0:
                 print(f"disttrain.train: {e}", file=sys.stderr)
@@ -247,8 +286,10 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"[disttrain] {world} ranks | {cfg.model} {cfg.hidden} on {cfg.dataset} "
               f"({len(data.y_train)} train / {len(data.y_test)} test) | global batch {cfg.global_batch_size} | "
-              f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr}", flush=True)
+              f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
     t0, losses, c0, e0, skipped = time.perf_counter(), [], 0.0, 0.0, 0
+    w0 = dict(ddp.wire_stats)
+    t_start, eval_s = t0, 0.0  # train_time_s = wall time since t_start minus evaluations
     last = start
     for step in range(start, cfg.steps):
         idx = sampler.indices(step)
@@ -268,7 +309,8 @@ def main(argv=None) -> int:
             if cfg.on_nonfinite == "stop":
                 if rank == 0:
                     print(f"disttrain.train: step {done}: non-finite (NaN/Inf) gradients; stopping before they "
-                          f"are applied (--on-nonfinite stop). Lower --lr or check the data.", file=sys.stderr, flush=True)
+                          f"are applied (--on-nonfinite stop). Lower --lr or check the data.",
+                          file=sys.stderr, flush=True)
                 timeline.stop()
                 return 3
             if rank == 0:
@@ -280,7 +322,11 @@ def main(argv=None) -> int:
             rec = dict(step=done, loss=loss, samples_per_s=n * cfg.global_batch_size / dt_s, step_time_s=dt_s / n,
                        comm_s=(ddp.comm_seconds - c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - e0) / n,
                        lr=opt.lr, skipped_steps=skipped)
+            w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
+            rec["sent_bytes"] = (w["sent_bytes"] - w0["sent_bytes"]) / n
+            rec["compression_ratio"] = w["ratio"]
             rec["compute_s"] = rec["step_time_s"] - rec["exposed_comm_s"]
+            rec["train_time_s"] = time.perf_counter() - t_start - eval_s
             rss = dt.world().comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
             rec["peak_rss_mib"] = rss  # per rank (Linux reports KiB)
             if rank == 0:
@@ -291,11 +337,22 @@ def main(argv=None) -> int:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
             t0, losses, c0, e0, last = time.perf_counter(), [], ddp.comm_seconds, ddp.exposed_comm_seconds, done
-        if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and rank == 0:
-            save_checkpoint(cfg, done, model, opt)
-        if cfg.stop_after_steps and done - start >= cfg.stop_after_steps and done < cfg.steps:
+            w0 = dict(w)
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            te = time.perf_counter()  # every rank evaluates (same model, cheap): none waits for rank 0
+            acc = evaluate(model, data.x_test, data.y_test)
+            if log:
+                log.write(json.dumps(dict(step=done, test_accuracy=acc, train_time_s=te - t_start - eval_s)) + "\n")
+                log.flush()
+            eval_s += time.perf_counter() - te
+            t0 += time.perf_counter() - te
+        stopping = cfg.stop_after_steps and done - start >= cfg.stop_after_steps and done < cfg.steps
+        if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
+            zstates = gather_compressor_state(ddp)
+            if rank == 0:
+                save_checkpoint(cfg, done, model, opt, zstates)
+        if stopping:
             if cfg.checkpoint_dir and rank == 0:
-                save_checkpoint(cfg, done, model, opt)
                 print(f"[disttrain] stopped after step {done}; continue with --resume", flush=True)
             timeline.stop()
             if log:
@@ -305,8 +362,10 @@ def main(argv=None) -> int:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
     acc = evaluate(model, data.x_test, data.y_test)
     train_acc = evaluate(model, data.x_train, data.y_train)
-    if cfg.checkpoint_dir and rank == 0:
-        save_checkpoint(cfg, cfg.steps, model, opt)
+    if cfg.checkpoint_dir:
+        zstates = gather_compressor_state(ddp)
+        if rank == 0:
+            save_checkpoint(cfg, cfg.steps, model, opt, zstates)
     if rank == 0:
         print(f"[disttrain] done: test accuracy {acc:.4f} (train {train_acc:.4f})", flush=True)
         if log:

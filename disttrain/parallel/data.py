@@ -12,6 +12,11 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
   communication thread while backward continues with earlier layers in numba/BLAS code that has
   released the GIL. ``backward`` returns once every bucket is reduced: each ``.grad`` then holds
   the average over ranks, exactly the global-batch gradient when the local batches are equal.
+- With ``compression=`` every bucket goes through a compressor instead (disttrain.compression):
+  compression, the collective that fits its payload and decompression all run on the
+  communication thread, so they overlap backward just like the plain allreduce. A bucket's
+  stable name ("b<i>:<first param>..<last param>") keys the compressor's state (error feedback,
+  warm start), and the bucket's parameter layout lets compressors work per tensor.
 """
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ import time
 import numpy as np
 
 from .. import comm as C
+from .. import compression as Z
 from .. import timeline
+from ..comm import validate
+from ..comm.engine import engine
 from ..nn.module import Module
 from ..runtime import as_group
 
@@ -29,12 +37,14 @@ FIRST_BUCKET_BYTES = 1 << 20
 
 
 class _Bucket:
-    __slots__ = ("params", "buffer", "pending", "handle", "index")
+    __slots__ = ("params", "buffer", "pending", "handle", "index", "key", "layout")
 
     def __init__(self, params, dtype, index):
         self.params, self.index = params, index
         self.buffer = np.zeros(sum(p.data.size for p in params), dtype)
         self.pending, self.handle = set(), None
+        self.key = f"b{index}:{params[0].name}..{params[-1].name}"  # stable across runs: state key
+        self.layout = []  # (offset, shape) of each parameter in buffer
 
 
 class DataParallel:
@@ -43,7 +53,8 @@ class DataParallel:
     Args:
         model: a Module; its containers' backward must report ready children (Sequential does).
         bucket_mb: target bucket size in MiB (the first bucket is at most 1 MiB).
-        compression: reserved for gradient compressors (issue 6); must be None for now.
+        compression: None or "none" (exact), a name from ``disttrain.compression.names()``
+            ("fp16", "bf16", "topk:0.01", "onebit", "powersgd:2") or a Compressor instance.
         algorithm: the allreduce algorithm for the buckets ("auto" asks the cost model).
         overlap: start each bucket's allreduce during backward (True) or all after it (False).
         group: a Group from ``dt.new_group`` (default: the world).
@@ -57,8 +68,10 @@ class DataParallel:
 
     def __init__(self, model: Module, bucket_mb: float = 25, compression=None, algorithm: str = "auto",
                  overlap: bool = True, group=None):
-        if compression not in (None, "none"):
-            raise NotImplementedError("gradient compression arrives with issue 6; pass compression=None")
+        self.compressor = Z.make(compression)
+        problem = self.compressor.check_algorithm(algorithm)
+        if problem:
+            raise ValueError(f"DataParallel: {problem}")
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
         self.model, self.algorithm, self.overlap = model, algorithm, overlap
@@ -69,7 +82,20 @@ class DataParallel:
         dtypes = {p.data.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"DataParallel: parameters must share one dtype, got {sorted(map(str, dtypes))}")
-        self.buckets = self._make_buckets(bucket_mb * (1 << 20), dtypes.pop())
+        dtype = dtypes.pop()
+        if type(self.compressor) is not Z.Compressor and dtype not in (np.float32, np.float64):
+            raise ValueError(f"DataParallel: compression {self.compressor.spec!r} needs float32 or float64 "
+                             f"parameters, got {dtype}")
+        self.buckets = self._make_buckets(bucket_mb * (1 << 20), dtype)
+        if self.compressor.name != "none":
+            from ..compression.kernels import warmup
+
+            warmup()  # load the compiled kernels now, not inside the first step
+        # Every rank must bucket and compress alike, or the collectives would pair wrong messages:
+        # one check at construction turns a mismatch into an error on every rank, not a hang.
+        validate.check(self.group.comm, "DataParallel", {
+            "compression": self.compressor.spec, "algorithm": algorithm,
+            "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._sync = True
         self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
@@ -96,6 +122,7 @@ class DataParallel:
                 view = b.buffer[off:off + p.data.size].reshape(p.data.shape)
                 view[...] = p.grad
                 p.grad = view
+                b.layout.append((off, p.data.shape))
                 off += p.data.size
             out.append(b)
         return out
@@ -112,7 +139,9 @@ class DataParallel:
 
     def _launch(self, b: _Bucket) -> None:
         timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
-        b.handle = C.allreduce_async_(b.buffer, op="avg", algorithm=self.algorithm, group=self.group)
+        z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
+        b.handle = engine.submit(lambda: z.reduce_(b.buffer, b.key, comm, algorithm, b.layout),
+                                 "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer)
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
@@ -152,6 +181,11 @@ class DataParallel:
 
     def parameters(self):
         return self.params
+
+    @property
+    def wire_stats(self) -> dict:
+        """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio."""
+        return self.compressor.stats.as_dict()
 
 
 def _modules(model: Module):
