@@ -24,20 +24,17 @@ Throughput = global samples / the slowest rank's wall time.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from _bench import ROOT, add_output_args, emit, run_result, save, worker_env
 
 
 # ----------------------------------------------------------------------------------- workers
@@ -55,7 +52,7 @@ def worker_disttrain(a) -> dict | None:
     from models.mlp import MLP
 
     dt.init()
-    p, r = dt.size(), dt.rank()
+    r = dt.rank()
     x, y = _synthetic(a.local_batch, a.sizes, 1 + r)
     model, loss_fn = MLP(a.sizes), nn.SoftmaxCrossEntropy()
     ddp = dt.DataParallel(model, bucket_mb=a.bucket_mb, algorithm=a.algorithm, overlap=not a.no_overlap)
@@ -140,19 +137,11 @@ def free_port() -> int:
 
 def launch(impl: str, p: int, local_batch: int, a) -> dict:
     mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), OPENBLAS_NUM_THREADS=str(a.threads),
-               MKL_NUM_THREADS=str(a.threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if p > (os.cpu_count() or 1):  # oversubscribed: ranks must yield the core while they poll
-        env.update(MPIR_CVAR_CH4_PROGRESS_THROTTLE="1", MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="1")
     cmd = [mpiexec, "-n", str(p), sys.executable, os.path.abspath(__file__), "--worker", impl,
            "--local-batch", str(local_batch), "--sizes", ",".join(map(str, a.sizes)), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--bucket-mb", str(a.bucket_mb), "--algorithm", a.algorithm,
            "--threads", str(a.threads), "--port", str(free_port())] + (["--no-overlap"] if a.no_overlap else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1][7:])
+    return run_result(cmd, worker_env(a.threads, throttle=p > (os.cpu_count() or 1)), a.timeout)
 
 
 def run_all(a) -> list[dict]:
@@ -241,17 +230,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--torch", choices=["auto", "on", "off"], default="auto",
                     help="compare with PyTorch DDP (gloo): auto = when torch is installed")
-    ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "bench_scaling"))
-    ap.add_argument("--plot", action="store_true")
-    ap.add_argument("--from-json")
+    add_output_args(ap, "bench_scaling")
     a = ap.parse_args(argv)
     a.sizes = [int(s) for s in a.sizes.split(",")]
     a.modes = a.modes.split(",")
     if a.worker:
-        res = (worker_torch if a.worker == "torch" else worker_disttrain)(a)
-        if res is not None:
-            print("RESULT " + json.dumps(res), flush=True)
+        emit((worker_torch if a.worker == "torch" else worker_disttrain)(a))
         return 0
     if a.from_json:
         with open(a.from_json) as f:
@@ -265,14 +249,7 @@ def main(argv=None) -> int:
                 overlap=not a.no_overlap, host=f"{os.cpu_count()} cores", python=sys.version.split()[0])
     rows = run_all(a)
     report(rows, meta)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(a.out + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {a.out}.json, {a.out}.csv")
+    save(a.out, meta, rows)
     if a.plot:
         plot(rows, a.out + ".png")
     return 0

@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark drivers: launch a worker job and read its result, save tables."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def worker_env(threads: int, throttle: bool) -> dict:
+    """Environment for a benchmark job: fixed BLAS threads per rank, the repository importable, and
+    (throttle) MPICH's yielding progress for oversubscribed ranks (DESIGN.md sec. 5)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if throttle:
+        env.update(MPIR_CVAR_CH4_PROGRESS_THROTTLE="1", MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT="1")
+    return env
+
+
+def run_result(cmd: list, env: dict, timeout: float) -> dict:
+    """Run a job whose rank 0 prints one ``RESULT {json}`` line; return that object."""
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def emit(result: dict | None) -> None:
+    """A worker's side of :func:`run_result` (rank 0 passes its dict, the others None)."""
+    if result is not None:
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def save(out: str, meta: dict, rows: list[dict], tables: dict | None = None) -> None:
+    """Write out.json ({meta, rows, **tables}) and out.csv (rows)."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows, **(tables or {})), f, indent=1)
+    with open(out + ".csv", "w", newline="") as f:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}.json, {out}.csv", file=sys.stderr)
+
+
+def add_output_args(ap, name: str) -> None:
+    """The options every benchmark driver shares: where results go, plotting, redrawing, time limit."""
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per job")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", name), help="results path without extension")
+    ap.add_argument("--plot", action="store_true", help="also draw OUT.png (needs matplotlib: the 'plot' extra)")
+    ap.add_argument("--from-json", help="reprint (and --plot) a saved OUT.json instead of measuring")
