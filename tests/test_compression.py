@@ -93,6 +93,34 @@ def test_topk_selects_exactly_the_k_largest_magnitudes(n, ratio):
     assert np.array_equal(y[chosen], x[chosen])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_radix_select_matches_a_full_sort_with_ties_and_specials(dtype):
+    rng = np.random.default_rng(8)
+    for n, k in [(1, 1), (2, 1), (100, 7), (4099, 41), (20000, 20000), (3000, 1500)]:
+        x = rng.standard_normal(n).astype(dtype)
+        x[::5] = x[min(3, n - 1)]  # many equal magnitudes (and at the threshold)
+        x[1::9] = -x[1::9]
+        if n > 100:
+            x[10:20] = 0.0
+            x[20] = np.inf
+            x[21] = -np.finfo(dtype).tiny / 4  # a subnormal
+        acc, idx, vals = x.copy(), np.empty(k, np.int32), np.empty(k, dtype)
+        K.topk_select(acc, k, idx, vals)
+        assert np.array_equal(idx, K.topk_select_ref(x, k)), (n, k)  # lowest index first among ties
+        assert np.array_equal(vals, x[idx]) and np.all(acc[idx] == 0)
+        keep = np.ones(n, bool)
+        keep[idx] = False
+        assert np.array_equal(acc[keep], x[keep])
+
+
+def test_topk_sends_nan_first():
+    x = np.ones(50, np.float32)
+    x[17] = np.nan
+    acc, idx, vals = x.copy(), np.empty(3, np.int32), np.empty(3, np.float32)
+    K.topk_select(acc, 3, idx, vals)
+    assert 17 in idx  # a NaN gradient must travel (and be caught by the non-finite check), not hide
+
+
 def test_topk_zero_size():
     c = Z.TopK(0.5)
     payload, ctx = c.compress(np.zeros(0, np.float32))

