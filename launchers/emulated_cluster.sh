@@ -84,7 +84,9 @@ done
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces and tc); run it with sudo"
 for t in ip tc unshare; do command -v $t >/dev/null || die "needs '$t' (iproute2 / util-linux)"; done
 launcher=${MPIEXEC:-mpiexec}
-"$launcher" --version 2>/dev/null | grep -q HYDRA || die "needs MPICH's Hydra mpiexec (found: $(command -v "$launcher"))"
+# (not `... | grep -q`: with pipefail, grep's early exit can SIGPIPE mpiexec and fail the check)
+version=$("$launcher" --version 2>/dev/null || true)
+case "$version" in *HYDRA*) ;; *) die "needs MPICH's Hydra mpiexec (found: $(command -v "$launcher"))" ;; esac
 
 id=$$
 trap 'rc=$?; cleanup_run $id; exit $rc' EXIT

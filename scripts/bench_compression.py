@@ -262,6 +262,7 @@ def main(argv=None) -> int:
                 seeds=a.seeds, target=a.target, threads=a.threads, host=f"{os.cpu_count()} cores",
                 python=sys.version.split()[0])
     steps = step_rows(a) if "step" in parts else []
+    save(a.out, meta, steps)  # keep the first part even if the second fails
     acc_raw = accuracy_rows(a) if "accuracy" in parts else []
     acc = summarize_accuracy(acc_raw, a.target) if acc_raw else []
     report(meta, steps, acc)
