@@ -1,5 +1,6 @@
 """Layers as forward/backward pairs (Module protocol in module.py), losses and initialisers."""
 from .activations import GELU, ReLU, Sigmoid, Tanh
+from .attention import Attention
 from .dropout import Dropout
 from .embedding import Embedding
 from .init import kaiming_uniform, xavier_uniform
@@ -10,4 +11,4 @@ from .losses import MSE, SoftmaxCrossEntropy
 from .module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
-           "LayerNorm", "Embedding", "LSTM", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]
+           "LayerNorm", "Embedding", "LSTM", "Attention", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]
