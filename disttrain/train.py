@@ -153,16 +153,16 @@ def build(cfg: TrainConfig, data):
 _ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer")
 
 
-def gather_compressor_state(ddp) -> list | None:
-    """Every rank's compressor state on rank 0 (collective). Error-feedback residuals differ per
-    rank and are part of the training state: a resume without them would drop gradient mass."""
-    return dt.world().comm.gather(ddp.compressor.state_dict(), root=0)
-
-
-def save_checkpoint(cfg, step, model, opt, zstates=None):
+def save_checkpoint(cfg, step, model, opt, ddp):
+    """Collective: rank 0 writes the checkpoint, with every rank's compressor state gathered into
+    it (error-feedback residuals differ per rank and are training state: a resume without them
+    would drop gradient mass)."""
+    zstates = dt.world().comm.gather(ddp.compressor.state_dict(), root=0)
+    if dt.rank() != 0:
+        return
     arrays = {f"param/{p.name}": p.data for p in model.parameters()}
     arrays.update({f"opt/{k}": v for k, v in opt.state_arrays().items()})
-    for r, st in enumerate(zstates or []):
+    for r, st in enumerate(zstates):
         arrays.update({f"zstate/{r}/{k}": v for k, v in st.items()})
     checkpoint.save(checkpoint.path_for(cfg.checkpoint_dir, step), arrays,
                     dict(step=step, opt_steps=opt.steps, world_size=dt.size(), mesh=dict(dp=dt.size(), pp=1, tp=1),
@@ -348,9 +348,7 @@ def main(argv=None) -> int:
             t0 += time.perf_counter() - te
         stopping = cfg.stop_after_steps and done - start >= cfg.stop_after_steps and done < cfg.steps
         if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
-            zstates = gather_compressor_state(ddp)
-            if rank == 0:
-                save_checkpoint(cfg, done, model, opt, zstates)
+            save_checkpoint(cfg, done, model, opt, ddp)
         if stopping:
             if cfg.checkpoint_dir and rank == 0:
                 print(f"[disttrain] stopped after step {done}; continue with --resume", flush=True)
@@ -363,9 +361,7 @@ def main(argv=None) -> int:
     acc = evaluate(model, data.x_test, data.y_test)
     train_acc = evaluate(model, data.x_train, data.y_train)
     if cfg.checkpoint_dir:
-        zstates = gather_compressor_state(ddp)
-        if rank == 0:
-            save_checkpoint(cfg, cfg.steps, model, opt, zstates)
+        save_checkpoint(cfg, cfg.steps, model, opt, ddp)
     if rank == 0:
         print(f"[disttrain] done: test accuracy {acc:.4f} (train {train_acc:.4f})", flush=True)
         if log:

@@ -5,6 +5,8 @@ import pytest
 from disttrain import nn
 from disttrain.nn import kernels as K
 
+from ._fd import numeric_grad
+
 RNG = np.random.default_rng(0)
 
 
@@ -19,27 +21,9 @@ def fd_check(module, x, rtol=1e-6, atol=1e-8, eps=1e-6):
     loss = lambda: float(np.sum(module.forward(x_) * g))  # noqa: E731
     x_ = x.copy()
     if dx is not None:
-        num = np.zeros_like(x)
-        for i in np.ndindex(x.shape):
-            old = x_[i]
-            x_[i] = old + eps
-            lp = loss()
-            x_[i] = old - eps
-            lm = loss()
-            x_[i] = old
-            num[i] = (lp - lm) / (2 * eps)
-        np.testing.assert_allclose(dx, num, rtol=rtol, atol=atol)
+        np.testing.assert_allclose(dx, numeric_grad(loss, x_, eps), rtol=rtol, atol=atol)
     for p in module.parameters():
-        num = np.zeros_like(p.data)
-        for i in np.ndindex(p.data.shape):
-            old = p.data[i]
-            p.data[i] = old + eps
-            lp = loss()
-            p.data[i] = old - eps
-            lm = loss()
-            p.data[i] = old
-            num[i] = (lp - lm) / (2 * eps)
-        np.testing.assert_allclose(p.grad, num, rtol=rtol, atol=atol, err_msg=p.name)
+        np.testing.assert_allclose(p.grad, numeric_grad(loss, p.data, eps), rtol=rtol, atol=atol, err_msg=p.name)
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -176,18 +160,9 @@ def test_lstm_gradients_match_finite_differences(lengths):
     m.forward(x, h0, c0, lengths)
     dx = m.backward(g.copy(), gh, gc)
     dh0, dc0 = m.dstate
-    eps = 1e-6
     for arr, ana, name in [(x, dx, "x"), (h0, dh0, "h0"), (c0, dc0, "c0")] + \
             [(p.data, p.grad, p.name) for p in m.parameters()]:
-        num = np.zeros_like(arr)
-        for i in np.ndindex(arr.shape):
-            old = arr[i]
-            arr[i] = old + eps
-            lp = _lstm_loss(m, x, h0, c0, lengths, g, gh, gc)
-            arr[i] = old - eps
-            lm = _lstm_loss(m, x, h0, c0, lengths, g, gh, gc)
-            arr[i] = old
-            num[i] = (lp - lm) / (2 * eps)
+        num = numeric_grad(lambda: _lstm_loss(m, x, h0, c0, lengths, g, gh, gc), arr)
         np.testing.assert_allclose(ana, num, rtol=1e-6, atol=1e-8, err_msg=name)
     if lengths is not None:
         m.forward(x, h0, c0, lengths)

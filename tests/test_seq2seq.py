@@ -6,20 +6,9 @@ from disttrain import nn
 from disttrain.data import text
 from models.gnmt import GNMT
 
+from ._fd import numeric_grad
+
 RNG = np.random.default_rng(11)
-
-
-def numeric_grad(f, arr, eps=1e-6):
-    num = np.zeros_like(arr)
-    for i in np.ndindex(arr.shape):
-        old = arr[i]
-        arr[i] = old + eps
-        lp = f()
-        arr[i] = old - eps
-        lm = f()
-        arr[i] = old
-        num[i] = (lp - lm) / (2 * eps)
-    return num
 
 
 @pytest.mark.parametrize("lengths", [None, np.array([5, 2, 0])])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..comm.api import _allreduce
 from ..comm.costmodel import choose
 from ..comm.p2p import blocks
 from ..comm.registry import ALLGATHER
@@ -157,8 +158,6 @@ class Compressor:
             algorithm: the allreduce algorithm for compressors that reduce through one.
             layout: [(offset, shape), ...] of the parameters packed in buf; None = one tensor.
         """
-        from ..comm.api import _allreduce
-
         _allreduce(comm, buf, "avg", algorithm, inplace=True)
         self.stats.record(buf.nbytes, buf.nbytes, ring_allreduce_bytes(buf.size, buf.itemsize, comm.Get_size()))
         return buf

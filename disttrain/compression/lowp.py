@@ -30,6 +30,11 @@ FP16_MAX = 65504.0
 _MAX_EXP = 100  # keep scales representable in float32 even for absurdly small gradients
 
 
+def _maxabs(x: np.ndarray) -> float:
+    """max |x| without an |x| temporary (nan if x holds one; 0 for an empty x)."""
+    return max(float(x.max()), -float(x.min())) if x.size else 0.0
+
+
 def _as_f32(src: np.ndarray) -> np.ndarray:
     return src if src.dtype == np.float32 else src.astype(np.float32)
 
@@ -85,7 +90,7 @@ class _SixteenBit(Compressor):
 
     def compress(self, x: np.ndarray, key: str = "default"):
         flat = np.ascontiguousarray(x).reshape(-1)
-        scale = self._scale(float(np.max(np.abs(flat))) if flat.size else 0.0, 1)
+        scale = self._scale(_maxabs(flat), 1)
         out = np.empty(flat.size, np.uint16)
         self.codec.encode(flat * flat.dtype.type(scale) if scale != 1.0 else flat, out)
         return out, (x.shape, x.dtype, scale)
@@ -127,7 +132,7 @@ class FP16(_SixteenBit):
     def _global_scale(self, buf, comm) -> float:
         from mpi4py import MPI
 
-        local = np.array([float(np.max(np.abs(buf))) if buf.size else 0.0])
+        local = np.array([_maxabs(buf)])
         if comm.Get_size() > 1:
             comm.Allreduce(MPI.IN_PLACE, local, op=MPI.MAX)  # nan on any rank: MAX may drop it, fine:
         return self._scale(float(local[0]), comm.Get_size())  # the nan still travels in the data

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Compressor, allgather_equal, register, whole
+from .base import Compressor, allgather_equal, register
 from .kernels import sign_accumulate, sign_compress
 
 
@@ -54,7 +54,7 @@ class OneBit(Compressor):
 
     def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
         p = comm.Get_size()
-        payload, (_, _, starts, lengths) = self.compress(buf, key, whole(buf, layout))
+        payload, (_, _, starts, lengths) = self.compress(buf, key, layout)
         every = allgather_equal(comm, payload)
         buf[...] = 0
         for row in every:

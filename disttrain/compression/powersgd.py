@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from ..comm.api import _allreduce
 from .base import Compressor, register, ring_allreduce_bytes, whole
 
 
@@ -70,10 +71,11 @@ class PowerSGD(Compressor):
             q = st[f"q{j}"] = rng.standard_normal((m, self.rank)).astype(dtype)
         return q
 
-    def _step(self, acc, key, layout, allreduce_sum, allreduce_avg):
+    def _step(self, acc, key, layout, allreduce_sum, allreduce_avg, out=None):
         """One compression round on acc = gradient + residual (1-D, modified into the residual).
 
-        Returns (first message, second message, matrices, vectors, the dense approximation of acc).
+        The rank-r approximations of the matrices are written into `out` (1-D like acc) when given.
+        Returns (first message, second message, matrices, vectors).
         """
         mats, vecs = self._plan(layout)
         r, dt = self.rank, acc.dtype
@@ -97,19 +99,17 @@ class PowerSGD(Compressor):
             P[...] = np.linalg.qr(P, mode="reduced")[0]  # the same bits on every rank: same input
             np.matmul(acc[off:off + n * m].reshape(n, m).T, P, out=Q)
         allreduce_avg(msg2)
-        approx = np.zeros_like(acc)
         for j, ((off, n, m), P, Q) in enumerate(zip(mats, views1, views2)):
-            A = approx[off:off + n * m].reshape(n, m)
-            np.matmul(P, Q.T, out=A)
+            A = np.matmul(P, Q.T, out=None if out is None else out[off:off + n * m].reshape(n, m))
             acc[off:off + n * m] -= A.reshape(-1)  # error feedback: what the rank-r image missed
             self.state[key][f"q{j}"][...] = Q  # warm start for the next step
-        return msg1, msg2, mats, vecs, approx
+        return msg1, msg2, mats, vecs
 
     def compress(self, x: np.ndarray, key: str = "default", layout=None):
         acc = self._residual(key, x)
         acc += np.ascontiguousarray(x).reshape(-1)
         layout = [(0, x.shape)] if layout is None else layout
-        msg1, msg2, mats, vecs, approx = self._step(acc, key, layout, lambda a: None, lambda a: None)
+        msg1, msg2, _, _ = self._step(acc, key, layout, lambda a: None, lambda a: None)
         return (msg1, msg2), (x.shape, x.dtype, layout)
 
     def decompress(self, payload, ctx) -> np.ndarray:
@@ -129,8 +129,6 @@ class PowerSGD(Compressor):
         return out.reshape(shape)
 
     def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
-        from ..comm.api import _allreduce
-
         p = comm.Get_size()
         acc = self._residual(key, buf)
         acc += buf
@@ -141,8 +139,7 @@ class PowerSGD(Compressor):
         def avg_(a):
             _allreduce(comm, a, "avg", algorithm, inplace=True)
 
-        msg1, msg2, mats, vecs, approx = self._step(acc, key, whole(buf, layout), sum_, avg_)
-        buf[...] = approx
+        msg1, msg2, mats, vecs = self._step(acc, key, whole(buf, layout), sum_, avg_, out=buf)
         pos = sum(n * self.rank for _, n, _ in mats)
         for off, s in vecs:
             np.divide(msg1[pos:pos + s], buf.dtype.type(p), out=buf[off:off + s])

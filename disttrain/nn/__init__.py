@@ -11,4 +11,5 @@ from .losses import MSE, SoftmaxCrossEntropy
 from .module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
-           "LayerNorm", "Embedding", "LSTM", "Attention", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform", "xavier_uniform"]
+           "LayerNorm", "Embedding", "LSTM", "Attention", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform",
+           "xavier_uniform"]

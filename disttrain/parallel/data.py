@@ -27,7 +27,9 @@ import numpy as np
 
 from .. import comm as C
 from .. import compression as Z
+from ..compression import kernels as compression_kernels
 from .. import timeline
+from ..comm import kernels as comm_kernels
 from ..comm import validate
 from ..comm.engine import engine
 from ..nn.module import Module
@@ -83,18 +85,13 @@ class DataParallel:
         if len(dtypes) != 1:
             raise ValueError(f"DataParallel: parameters must share one dtype, got {sorted(map(str, dtypes))}")
         dtype = dtypes.pop()
-        if type(self.compressor) is not Z.Compressor and dtype not in (np.float32, np.float64):
+        if self.compressor.name != "none" and dtype not in (np.float32, np.float64):
             raise ValueError(f"DataParallel: compression {self.compressor.spec!r} needs float32 or float64 "
                              f"parameters, got {dtype}")
         self.buckets = self._make_buckets(bucket_mb * (1 << 20), dtype)
-        # Load the compiled kernels now (~0.1 s from numba's cache), not inside the first step.
-        from ..comm.kernels import warmup as comm_warmup
-
-        comm_warmup()
+        comm_kernels.warmup()  # load the compiled kernels now (~0.1 s from numba's cache), not in step 1
         if self.compressor.name != "none":
-            from ..compression.kernels import warmup
-
-            warmup()
+            compression_kernels.warmup()
         # Every rank must bucket and compress alike, or the collectives would pair wrong messages:
         # one check at construction turns a mismatch into an error on every rank, not a hang.
         validate.check(self.group.comm, "DataParallel", {
