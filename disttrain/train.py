@@ -1,10 +1,16 @@
 """The main job: synchronous data-parallel training under mpiexec.
 
     mpiexec -n 2 python -m disttrain.train                        # MLP on the embedded digits data
+    mpiexec -n 2 python -m disttrain.train --model gnmt [--batching load_balanced --max-tokens 1024]
     mpiexec -n 4 python -m disttrain.train --steps 1000 --global-batch-size 128 --metrics m.jsonl \\
         --checkpoint-dir ckpt --checkpoint-every 100 [--resume] [--config train.toml]
 
-Configuration is a TrainConfig: defaults, then an optional --config file (TOML or JSON with the
+What is trained - model, data, per-rank batches, loss, evaluation - is a workload
+(disttrain/workloads.py): `mlp` (digits, fixed global batch) or `gnmt` (GNMT-lite on the
+standard-library documentation corpus, variable-length batches from data/bucketing.py; the metrics
+then add tokens_per_s, padding, imbalance and the time ranks waited at the gradient synchronisation).
+
+Configuration is a TrainConfig: defaults (then the model's own, workloads.MODEL_DEFAULTS), then an optional --config file (TOML or JSON with the
 same keys), then command-line flags. Rank 0 prints a progress line and writes one JSON object per
 logged step to --metrics (step, loss, samples_per_s, comm_s, exposed_comm_s, lr, ...; comm times
 are seconds per step over the logging interval: comm_s is how long the gradient allreduces ran,
@@ -27,15 +33,19 @@ from dataclasses import dataclass
 import numpy as np
 
 import disttrain as dt
-from disttrain import checkpoint, compression, nn, numerics, optim, timeline
-from disttrain.data import DistributedSampler, load
+from disttrain import checkpoint, compression, numerics, optim, timeline
+from disttrain.data import STRATEGIES
+from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes, train_step
 
 
 @dataclass
 class TrainConfig:
-    model: str = "mlp"
-    hidden: str = "256,256"  # MLP hidden sizes
+    model: str = "mlp"  # mlp | gnmt (workloads.WORKLOADS)
+    hidden: str = "256,256"  # MLP hidden sizes; for gnmt "EMB,HIDDEN,LAYERS"
     dataset: str = "digits"
+    batching: str = "load_balanced"  # variable-length data (gnmt): naive | bucketed | load_balanced
+    max_tokens: int = 0  # gnmt: padded tokens per rank per step (0: --global-batch-size sentences)
+    vocab_size: int = 1000  # gnmt
     steps: int = 600
     global_batch_size: int = 64
     optimizer: str = "sgd"  # sgd | adam | adamw | lamb
@@ -82,7 +92,10 @@ def parse_config(argv=None) -> TrainConfig:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown configuration keys {sorted(unknown)}; valid keys: {sorted(known)}")
-    cfg = TrainConfig(**values)
+    model = values.get("model", TrainConfig.model)
+    if model not in WORKLOADS:
+        raise ConfigError(f"model must be one of {list(WORKLOADS)}, got {model!r}")
+    cfg = TrainConfig(**{**MODEL_DEFAULTS[model], **values})
     _validate(cfg)
     return cfg
 
@@ -111,8 +124,11 @@ def _validate(c: TrainConfig) -> None:
         problems.append(f"lr must be positive (got {c.lr})")
     if c.optimizer not in ("sgd", "adam", "adamw", "lamb"):
         problems.append(f"optimizer must be sgd, adam, adamw or lamb (got {c.optimizer!r})")
-    if c.model != "mlp":
-        problems.append(f"model must be 'mlp' (the zoo grows with later releases), got {c.model!r}")
+    if c.batching not in STRATEGIES:
+        problems.append(f"batching must be one of {list(STRATEGIES)} (got {c.batching!r})")
+    if c.max_tokens < 0 or (c.max_tokens and c.model != "gnmt"):
+        problems.append(f"max-tokens must be >= 0 and applies to variable-length data (model gnmt); got "
+                        f"{c.max_tokens} with model {c.model}")
     if c.dtype not in ("float32", "float64"):
         problems.append(f"dtype must be float32 or float64 (got {c.dtype!r})")
     if c.resume and not c.checkpoint_dir:
@@ -122,9 +138,9 @@ def _validate(c: TrainConfig) -> None:
     if c.eval_every < 0:
         problems.append(f"eval-every must be >= 0 (got {c.eval_every})")
     try:
-        [int(h) for h in c.hidden.split(",") if h]
-    except ValueError:
-        problems.append(f"hidden must be comma-separated ints (got {c.hidden!r})")
+        _gnmt_sizes(c.hidden) if c.model == "gnmt" else [int(h) for h in c.hidden.split(",") if h]
+    except ValueError as e:
+        problems.append(str(e) if c.model == "gnmt" else f"hidden must be comma-separated ints (got {c.hidden!r})")
     try:
         problem = compression.make(c.compression).check_algorithm(c.algorithm)
         if problem:
@@ -137,20 +153,17 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def build(cfg: TrainConfig, data):
-    from models.mlp import MLP
-
-    sizes = [data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], data.num_classes]
-    model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+def build(cfg: TrainConfig, model):
+    """The optimizer and learning-rate schedule for the model."""
     params = model.parameters()
     opt = {"sgd": lambda: optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
            "adam": lambda: optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay),
            "adamw": lambda: optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay),
            "lamb": lambda: optim.LAMB(params, cfg.lr, weight_decay=cfg.weight_decay)}[cfg.optimizer]()
-    return model, opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+    return opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
 
 
-_ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer")
+_ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer", "vocab_size")
 
 
 def save_checkpoint(cfg, step, model, opt, ddp):
@@ -243,11 +256,51 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def evaluate(model, x, y) -> float:
-    model.eval()
-    pred = model.forward(x).argmax(axis=1)
-    model.train()
-    return float((pred == y).mean())
+class _Interval:
+    """What happened on this rank since the last logged step; `record` turns it into one metrics
+    object (collective: every rank contributes its losses, counts and times)."""
+
+    def __init__(self, ddp):
+        self.ddp, self.t0, self.start_step = ddp, time.perf_counter(), 0
+        self.loss_sum = self.count = self.global_count = 0.0
+        self.busy, self.wait = [], []  # per step: seconds computing, seconds waiting at gradient sync
+        self.real = self.padded = 0
+        self.imbalance = []
+        self.c0, self.e0, self.w0 = ddp.comm_seconds, ddp.exposed_comm_seconds, dict(ddp.wire_stats)
+
+    def add(self, loss, batch, busy, wait):
+        self.loss_sum += loss * batch.count
+        self.count += batch.count
+        self.global_count += batch.global_count
+        self.busy.append(busy)
+        self.wait.append(wait)
+        if batch.stats:
+            self.real += batch.stats["real_tokens"]
+            self.padded += batch.stats["padded_tokens"]
+            self.imbalance.append(batch.stats["imbalance"])
+
+    def record(self, done, n, unit, opt, skipped) -> dict:
+        ddp, comm = self.ddp, dt.world().comm
+        dt_s = time.perf_counter() - self.t0
+        tot = dt.allreduce(np.array([self.loss_sum, self.count]), algorithm="mpi")
+        rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
+        rec[f"{unit}_per_s"] = self.global_count / dt_s  # loss terms (samples or real tokens) per second
+        rec.update(comm_s=(ddp.comm_seconds - self.c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - self.e0) / n,
+                   lr=opt.lr, skipped_steps=skipped)
+        w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
+        rec["sent_bytes"] = (w["sent_bytes"] - self.w0["sent_bytes"]) / n
+        rec["compression_ratio"] = w["ratio"]
+        rec["compute_s"] = rec["step_time_s"] - rec["exposed_comm_s"]
+        # Per rank: the seconds per step it waited at the gradient synchronisation, and the part
+        # of that explained by load imbalance (the slowest rank's compute time minus its own).
+        busy = np.array(comm.allgather(self.busy))
+        rec["sync_wait_s"] = [float(np.mean(x)) for x in comm.allgather(self.wait)]
+        rec["imbalance_wait_s"] = [float(x) for x in (busy.max(axis=0) - busy).mean(axis=1)]
+        if self.padded:
+            rec.update(padding=1.0 - self.real / self.padded, imbalance=float(np.mean(self.imbalance)),
+                       imbalance_max=float(np.max(self.imbalance)))
+        rec["peak_rss_mib"] = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
+        return rec
 
 
 def main(argv=None) -> int:
@@ -258,14 +311,14 @@ def main(argv=None) -> int:
         return 2
     dt.init()
     rank, world = dt.rank(), dt.size()
-    data = load(cfg.dataset)
     try:
-        sampler = DistributedSampler(len(data.y_train), cfg.global_batch_size, rank, world, seed=cfg.seed)
-    except ValueError as e:  # identical on every rank: all of them stop, none hangs
+        work = WORKLOADS[cfg.model](cfg, rank, world)
+    except ValueError as e:  # decided from the configuration alone: identical on every rank, all stop
         if rank == 0:
             print(f"disttrain.train: configuration error: {e}", file=sys.stderr)
         return 2
-    model, opt, sched = build(cfg, data)
+    model, loss_fn, unit = work.model, work.loss_fn, work.unit
+    opt, sched = build(cfg, model)
     dt.broadcast_parameters(model)
     ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
                           overlap=cfg.overlap)
@@ -277,26 +330,23 @@ def main(argv=None) -> int:
             if rank == 0:
                 print(f"disttrain.train: {e}", file=sys.stderr)
             return 2
-    loss_fn = nn.SoftmaxCrossEntropy()
     if cfg.timeline:
         timeline.start(cfg.timeline)
     if start and cfg.metrics and rank == 0:
         _truncate_metrics(cfg.metrics, start)
     log = open(cfg.metrics, "a" if start else "w") if (cfg.metrics and rank == 0) else None
     if rank == 0:
-        print(f"[disttrain] {world} ranks | {cfg.model} {cfg.hidden} on {cfg.dataset} "
-              f"({len(data.y_train)} train / {len(data.y_test)} test) | global batch {cfg.global_batch_size} | "
+        print(f"[disttrain] {world} ranks | {work.description} | "
               f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
-    t0, losses, c0, e0, skipped = time.perf_counter(), [], 0.0, 0.0, 0
-    w0 = dict(ddp.wire_stats)
-    t_start, eval_s = t0, 0.0  # train_time_s = wall time since t_start minus evaluations
-    last = start
+    skipped, t_start, eval_s = 0, time.perf_counter(), 0.0  # train_time_s = wall time since t_start minus evaluations
+    iv, last = _Interval(ddp), start
     for step in range(start, cfg.steps):
-        idx = sampler.indices(step)
-        x, y = data.x_train[idx], data.y_train[idx]
+        batch = work.batch(step)
         with timeline.span("step", "step", step=step + 1):
-            losses.append(loss_fn.forward(ddp.forward(x), y))
-            ddp.backward(loss_fn.backward())
+            t, e = time.perf_counter(), ddp.exposed_comm_seconds
+            loss = train_step(ddp, loss_fn, batch, world)
+            wait = ddp.exposed_comm_seconds - e
+            iv.add(loss, batch, time.perf_counter() - t - wait, wait)
             # Averaged grads are identical on every rank, so this verdict is too (numerics.py).
             finite = numerics.all_finite(ddp.parameters())
             if finite:
@@ -317,35 +367,26 @@ def main(argv=None) -> int:
                 print(f"[disttrain] warning: step {done}: non-finite (NaN/Inf) gradients; step skipped "
                       f"({skipped} so far)", file=sys.stderr, flush=True)
         if done % cfg.log_every == 0 or done == cfg.steps:
-            loss = float(dt.allreduce(np.array([np.mean(losses)]), op="avg", algorithm="mpi")[0])
-            dt_s, n = time.perf_counter() - t0, done - last
-            rec = dict(step=done, loss=loss, samples_per_s=n * cfg.global_batch_size / dt_s, step_time_s=dt_s / n,
-                       comm_s=(ddp.comm_seconds - c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - e0) / n,
-                       lr=opt.lr, skipped_steps=skipped)
-            w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
-            rec["sent_bytes"] = (w["sent_bytes"] - w0["sent_bytes"]) / n
-            rec["compression_ratio"] = w["ratio"]
-            rec["compute_s"] = rec["step_time_s"] - rec["exposed_comm_s"]
+            rec = iv.record(done, done - last, unit, opt, skipped)
             rec["train_time_s"] = time.perf_counter() - t_start - eval_s
-            rss = dt.world().comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
-            rec["peak_rss_mib"] = rss  # per rank (Linux reports KiB)
             if rank == 0:
-                print(f"step {done:>6}/{cfg.steps} | loss {loss:.4f} | {rec['samples_per_s']:>9,.0f} samples/s | "
+                extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
+                         f"{1e3 * max(rec['sync_wait_s']):.0f} ms" if "padding" in rec else "")
+                print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
                       f"comm {rec['comm_s'] / rec['step_time_s']:4.0%} of step, exposed "
-                      f"{rec['exposed_comm_s'] / rec['step_time_s']:4.0%} | lr {opt.lr:.4g}", flush=True)
+                      f"{rec['exposed_comm_s'] / rec['step_time_s']:4.0%} | lr {opt.lr:.4g}{extra}", flush=True)
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-            t0, losses, c0, e0, last = time.perf_counter(), [], ddp.comm_seconds, ddp.exposed_comm_seconds, done
-            w0 = dict(w)
+            iv, last = _Interval(ddp), done
         if cfg.eval_every and done % cfg.eval_every == 0:
             te = time.perf_counter()  # every rank evaluates (same model, cheap): none waits for rank 0
-            acc = evaluate(model, data.x_test, data.y_test)
+            res = work.evaluate(model)
             if log:
-                log.write(json.dumps(dict(step=done, test_accuracy=acc, train_time_s=te - t_start - eval_s)) + "\n")
+                log.write(json.dumps(dict(step=done, **res, train_time_s=te - t_start - eval_s)) + "\n")
                 log.flush()
             eval_s += time.perf_counter() - te
-            t0 += time.perf_counter() - te
+            iv.t0 += time.perf_counter() - te
         stopping = cfg.stop_after_steps and done - start >= cfg.stop_after_steps and done < cfg.steps
         if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
             save_checkpoint(cfg, done, model, opt, ddp)
@@ -358,14 +399,17 @@ def main(argv=None) -> int:
             return 0
     if timeline.stop() and rank == 0:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
-    acc = evaluate(model, data.x_test, data.y_test)
-    train_acc = evaluate(model, data.x_train, data.y_train)
+    res = work.evaluate(model, final=True)
     if cfg.checkpoint_dir:
         save_checkpoint(cfg, cfg.steps, model, opt, ddp)
     if rank == 0:
-        print(f"[disttrain] done: test accuracy {acc:.4f} (train {train_acc:.4f})", flush=True)
+        if "test_accuracy" in res:
+            print(f"[disttrain] done: test accuracy {res['test_accuracy']:.4f} "
+                  f"(train {res['train_accuracy']:.4f})", flush=True)
+        else:
+            print("[disttrain] done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in res.items()), flush=True)
         if log:
-            log.write(json.dumps(dict(step=cfg.steps, final=True, test_accuracy=acc, train_accuracy=train_acc)) + "\n")
+            log.write(json.dumps(dict(step=cfg.steps, final=True, **res)) + "\n")
             log.close()
     return 0
 

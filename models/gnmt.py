@@ -31,10 +31,13 @@ class GNMT(Module):
             raise ValueError(f"layers must be >= 1, got {layers}")
         rng = np.random.default_rng(seed)
         self.src_emb = Embedding(vocab, emb, padding_idx=0, rng=rng, dtype=dtype)
-        self.tgt_emb = Embedding(vocab, emb, padding_idx=0, rng=rng, dtype=dtype)
-        for e in (self.src_emb, self.tgt_emb):  # N(0, 1) rows would saturate the first gates
+        tgt_emb = Embedding(vocab, emb, padding_idx=0, rng=rng, dtype=dtype)
+        for e in (self.src_emb, tgt_emb):  # N(0, 1) rows would saturate the first gates
             e.weight.data *= 0.1
         self.encoder = [LSTM(emb if i == 0 else hidden, hidden, rng=rng, dtype=dtype) for i in range(layers)]
+        # Registered after the encoder: parameters in reverse registration order are then in the
+        # order backward finishes them, so DataParallel's buckets fill (and launch) one by one.
+        self.tgt_emb = tgt_emb
         self.decoder = [LSTM(emb if i == 0 else hidden, hidden, rng=rng, dtype=dtype) for i in range(layers)]
         self.attention = Attention(hidden, hidden, rng=rng, dtype=dtype)
         self.combine = Linear(2 * hidden, hidden, init="xavier", rng=rng, dtype=dtype)

@@ -62,3 +62,31 @@ def test_configuration_errors_end_every_rank_with_a_message(tmp_path):
     res, _ = train(1, "--config", str(cfg))
     assert res.returncode != 0 and "unknown configuration keys ['bogus_key']" in res.stdout
     os.remove(cfg)
+
+
+def test_gnmt_loss_falls_under_data_parallelism_with_bucketing_metrics(tmp_path):
+    """The seq2seq workload through the main job: token-weighted loss falls steadily, and every
+    logged step reports padding, cross-rank imbalance and each rank's synchronisation wait."""
+    res, _ = train(2, "--model", "gnmt", "--steps", "80", "--log-every", "20", "--max-tokens", "600",
+                   "--metrics", str(tmp_path / "g.jsonl"), timeout=180)
+    assert res.returncode == 0, res.stdout
+    recs = [json.loads(ln) for ln in open(tmp_path / "g.jsonl").read().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    loss = [r["loss"] for r in steps]
+    assert len(loss) == 4 and all(a > b for a, b in zip(loss, loss[1:])), loss
+    assert loss[-1] < 0.8 * loss[0]
+    for r in steps:
+        assert 0 <= r["padding"] < 0.1 and 1 <= r["imbalance"] <= r["imbalance_max"] < 1.3, r
+        assert len(r["sync_wait_s"]) == len(r["imbalance_wait_s"]) == 2 and r["tokens_per_s"] > 0
+    assert recs[-1]["final"] and 0 < recs[-1]["test_token_accuracy"] <= 1
+
+
+def test_gnmt_configuration_errors(tmp_path):
+    for flags, msg in [(["--batching", "sorted"], "batching must be one of"),
+                       (["--max-tokens", "10"], "smaller than the longest sample"),
+                       (["--hidden", "64,128"], "EMB,HIDDEN,LAYERS"),
+                       (["--dataset", "digits"], "trains on dataset 'pydocs'")]:
+        res, took = train(2, "--model", "gnmt", *flags, timeout=60)
+        assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
+    res, _ = train(1, "--max-tokens", "500", timeout=60)  # mlp batches are fixed-size
+    assert res.returncode != 0 and "max-tokens" in res.stdout

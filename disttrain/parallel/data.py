@@ -98,7 +98,7 @@ class DataParallel:
             "compression": self.compressor.spec, "algorithm": algorithm,
             "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._sync = True
+        self._sync, self._next = True, 0  # _next: the first bucket not launched yet
         self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
         self.exposed_comm_seconds = 0.0  # the part backward's caller waited for: not hidden
         for m in _modules(model):  # containers call the hook as each child's backward returns
@@ -136,7 +136,17 @@ class DataParallel:
             if b is not None and id(p) in b.pending:
                 b.pending.discard(id(p))
                 if not b.pending:
-                    self._launch(b)
+                    self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Launch buckets strictly in index order, each as soon as it and all before it are ready.
+        Collectives pair up by issue order, so every rank must issue them in the same order even
+        when gradients become ready in a different order (a model whose backward does not run in
+        reverse registration order, or a rank with no batch that calls synchronize()); PyTorch DDP
+        keeps the same rule."""
+        while self._next < len(self.buckets) and not self.buckets[self._next].pending:
+            self._launch(self.buckets[self._next])
+            self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
         timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
@@ -155,20 +165,35 @@ class DataParallel:
         for b in self.buckets:
             b.pending = {id(p) for p in b.params}
             b.handle = None
+        self._next = 0
         dx = self.model.backward(dy)
+        self._finish()
+        return dx
+
+    def synchronize(self) -> None:
+        """Join this step's gradient averaging without a backward pass: for a rank that has no
+        samples in this step (uneven batching, data/bucketing.py). Its ``.grad`` - zero after
+        ``opt.zero_grad()`` - enters the average like every other rank's; on return every .grad
+        holds the average, as after ``backward``."""
+        for b in self.buckets:
+            b.pending, b.handle = set(), None
+        self._next = 0
+        self._finish()
+
+    def _finish(self) -> None:
+        """Launch the buckets the hooks did not, wait for all, account the time."""
         if not self._sync or self.group.size == 1:  # one rank: its grads already are the average
-            return dx
+            return
         t = time.perf_counter()
-        for b in self.buckets:  # launch what the hooks did not (no overlap, or non-reporting models)
-            if b.handle is None:
-                self._launch(b)
+        for b in self.buckets[self._next:]:  # launch what the hooks did not (no overlap, non-reporting models)
+            self._launch(b)
+        self._next = len(self.buckets)
         with timeline.span("wait for gradient allreduces", "wait"):
             for b in self.buckets:
                 b.handle.wait()
                 self.comm_seconds += b.handle.seconds
                 b.handle = None
         self.exposed_comm_seconds += time.perf_counter() - t
-        return dx
 
     @contextlib.contextmanager
     def no_sync(self):

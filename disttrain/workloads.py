@@ -1,0 +1,183 @@
+"""What the main job trains: a model, each rank's batch at each step, the loss and the evaluation.
+
+One signature for every workload (``WORKLOADS[name](cfg, rank, world)``), so the training loop in
+train.py is the same for an MLP on fixed-size images and a seq2seq model on variable-length text:
+
+- ``batch(step)`` -> Batch: this rank's inputs and targets for the global step, how many loss
+  terms they hold (samples, or real target tokens) and how many the whole global batch holds -
+  computed locally from the deterministic plan, no communication;
+- ``evaluate(model)`` -> dict of held-out metrics.
+
+``train_step`` weights each rank's gradient so that DataParallel's average over ranks is exactly the
+gradient of the mean loss over the *global* batch, also when ranks hold different numbers of loss
+terms (length bucketing, token budgets) or none at all (a rank then joins the gradient averaging
+with zero gradients instead of leaving the others waiting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import nn
+from .data import Batcher, DistributedSampler, load, text
+
+
+@dataclass
+class Batch:
+    inputs: object
+    targets: np.ndarray
+    count: int  # loss terms on this rank (what the loss averages over)
+    global_count: int  # loss terms over all ranks in this step
+    stats: dict = field(default_factory=dict)  # per-step data statistics (padding, imbalance)
+
+
+def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
+    """Forward and backward of this rank's share of one global batch; returns the local mean loss.
+
+    The loss averages over the rank's own `count` terms and DataParallel averages over the ranks,
+    so the rank's gradient is scaled by count * world / global_count: the average over ranks is
+    then sum(all terms' gradients) / global_count, the one-process gradient on the global batch.
+    """
+    if batch.count == 0:  # nothing to learn from this step, but the collective needs every rank
+        ddp.synchronize()
+        return 0.0
+    loss = loss_fn.forward(ddp.forward(batch.inputs), batch.targets)
+    d = loss_fn.backward()
+    scale = batch.count * world / batch.global_count
+    if scale != 1.0:  # equal shares (scale exactly 1) stay bit-identical to the unweighted step
+        d *= d.dtype.type(scale)
+    ddp.backward(d)
+    return loss
+
+
+class Classification:
+    """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
+
+    unit = "samples"
+
+    def __init__(self, cfg, rank: int, world: int):
+        from models.mlp import MLP
+
+        self.data = load(cfg.dataset)
+        self.sampler = DistributedSampler(len(self.data.y_train), cfg.global_batch_size, rank, world, seed=cfg.seed)
+        sizes = [self.data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], self.data.num_classes]
+        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+        self.loss_fn = nn.SoftmaxCrossEntropy()
+        self.B = cfg.global_batch_size
+        d = self.data
+        self.description = (f"{cfg.model} {cfg.hidden} on {d.name} ({len(d.y_train)} train / {len(d.y_test)} test) | "
+                            f"global batch {cfg.global_batch_size}")
+
+    def batch(self, step: int) -> Batch:
+        idx = self.sampler.indices(step)
+        return Batch(self.data.x_train[idx], self.data.y_train[idx], len(idx), self.B)
+
+    def evaluate(self, model, final: bool = False) -> dict:
+        out = dict(test_accuracy=_accuracy(model, self.data.x_test, self.data.y_test))
+        if final:
+            out["train_accuracy"] = _accuracy(model, self.data.x_train, self.data.y_train)
+        return out
+
+
+def _accuracy(model, x, y) -> float:
+    model.eval()
+    pred = model.forward(x).argmax(axis=1)
+    model.train()
+    return float((pred == y).mean())
+
+
+class Seq2SeqTranslation:
+    """GNMT-lite on the standard-library documentation corpus (reverse translation, data/text.py),
+    batched by a data/bucketing.py strategy: `--batching`, and `--max-tokens` (padded tokens per
+    rank per step) or `--global-batch-size` (sentences per step). The loss terms are real target
+    tokens (padding is ignored), so ranks' shares differ and train_step weights them.
+
+    `corpus` (a data.text.Seq2Seq) replaces the standard-library corpus: your own data, or tests."""
+
+    unit = "tokens"
+
+    def __init__(self, cfg, rank: int, world: int, corpus=None):
+        from models.gnmt import GNMT
+
+        if cfg.dataset != "pydocs" and corpus is None:
+            raise ValueError(f"model gnmt trains on dataset 'pydocs', got {cfg.dataset!r}")
+        emb, hidden, layers = _gnmt_sizes(cfg.hidden)
+        corpus = corpus or text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+        self.train, self.test = text.split(corpus, test_fraction=0.05, seed=0)
+        sizing = dict(max_tokens=cfg.max_tokens) if cfg.max_tokens else dict(global_batch=cfg.global_batch_size)
+        self.batcher = Batcher(self.train.lengths, cfg.batching, world, seed=cfg.seed, **sizing)
+        self.rank = rank
+        self._tgt_len = np.array([len(t) for t in self.train.tgt], np.int64)
+        self._plans, self._starts = {}, [0]  # epoch -> plan; first global step of each planned epoch
+        self.model = GNMT(len(corpus.vocab), emb=emb, hidden=hidden, layers=layers, seed=cfg.seed,
+                          dtype=np.dtype(cfg.dtype))
+        self.loss_fn = nn.SoftmaxCrossEntropy(ignore_index=text.PAD)
+        size = f"max {cfg.max_tokens} padded tokens/rank" if cfg.max_tokens else f"{cfg.global_batch_size} sentences"
+        self.description = (f"gnmt {emb},{hidden},{layers} on pydocs reverse translation ({len(self.train)} train / "
+                            f"{len(self.test)} test sentences, vocab {len(corpus.vocab)}) | {cfg.batching} "
+                            f"batching, {size} per step")
+
+    def _locate(self, step: int):
+        """(plan, step within its epoch) for a global step: epochs can differ in step count
+        (token budgets), so walk them - deterministic, identical on every rank."""
+        e = 0
+        while True:
+            if e not in self._plans:
+                self._plans[e] = self.batcher.plan(e)
+                if len(self._starts) == e + 1:
+                    self._starts.append(self._starts[e] + len(self._plans[e]))
+                if len(self._plans) > 2:  # keep memory flat on long runs
+                    self._plans.pop(min(k for k in self._plans if k != e))
+            if step < self._starts[e + 1]:
+                return self._plans[e], step - self._starts[e], e
+            e += 1
+
+    def batch(self, step: int) -> Batch:
+        plan, s, epoch = self._locate(step)
+        per_rank = plan.steps[s]
+        idx = per_rank[self.rank]
+        src, s_len, tgt_in, tgt_out = self.train.batch(idx)
+        counts = [int(self._tgt_len[i].sum()) for i in per_rank]
+        st = plan.step_stats(s)
+        return Batch((src, s_len, tgt_in), tgt_out, counts[self.rank], sum(counts),
+                     dict(epoch=epoch, padding=st["padding"], imbalance=st["imbalance"],
+                          real_tokens=int(st["real_tokens"].sum()), padded_tokens=int(st["padded_tokens"].sum())))
+
+    def evaluate(self, model, final: bool = False, chunk: int = 128) -> dict:
+        """Token-mean cross-entropy and token accuracy of teacher-forced decoding on the test split."""
+        order = np.argsort(self.test.lengths, kind="stable")
+        loss_fn = nn.SoftmaxCrossEntropy(ignore_index=text.PAD)
+        total, correct, count = 0.0, 0, 0
+        model.eval()
+        for i in range(0, len(order), chunk):
+            src, s_len, tgt_in, tgt_out = self.test.batch(order[i:i + chunk])
+            logits = model.forward((src, s_len, tgt_in))
+            n = int((tgt_out != text.PAD).sum())
+            total += loss_fn.forward(logits, tgt_out) * n
+            correct += int(((logits.argmax(-1) == tgt_out) & (tgt_out != text.PAD)).sum())
+            count += n
+        model.train()
+        return dict(test_loss=total / count, test_token_accuracy=correct / count)
+
+
+def _gnmt_sizes(spec: str) -> tuple:
+    """`--hidden` for gnmt: "EMB,HIDDEN,LAYERS" (default 64,128,2)."""
+    try:
+        emb, hidden, layers = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(f"for model gnmt, hidden is 'EMB,HIDDEN,LAYERS' (e.g. 64,128,2), got {spec!r}") from None
+    if min(emb, hidden, layers) < 1:
+        raise ValueError(f"gnmt sizes must be positive, got {spec!r}")
+    return emb, hidden, layers
+
+
+#: --model -> workload class
+WORKLOADS = {"mlp": Classification, "gnmt": Seq2SeqTranslation}
+
+#: per-model defaults, applied before the config file and the flags (which win)
+MODEL_DEFAULTS = {
+    "mlp": {},
+    "gnmt": dict(dataset="pydocs", hidden="64,128,2", optimizer="adam", lr=0.003, weight_decay=0.0,
+                 warmup_steps=50, steps=300, max_tokens=1024, log_every=20),
+}
