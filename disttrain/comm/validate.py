@@ -37,7 +37,7 @@ def _hash(kind: str, fields: dict) -> int:
     return h
 
 
-def check(comm, kind: str, fields: dict, local_error: str | None) -> None:
+def check(comm, kind: str, fields: dict, local_error: str | None, always: bool = False) -> None:
     """Raise CollectiveError on every rank of `comm` if any rank has an error or a different signature.
 
     Args:
@@ -45,8 +45,10 @@ def check(comm, kind: str, fields: dict, local_error: str | None) -> None:
         kind: collective name ("allreduce", ...).
         fields: what must agree across ranks (shape, dtype, op, algorithm, root, ...).
         local_error: a message if this rank's own arguments are invalid, else None.
+        always: check even when validation is switched off (set-up calls: meshes, pipelines,
+            DataParallel - once per job, never in the hot loop).
     """
-    if not config.settings.validate:
+    if not (config.settings.validate or always):
         if local_error:
             raise CollectiveError(local_error)
         return

@@ -13,6 +13,14 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         if lr <= 0:
             raise ValueError(f"learning rate must be positive, got {lr}")
+        for i, p in enumerate(self.params):  # loose arrays handed in directly: name them by position
+            p.name = p.name or f"param{i}"
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):  # state is keyed by name: a collision would share buffers
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"optimizer parameters need unique names (state is keyed by name), got duplicates "
+                             f"{dup}: call parameters() on the root model first, which names every "
+                             "parameter by its path")
         self.lr = lr
         self.state: dict = {}  # parameter name -> {buffer name: array}; keyed by stable names
         self.steps = 0
@@ -38,4 +46,6 @@ class Optimizer:
     def _buf(st: dict, key: str, like: np.ndarray) -> np.ndarray:
         if key not in st:
             st[key] = np.zeros_like(like)
+        elif st[key].shape != like.shape:  # the kernels index blindly: never hand them a mismatch
+            raise ValueError(f"optimizer state {key!r} has shape {st[key].shape}, parameter has {like.shape}")
         return st[key]

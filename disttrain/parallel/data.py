@@ -96,7 +96,7 @@ class DataParallel:
         # one check at construction turns a mismatch into an error on every rank, not a hang.
         validate.check(self.group.comm, "DataParallel", {
             "compression": self.compressor.spec, "algorithm": algorithm,
-            "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None)
+            "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None, always=True)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._sync, self._next = True, 0  # _next: the first bucket not launched yet
         self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
