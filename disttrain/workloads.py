@@ -178,6 +178,8 @@ WORKLOADS = {"mlp": Classification, "gnmt": Seq2SeqTranslation}
 #: per-model defaults, applied before the config file and the flags (which win)
 MODEL_DEFAULTS = {
     "mlp": {},
-    "gnmt": dict(dataset="pydocs", hidden="64,128,2", optimizer="adam", lr=0.003, weight_decay=0.0,
-                 warmup_steps=50, steps=300, max_tokens=1024, log_every=20),
+    # vocabulary 200 (the rest is UNK): attention learns the reversal within ~4 epochs (loss 4.6 ->
+    # ~1.2 at global batch 64); with 1,000 words the loss still sits near the unigram entropy then
+    "gnmt": dict(dataset="pydocs", hidden="64,128,2", vocab_size=200, optimizer="adam", lr=0.01,
+                 weight_decay=0.0, warmup_steps=30, steps=500, max_tokens=1024, log_every=25),
 }
