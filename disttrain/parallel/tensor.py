@@ -1,0 +1,165 @@
+"""Tensor parallelism (Megatron-LM: Shoeybi et al. 2019): one layer's weight split over the ranks of
+a tensor-parallel group.
+
+- ``ColumnParallelLinear``: W (in, out) split by output columns; rank t computes y[..., block t].
+  The input is replicated, so its gradient is a *sum* over the ranks: ``copy_to_tp`` (Megatron's
+  "f") is the identity forward and an allreduce backward.
+- ``RowParallelLinear``: W split by input rows; rank t multiplies its block of the (already split)
+  input and the partial products are summed: ``reduce_from_tp`` ("g") is an allreduce forward and
+  the identity backward. The bias is added once, after the sum.
+- ``ParallelMLP``: column-parallel up-projection, GELU on the local columns, row-parallel
+  down-projection - one allreduce forward and one backward per block, no communication between
+  the two GEMMs (Megatron's MLP split).
+
+Every layer draws its *full* weight exactly as ``nn.Linear`` would from the same generator and
+keeps its block, so a tensor-parallel model equals the one-process model with the same seed - the
+oracle in tests. Bad configurations (sizes not divisible by the group size, ranks that disagree)
+raise on every rank of the group.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import comm as C
+from ..comm import validate
+from ..nn.activations import GELU
+from ..nn.init import kaiming_uniform, xavier_uniform
+from ..nn.module import Module, Parameter
+from ..runtime import as_group
+
+
+class _Stats:
+    """Allreduce calls and bytes of the tensor-parallel ops since reset() (benchmarks, tests)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls, self.bytes = 0, 0
+
+    def add(self, a) -> None:
+        self.calls += 1
+        self.bytes += a.nbytes
+
+
+stats = _Stats()
+
+
+def copy_to_tp(x, group):
+    """Megatron's f, forward: identity (every rank already holds x)."""
+    return x
+
+
+def copy_to_tp_backward(dx, group):
+    """Megatron's f, backward: the replicated input's gradient is the sum of the ranks' parts."""
+    stats.add(dx)
+    return C.allreduce_(np.ascontiguousarray(dx), op="sum", group=group)
+
+
+def reduce_from_tp(y, group):
+    """Megatron's g, forward: sum the ranks' partial products."""
+    stats.add(y)
+    return C.allreduce_(np.ascontiguousarray(y), op="sum", group=group)
+
+
+def reduce_from_tp_backward(dy, group):
+    """Megatron's g, backward: identity (the sum's gradient reaches every part unchanged)."""
+    return dy
+
+
+def _full_weight(in_f, out_f, init, rng, dtype):
+    shape = (in_f, out_f)
+    if init == "kaiming":
+        return kaiming_uniform(rng, in_f, shape, dtype)
+    return xavier_uniform(rng, in_f, out_f, shape, dtype)
+
+
+def _check(group, kind: str, size: int, what: str) -> tuple:
+    g = as_group(group)
+    err = None if size % g.size == 0 else (f"{kind}: {what} {size} is not divisible by the tensor-parallel "
+                                            f"size {g.size}; choose a tp that divides it")
+    validate.check(g.comm, kind, dict(size=size), err, always=True)
+    return g, size // g.size
+
+
+class ColumnParallelLinear(Module):
+    """y[..., block t] = x @ W[:, block t] + b[block t] on tensor-parallel rank t.
+
+    Args: in_features, out_features (divisible by the group size), group (the tp Group),
+    bias, init ("kaiming" | "xavier"), rng (draws the full weight, as nn.Linear), dtype,
+    input_grad (False: the input needs no gradient, skip its GEMM and allreduce).
+    """
+
+    def __init__(self, in_features, out_features, group=None, bias=True, init="kaiming", rng=None,
+                 dtype=np.float32, input_grad=True):
+        self.group, local = _check(group, "ColumnParallelLinear", out_features, "out_features")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        t = self.group.rank
+        w = _full_weight(in_features, out_features, init, rng, dtype)
+        self.weight = Parameter(w[:, t * local:(t + 1) * local])
+        self.bias = Parameter(np.zeros(local, dtype)) if bias else None
+        self.input_grad = input_grad
+
+    def forward(self, x):
+        self._x = copy_to_tp(x, self.group)
+        y = self._x @ self.weight.data
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, dy):
+        x2, dy2 = self._x.reshape(-1, self._x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        self.weight.grad += x2.T @ dy2
+        if self.bias is not None:
+            self.bias.grad += dy2.sum(axis=0)
+        return copy_to_tp_backward(dy @ self.weight.data.T, self.group) if self.input_grad else None
+
+
+class RowParallelLinear(Module):
+    """y = sum_t x[..., block t] @ W[block t, :] + b, the input already split by columns (the output
+    of a ColumnParallelLinear). Args as ColumnParallelLinear, with in_features divisible."""
+
+    def __init__(self, in_features, out_features, group=None, bias=True, init="kaiming", rng=None,
+                 dtype=np.float32):
+        self.group, local = _check(group, "RowParallelLinear", in_features, "in_features")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        t = self.group.rank
+        w = _full_weight(in_features, out_features, init, rng, dtype)
+        self.weight = Parameter(w[t * local:(t + 1) * local])
+        self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None  # replicated
+
+    def forward(self, x):
+        self._x = x
+        y = reduce_from_tp(x @ self.weight.data, self.group)
+        if self.bias is not None:
+            y += self.bias.data
+        return y
+
+    def backward(self, dy):
+        dy = reduce_from_tp_backward(dy, self.group)
+        x2, dy2 = self._x.reshape(-1, self._x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        self.weight.grad += x2.T @ dy2
+        if self.bias is not None:  # identical on every tp rank: no communication needed
+            self.bias.grad += dy2.sum(axis=0)
+        return dy @ self.weight.data.T
+
+
+class ParallelMLP(Module):
+    """Transformer MLP block split over a tp group: Column(d -> ffn), GELU, Row(ffn -> d).
+    Equals nn.Sequential(Linear(d, ffn), GELU(), Linear(ffn, d, init="xavier")) from the same rng."""
+
+    def __init__(self, d, ffn, group=None, rng=None, dtype=np.float32, input_grad=True):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.up = ColumnParallelLinear(d, ffn, group, rng=rng, dtype=dtype, input_grad=input_grad)
+        self.act = GELU()
+        self.down = RowParallelLinear(ffn, d, group, init="xavier", rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        return self.down.forward(self.act.forward(self.up.forward(x)))
+
+    def backward(self, dy):
+        dy = self.down.backward(dy)
+        self._grads_ready(self.down)
+        dx = self.up.backward(self.act.backward(dy))
+        self._grads_ready(self.up)
+        return dx
