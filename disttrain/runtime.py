@@ -153,13 +153,20 @@ def new_group(ranks) -> Group:
         elif min(ranks) < 0 or max(ranks) >= w.size:
             err = f"new_group: ranks must lie in [0, {w.size}), got {list(ranks)}"
     validate.check(w.comm, "new_group", {"ranks": ranks}, err)
-    MPI = _mpi()
     member = w.rank in ranks
-    color = 0 if member else MPI.UNDEFINED
-    key = ranks.index(w.rank) if member else 0
-    comm = w.comm.Split(color, key)
-    acomm = w.async_comm.Split(color, key)
-    if not member:
+    return split(w, 0 if member else None, ranks.index(w.rank) if member else 0, ranks)
+
+
+def split(parent: Group, color, key: int, ranks) -> Group:
+    """Collective over `parent`: the sub-group of the ranks passing the same `color` (an int;
+    None = not a member), ordered by `key`; `ranks` are its members' world ranks in that order.
+    Splits both of the parent's communicators (blocking and asynchronous), so the sub-group keeps
+    the same separation of traffic. Used by new_group and by parallel/mesh.py."""
+    MPI = _mpi()
+    c = MPI.UNDEFINED if color is None else color
+    comm, acomm = parent.comm.Split(c, key), parent.async_comm.Split(c, key)
+    ranks = tuple(ranks)
+    if color is None:
         return Group(ranks, -1, len(ranks), None, None)
     from .comm import costmodel
 

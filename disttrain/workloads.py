@@ -119,19 +119,25 @@ class Seq2SeqTranslation:
                             f"batching, {size} per step")
 
     def _locate(self, step: int):
-        """(plan, step within its epoch) for a global step: epochs can differ in step count
-        (token budgets), so walk them - deterministic, identical on every rank."""
+        """(plan, step within its epoch, epoch) for a global step: epochs can differ in step count
+        (token budgets), so walk the known epoch starts - deterministic, identical on every rank;
+        an epoch is planned once when first reached, not again on every step."""
         e = 0
         while True:
-            if e not in self._plans:
-                self._plans[e] = self.batcher.plan(e)
-                if len(self._starts) == e + 1:
-                    self._starts.append(self._starts[e] + len(self._plans[e]))
-                if len(self._plans) > 2:  # keep memory flat on long runs
-                    self._plans.pop(min(k for k in self._plans if k != e))
+            if len(self._starts) == e + 1:  # epoch e's length is not known yet
+                self._plan(e)
             if step < self._starts[e + 1]:
-                return self._plans[e], step - self._starts[e], e
+                return self._plan(e), step - self._starts[e], e
             e += 1
+
+    def _plan(self, e: int):
+        if e not in self._plans:
+            if len(self._plans) >= 2:  # keep memory flat on long runs
+                self._plans.pop(min(self._plans))
+            self._plans[e] = self.batcher.plan(e)
+            if len(self._starts) == e + 1:
+                self._starts.append(self._starts[e] + len(self._plans[e]))
+        return self._plans[e]
 
     def batch(self, step: int) -> Batch:
         plan, s, epoch = self._locate(step)

@@ -16,7 +16,7 @@ or ranks that disagree about the mesh raise ValueError / CollectiveError everywh
 from __future__ import annotations
 
 from ..comm import validate
-from ..runtime import Group, world
+from ..runtime import Group, split, world
 
 
 class Mesh:
@@ -50,12 +50,8 @@ class Mesh:
 
     @staticmethod
     def _split(g: Group, color: tuple, key: int, ranks: list) -> Group:
-        from ..comm import costmodel
-
-        c = color[0] * 1_000_003 + color[1]  # an int color from the two other coordinates
-        comm, acomm = g.comm.Split(c, key), g.async_comm.Split(c, key)
-        costmodel.ensure(comm)
-        return Group(tuple(g.ranks[i] for i in ranks), comm.Get_rank(), comm.Get_size(), comm, acomm)
+        # an int color from the two other coordinates; ranks are positions in g
+        return split(g, color[0] * 1_000_003 + color[1], key, [g.ranks[i] for i in ranks])
 
     # ----------------------------------------------------------------- pipeline neighbours
     @property

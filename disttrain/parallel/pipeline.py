@@ -99,6 +99,8 @@ class Pipeline:
         self.module = stage.model if self.ddp else stage
         self.loss_fn, self.schedule, self.m = loss_fn, schedule, micro_batches
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches)
+        ps = self.module.parameters()  # received activations take the stage's dtype
+        self.dtype = ps[0].data.dtype if ps else np.float32
         self.stats = {}
 
     @property
@@ -183,14 +185,9 @@ class Pipeline:
     def _recv(self, comm, src: int, tag: int):
         hdr = np.empty(_HDR, np.int64)
         comm.Recv(hdr, src, tag)
-        dtype = self._dtype()
-        out = np.empty(tuple(hdr[1:1 + hdr[0]]), dtype)
+        out = np.empty(tuple(hdr[1:1 + hdr[0]]), self.dtype)
         comm.Recv(out, src, tag)
         return out
-
-    def _dtype(self):
-        ps = self.module.parameters()
-        return ps[0].data.dtype if ps else np.float32
 
 
 def _stash(module, loss_fn) -> tuple:
