@@ -7,9 +7,9 @@ from .init import kaiming_uniform, xavier_uniform
 from .layernorm import LayerNorm
 from .linear import Linear
 from .lstm import LSTM
-from .losses import MSE, SoftmaxCrossEntropy
+from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from .module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
-           "LayerNorm", "Embedding", "LSTM", "Attention", "SoftmaxCrossEntropy", "MSE", "kaiming_uniform",
+           "LayerNorm", "Embedding", "LSTM", "Attention", "SoftmaxCrossEntropy", "BCEWithLogits", "MSE", "kaiming_uniform",
            "xavier_uniform"]

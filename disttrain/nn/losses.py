@@ -48,3 +48,22 @@ class MSE:
 
     def backward(self):
         return (2.0 / max(1, self._diff.size)) * self._diff
+
+
+class BCEWithLogits:
+    """Mean binary cross-entropy of sigmoid(logits) against 0/1 targets (click prediction),
+    computed from the logits in the stable form max(z, 0) - z*y + log(1 + exp(-|z|))."""
+
+    def forward(self, logits, targets) -> float:
+        z = np.asarray(logits)
+        y = np.asarray(targets).reshape(z.shape).astype(z.dtype)
+        if z.size and ((y != 0) & (y != 1)).any():
+            raise ValueError("BCEWithLogits targets must be 0 or 1")
+        self._z, self._y = z, y
+        losses = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+        return float(losses.mean()) if z.size else 0.0
+
+    def backward(self):
+        z = self._z
+        sig = np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
+        return ((sig - self._y) / max(1, z.size)).astype(z.dtype)

@@ -17,14 +17,21 @@ from .. import timeline
 
 
 class Parameter:
-    """A trainable array and its gradient (same shape and dtype)."""
+    """A trainable array and its gradient (same shape and dtype).
 
-    __slots__ = ("data", "grad", "name")
+    ``replicated`` (default True): data-parallel ranks hold copies of it, so DataParallel averages
+    its gradient and ``broadcast_parameters`` copies it. A model-parallel shard that only this rank
+    holds and whose layer completes its gradient itself (sharded embeddings over AllToAll) sets it
+    False: averaging or overwriting it with another rank's shard would be wrong.
+    """
 
-    def __init__(self, data: np.ndarray, name: str = ""):
+    __slots__ = ("data", "grad", "name", "replicated")
+
+    def __init__(self, data: np.ndarray, name: str = "", replicated: bool = True):
         self.data = np.ascontiguousarray(data)
         self.grad = np.zeros_like(self.data)
         self.name = name
+        self.replicated = replicated
 
     def __repr__(self) -> str:
         return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"

@@ -78,9 +78,10 @@ class DataParallel:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
         self.model, self.algorithm, self.overlap = model, algorithm, overlap
         self.group = as_group(group)
-        self.params = model.parameters()
+        # Shards of model-parallel layers (Parameter.replicated False) complete their own gradients.
+        self.params = [p for p in model.parameters() if p.replicated]
         if not self.params:
-            raise ValueError("DataParallel: the model has no parameters")
+            raise ValueError("DataParallel: the model has no (replicated) parameters")
         dtypes = {p.data.dtype for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"DataParallel: parameters must share one dtype, got {sorted(map(str, dtypes))}")
@@ -221,9 +222,11 @@ def _modules(model: Module):
 
 
 def broadcast_parameters(model, root: int = 0, group=None) -> None:
-    """Make every rank's parameters equal to root's (call once before training)."""
+    """Make every rank's replicated parameters equal to root's (call once before training);
+    model-parallel shards (``Parameter.replicated`` False) are each rank's own and stay."""
     for p in (model.parameters() if hasattr(model, "parameters") else model):
-        C.broadcast_(p.data, root=root, group=group)
+        if p.replicated:
+            C.broadcast_(p.data, root=root, group=group)
 
 
 def broadcast_optimizer_state(opt, root: int = 0, group=None) -> None:

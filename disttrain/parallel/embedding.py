@@ -1,0 +1,242 @@
+"""Embedding tables sharded over ranks, looked up with AllToAll (DLRM's hybrid parallelism: Naumov
+et al. 2019, "Deep Learning Recommendation Model for Personalization and Recommendation Systems";
+Mudigere et al. 2022, "Software-Hardware Co-design for Fast and Scalable Training of Deep
+Learning Recommendation Models").
+
+Recommenders' embedding tables dwarf the dense layers and do not fit one replica, while their
+lookups touch only a few rows per sample. So the tables are *model-parallel* - every row lives on
+exactly one rank - while the dense MLPs stay *data-parallel* (DataParallel, AllReduce). Each rank
+holds a data-parallel share of the batch and, per step:
+
+    forward   1. the row ids this rank's samples need, de-duplicated, go to the ranks that own them
+                 (AllToAll of int64 row numbers);
+              2. the owners gather those rows and send them back (AllToAll of (rows, dim) vectors);
+    backward  3. the gradient of each de-duplicated row goes back to its owner (AllToAll, the same
+                 splits as 2 in reverse), which scatter-adds it into its shard's gradient.
+
+De-duplication matters because ids follow a power law: a few hot rows appear in most samples,
+and each is sent once per rank and step, not once per occurrence (``stats`` counts both).
+
+Placements (``SHARDINGS``, chosen by name):
+
+- ``table``: each table lives whole on one rank, tables assigned largest-first to the least-loaded
+  rank (LPT, balancing memory); a rank may own several tables or none.
+- ``row``: every table's rows are split into contiguous blocks, one per rank (``np.array_split``),
+  so even one huge table spreads over all ranks. Ids are assumed hashed/scattered; hot ids
+  clustered in one block would load its owner.
+
+Both are one mechanism: a placement maps (table, id) to (owner rank, row of the owner's shard), and
+each rank keeps its rows of every table in one ``Parameter`` (``shard``) marked
+``replicated=False``: DataParallel and ``broadcast_parameters`` leave it alone, because the
+AllToAll backward already delivers the complete global-batch gradient (scaled by 1 / group size,
+matching DataParallel's average over ranks of per-rank mean losses). Full tables are drawn exactly
+as ``LocalEmbeddings`` draws them from the same generator, so a sharded model equals the one-process
+model - the oracle in tests.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import comm as C
+from ..comm import validate
+from ..comm.errors import CollectiveError
+from ..nn import kernels as K
+from ..nn.module import Module, Parameter
+from ..runtime import as_group
+
+
+def init_tables(sizes, dim: int, rng, dtype=np.float32) -> list:
+    """The full tables, each uniform in +-1/sqrt(rows) (DLRM's initialisation), drawn in order."""
+    return [rng.uniform(-1 / np.sqrt(n), 1 / np.sqrt(n), (n, dim)).astype(dtype) for n in sizes]
+
+
+def _check_ids(ids, sizes) -> str | None:
+    """A problem with a (batch, tables) id array, or None."""
+    if ids.ndim != 2 or ids.shape[1] != len(sizes):
+        return f"ids must have shape (batch, {len(sizes)} tables), got {ids.shape}"
+    if not np.issubdtype(ids.dtype, np.integer):
+        return f"ids must be integers, got {ids.dtype}"
+    if ids.size:
+        lo, hi = ids.min(axis=0), ids.max(axis=0)
+        for t, n in enumerate(sizes):
+            if lo[t] < 0 or hi[t] >= n:
+                return f"ids of table {t} must lie in [0, {n}), got values in [{lo[t]}, {hi[t]}]"
+    return None
+
+
+class LocalEmbeddings(Module):
+    """The one-process reference: every table on this rank. forward(ids (B, T)) -> (B, T, dim)."""
+
+    def __init__(self, sizes, dim: int, rng=None, dtype=np.float32):
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.sizes, self.dim = [int(n) for n in sizes], dim
+        for t, w in enumerate(init_tables(self.sizes, dim, rng, dtype)):
+            setattr(self, f"table{t}", Parameter(w))
+
+    def tables(self) -> list:
+        return [getattr(self, f"table{t}") for t in range(len(self.sizes))]
+
+    def forward(self, ids):
+        ids = np.asarray(ids)
+        err = _check_ids(ids, self.sizes)
+        if err:
+            raise IndexError(err)
+        self._ids = ids
+        return np.stack([w.data[ids[:, t]] for t, w in enumerate(self.tables())], axis=1)
+
+    def backward(self, dy):
+        for t, w in enumerate(self.tables()):
+            K.embedding_bwd(self._ids[:, t].astype(np.int64), np.ascontiguousarray(dy[:, t]), w.grad, -1)
+        return None
+
+
+# --------------------------------------------------------------------------- placements
+# A placement: for every table t, blocks [(owner, first id, end id, offset in the owner's shard)].
+def _table_wise(sizes, dim, p) -> list:
+    load, out = [0] * p, [None] * len(sizes)
+    for t in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):  # LPT: largest first
+        r = min(range(p), key=lambda r: (load[r], r))
+        out[t] = [(r, 0, sizes[t], load[r])]
+        load[r] += sizes[t]
+    return out
+
+
+def _row_wise(sizes, dim, p) -> list:
+    out, load = [], [0] * p
+    for n in sizes:
+        blocks = []
+        for r in range(p):
+            lo, hi = r * n // p, (r + 1) * n // p  # the np.array_split blocks
+            blocks.append((r, lo, hi, load[r]))
+            load[r] += hi - lo
+        out.append(blocks)
+    return out
+
+
+#: sharding name -> fn(table sizes, dim, ranks) -> placement
+SHARDINGS = {"table": _table_wise, "row": _row_wise}
+
+
+class _Stats:
+    """What the AllToAlls moved on this rank since reset() (benchmarks, tests)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.lookups = self.rows_sent = self.id_bytes = self.fwd_bytes = self.bwd_bytes = self.alltoalls = 0
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class ShardedEmbeddings(Module):
+    """T embedding tables of `dim` columns sharded over `group`; forward(ids (B, T)) -> (B, T, dim).
+
+    Collective: every rank of the group calls forward and backward together, each with its own
+    (data-parallel) batch - batch sizes may differ, zero included.
+
+    Args:
+        sizes: rows of each table (the same list on every rank).
+        dim: embedding width.
+        group: the Group the tables are sharded over (default: the world) - also the group the
+            dense layers are data-parallel over.
+        sharding: "table" or "row" (``SHARDINGS``).
+        rng: draws the full tables as ``LocalEmbeddings`` would; each rank keeps its rows.
+        algorithm: the AllToAll algorithm ("auto", "pairwise", "bruck", "mpi").
+    """
+
+    def __init__(self, sizes, dim: int, group=None, sharding: str = "table", rng=None, dtype=np.float32,
+                 algorithm: str = "auto"):
+        self.group = as_group(group)
+        self.sizes, self.dim, self.sharding, self.algorithm = [int(n) for n in sizes], int(dim), sharding, algorithm
+        err = None
+        if sharding not in SHARDINGS:
+            err = f"unknown sharding {sharding!r}; choose one of {list(SHARDINGS)}"
+        elif not self.sizes or min(self.sizes) < 1 or self.dim < 1:
+            err = f"tables need at least one row and dim >= 1, got sizes {self.sizes} and dim {dim}"
+        validate.check(self.group.comm, "ShardedEmbeddings", dict(sizes=tuple(self.sizes), dim=self.dim,
+                                                                   sharding=sharding, dtype=np.dtype(dtype).str), err,
+                       always=True)
+        p, me = self.group.size, self.group.rank
+        self.placement = SHARDINGS[sharding](self.sizes, self.dim, p)
+        rng = rng if rng is not None else np.random.default_rng(0)
+        shard = np.empty((self.owned_rows(me), self.dim), dtype)
+        for t, full in enumerate(init_tables(self.sizes, self.dim, rng, dtype)):
+            for r, lo, hi, off in self.placement[t]:
+                if r == me:
+                    shard[off:off + hi - lo] = full[lo:hi]
+        self.shard = Parameter(shard, replicated=False)
+        # Vectorised lookup of (owner, shard row) for global row g = table_offset[t] + id.
+        self._table_offset = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        starts, owners, shard_offsets = [], [], []
+        for t, blocks in enumerate(self.placement):
+            for r, lo, hi, off in blocks:
+                if hi > lo:
+                    starts.append(self._table_offset[t] + lo)
+                    owners.append(r)
+                    shard_offsets.append(off - lo - self._table_offset[t])
+        self._block_start = np.array(starts, np.int64)
+        self._block_owner = np.array(owners, np.int64)
+        self._block_shift = np.array(shard_offsets, np.int64)  # shard row = global row + shift
+        self.stats = _Stats()
+
+    def owned_rows(self, rank: int | None = None) -> int:
+        """Rows of all tables that `rank` (default: this one) holds."""
+        r = self.group.rank if rank is None else rank
+        return sum(hi - lo for blocks in self.placement for o, lo, hi, _ in blocks if o == r)
+
+    # ------------------------------------------------------------------------ forward
+    def forward(self, ids):
+        ids = np.asarray(ids)
+        err = _check_ids(ids, self.sizes)
+        # one tiny allreduce: a bad id on any rank stops every rank before the AllToAlls pair up
+        validate.check(self.group.comm, "ShardedEmbeddings.forward", dict(tables=len(self.sizes)), err)
+        B, T = ids.shape
+        g = (ids.astype(np.int64) + self._table_offset[:T]).reshape(-1)
+        uniq, inv = np.unique(g, return_inverse=True)  # sorted global rows
+        blk = np.searchsorted(self._block_start, uniq, side="right") - 1
+        owner = self._block_owner[blk]
+        order = np.argsort(owner, kind="stable")  # group requests by owner
+        splits = np.bincount(owner, minlength=self.group.size)
+        req, recv_splits = C.alltoall((uniq + self._block_shift[blk])[order], splits, self.algorithm, self.group)
+        recv_splits = np.asarray(recv_splits, np.int64)
+        vals, _ = C.alltoall(self.shard.data[req], recv_splits, self.algorithm, self.group)
+        pos = np.empty_like(order)
+        pos[order] = np.arange(order.size)  # unique row k arrived at vals[pos[k]]
+        self._cache = (B, T, inv, pos, splits, req, recv_splits)
+        s = self.stats
+        s.lookups += g.size
+        s.rows_sent += int(recv_splits.sum())
+        s.id_bytes += int(splits.sum()) * 8
+        s.fwd_bytes += int(recv_splits.sum()) * self.dim * self.shard.data.itemsize
+        s.alltoalls += 2
+        return vals[pos[inv]].reshape(B, T, self.dim)
+
+    # ----------------------------------------------------------------------- backward
+    def backward(self, dy):
+        B, T, inv, pos, splits, req, recv_splits = self._cache
+        dy = np.ascontiguousarray(dy, dtype=self.shard.data.dtype)
+        if dy.shape != (B, T, self.dim):
+            raise CollectiveError(f"ShardedEmbeddings.backward: gradient shape {dy.shape} != output shape "
+                                  f"{(B, T, self.dim)}")
+        # sum the gradient of every occurrence of a row, in the order the rows were requested
+        d_uniq = np.zeros((pos.size, self.dim), dy.dtype)
+        K.embedding_bwd(pos[inv].astype(np.int64), dy.reshape(-1, self.dim), d_uniq, -1)
+        d_req, _ = C.alltoall(d_uniq, splits, self.algorithm, self.group)
+        # average over the group, as DataParallel averages the dense layers' gradients
+        d_req *= d_req.dtype.type(1.0 / self.group.size)
+        K.embedding_bwd(req.astype(np.int64), d_req, self.shard.grad, -1)
+        self.stats.bwd_bytes += d_uniq.nbytes
+        self.stats.alltoalls += 1
+        return None
+
+    # ---------------------------------------------------------------------- inspection
+    def full_tables(self) -> list:
+        """Collective: every table assembled from its owners' shards (checkpoints, tests)."""
+        shards = self.group.comm.allgather(self.shard.data)
+        out = [np.empty((n, self.dim), self.shard.data.dtype) for n in self.sizes]
+        for t, blocks in enumerate(self.placement):
+            for r, lo, hi, off in blocks:
+                out[t][lo:hi] = shards[r][off:off + hi - lo]
+        return out

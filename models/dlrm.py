@@ -1,0 +1,79 @@
+"""DLRM-style recommender (Naumov et al. 2019, "Deep Learning Recommendation Model for
+Personalization and Recommendation Systems").
+
+    dense features -> bottom MLP (ReLU) -> b (B, dim)
+    one id per categorical feature -> embedding tables -> e (B, T, dim)
+    dot interaction: pairwise dot products of the T + 1 vectors [b, e_1..e_T] (upper triangle),
+        concatenated with b
+    -> top MLP -> one click logit (BCEWithLogits)
+
+With ``sharding=None`` the tables are ordinary local ones (``LocalEmbeddings``: the one-process
+model). With ``sharding="table" | "row"`` they are ``ShardedEmbeddings`` over `group`, looked up
+with AllToAll, while the MLPs stay replicated for DataParallel over the same group - DLRM's
+hybrid parallelism. The same seed gives the same model either way.
+
+forward((dense, ids)) -> logits (B, 1); backward(dlogits) -> None, reporting the top MLP's and
+then the bottom MLP's gradients ready (DataParallel starts their allreduce while the embedding
+gradients are still travelling through the AllToAll).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from disttrain import nn
+from disttrain.parallel.embedding import LocalEmbeddings, ShardedEmbeddings
+
+
+class DotInteraction(nn.Module):
+    """(b (B, d), e (B, T, d)) -> [b, <z_i, z_j> for i < j] with z = [b, e_1, ..., e_T]."""
+
+    def forward(self, x):
+        b, e = x
+        z = np.concatenate([b[:, None, :], e], axis=1)  # (B, F, d)
+        f = z.shape[1]
+        self._iu = np.triu_indices(f, 1)
+        self._z = z
+        m = z @ z.transpose(0, 2, 1)
+        return np.concatenate([b, m[:, self._iu[0], self._iu[1]]], axis=1)
+
+    def backward(self, dy):
+        z, (i, j) = self._z, self._iu
+        d = z.shape[2]
+        dm = np.zeros((z.shape[0], z.shape[1], z.shape[1]), dy.dtype)
+        dm[:, i, j] = dy[:, d:]
+        dz = (dm + dm.transpose(0, 2, 1)) @ z
+        return dy[:, :d] + dz[:, 0], dz[:, 1:]
+
+
+class DLRM(nn.Module):
+    """Args: table sizes, embedding dim, dense feature count, bottom / top hidden sizes,
+    sharding (None | "table" | "row"), group (for sharding), seed, dtype, alltoall algorithm."""
+
+    def __init__(self, sizes, dim: int = 16, dense: int = 8, bottom=(64,), top=(64,), sharding: str | None = None,
+                 group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto"):
+        from models.mlp import MLP
+
+        rng = np.random.default_rng(seed)
+        self.embeddings = (LocalEmbeddings(sizes, dim, rng=rng, dtype=dtype) if sharding is None else
+                           ShardedEmbeddings(sizes, dim, group, sharding, rng=rng, dtype=dtype, algorithm=algorithm))
+        # the bottom MLP ends in a ReLU, as DLRM's does; it sees the data: no input gradient
+        self.bottom = nn.Sequential(*MLP([dense, *bottom, dim], seed=seed + 1, dtype=dtype).layers, nn.ReLU())
+        f = len(sizes) + 1
+        self.interaction = DotInteraction()
+        self.top = MLP([dim + f * (f - 1) // 2, *top, 1], seed=seed + 2, dtype=dtype, input_grad=True)
+
+    def forward(self, x):
+        dense, ids = x
+        e = self.embeddings.forward(ids)
+        b = self.bottom.forward(dense)
+        return self.top.forward(self.interaction.forward((b, e)))
+
+    def backward(self, dy):
+        dz = self.top.backward(dy)
+        self._grads_ready(self.top)
+        db, de = self.interaction.backward(dz)
+        self.bottom.backward(db)
+        self._grads_ready(self.bottom)
+        self.embeddings.backward(de)
+        self._grads_ready(self.embeddings)
+        return None
