@@ -55,3 +55,57 @@ class Attention(Module):
         self.w.grad += np.einsum("btq,btk->qk", q, dqa, optimize=True)
         self.dk = dk
         return dqa @ self.w.data.T
+
+
+class MultiHeadAttention(Module):
+    """Multi-head scaled dot-product self-attention (Vaswani et al. 2017), x (B, S, d) -> (B, S, d).
+
+        [q | k | v] = x W_qkv + b      (one GEMM; columns laid out head by head: h0 q k v, h1 q k v, ...)
+        a = softmax(q k^T / sqrt(d_head) [+ causal mask]);  ctx = a v;  y = merge_heads(ctx) W_o + b_o
+
+    The head-major column layout is Megatron-LM's: a contiguous block of W_qkv's columns (and of
+    W_o's rows) holds whole heads, so ``parallel.tensor.ParallelAttention`` splits the heads over a
+    tensor-parallel group by slicing the same weights. Attention weights are plain NumPy batched
+    GEMMs on (B, heads, S, S) - fine for the short sequences of the model zoo.
+    """
+
+    def __init__(self, d: int, heads: int, causal: bool = True, rng=None, dtype=np.float32,
+                 input_grad: bool = True):
+        if heads < 1 or d % heads:
+            raise ValueError(f"MultiHeadAttention: d={d} is not divisible by heads={heads}")
+        from .linear import Linear
+
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.d, self.heads, self.local_heads, self.causal = d, heads, heads, causal
+        self.qkv = Linear(d, 3 * d, init="xavier", rng=rng, dtype=dtype, input_grad=input_grad)
+        self.proj = Linear(d, d, init="xavier", rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        h, dh = self.local_heads, self.d // self.heads
+        qkv = self.qkv.forward(x).reshape(B, S, h, 3, dh).transpose(3, 0, 2, 1, 4)  # (3, B, h, S, dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        s = (q @ k.transpose(0, 1, 3, 2)) * q.dtype.type(1 / math.sqrt(dh))  # (B, h, S, S)
+        if self.causal:
+            s = np.where(np.triu(np.ones((S, S), bool), 1), -np.inf, s)
+        s -= s.max(axis=-1, keepdims=True)
+        a = np.exp(s)
+        a /= a.sum(axis=-1, keepdims=True)
+        ctx = (a @ v).transpose(0, 2, 1, 3).reshape(B, S, h * dh)
+        self._cache = (q, k, v, a)
+        return self.proj.forward(ctx)
+
+    def backward(self, dy):
+        q, k, v, a = self._cache
+        B, h, S, dh = q.shape
+        dctx = self.proj.backward(dy).reshape(B, S, h, dh).transpose(0, 2, 1, 3)
+        self._grads_ready(self.proj)
+        da = dctx @ v.transpose(0, 1, 3, 2)
+        dv = a.transpose(0, 1, 3, 2) @ dctx
+        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))  # softmax backward; masked: a = 0
+        ds *= ds.dtype.type(1 / math.sqrt(dh))
+        dq, dk = ds @ k, ds.transpose(0, 1, 3, 2) @ q
+        dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(B, S, 3 * h * dh)
+        dx = self.qkv.backward(dqkv)
+        self._grads_ready(self.qkv)
+        return dx

@@ -10,6 +10,10 @@ a tensor-parallel group.
 - ``ParallelMLP``: column-parallel up-projection, GELU on the local columns, row-parallel
   down-projection - one allreduce forward and one backward per block, no communication between
   the two GEMMs (Megatron's MLP split).
+- ``ParallelAttention``: the heads split over the ranks - column-parallel QKV projection (whole
+  heads per rank, thanks to the head-major layout of ``nn.MultiHeadAttention``), each rank's
+  attention on its own heads with no communication, row-parallel output projection: again one
+  allreduce forward and one backward per block.
 
 Every layer draws its *full* weight exactly as ``nn.Linear`` would from the same generator and
 keeps its block, so a tensor-parallel model equals the one-process model with the same seed - the
@@ -23,6 +27,7 @@ import numpy as np
 from .. import comm as C
 from ..comm import validate
 from ..nn.activations import GELU
+from ..nn.attention import MultiHeadAttention
 from ..nn.init import kaiming_uniform, xavier_uniform
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
@@ -163,3 +168,18 @@ class ParallelMLP(Module):
         dx = self.up.backward(self.act.backward(dy))
         self._grads_ready(self.up)
         return dx
+
+
+class ParallelAttention(MultiHeadAttention):
+    """Multi-head self-attention with the heads split over a tp group (heads divisible by its
+    size, else a CollectiveError on every rank). Equals ``nn.MultiHeadAttention(d, heads, causal)``
+    from the same rng; forward/backward are that class's, on this rank's heads."""
+
+    def __init__(self, d, heads, group=None, causal=True, rng=None, dtype=np.float32, input_grad=True):
+        g, local = _check(group, "ParallelAttention", heads, "heads")
+        if d % heads:
+            raise ValueError(f"ParallelAttention: d={d} is not divisible by heads={heads}")
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.d, self.heads, self.local_heads, self.causal, self.group = d, heads, local, causal, g
+        self.qkv = ColumnParallelLinear(d, 3 * d, g, init="xavier", rng=rng, dtype=dtype, input_grad=input_grad)
+        self.proj = RowParallelLinear(d, d, g, init="xavier", rng=rng, dtype=dtype)

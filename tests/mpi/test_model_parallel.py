@@ -7,7 +7,8 @@ from disttrain import nn, optim
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.mesh import Mesh
 from disttrain.parallel.pipeline import Pipeline, bubble_fraction, partition
-from disttrain.parallel.tensor import ColumnParallelLinear, ParallelMLP
+from disttrain.parallel.tensor import ColumnParallelLinear, ParallelAttention, ParallelMLP
+from models.transformer import Transformer
 
 D, FFN, CLASSES, B, STEPS = 12, 120, 5, 16, 3  # FFN divides by 1..5 and 8
 
@@ -97,6 +98,79 @@ def test_tensor_parallel_bad_sizes_raise_on_every_rank(comm):
         pytest.skip("every size divides by 1")
     with pytest.raises(CollectiveError, match="not divisible by the tensor-parallel size"):
         ColumnParallelLinear(4, 7 * p + 1, dt.world())
+
+
+VOCAB, SEQ = 13, 6
+
+
+def train_lm(model, data, ddp=None, rows=slice(None)):
+    loss_fn, opt = nn.SoftmaxCrossEntropy(), sgd(model.parameters())
+    run = ddp or model
+    losses = []
+    for ids, tgt in data:
+        losses.append(loss_fn.forward(run.forward(ids[rows]), tgt[rows]))
+        run.backward(loss_fn.backward())
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def lm_batches(batch, seed=5):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, VOCAB, (batch, SEQ)), rng.integers(0, VOCAB, (batch, SEQ))) for _ in range(STEPS)]
+
+
+def assert_transformer_matches(model, ref, t, tp):
+    """Replicated parameters equal; split ones equal their block of the one-process weights."""
+    ref_p = {q.name: q.data for q in ref.parameters()}
+    for blk, rblk in zip(model.blocks, ref.blocks):
+        d, h = blk.attn.d, blk.attn.heads
+        qkv_cols = slice(t * 3 * d // tp, (t + 1) * 3 * d // tp)  # head-major: whole heads per rank
+        rows = slice(t * d // tp, (t + 1) * d // tp)
+        assert blk.attn.local_heads == h // tp
+        np.testing.assert_allclose(blk.attn.qkv.weight.data, rblk.attn.qkv.weight.data[:, qkv_cols], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(blk.attn.proj.weight.data, rblk.attn.proj.weight.data[rows], rtol=1e-9, atol=1e-12)
+        ffn = rblk.mlp.layers[0].weight.data.shape[1]
+        cols = slice(t * ffn // tp, (t + 1) * ffn // tp)
+        np.testing.assert_allclose(blk.mlp.up.weight.data, rblk.mlp.layers[0].weight.data[:, cols], rtol=1e-9, atol=1e-12)
+    for q in model.parameters():
+        if "attn.qkv" not in q.name and "attn.proj.weight" not in q.name and "mlp" not in q.name:
+            np.testing.assert_allclose(q.data, ref_p[q.name], rtol=1e-9, atol=1e-12, err_msg=q.name)
+
+
+def lm(group, heads, d):
+    return Transformer(VOCAB, d=d, heads=heads, layers=2, ffn=2 * d, max_len=SEQ, group=group, seed=7,
+                       dtype=np.float64)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_tensor_parallel_transformer_matches_one_process(comm, hybrid):
+    """tp = world (heads split 2 per rank), and dp2 x tp2 at 4 ranks (DataParallel over dp groups)."""
+    p = comm.Get_size()
+    if hybrid and p != 4:
+        pytest.skip("dp2 x tp2 needs 4 ranks (run by the 4-rank suite)")
+    dp, tp = (2, 2) if hybrid else (1, p)
+    mesh = Mesh(dp=dp, tp=tp)
+    heads, d = 2 * tp, 4 * tp
+    data = lm_batches(2 * dp)
+    ref = lm(None, heads, d)
+    want = train_lm(ref, data)
+    model = lm(mesh.tp_group, heads, d)
+    ddp = dt.DataParallel(model, group=mesh.dp_group, bucket_mb=0.001) if dp > 1 else None
+    got = train_lm(model, data, ddp, slice(2 * mesh.dp_rank, 2 * mesh.dp_rank + 2))
+    if dp == 1:
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert_transformer_matches(model, ref, mesh.tp_rank, tp)
+
+
+@pytest.mark.mpi
+def test_attention_heads_not_divisible_by_tp_raise_on_every_rank(comm):
+    p = comm.Get_size()
+    if p == 1:
+        pytest.skip("every head count divides by 1")
+    with pytest.raises(CollectiveError, match=r"heads [34] is not divisible by the tensor-parallel size"):
+        ParallelAttention(6 * p, 3 if p != 3 else 4, dt.world())
 
 
 # ------------------------------------------------------------------------------ pipeline
