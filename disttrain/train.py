@@ -34,7 +34,10 @@ import numpy as np
 
 import disttrain as dt
 from disttrain import checkpoint, compression, numerics, optim, timeline
+from disttrain import nn
+from disttrain.comm.errors import CollectiveError
 from disttrain.data import STRATEGIES
+from disttrain.parallel.pipeline import SCHEDULES, measure_layer_costs, partition
 from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes, train_step
 
 
@@ -68,6 +71,11 @@ class TrainConfig:
     timeline: str = ""  # Chrome-trace/Perfetto JSON of every rank (disttrain/timeline.py)
     on_nonfinite: str = "skip"  # NaN/Inf gradients: "skip" the step with a warning, or "stop" the job
     stop_after_steps: int = 0  # exit (with a checkpoint) after this many steps of this run: time-limited allocations
+    dp: int = 0  # data-parallel replicas (0: world / (pp * tp)); the rank grid is parallel/mesh.py
+    pp: int = 1  # pipeline stages (model mlp): layers partitioned by measured cost
+    tp: int = 1  # tensor-parallel ranks per layer (model mlp: Linear pairs split Megatron-style)
+    schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
+    micro_batches: int = 4  # per pipeline step; must divide the per-replica batch
 
 
 class ConfigError(ValueError):
@@ -147,6 +155,18 @@ def _validate(c: TrainConfig) -> None:
             problems.append(problem)
     except ValueError as e:
         problems.append(str(e))
+    if min(c.pp, c.tp) < 1 or c.dp < 0:
+        problems.append(f"pp and tp must be >= 1 and dp >= 0 (got dp={c.dp} pp={c.pp} tp={c.tp})")
+    if (c.pp > 1 or c.tp > 1) and c.model != "mlp":
+        problems.append(f"pipeline and tensor parallelism (--pp, --tp) are wired into the main job for model mlp; "
+                        f"model {c.model} trains data-parallel only")
+    if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
+        problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
+                        "or use --pp 1 --tp 1")
+    if c.schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
+    if c.micro_batches < 1:
+        problems.append(f"micro-batches must be >= 1 (got {c.micro_batches})")
     if c.on_nonfinite not in ("skip", "stop"):
         problems.append(f"on_nonfinite must be 'skip' or 'stop' (got {c.on_nonfinite!r})")
     if problems:
@@ -303,6 +323,53 @@ class _Interval:
         return rec
 
 
+def setup(cfg: TrainConfig):
+    """(mesh, workload, this rank's model or pipeline stage). Collective over the world; raises
+    ValueError / CollectiveError with the same message on every rank for a configuration that does
+    not fit the job (world not dp x pp x tp, sizes not divisible by tp, fewer layers than stages,
+    micro-batches not dividing the batch)."""
+    world = dt.size()
+    dp = cfg.dp or max(1, world // (cfg.pp * cfg.tp))
+    mesh = dt.Mesh(dp, cfg.pp, cfg.tp)
+    if cfg.pp > 1 and (cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batches):
+        raise ValueError(f"global batch {cfg.global_batch_size} over dp={dp} replicas must give each replica a "
+                         f"batch divisible by {cfg.micro_batches} micro-batches")
+    work = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh)
+    model = work.model
+    model.parameters()  # names are global paths ("layers.4.weight") before the model is cut into stages
+    if cfg.pp > 1:
+        units = model.blocks()
+        sample = work.batch(0).inputs[:max(1, cfg.global_batch_size // dp // cfg.micro_batches)]
+        # every rank measures (tensor-parallel layers communicate), rank 0's numbers decide: stage
+        # boundaries must be identical everywhere
+        costs = dt.world().comm.bcast(measure_layer_costs(units, sample), root=0)
+        a, b = partition(costs, cfg.pp)[mesh.pp_rank]
+        model = nn.Sequential(*units[a:b])
+    return mesh, work, model
+
+
+class _PipelineForward:
+    """Evaluation through the pipeline: forward(x) returns the last stage's output everywhere."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def forward(self, x):
+        return self.pipe.predict(x)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def _mpi_min():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
@@ -312,16 +379,22 @@ def main(argv=None) -> int:
     dt.init()
     rank, world = dt.rank(), dt.size()
     try:
-        work = WORKLOADS[cfg.model](cfg, rank, world)
-    except ValueError as e:  # decided from the configuration alone: identical on every rank, all stop
-        if rank == 0:
+        mesh, work, model = setup(cfg)
+    except (ValueError, CollectiveError) as e:  # decided from the configuration and the world size:
+        if rank == 0:  # the same verdict on every rank, so all stop
             print(f"disttrain.train: configuration error: {e}", file=sys.stderr)
         return 2
-    model, loss_fn, unit = work.model, work.loss_fn, work.unit
-    opt, sched = build(cfg, model)
-    dt.broadcast_parameters(model)
+    loss_fn, unit = work.loss_fn, work.unit
+    opt, sched = build(cfg, model)  # model: this rank's stage (all layers unless pipelined)
+    dt.broadcast_parameters(model, group=mesh.dp_group)  # replicas of the same shard agree
     ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
-                          overlap=cfg.overlap)
+                          overlap=cfg.overlap, group=mesh.dp_group)
+    pipe = None
+    if mesh.pp > 1:
+        pipe = dt.Pipeline(ddp, mesh.pp_group, loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
+                           cfg.micro_batches)
+    eval_model = _PipelineForward(pipe) if pipe else model
+    model_parallel = mesh.pp * mesh.tp > 1
     start = 0
     if cfg.resume:
         try:
@@ -336,7 +409,8 @@ def main(argv=None) -> int:
         _truncate_metrics(cfg.metrics, start)
     log = open(cfg.metrics, "a" if start else "w") if (cfg.metrics and rank == 0) else None
     if rank == 0:
-        print(f"[disttrain] {world} ranks | {work.description} | "
+        print(f"[disttrain] {world} ranks (dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
+              f"{f', {cfg.schedule} with {cfg.micro_batches} micro-batches' if pipe else ''}) | {work.description} | "
               f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
     skipped, t_start, eval_s = 0, time.perf_counter(), 0.0  # train_time_s = wall time since t_start minus evaluations
     iv, last = _Interval(ddp), start
@@ -344,11 +418,18 @@ def main(argv=None) -> int:
         batch = work.batch(step)
         with timeline.span("step", "step", step=step + 1):
             t, e = time.perf_counter(), ddp.exposed_comm_seconds
-            loss = train_step(ddp, loss_fn, batch, world)
+            if pipe:
+                loss = pipe.step(batch.inputs if mesh.pp_is_first_stage else None,
+                                 batch.targets if mesh.pp_is_last_stage else None)
+            else:
+                loss = train_step(ddp, loss_fn, batch, mesh.dp)
             wait = ddp.exposed_comm_seconds - e
             iv.add(loss, batch, time.perf_counter() - t - wait, wait)
-            # Averaged grads are identical on every rank, so this verdict is too (numerics.py).
+            # Averaged grads are identical on every replica, so this verdict is too (numerics.py);
+            # stages and tensor shards hold different parameters: they vote.
             finite = numerics.all_finite(ddp.parameters())
+            if model_parallel:
+                finite = bool(dt.world().comm.allreduce(int(finite), op=_mpi_min()))
             if finite:
                 opt.step()
             opt.zero_grad()
@@ -368,6 +449,10 @@ def main(argv=None) -> int:
                       f"({skipped} so far)", file=sys.stderr, flush=True)
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = iv.record(done, done - last, unit, opt, skipped)
+            if pipe:  # this step's idle share per rank (pipeline bubble + waiting), and live activations
+                st = dt.world().comm.allgather(pipe.stats)
+                rec["pipeline_idle"] = [round(1 - x["compute_s"] / x["wall_s"], 4) for x in st]
+                rec["pipeline_peak_live"] = [x["peak_live"] for x in st]
             rec["train_time_s"] = time.perf_counter() - t_start - eval_s
             if rank == 0:
                 extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
@@ -381,7 +466,7 @@ def main(argv=None) -> int:
             iv, last = _Interval(ddp), done
         if cfg.eval_every and done % cfg.eval_every == 0:
             te = time.perf_counter()  # every rank evaluates (same model, cheap): none waits for rank 0
-            res = work.evaluate(model)
+            res = work.evaluate(eval_model)
             if log:
                 log.write(json.dumps(dict(step=done, **res, train_time_s=te - t_start - eval_s)) + "\n")
                 log.flush()
@@ -399,7 +484,7 @@ def main(argv=None) -> int:
             return 0
     if timeline.stop() and rank == 0:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
-    res = work.evaluate(model, final=True)
+    res = work.evaluate(eval_model, final=True)
     if cfg.checkpoint_dir:
         save_checkpoint(cfg, cfg.steps, model, opt, ddp)
     if rank == 0:

@@ -56,13 +56,13 @@ class Classification:
 
     unit = "samples"
 
-    def __init__(self, cfg, rank: int, world: int):
+    def __init__(self, cfg, rank: int, world: int, mesh=None):
         from models.mlp import MLP
 
         self.data = load(cfg.dataset)
         self.sampler = DistributedSampler(len(self.data.y_train), cfg.global_batch_size, rank, world, seed=cfg.seed)
         sizes = [self.data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], self.data.num_classes]
-        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=mesh.tp_group if mesh else None)
         self.loss_fn = nn.SoftmaxCrossEntropy()
         self.B = cfg.global_batch_size
         d = self.data
@@ -97,7 +97,7 @@ class Seq2SeqTranslation:
 
     unit = "tokens"
 
-    def __init__(self, cfg, rank: int, world: int, corpus=None):
+    def __init__(self, cfg, rank: int, world: int, mesh=None, corpus=None):
         from models.gnmt import GNMT
 
         if cfg.dataset != "pydocs" and corpus is None:

@@ -90,3 +90,36 @@ def test_gnmt_configuration_errors(tmp_path):
         assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
     res, _ = train(1, "--max-tokens", "500", timeout=60)  # mlp batches are fixed-size
     assert res.returncode != 0 and "max-tokens" in res.stdout
+
+
+def test_hybrid_meshes_reproduce_the_one_process_run(tmp_path):
+    """--dp/--pp/--tp through the main job: the same losses and accuracy as one process on the
+    global batch (float64, so only summation order differs)."""
+    common = ["--steps", "30", "--log-every", "10", "--dtype", "float64", "--hidden", "64,48,32"]
+    runs = {"one": (1, []), "dp2xpp2": (4, ["--dp", "2", "--pp", "2", "--micro-batches", "4"]),
+            "pp2xtp2": (4, ["--pp", "2", "--tp", "2", "--schedule", "gpipe", "--micro-batches", "8"]),
+            "tp2": (2, ["--tp", "2"])}
+    got = {}
+    for name, (n, flags) in runs.items():
+        res, _ = train(n, *common, *flags, "--metrics", str(tmp_path / f"{name}.jsonl"))
+        assert res.returncode == 0, res.stdout
+        recs = [json.loads(ln) for ln in open(tmp_path / f"{name}.jsonl")]
+        got[name] = ([r["loss"] for r in recs if "loss" in r], recs[-1]["test_accuracy"])
+        if "--pp" in flags:
+            assert "pipeline_idle" in recs[0] and len(recs[0]["pipeline_peak_live"]) == n
+    want_losses, want_acc = got.pop("one")
+    for name, (ls, acc) in got.items():
+        assert ls == pytest.approx(want_losses, rel=1e-9), name
+        assert acc == want_acc, name
+
+
+def test_mesh_configuration_errors_end_every_rank_with_a_message():
+    for n, flags, msg in [(3, ["--pp", "2"], "but the job has 3: launch 2 ranks"),
+                          (4, ["--pp", "2", "--micro-batches", "5"], "divisible by 5 micro-batches"),
+                          (4, ["--pp", "4", "--hidden", "64"], "2 layers cannot fill 4 pipeline stages"),
+                          (2, ["--tp", "2", "--hidden", "255,256"], "not divisible by the tensor-parallel size 2"),
+                          (2, ["--pp", "2", "--schedule", "zigzag"], "schedule must be one of"),
+                          (2, ["--model", "gnmt", "--tp", "2"], "model gnmt trains data-parallel only")]:
+        res, took = train(n, *flags, timeout=60)
+        assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
+        assert took < 30

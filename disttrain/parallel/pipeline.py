@@ -171,6 +171,17 @@ class Pipeline:
                           sent_bytes=self._sent, ops=len(self.ops))
         return loss
 
+    def predict(self, x=None):
+        """Forward only (evaluation, no activations kept for backward): x on the first stage;
+        returns the last stage's output on every stage of the group."""
+        from mpi4py import MPI
+
+        comm = self.group.comm
+        out = self.module.forward(x if self.is_first else self._recv(comm, self.s - 1, _FWD))
+        if not self.is_last:
+            MPI.Request.Waitall(self._send(comm, out, self.s + 1, _FWD))
+        return comm.bcast(out if self.is_last else None, root=self.p - 1)
+
     # ------------------------------------------------------------------ point-to-point
     def _send(self, comm, a, dest: int, tag: int) -> list:
         a = np.ascontiguousarray(a)
