@@ -17,6 +17,12 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Thre
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
    forward (g) and one in the backward (f).
 
+4. sharded embeddings (DLRM-style tables, ids from a power law, P = pp ranks, a batch of 8 x --mb per
+   rank): the AllToAll bytes per step and rank (ids, rows forward, gradients backward) for
+   table-wise and row-wise sharding, counted by parallel/embedding.py, against what the lookups
+   would move without de-duplication and against the obvious alternative - replicating the tables
+   and allreducing their dense gradient every step.
+
 Peak live activations (micro-batches alive at once, and bytes) are the runtime's own accounting
 (Pipeline.stats), per stage.
 """
@@ -40,7 +46,9 @@ def worker(a) -> None:
     import disttrain as dt
     from disttrain import nn
     from disttrain.nn.module import Module
+    from disttrain.data.clicks import power_law_ids
     from disttrain.parallel import tensor
+    from disttrain.parallel.embedding import ShardedEmbeddings
     from disttrain.parallel.mesh import Mesh
     from disttrain.parallel.pipeline import Pipeline, bubble_fraction, measure_layer_costs, partition
 
@@ -126,7 +134,48 @@ def worker(a) -> None:
     if dt.rank() == 0:
         rows.append(dict(part="tp", pp=P, schedule="-", m=0, tp_allreduce_bytes=tensor.stats.bytes / a.steps,
                          tp_allreduces=tensor.stats.calls / a.steps, theory_bytes=2 * x.nbytes,
-                         step_ms=1e3 * took))
+                         step_ms=1e3 * took, block="mlp"))
+    att = tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0))
+    xs = np.ones((8, a.mb, a.width), np.float32)
+    tensor.stats.reset()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        att.backward(np.ones_like(att.forward(xs)))
+    took = (time.perf_counter() - t) / a.steps
+    if dt.rank() == 0:
+        rows.append(dict(part="tp", pp=P, schedule="-", m=0, tp_allreduce_bytes=tensor.stats.bytes / a.steps,
+                         tp_allreduces=tensor.stats.calls / a.steps, theory_bytes=2 * xs.nbytes,
+                         step_ms=1e3 * took, block="attention"))
+
+    # 4. sharded embeddings: AllToAll volume per step
+    sizes = [int(v) for v in a.tables.split(",")]
+    batch = 8 * a.mb
+    for sharding in ("table", "row"):
+        emb = ShardedEmbeddings(sizes, a.dim, mesh.pp_group, sharding, rng=np.random.default_rng(0))
+        rng = np.random.default_rng(100 + dt.rank())
+        perms = [np.random.default_rng(t).permutation(n) for t, n in enumerate(sizes)]
+        steps = [np.stack([power_law_ids(rng, batch, n, a.alpha, perm) for n, perm in zip(sizes, perms)], axis=1)
+                 for _ in range(a.warmup + a.steps)]
+        times = []
+        for i, ids in enumerate(steps):
+            if i == a.warmup:
+                emb.stats.reset()
+            comm.Barrier()
+            t = time.perf_counter()
+            out = emb.forward(ids)
+            emb.backward(np.ones_like(out))
+            times.append(time.perf_counter() - t)
+        st = {k: v / a.steps for k, v in emb.stats.as_dict().items()}
+        per = comm.gather(dict(st, ms=1e3 * float(np.median(times[a.warmup:])), rows=emb.owned_rows()), root=0)
+        if dt.rank() == 0:
+            item = 4
+            rows.append(dict(part="emb", pp=P, schedule=sharding, m=0, batch_per_rank=batch, tables=sizes, dim=a.dim,
+                             alpha=a.alpha, lookups=st["lookups"],
+                             id_bytes=[r["id_bytes"] for r in per], fwd_bytes=[r["fwd_bytes"] for r in per],
+                             bwd_bytes=[r["bwd_bytes"] for r in per], owned_rows=[r["rows"] for r in per],
+                             step_ms=max(r["ms"] for r in per),
+                             no_dedup_bytes=st["lookups"] * (8 + 2 * a.dim * item),
+                             replicated_allreduce_bytes=2 * (P - 1) / P * sum(sizes) * a.dim * item))
     emit(dict(rows=rows) if dt.rank() == 0 else None)
 
 
@@ -135,7 +184,7 @@ def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<6} {'m':>3} {'bubble':>7} {'theory':>7} {'diff':>6} {'step':>8} "
           f"{'peak live / stage':>18} {'peak act. KiB / stage':>24} {'p2p KiB / stage':>20}")
     for r in rows:
-        if r["part"] == "tp":
+        if r["part"] in ("tp", "emb"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<6} {r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} "
@@ -144,9 +193,23 @@ def report(rows) -> None:
               f"{str([round(b / 1024) for b in r['p2p_bytes']]):>20}")
     for r in rows:
         if r["part"] == "tp":
-            print(f"tensor-parallel MLP block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
+            print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
                   f"{r['tp_allreduce_bytes'] / 1024:.0f} KiB per step (Megatron's count: one batch x d allreduce forward, one backward = {r['theory_bytes'] / 1024:.0f} KiB), "
                   f"{r['step_ms']:.1f} ms per forward+backward")
+    emb = [r for r in rows if r["part"] == "emb"]
+    if emb:
+        r0 = emb[0]
+        print(f"\nsharded embeddings: {len(r0['tables'])} tables {r0['tables']} x dim {r0['dim']}, power-law ids "
+              f"(alpha {r0['alpha']}), {r0['batch_per_rank']} samples per rank; KiB per step and rank (mean over ranks)")
+        print(f"{'P':>2} {'sharding':<8} {'rows/rank':>18} {'ids':>7} {'fwd':>7} {'bwd':>7} {'total':>8} {'no dedup':>9} "
+              f"{'vs':>6} {'allreduce':>10} {'vs':>6} {'step':>8}")
+        for r in emb:
+            tot = np.mean(np.add(np.add(r["id_bytes"], r["fwd_bytes"]), r["bwd_bytes"]))
+            print(f"{r['pp']:>2} {r['schedule']:<8} {str(r['owned_rows']):>18} {np.mean(r['id_bytes']) / 1024:>7.1f} "
+                  f"{np.mean(r['fwd_bytes']) / 1024:>7.1f} {np.mean(r['bwd_bytes']) / 1024:>7.1f} {tot / 1024:>8.1f} "
+                  f"{r['no_dedup_bytes'] / 1024:>9.1f} {r['no_dedup_bytes'] / tot:>5.1f}x "
+                  f"{r['replicated_allreduce_bytes'] / 1024:>10.0f} {r['replicated_allreduce_bytes'] / tot:>5.0f}x "
+                  f"{r['step_ms']:>5.1f} ms")
 
 
 def plot(rows, out) -> None:
@@ -187,6 +250,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--mpiexec", default=os.environ.get("MPIEXEC", "mpiexec"))
+    ap.add_argument("--tables", default="100000,50000,20000,10000,5000,1000,500,100", help="embedding table rows")
+    ap.add_argument("--dim", type=int, default=32, help="embedding width")
+    ap.add_argument("--alpha", type=float, default=1.05, help="power-law exponent of the ids")
     add_output_args(ap, "bench_pipeline")
     a = ap.parse_args()
     a.micro_batches = [int(m) for m in str(a.micro_batches).split(",")]
@@ -202,7 +268,7 @@ def main() -> int:
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
-                   str(a.cores)]
+                   str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=worker_env(1, P > a.cores), capture_output=True, text=True,
                                  timeout=a.timeout)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
