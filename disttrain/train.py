@@ -37,13 +37,14 @@ from disttrain import checkpoint, compression, numerics, optim, timeline
 from disttrain import nn
 from disttrain.comm.errors import CollectiveError
 from disttrain.data import STRATEGIES
+from disttrain.parallel.embedding import SHARDINGS, ShardedEmbeddings
 from disttrain.parallel.pipeline import SCHEDULES, measure_layer_costs, partition
 from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes, train_step
 
 
 @dataclass
 class TrainConfig:
-    model: str = "mlp"  # mlp | gnmt (workloads.WORKLOADS)
+    model: str = "mlp"  # mlp | gnmt | dlrm (workloads.WORKLOADS)
     hidden: str = "256,256"  # MLP hidden sizes; for gnmt "EMB,HIDDEN,LAYERS"
     dataset: str = "digits"
     batching: str = "load_balanced"  # variable-length data (gnmt): naive | bucketed | load_balanced
@@ -76,6 +77,10 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel ranks per layer (model mlp: Linear pairs split Megatron-style)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
     micro_batches: int = 4  # per pipeline step; must divide the per-replica batch
+    sharding: str = "row"  # dlrm: embedding tables sharded "table"- or "row"-wise over the ranks
+    tables: str = "100000,20000,5000,1000,200,50"  # dlrm: rows per embedding table
+    samples: int = 200000  # dlrm: synthetic click samples (90% train, 10% test)
+    alltoall_algorithm: str = "auto"  # dlrm: the embedding AllToAll (auto | pairwise | bruck | mpi)
 
 
 class ConfigError(ValueError):
@@ -163,6 +168,10 @@ def _validate(c: TrainConfig) -> None:
     if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
         problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
                         "or use --pp 1 --tp 1")
+    if c.model == "dlrm" and (c.checkpoint_dir or c.resume):
+        problems.append("checkpoints of sharded-embedding runs (model dlrm) are not supported yet")
+    if c.sharding not in SHARDINGS:
+        problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if c.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
     if c.micro_batches < 1:
@@ -394,7 +403,9 @@ def main(argv=None) -> int:
         pipe = dt.Pipeline(ddp, mesh.pp_group, loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
                            cfg.micro_batches)
     eval_model = _PipelineForward(pipe) if pipe else model
-    model_parallel = mesh.pp * mesh.tp > 1
+    emb = getattr(model, "embeddings", None)
+    # stages, tensor shards and embedding shards hold different parameters on different ranks
+    model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
     start = 0
     if cfg.resume:
         try:
@@ -425,11 +436,12 @@ def main(argv=None) -> int:
                 loss = train_step(ddp, loss_fn, batch, mesh.dp)
             wait = ddp.exposed_comm_seconds - e
             iv.add(loss, batch, time.perf_counter() - t - wait, wait)
-            # Averaged grads are identical on every replica, so this verdict is too (numerics.py);
-            # stages and tensor shards hold different parameters: they vote.
-            finite = numerics.all_finite(ddp.parameters())
-            if model_parallel:
+            # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
+            if model_parallel:  # different parameters per rank: they vote
+                finite = numerics.all_finite(model.parameters())
                 finite = bool(dt.world().comm.allreduce(int(finite), op=_mpi_min()))
+            else:
+                finite = numerics.all_finite(ddp.parameters())
             if finite:
                 opt.step()
             opt.zero_grad()
@@ -449,6 +461,10 @@ def main(argv=None) -> int:
                       f"({skipped} so far)", file=sys.stderr, flush=True)
         if done % cfg.log_every == 0 or done == cfg.steps:
             rec = iv.record(done, done - last, unit, opt, skipped)
+            if isinstance(emb, ShardedEmbeddings):  # this rank's AllToAll bytes per step (ids, rows, grads)
+                st = emb.stats
+                rec["embedding_alltoall_bytes"] = (st.id_bytes + st.fwd_bytes + st.bwd_bytes) / (done - last)
+                st.reset()
             if pipe:  # this step's idle share per rank (pipeline bubble + waiting), and live activations
                 st = dt.world().comm.allgather(pipe.stats)
                 rec["pipeline_idle"] = [round(1 - x["compute_s"] / x["wall_s"], 4) for x in st]
@@ -488,7 +504,7 @@ def main(argv=None) -> int:
     if cfg.checkpoint_dir:
         save_checkpoint(cfg, cfg.steps, model, opt, ddp)
     if rank == 0:
-        if "test_accuracy" in res:
+        if "train_accuracy" in res:
             print(f"[disttrain] done: test accuracy {res['test_accuracy']:.4f} "
                   f"(train {res['train_accuracy']:.4f})", flush=True)
         else:
