@@ -2,13 +2,21 @@
 
     mpiexec -n 2 python -m disttrain.train                        # MLP on the embedded digits data
     mpiexec -n 2 python -m disttrain.train --model gnmt [--batching load_balanced --max-tokens 1024]
+    mpiexec -n 2 python -m disttrain.train --model dlrm [--sharding row]   # embeddings sharded over AllToAll
+    mpiexec -n 8 python -m disttrain.train --dp 2 --pp 2 --tp 2 --schedule 1f1b --micro-batches 4
     mpiexec -n 4 python -m disttrain.train --steps 1000 --global-batch-size 128 --metrics m.jsonl \\
         --checkpoint-dir ckpt --checkpoint-every 100 [--resume] [--config train.toml]
 
 What is trained - model, data, per-rank batches, loss, evaluation - is a workload
-(disttrain/workloads.py): `mlp` (digits, fixed global batch) or `gnmt` (GNMT-lite on the
+(disttrain/workloads.py): `mlp` (digits, fixed global batch), `gnmt` (GNMT-lite on the
 standard-library documentation corpus, variable-length batches from data/bucketing.py; the metrics
-then add tokens_per_s, padding, imbalance and the time ranks waited at the gradient synchronisation).
+then add tokens_per_s, padding, imbalance and the time ranks waited at the gradient synchronisation)
+or `dlrm` (DLRM on synthetic power-law clicks, embedding tables sharded over the ranks).
+
+The ranks form a dp x pp x tp mesh (parallel/mesh.py; `--dp` defaults to world / (pp x tp)). For
+the MLP, `--tp` splits its Linear layers in Megatron column/row pairs and `--pp` cuts it into
+stages balanced by measured layer cost, run with `--schedule` and `--micro-batches`; DataParallel
+averages over the dp groups. Every mesh trains the same model as one process on the global batch.
 
 Configuration is a TrainConfig: defaults (then the model's own, workloads.MODEL_DEFAULTS), then an optional --config file (TOML or JSON with the
 same keys), then command-line flags. Rank 0 prints a progress line and writes one JSON object per
