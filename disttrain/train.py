@@ -11,10 +11,12 @@ What is trained - model, data, per-rank batches, loss, evaluation - is a workloa
 (disttrain/workloads.py): `mlp` (digits, fixed global batch), `gnmt` (GNMT-lite on the
 standard-library documentation corpus, variable-length batches from data/bucketing.py; the metrics
 then add tokens_per_s, padding, imbalance and the time ranks waited at the gradient synchronisation)
-or `dlrm` (DLRM on synthetic power-law clicks, embedding tables sharded over the ranks).
+`dlrm` (DLRM on synthetic power-law clicks, embedding tables sharded over the ranks) or
+`transformer` (a small GPT-style LM on the same documentation corpus, tensor-/pipeline-parallel).
 
 The ranks form a dp x pp x tp mesh (parallel/mesh.py; `--dp` defaults to world / (pp x tp)). For
-the MLP, `--tp` splits its Linear layers in Megatron column/row pairs and `--pp` cuts it into
+the MLP, `--tp` splits its Linear layers in Megatron column/row pairs (for the transformer: its
+attention heads and MLP columns) and `--pp` cuts it into
 stages balanced by measured layer cost, run with `--schedule` and `--micro-batches`; DataParallel
 averages over the dp groups. Every mesh trains the same model as one process on the global batch.
 
@@ -52,12 +54,13 @@ from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes, train_st
 
 @dataclass
 class TrainConfig:
-    model: str = "mlp"  # mlp | gnmt | dlrm (workloads.WORKLOADS)
+    model: str = "mlp"  # mlp | gnmt | dlrm | transformer (workloads.WORKLOADS)
     hidden: str = "256,256"  # MLP hidden sizes; for gnmt "EMB,HIDDEN,LAYERS"
     dataset: str = "digits"
     batching: str = "load_balanced"  # variable-length data (gnmt): naive | bucketed | load_balanced
     max_tokens: int = 0  # gnmt: padded tokens per rank per step (0: --global-batch-size sentences)
-    vocab_size: int = 1000  # gnmt
+    vocab_size: int = 1000  # gnmt, transformer
+    seq_len: int = 32  # transformer: tokens per training window
     steps: int = 600
     global_batch_size: int = 64
     optimizer: str = "sgd"  # sgd | adam | adamw | lamb
@@ -81,8 +84,8 @@ class TrainConfig:
     on_nonfinite: str = "skip"  # NaN/Inf gradients: "skip" the step with a warning, or "stop" the job
     stop_after_steps: int = 0  # exit (with a checkpoint) after this many steps of this run: time-limited allocations
     dp: int = 0  # data-parallel replicas (0: world / (pp * tp)); the rank grid is parallel/mesh.py
-    pp: int = 1  # pipeline stages (model mlp): layers partitioned by measured cost
-    tp: int = 1  # tensor-parallel ranks per layer (model mlp: Linear pairs split Megatron-style)
+    pp: int = 1  # pipeline stages (mlp, transformer): layers partitioned by measured cost
+    tp: int = 1  # tensor-parallel ranks per layer (mlp: Linear pairs; transformer: heads and MLP columns)
     schedule: str = "1f1b"  # pipeline schedule: gpipe | 1f1b
     micro_batches: int = 4  # per pipeline step; must divide the per-replica batch
     sharding: str = "row"  # dlrm: embedding tables sharded "table"- or "row"-wise over the ranks
@@ -170,9 +173,11 @@ def _validate(c: TrainConfig) -> None:
         problems.append(str(e))
     if min(c.pp, c.tp) < 1 or c.dp < 0:
         problems.append(f"pp and tp must be >= 1 and dp >= 0 (got dp={c.dp} pp={c.pp} tp={c.tp})")
-    if (c.pp > 1 or c.tp > 1) and c.model != "mlp":
-        problems.append(f"pipeline and tensor parallelism (--pp, --tp) are wired into the main job for model mlp; "
-                        f"model {c.model} trains data-parallel only")
+    if (c.pp > 1 or c.tp > 1) and c.model not in ("mlp", "transformer"):
+        problems.append(f"pipeline and tensor parallelism (--pp, --tp) are wired into the main job for models mlp "
+                        f"and transformer; model {c.model} trains data-parallel only")
+    if c.seq_len < 1:
+        problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
     if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
         problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
                         "or use --pp 1 --tp 1")

@@ -51,27 +51,41 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
     return loss
 
 
-class Classification:
-    """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
+class _FixedBatch:
+    """A workload whose every step is a fixed global batch of samples, shared equally over the
+    data-parallel ranks by a DistributedSampler; subclasses say how samples become arrays (take)."""
 
     unit = "samples"
+
+    def _sample(self, n: int, cfg, rank: int, world: int) -> None:
+        self.sampler = DistributedSampler(n, cfg.global_batch_size, rank, world, seed=cfg.seed)
+        self.B = cfg.global_batch_size
+
+    def take(self, idx) -> tuple:
+        raise NotImplementedError
+
+    def batch(self, step: int) -> Batch:
+        idx = self.sampler.indices(step)
+        return Batch(*self.take(idx), len(idx), self.B)
+
+
+class Classification(_FixedBatch):
+    """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
         from models.mlp import MLP
 
         self.data = load(cfg.dataset)
-        self.sampler = DistributedSampler(len(self.data.y_train), cfg.global_batch_size, rank, world, seed=cfg.seed)
+        self._sample(len(self.data.y_train), cfg, rank, world)
         sizes = [self.data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], self.data.num_classes]
         self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=mesh.tp_group if mesh else None)
         self.loss_fn = nn.SoftmaxCrossEntropy()
-        self.B = cfg.global_batch_size
         d = self.data
         self.description = (f"{cfg.model} {cfg.hidden} on {d.name} ({len(d.y_train)} train / {len(d.y_test)} test) | "
                             f"global batch {cfg.global_batch_size}")
 
-    def batch(self, step: int) -> Batch:
-        idx = self.sampler.indices(step)
-        return Batch(self.data.x_train[idx], self.data.y_train[idx], len(idx), self.B)
+    def take(self, idx) -> tuple:
+        return self.data.x_train[idx], self.data.y_train[idx]
 
     def evaluate(self, model, final: bool = False) -> dict:
         out = dict(test_accuracy=_accuracy(model, self.data.x_test, self.data.y_test))
@@ -167,13 +181,65 @@ class Seq2SeqTranslation:
         return dict(test_loss=total / count, test_token_accuracy=correct / count)
 
 
-class ClickPrediction:
+class LanguageModel(_FixedBatch):
+    """A small GPT-style transformer (models/transformer.py) as a next-token language model on the
+    standard-library documentation corpus (data/text.py): the training sentences joined by EOS into
+    one token stream, cut into windows of `--seq-len`; each window predicts its next tokens. The
+    model is tensor-parallel over `mesh.tp_group` when tp > 1 and its blocks are the pipeline
+    units. `--hidden` is "D,HEADS,LAYERS"."""
+
+    def __init__(self, cfg, rank: int, world: int, mesh=None):
+        from models.transformer import Transformer
+
+        if cfg.dataset != "pydocs":
+            raise ValueError(f"model transformer trains on dataset 'pydocs', got {cfg.dataset!r}")
+        d, heads, layers = _int_list(cfg.hidden, 3, "transformer", "D,HEADS,LAYERS (e.g. 64,4,2)")
+        corpus = text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+        train, test = text.split(corpus, test_fraction=0.05, seed=0)
+        self.x, self.y = _windows(train.src, cfg.seq_len)
+        self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
+        self._sample(len(self.x), cfg, rank, world)
+        tp = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+        self.model = Transformer(len(corpus.vocab), d=d, heads=heads, layers=layers, max_len=cfg.seq_len, group=tp,
+                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype))
+        self.loss_fn = nn.SoftmaxCrossEntropy()
+        self.description = (f"transformer {cfg.hidden} (d, heads, layers) LM on pydocs ({len(self.x)} train / "
+                            f"{len(self.x_test)} test windows of {cfg.seq_len} tokens, vocab {len(corpus.vocab)}) | "
+                            f"global batch {cfg.global_batch_size}")
+
+    def take(self, idx) -> tuple:
+        return self.x[idx], self.y[idx]
+
+    def evaluate(self, model, final: bool = False, chunk: int = 256) -> dict:
+        """Next-token cross-entropy, perplexity and accuracy on the held-out windows (collective
+        under tensor or pipeline parallelism: every rank runs it)."""
+        loss_fn = nn.SoftmaxCrossEntropy()
+        total = correct = 0.0
+        model.eval()
+        for i in range(0, len(self.x_test), chunk):
+            x, y = self.x_test[i:i + chunk], self.y_test[i:i + chunk]
+            logits = model.forward(x)
+            total += loss_fn.forward(logits, y) * y.size
+            correct += float((logits.argmax(-1) == y).sum())
+        model.train()
+        n = self.y_test.size
+        return dict(test_loss=total / n, test_perplexity=float(np.exp(total / n)), test_token_accuracy=correct / n)
+
+
+def _windows(sentences, seq_len: int) -> tuple:
+    """(inputs, next-token targets), each (n, seq_len), from the sentences joined by EOS."""
+    stream = np.concatenate([np.append(s, text.EOS) for s in sentences])
+    n = (len(stream) - 1) // seq_len
+    x = stream[:n * seq_len].reshape(n, seq_len)
+    y = stream[1:n * seq_len + 1].reshape(n, seq_len)
+    return x, y
+
+
+class ClickPrediction(_FixedBatch):
     """DLRM-style recommender on synthetic power-law click data (data/clicks.py): the MLPs
     data-parallel, the embedding tables sharded over the ranks (`--sharding table | row`) and looked
     up with AllToAll (parallel/embedding.py). `--hidden` is "DIM,BOTTOM,TOP" (embedding width and
     the bottom / top MLP widths); `--tables` the rows of each table."""
-
-    unit = "samples"
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
         from models.dlrm import DLRM
@@ -186,20 +252,18 @@ class ClickPrediction:
         sizes = _int_list(cfg.tables, None, "tables", "rows per table (e.g. 10000,1000,100)")
         data = clicks.synthetic_clicks(cfg.samples, sizes, dense=8, seed=cfg.seed + 12345, dtype=np.dtype(cfg.dtype))
         self.train, self.test = clicks.split(data, 0.1)
-        self.sampler = DistributedSampler(len(self.train), cfg.global_batch_size, rank, world, seed=cfg.seed)
+        self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
         self.model = DLRM(sizes, dim=dim, dense=8, bottom=(bottom,), top=(top,), sharding=cfg.sharding, group=group,
                           seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm)
         self.loss_fn = nn.BCEWithLogits()
-        self.B = cfg.global_batch_size
         self.description = (f"dlrm {cfg.hidden} on synthetic clicks ({len(self.train)} train / {len(self.test)} test, "
                             f"{len(sizes)} tables {sizes}, ids ~ power law) | {cfg.sharding}-wise sharded embeddings | "
                             f"global batch {cfg.global_batch_size}")
 
-    def batch(self, step: int) -> Batch:
-        idx = self.sampler.indices(step)
+    def take(self, idx) -> tuple:
         t = self.train
-        return Batch((t.dense[idx], t.ids[idx]), t.clicks[idx][:, None], len(idx), self.B)
+        return (t.dense[idx], t.ids[idx]), t.clicks[idx][:, None]
 
     def evaluate(self, model, final: bool = False) -> dict:
         """Held-out log-loss next to the base rate's and the teacher's (the floor), AUC, accuracy.
@@ -253,7 +317,7 @@ def _gnmt_sizes(spec: str) -> tuple:
 
 
 #: --model -> workload class
-WORKLOADS = {"mlp": Classification, "gnmt": Seq2SeqTranslation, "dlrm": ClickPrediction}
+WORKLOADS = {"mlp": Classification, "gnmt": Seq2SeqTranslation, "dlrm": ClickPrediction, "transformer": LanguageModel}
 
 #: per-model defaults, applied before the config file and the flags (which win)
 MODEL_DEFAULTS = {
@@ -262,6 +326,8 @@ MODEL_DEFAULTS = {
     # ~1.2 at global batch 64); with 1,000 words the loss still sits near the unigram entropy then
     "gnmt": dict(dataset="pydocs", hidden="64,128,2", vocab_size=200, optimizer="adam", lr=0.01,
                  weight_decay=0.0, warmup_steps=30, steps=500, max_tokens=1024, log_every=25),
+    "transformer": dict(dataset="pydocs", hidden="64,4,2", vocab_size=500, optimizer="adam", lr=0.003,
+                        weight_decay=0.0, warmup_steps=30, steps=400, global_batch_size=32, log_every=50),
     "dlrm": dict(dataset="clicks", hidden="16,64,64", optimizer="adam", lr=0.003, weight_decay=0.0, steps=600,
                  global_batch_size=256, warmup_steps=20, log_every=50),
 }

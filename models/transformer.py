@@ -49,38 +49,53 @@ class Block(nn.Module):
         return dx
 
 
-class Transformer(nn.Module):
-    """Args: vocab, d (model width), heads, layers, ffn (MLP width, default 4d), max_len, group
-    (tensor-parallel Group or None), seed, dtype. forward(ids) -> logits; backward(dlogits) -> None."""
+class TokenPositionEmbedding(nn.Module):
+    """ids (B, S) -> token embedding + learned position embedding (B, S, d)."""
 
-    def __init__(self, vocab: int, d: int = 64, heads: int = 4, layers: int = 2, ffn: int | None = None,
-                 max_len: int = 64, group=None, seed: int = 0, dtype=np.float32):
-        rng = np.random.default_rng(seed)
+    def __init__(self, vocab, d, max_len, rng, dtype):
         self.tok = nn.Embedding(vocab, d, rng=rng, dtype=dtype)
         self.tok.weight.data *= 0.1  # N(0, 0.01): small next to the residual stream's LayerNorm scale
         self.pos = nn.Parameter((0.1 * rng.standard_normal((max_len, d))).astype(dtype))
-        self.blocks = [Block(d, heads, ffn or 4 * d, group, rng, dtype) for _ in range(layers)]
-        self.ln_f = nn.LayerNorm(d, dtype=dtype)
-        self.head = nn.Linear(d, vocab, init="xavier", rng=rng, dtype=dtype)
         self.max_len = max_len
 
     def forward(self, ids):
         ids = np.asarray(ids)
         if ids.ndim != 2 or ids.shape[1] > self.max_len:
             raise ValueError(f"Transformer: ids must be (batch, seq <= {self.max_len}), got shape {ids.shape}")
-        x = self.tok.forward(ids) + self.pos.data[:ids.shape[1]]
-        for b in self.blocks:
-            x = b.forward(x)
-        return self.head.forward(self.ln_f.forward(x))
+        return self.tok.forward(ids) + self.pos.data[:ids.shape[1]]
 
-    def backward(self, dy):
-        dx = self.ln_f.backward(self.head.backward(dy))
-        self._grads_ready(self.head)
-        self._grads_ready(self.ln_f)
-        for b in reversed(self.blocks):
-            dx = b.backward(dx)
-            self._grads_ready(b)
+    def backward(self, dx):
         self.pos.grad[:dx.shape[1]] += dx.sum(axis=0)
         self.tok.backward(dx)
-        self._grads_ready(self.tok)
-        return None
+        return None  # ids have no gradient
+
+
+class LMHead(nn.Module):
+    """Final LayerNorm and the vocabulary projection."""
+
+    def __init__(self, d, vocab, rng, dtype):
+        self.ln_f = nn.LayerNorm(d, dtype=dtype)
+        self.proj = nn.Linear(d, vocab, init="xavier", rng=rng, dtype=dtype)
+
+    def forward(self, x):
+        return self.proj.forward(self.ln_f.forward(x))
+
+    def backward(self, dy):
+        return self.ln_f.backward(self.proj.backward(dy))
+
+
+class Transformer(nn.Sequential):
+    """Args: vocab, d (model width), heads, layers, ffn (MLP width, default 4d), max_len, group
+    (tensor-parallel Group or None), seed, dtype. forward(ids) -> logits; backward(dlogits) -> None.
+    A Sequential of [embedding, blocks..., head]: ``blocks()`` are the pipeline units."""
+
+    def __init__(self, vocab: int, d: int = 64, heads: int = 4, layers: int = 2, ffn: int | None = None,
+                 max_len: int = 64, group=None, seed: int = 0, dtype=np.float32):
+        rng = np.random.default_rng(seed)
+        embed = TokenPositionEmbedding(vocab, d, max_len, rng, dtype)
+        blocks = [Block(d, heads, ffn or 4 * d, group, rng, dtype) for _ in range(layers)]
+        super().__init__(embed, *blocks, LMHead(d, vocab, rng, dtype))
+        self.max_len = max_len
+
+    def blocks(self) -> list:
+        return list(self.layers)

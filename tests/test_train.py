@@ -120,6 +120,8 @@ def test_mesh_configuration_errors_end_every_rank_with_a_message():
                           (2, ["--tp", "2", "--hidden", "255,256"], "not divisible by the tensor-parallel size 2"),
                           (2, ["--pp", "2", "--schedule", "zigzag"], "schedule must be one of"),
                           (2, ["--model", "gnmt", "--tp", "2"], "model gnmt trains data-parallel only"),
+                          (3, ["--model", "transformer", "--tp", "3", "--hidden", "32,4,2"],
+                           "heads 4 is not divisible by the tensor-parallel size 3"),
                           (2, ["--model", "dlrm", "--sharding", "column"], "sharding must be one of"),
                           (2, ["--model", "dlrm", "--tables", "10,x"], "tables: expected rows per table"),
                           (2, ["--model", "dlrm", "--checkpoint-dir", "ck"], "checkpoints of sharded-embedding runs")]:
@@ -145,3 +147,20 @@ def test_dlrm_sharded_main_job_reproduces_one_process_and_learns(tmp_path):
     for name in ("table3", "row2"):
         assert got[name] == pytest.approx(got["one"], rel=1e-9), name
     assert final["test_logloss"] < final["base_rate_logloss"] - 0.02, final
+
+
+def test_transformer_meshes_reproduce_the_one_process_run(tmp_path):
+    """The tensor-parallel (heads split) and pipelined transformer LM through the main job gives
+    the one-process losses and held-out metrics (float64)."""
+    common = ["--model", "transformer", "--steps", "20", "--log-every", "10", "--dtype", "float64",
+              "--hidden", "32,4,3", "--seq-len", "16"]
+    got = {}
+    for name, n, flags in [("one", 1, []), ("tp2", 2, ["--tp", "2"]),
+                           ("pp2xtp2", 4, ["--pp", "2", "--tp", "2", "--schedule", "gpipe"])]:
+        res, _ = train(n, *common, *flags, "--metrics", str(tmp_path / f"{name}.jsonl"))
+        assert res.returncode == 0, res.stdout
+        recs = [json.loads(ln) for ln in open(tmp_path / f"{name}.jsonl")]
+        got[name] = ([r["loss"] for r in recs if "loss" in r], recs[-1]["test_loss"])
+    for name in ("tp2", "pp2xtp2"):
+        assert got[name][0] == pytest.approx(got["one"][0], rel=1e-9), name
+        assert got[name][1] == pytest.approx(got["one"][1], rel=1e-9), name

@@ -123,7 +123,7 @@ def lm_batches(batch, seed=5):
 def assert_transformer_matches(model, ref, t, tp):
     """Replicated parameters equal; split ones equal their block of the one-process weights."""
     ref_p = {q.name: q.data for q in ref.parameters()}
-    for blk, rblk in zip(model.blocks, ref.blocks):
+    for blk, rblk in zip(model.layers[1:-1], ref.layers[1:-1]):
         d, h = blk.attn.d, blk.attn.heads
         qkv_cols = slice(t * 3 * d // tp, (t + 1) * 3 * d // tp)  # head-major: whole heads per rank
         rows = slice(t * d // tp, (t + 1) * d // tp)
