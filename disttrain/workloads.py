@@ -39,12 +39,14 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
     so the rank's gradient is scaled by count * world / global_count: the average over ranks is
     then sum(all terms' gradients) / global_count, the one-process gradient on the global batch.
     """
-    if batch.count == 0:  # nothing to learn from this step, but the collective needs every rank
-        ddp.synchronize()
+    if batch.count == 0 and all(p.replicated for p in ddp.model.parameters()):
+        ddp.synchronize()  # nothing to learn from this step, but the collective needs every rank
         return 0.0
+    # (a model with sharded layers - embeddings over AllToAll - runs its empty batch through
+    # forward and backward instead: the other ranks' lookups need this rank's shard)
     loss = loss_fn.forward(ddp.forward(batch.inputs), batch.targets)
     d = loss_fn.backward()
-    scale = batch.count * world / batch.global_count
+    scale = batch.count * world / max(1, batch.global_count)
     if scale != 1.0:  # equal shares (scale exactly 1) stay bit-identical to the unweighted step
         d *= d.dtype.type(scale)
     ddp.backward(d)

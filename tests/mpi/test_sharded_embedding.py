@@ -40,10 +40,11 @@ def train_one_process(data, batch_slices):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("sharding", sorted(SHARDINGS))
-@pytest.mark.parametrize("global_batch", ["divisible", "uneven"])
+@pytest.mark.parametrize("global_batch", ["divisible", "uneven", "empty"])
 def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
     p, r = comm.Get_size(), comm.Get_rank()
-    n = 8 * p if global_batch == "divisible" else 6 * p + (1 if p > 1 else 0)  # uneven: one rank gets more
+    # uneven: one rank gets more; "empty": the last rank gets no samples at all (p > 1)
+    n = {"divisible": 8 * p, "uneven": 6 * p + (1 if p > 1 else 0), "empty": 5 * (p - 1) or 5}[global_batch]
     data = synthetic_clicks(n * STEPS, sizes=SIZES, dense=5, alpha=1.2, seed=5, dtype=np.float64)
     steps = [slice(i * n, (i + 1) * n) for i in range(STEPS)]
     ref, want = train_one_process(data, steps)
@@ -52,7 +53,8 @@ def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
     ddp = dt.DataParallel(m, bucket_mb=0.001)
     loss_fn, opt = nn.BCEWithLogits(), optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
     for i, s in enumerate(steps):
-        mine = shares(n, p)[r]
+        mine = shares(n, p)[r] if global_batch != "empty" else (shares(n, p - 1) + [slice(n, n)])[r] if p > 1 \
+            else slice(0, n)
         idx = np.arange(s.start, s.stop)[mine]
         loss = train_step(ddp, loss_fn, Batch((data.dense[idx], data.ids[idx]), data.clicks[idx], len(idx), n), p)
         total = comm.allreduce(loss * len(idx))
