@@ -386,12 +386,6 @@ class _PipelineForward:
         return self
 
 
-def _mpi_min():
-    from mpi4py import MPI
-
-    return MPI.MIN
-
-
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
@@ -452,7 +446,7 @@ def main(argv=None) -> int:
             # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
             if model_parallel:  # different parameters per rank: they vote
                 finite = numerics.all_finite(model.parameters())
-                finite = bool(dt.world().comm.allreduce(int(finite), op=_mpi_min()))
+                finite = bool(dt.allreduce(np.array([int(finite)]), op="min", algorithm="mpi")[0])
             else:
                 finite = numerics.all_finite(ddp.parameters())
             if finite:

@@ -283,15 +283,9 @@ class ClickPrediction(_FixedBatch):
 def _auc(score, y) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney) statistic, ties averaged."""
     order = np.argsort(score, kind="stable")
+    _, first, counts = np.unique(score[order], return_index=True, return_counts=True)
     ranks = np.empty(len(score))
-    s = score[order]
-    i = 0
-    while i < len(s):  # average ranks over runs of equal scores
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # the mean 1-based rank of each tie run
     pos = y > 0.5
     n1, n0 = int(pos.sum()), int((~pos).sum())
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(1, n1 * n0))

@@ -123,29 +123,21 @@ def worker(a) -> None:
                 record("mlp", schedule, m, run(pipe, x, y, max(3, a.steps // 2)))
                 stage.zero_grad()
 
-    # 3. tensor-parallel MLP block: allreduce bytes per step, counted
-    blk = tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0))
-    x = np.ones((a.mb * 8, a.width), np.float32)
-    tensor.stats.reset()
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        blk.backward(np.ones_like(blk.forward(x)))
-    took = (time.perf_counter() - t) / a.steps
-    if dt.rank() == 0:
-        rows.append(dict(part="tp", pp=P, schedule="-", m=0, tp_allreduce_bytes=tensor.stats.bytes / a.steps,
-                         tp_allreduces=tensor.stats.calls / a.steps, theory_bytes=2 * x.nbytes,
-                         step_ms=1e3 * took, block="mlp"))
-    att = tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0))
-    xs = np.ones((8, a.mb, a.width), np.float32)
-    tensor.stats.reset()
-    t = time.perf_counter()
-    for _ in range(a.steps):
-        att.backward(np.ones_like(att.forward(xs)))
-    took = (time.perf_counter() - t) / a.steps
-    if dt.rank() == 0:
-        rows.append(dict(part="tp", pp=P, schedule="-", m=0, tp_allreduce_bytes=tensor.stats.bytes / a.steps,
-                         tp_allreduces=tensor.stats.calls / a.steps, theory_bytes=2 * xs.nbytes,
-                         step_ms=1e3 * took, block="attention"))
+    # 3. tensor-parallel MLP and attention blocks: allreduce bytes per step, counted
+    blocks = [("mlp", tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0)),
+               np.ones((a.mb * 8, a.width), np.float32)),
+              ("attention", tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0)),
+               np.ones((8, a.mb, a.width), np.float32))]
+    for name, blk, x in blocks:
+        tensor.stats.reset()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            blk.backward(np.ones_like(blk.forward(x)))
+        took = (time.perf_counter() - t) / a.steps
+        if dt.rank() == 0:
+            rows.append(dict(part="tp", pp=P, schedule="-", m=0, tp_allreduce_bytes=tensor.stats.bytes / a.steps,
+                             tp_allreduces=tensor.stats.calls / a.steps, theory_bytes=2 * x.nbytes,
+                             step_ms=1e3 * took, block=name))
 
     # 4. sharded embeddings: AllToAll volume per step
     sizes = [int(v) for v in a.tables.split(",")]

@@ -92,3 +92,14 @@ def test_power_law_ids_and_clicks():
     assert len(tr) == 4000 and len(te) == 1000 and 0.05 < d.clicks.mean() < 0.95
     # the teacher depends on the seed only: same seed, same first samples
     np.testing.assert_array_equal(synthetic_clicks(10, seed=3).ids, synthetic_clicks(10, seed=3).ids)
+
+
+def test_auc_matches_pairwise_count_with_ties():
+    from disttrain.workloads import _auc
+
+    rng = np.random.default_rng(4)
+    score = rng.integers(0, 6, 300).astype(float)  # many ties
+    y = (rng.random(300) < 0.4).astype(float)
+    pos, neg = score[y > 0.5], score[y < 0.5]
+    want = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert _auc(score, y) == pytest.approx(want, rel=1e-12)

@@ -65,5 +65,6 @@ class BCEWithLogits:
 
     def backward(self):
         z = self._z
-        sig = np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z))))
+        e = np.exp(-np.abs(z))  # sigmoid without overflow on either side
+        sig = np.where(z >= 0, 1 / (1 + e), e / (1 + e))
         return ((sig - self._y) / max(1, z.size)).astype(z.dtype)

@@ -39,7 +39,6 @@ import numpy as np
 
 from .. import comm as C
 from ..comm import validate
-from ..comm.errors import CollectiveError
 from ..nn import kernels as K
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
@@ -204,29 +203,31 @@ class ShardedEmbeddings(Module):
         vals, _ = C.alltoall(self.shard.data[req], recv_splits, self.algorithm, self.group)
         pos = np.empty_like(order)
         pos[order] = np.arange(order.size)  # unique row k arrived at vals[pos[k]]
-        self._cache = (B, T, inv, pos, splits, req, recv_splits)
+        slot = pos[inv].astype(np.int64, copy=False)  # lookup i's row is vals[slot[i]]
+        self._cache = (B, T, slot, order.size, splits, req)
         s = self.stats
         s.lookups += g.size
         s.rows_sent += int(recv_splits.sum())
         s.id_bytes += int(splits.sum()) * 8
         s.fwd_bytes += int(recv_splits.sum()) * self.dim * self.shard.data.itemsize
         s.alltoalls += 2
-        return vals[pos[inv]].reshape(B, T, self.dim)
+        return vals[slot].reshape(B, T, self.dim)
 
     # ----------------------------------------------------------------------- backward
     def backward(self, dy):
-        B, T, inv, pos, splits, req, recv_splits = self._cache
+        B, T, slot, n_uniq, splits, req = self._cache
         dy = np.ascontiguousarray(dy, dtype=self.shard.data.dtype)
-        if dy.shape != (B, T, self.dim):
-            raise CollectiveError(f"ShardedEmbeddings.backward: gradient shape {dy.shape} != output shape "
-                                  f"{(B, T, self.dim)}")
+        err = None if dy.shape == (B, T, self.dim) else (f"ShardedEmbeddings.backward: gradient shape {dy.shape} "
+                                                           f"!= output shape {(B, T, self.dim)}")
+        # as in forward: a wrong gradient on one rank must stop every rank, not strand them in the AllToAll
+        validate.check(self.group.comm, "ShardedEmbeddings.backward", dict(tables=T), err)
         # sum the gradient of every occurrence of a row, in the order the rows were requested
-        d_uniq = np.zeros((pos.size, self.dim), dy.dtype)
-        K.embedding_bwd(pos[inv].astype(np.int64), dy.reshape(-1, self.dim), d_uniq, -1)
+        d_uniq = np.zeros((n_uniq, self.dim), dy.dtype)
+        K.embedding_bwd(slot, dy.reshape(-1, self.dim), d_uniq, -1)
         d_req, _ = C.alltoall(d_uniq, splits, self.algorithm, self.group)
         # average over the group, as DataParallel averages the dense layers' gradients
         d_req *= d_req.dtype.type(1.0 / self.group.size)
-        K.embedding_bwd(req.astype(np.int64), d_req, self.shard.grad, -1)
+        K.embedding_bwd(req.astype(np.int64, copy=False), d_req, self.shard.grad, -1)
         self.stats.bwd_bytes += d_uniq.nbytes
         self.stats.alltoalls += 1
         return None

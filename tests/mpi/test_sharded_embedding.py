@@ -102,6 +102,10 @@ def test_bad_ids_raise_on_every_rank(comm):
         emb.forward(ids)
     with pytest.raises(CollectiveError, match="shape"):
         emb.forward(np.zeros((2, 3), np.int64))  # three tables' ids for two tables, on every rank
+    out = emb.forward(np.array([[1, 2]]))
+    dy = np.ones_like(out) if r != p - 1 else np.ones((1, 2, 4))  # a wrong gradient on one rank only
+    with pytest.raises(CollectiveError, match="gradient shape"):
+        emb.backward(dy)
 
 
 @pytest.mark.mpi
