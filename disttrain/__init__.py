@@ -12,8 +12,9 @@ from .comm import (ALLREDUCE_ALGORITHMS, ALLTOALL_ALGORITHMS, CollectiveError, H
                    reduce_scatter, set_validation, set_verbose)
 from .parallel import DataParallel, Mesh, Pipeline, broadcast_optimizer_state, broadcast_parameters
 from . import timeline
+from .flight import dump_flight_record
 from .stall import set_stall_timeout
-from .runtime import Group, init, local_rank, local_size, new_group, rank, size, world
+from .runtime import Group, init, install_early_abort_hook, local_rank, local_size, new_group, rank, size, world
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,7 @@ __all__ = ["init", "rank", "size", "local_rank", "local_size", "world", "new_gro
            "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "broadcast", "broadcast_",
            "allgather", "reduce_scatter", "alltoall", "calibrate", "set_validation", "set_verbose",
            "Handle", "CollectiveError", "ALLREDUCE_ALGORITHMS", "ALLTOALL_ALGORITHMS",
-           "DataParallel", "Mesh", "Pipeline", "broadcast_parameters", "broadcast_optimizer_state", "timeline", "set_stall_timeout"]
+           "DataParallel", "Mesh", "Pipeline", "broadcast_parameters", "broadcast_optimizer_state", "timeline", "set_stall_timeout",
+           "dump_flight_record"]
+
+install_early_abort_hook()  # an exception before dt.init() ends the whole job, not only this rank

@@ -31,6 +31,12 @@ class Group:
             messages never match a user's own point-to-point traffic).
         async_comm: a second duplicate used only by the communication thread, so asynchronous and
             blocking collectives in flight at the same time can never match each other's messages.
+        uid: a name for the group that is the same on every member ("w" for the world,
+            "<parent uid>.<n>:<color>" for the n-th split of a parent): keys the per-group call
+            sequence numbers of validation and the flight recorder.
+
+    ``free()`` (collective over the members) releases the communicators; ``with dt.new_group(r)
+    as g:`` frees on exit. A freed group is refused by every collective.
     """
 
     ranks: tuple
@@ -38,6 +44,9 @@ class Group:
     size: int
     comm: object = field(repr=False, default=None)
     async_comm: object = field(repr=False, default=None)
+    uid: str = "w"
+    freed: bool = False
+    _splits: int = field(repr=False, default=0)
 
     @property
     def is_member(self) -> bool:
@@ -45,6 +54,45 @@ class Group:
 
     def __repr__(self) -> str:
         return f"Group(ranks={list(self.ranks)}, rank={self.rank}, size={self.size})"
+
+    def __enter__(self) -> "Group":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.free()
+        return False
+
+    def free(self) -> None:
+        """Release the group's communicators (collective over its members; idempotent).
+
+        Asynchronous collectives already submitted on the group finish first: the asynchronous
+        communicator is freed on the communication thread, in queue order."""
+        if self.freed:
+            return
+        if self is _world:
+            raise ValueError("the world group cannot be freed")
+        self.freed = True
+        if self.comm is None:
+            return
+        from .comm import costmodel
+        from .comm.engine import engine
+
+        comm, acomm = self.comm, self.async_comm
+        costmodel.forget(comm, acomm)
+        _by_handle.pop(comm.handle, None)
+        _by_handle.pop(acomm.handle, None)
+        comm.Free()
+        engine.call(acomm.Free, "free group")
+        self.comm = self.async_comm = None
+        self.rank = -1
+
+
+_by_handle: dict = {}  # MPI communicator handle -> Group (both of a group's communicators)
+
+
+def group_of(comm) -> "Group | None":
+    """The Group owning an MPI communicator (None for one disttrain did not create)."""
+    return _by_handle.get(comm.handle)
 
 
 def _mpi():
@@ -75,16 +123,23 @@ def init() -> "Group":
         cw = MPI.COMM_WORLD
         _local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
         _world = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
+        _by_handle[_world.comm.handle] = _by_handle[_world.async_comm.handle] = _world
         _install_abort_hooks()
         from .comm import config, costmodel
 
-        config.load_from_env()
-        costmodel.ensure(_world.comm)
-        _warn_blas_threads()
-        if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
-            from . import stall
+        try:
+            config.load_from_env()
+        except ValueError as e:  # the same environment everywhere: every rank raises the same error
+            from .comm.errors import CollectiveError
 
-            stall.start(_world)  # stall reports and signal -> job-wide abort
+            raise CollectiveError(str(e)) from None
+        costmodel.ensure(_world.comm, _world.async_comm)
+        _warn_blas_threads()
+        from . import stall
+
+        if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
+            stall.start(_world)  # stall reports, notices, departures, signal -> job-wide abort
+        _install_finalize_hooks(MPI)
         if os.environ.get("DISTTRAIN_TIMELINE"):
             from . import timeline
 
@@ -161,17 +216,26 @@ def split(parent: Group, color, key: int, ranks) -> Group:
     """Collective over `parent`: the sub-group of the ranks passing the same `color` (an int;
     None = not a member), ordered by `key`; `ranks` are its members' world ranks in that order.
     Splits both of the parent's communicators (blocking and asynchronous), so the sub-group keeps
-    the same separation of traffic. Used by new_group and by parallel/mesh.py."""
+    the same separation of traffic. Used by new_group and by parallel/mesh.py.
+
+    The asynchronous communicator is split on the communication thread, in queue order: an
+    MPI_Comm_split is a collective on the parent's asynchronous communicator and must not run
+    while that thread is inside another collective on it (it would match the wrong messages)."""
+    from .comm import costmodel
+    from .comm.engine import engine
+
     MPI = _mpi()
     c = MPI.UNDEFINED if color is None else color
-    comm, acomm = parent.comm.Split(c, key), parent.async_comm.Split(c, key)
+    comm = parent.comm.Split(c, key)
+    acomm = engine.call(lambda: parent.async_comm.Split(c, key), "split")
+    parent._splits += 1
     ranks = tuple(ranks)
     if color is None:
-        return Group(ranks, -1, len(ranks), None, None)
-    from .comm import costmodel
-
-    costmodel.ensure(comm)
-    return Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm)
+        return Group(ranks, -1, len(ranks), None, None, uid=f"{parent.uid}.{parent._splits}:-", freed=False)
+    g = Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm, uid=f"{parent.uid}.{parent._splits}:{color}")
+    _by_handle[comm.handle] = _by_handle[acomm.handle] = g
+    costmodel.ensure(comm, acomm)
+    return g
 
 
 def _warn_blas_threads() -> None:
@@ -194,6 +258,9 @@ def _abort(kind: str, exc_type, exc, tb) -> None:
     sys.stderr.write(f"[disttrain] rank {r}: uncaught exception in {kind}; aborting all ranks\n{msg}")
     sys.stderr.flush()
     sys.stdout.flush()
+    from . import flight
+
+    flight.dump_on_failure()
     time.sleep(0.2)  # the launcher forwards output asynchronously; an abort at once can drop it
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.COMM_WORLD.Abort(1)
@@ -219,6 +286,70 @@ def _install_abort_hooks() -> None:
     threading.excepthook = thread_excepthook
 
 
+_shut = False
+
+
+def shutdown() -> None:
+    """Leave the job cleanly, once, before MPI_Finalize: drain the communication thread, tell the
+    other ranks this one is leaving (stall.shutdown: a peer still waiting for it ends the job with
+    a message naming it instead of hanging), stop the watchdog. Runs at interpreter exit and from
+    MPI_Finalize (a COMM_SELF attribute's delete callback, which MPI calls at the start of
+    MPI_Finalize - the standard hook for libraries, MPI-4.0 sec. 11.2.4), so a user's explicit
+    ``MPI.Finalize()`` also stops every disttrain thread before MPI is gone."""
+    global _shut
+    if _shut:
+        return
+    _shut = True
+    from . import stall
+    from .comm.engine import engine
+
+    engine.stop()
+    stall.shutdown()
+
+
+def _install_finalize_hooks(MPI) -> None:
+    import atexit
+
+    atexit.register(shutdown)
+    keyval = MPI.Comm.Create_keyval(delete_fn=lambda *_: shutdown())
+    MPI.COMM_SELF.Set_attr(keyval, 1)
+
+
+def _launched_rank_size() -> tuple[int, int]:
+    """(rank, size) from the launcher's environment (MPICH/Hydra, Open MPI, PMIx, Slurm), or (0, 1)."""
+    env = os.environ
+    for r, n in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                 ("PMIX_RANK", "PMIX_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if env.get(r, "").isdigit() and env.get(n, "").isdigit():
+            return int(env[r]), int(env[n])
+    return 0, 1
+
+
+def install_early_abort_hook() -> None:
+    """At ``import disttrain``, under a launcher with more than one rank: an uncaught exception
+    before ``dt.init()`` ends the whole job (MPI is started just to call MPI_Abort), instead of
+    leaving the other ranks waiting in init forever. dt.init() replaces it with the full hook."""
+    if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") == "1" or sys.excepthook is not sys.__excepthook__:
+        return
+    r, n = _launched_rank_size()
+    if n <= 1:
+        return
+
+    def early(exc_type, exc, tb):
+        if _world is not None or issubclass(exc_type, KeyboardInterrupt):
+            return sys.__excepthook__(exc_type, exc, tb)
+        msg = "".join(traceback.format_exception(exc_type, exc, tb))
+        sys.stderr.write(f"[disttrain] rank {r}: uncaught exception before dt.init(); aborting all ranks\n{msg}")
+        sys.stderr.flush()
+        time.sleep(0.2)
+        MPI = _mpi()
+        if not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(1)
+        os._exit(1)
+
+    sys.excepthook = early
+
+
 def as_group(group) -> Group:
     """Resolve ``group=`` (None -> world); a non-member group is an error."""
     if group is None:
@@ -228,6 +359,8 @@ def as_group(group) -> Group:
     if not group.is_member:
         from .comm.errors import CollectiveError
 
+        if group.freed:
+            raise CollectiveError(f"{group!r} was freed")
         raise CollectiveError(f"this rank ({rank()}) is not a member of {group!r}")
     return group
 

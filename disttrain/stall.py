@@ -18,7 +18,6 @@ DISTTRAIN_STALL_SHUTDOWN_SECONDS (0 = never). Code: ``dt.set_stall_timeout(warn,
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import select
 import signal
@@ -28,33 +27,66 @@ import threading
 import time
 import traceback
 
-from . import timeline
+from . import flight, timeline
 
-TAG_QUERY, TAG_REPLY = 31_001, 31_002
-_inflight: dict = {}  # native thread id -> _Op
+TAG_QUERY, TAG_REPLY, TAG_NOTICE = 31_001, 31_002, 31_003
+_inflight: dict = {}  # native thread id -> _Op running on that thread
 _last: dict = {}  # native thread id -> (name, seq, finished at)
-_counters: dict = {}  # native thread id -> itertools.count
 _settings = {"warn": 60.0, "shutdown": 0.0}
+_gseq: dict = {}  # group key -> number of collectives this rank has issued on it (the n-th call)
+_done: dict = {}  # group key -> number of them finished here (sent to peers when this rank leaves)
+_peer_failed: dict = {}  # world rank -> (message, its _done, monotonic time) from its failure notice
+_departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
+_broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
+
+
+def _uid(gkey: str) -> str:
+    return gkey.rpartition(":")[0] if gkey else ""
+alarm = 0  # bumped whenever a notice arrives: waiting loops re-check only when it changed
+_lock = threading.Lock()
 
 
 class _Op:
-    __slots__ = ("name", "seq", "x", "site", "t0", "thread")
+    """One collective or point-to-point operation of this rank: what, where, when, state.
 
-    def __init__(self, name, x, site):
-        tid = threading.get_native_id()
-        self.name, self.x, self.site, self.t0 = name, x, site, time.monotonic()
-        self.seq = next(_counters.setdefault(tid, itertools.count(1)))
+    The same object is the stall inspector's in-flight record and the flight recorder's entry
+    (flight.py keeps the last N)."""
+
+    __slots__ = ("name", "seq", "gkey", "ranks", "shape", "dtype", "algorithm", "site", "t_enq", "t0", "t1",
+                 "state", "thread", "x")
+
+    def __init__(self, name, x, site, group=None, lane="b"):
+        self.name, self.site, self.x = name, site, x
+        self.shape, self.dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+        self.algorithm = ""
+        self.t_enq = self.t0 = time.monotonic()
+        self.t1 = 0.0
+        self.state = "running"
         self.thread = threading.current_thread().name
+        if group is not None:
+            self.gkey, self.ranks = f"{group.uid}:{lane}", group.ranks
+            with _lock:
+                self.seq = _gseq[self.gkey] = _gseq.get(self.gkey, 0) + 1
+        else:
+            self.gkey, self.ranks, self.seq = "", (), 0
+        flight.record(self)
 
     @property
     def detail(self) -> str:  # formatted only when reported: enter() is on every collective's path
-        shape, dtype = getattr(self.x, "shape", None), getattr(self.x, "dtype", None)
-        return f"shape {tuple(shape)}, {dtype}" if shape is not None else ""
+        return f"shape {tuple(self.shape)}, {self.dtype}" if self.shape is not None else ""
 
     def describe(self, now) -> str:
         detail = self.detail
-        return (f"{self.name} (#{self.seq} on thread {self.thread}{'; ' + detail if detail else ''}) "
+        g = f" of group {self.gkey}" if self.gkey else ""
+        return (f"{self.name} (#{self.seq}{g} on thread {self.thread}{'; ' + detail if detail else ''}) "
                 f"for {now - self.t0:.1f} s, called at {self.site}")
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "group": self.gkey, "ranks": list(self.ranks), "seq": self.seq,
+                "shape": None if self.shape is None else list(self.shape),
+                "dtype": None if self.dtype is None else str(self.dtype), "algorithm": self.algorithm,
+                "site": self.site, "enqueue": self.t_enq, "start": self.t0, "end": self.t1 or None,
+                "state": self.state, "thread": self.thread}
 
 
 def call_site(skip_pkg: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -66,35 +98,202 @@ def call_site(skip_pkg: str = os.path.dirname(os.path.abspath(__file__))) -> str
     return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
 
 
-def enter(name: str, x=None, site: str | None = None) -> _Op:
-    op = _Op(name, x, site or call_site())
+def issue(name: str, x=None, site: str | None = None, group=None, lane: str = "b") -> _Op:
+    """Record an operation issued by this rank (it gets its group sequence number now)."""
+    if _failed_pending:
+        _recovered()
+    return _Op(name, x, site or call_site(), group, lane)
+
+
+def enter(name: str, x=None, site: str | None = None, group=None, lane: str = "b", op: _Op | None = None) -> _Op:
+    """This thread starts `op` (or a new one): it is now in flight, visible to the stall inspector."""
+    if op is None:
+        if _failed_pending:
+            _recovered()
+        op = _Op(name, x, site or call_site(), group, lane)
+    else:
+        op.t0, op.state, op.thread = time.monotonic(), "running", threading.current_thread().name
     _inflight[threading.get_native_id()] = op
+    if _departed or _broken:
+        _check_peers(op)
     return op
 
 
-def leave(op: _Op) -> None:
+def leave(op: _Op, error: BaseException | None = None) -> None:
     tid = threading.get_native_id()
     _inflight.pop(tid, None)
     op.x = None  # do not keep the caller's array alive
-    _last[tid] = (op.name, op.seq, time.monotonic())
+    op.t1 = time.monotonic()
+    op.state = "done" if error is None else f"error: {type(error).__name__}"
+    if op.gkey:
+        with _lock:
+            _done[op.gkey] = max(_done.get(op.gkey, 0), op.seq)
+    _last[tid] = (op.name, op.seq, op.t1)
 
 
-def tracked(name: str):
-    """Decorator for a public blocking collective: stall tracking plus a timeline span."""
+def current() -> _Op | None:
+    """The operation this thread is inside (None outside a tracked collective)."""
+    return _inflight.get(threading.get_native_id())
+
+
+def tracked(name: str, group_pos: int):
+    """Decorator for a public blocking collective: stall tracking, flight record, timeline span.
+
+    `group_pos` is the positional index of the function's ``group`` argument. An invalid group
+    cannot be agreed on with the group it was meant for (this rank does not know it), so it is
+    announced to every rank (notify_failure): members waiting for this rank in a collective
+    raise the same CollectiveError instead of waiting forever."""
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kw):
             x = args[0] if args else kw.get("x")
-            op = enter(name, x)
+            group = kw["group"] if "group" in kw else (args[group_pos] if len(args) > group_pos else None)
+            try:
+                g = _resolve(group)
+            except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError from as_group
+                raise bad_group(group, name, e, "b") from None
+            op = enter(name, x, group=g)
             try:
                 if timeline.enabled():
                     with timeline.span(name, "comm", detail=op.detail, site=op.site):
-                        return fn(*args, **kw)
-                return fn(*args, **kw)
-            finally:
-                leave(op)
+                        out = fn(*args, **kw)
+                else:
+                    out = fn(*args, **kw)
+            except BaseException as e:
+                leave(op, e)
+                raise
+            leave(op)
+            return out
         return wrapper
     return deco
+
+
+def _resolve(group):
+    from .runtime import as_group  # runtime imports this module: bound at call time
+
+    return as_group(group)
+
+
+# ------------------------------------------------------------------------- failure notices
+def bad_group(group, kind: str, err: Exception, lane: str):
+    """The exception for an invalid ``group=``. A group this rank is simply not a member of keeps
+    nobody waiting (its members do not expect this rank): a local CollectiveError. Otherwise (a
+    freed group, or not a Group at all) the group's members may be waiting for this rank, which
+    cannot agree on the error with them: it is announced to every rank (undeliverable)."""
+    from .comm.errors import CollectiveError
+
+    uid = getattr(group, "uid", None)
+    if getattr(group, "freed", False):
+        return undeliverable(f"{kind}: {err}", call_site(), f"{uid}:{lane}")
+    if uid is not None and not getattr(group, "is_member", True):
+        return CollectiveError(f"{kind}: {err}")
+    return undeliverable(f"{kind}: {err}", call_site(), None)
+
+
+def undeliverable(msg: str, site: str = "?", gkey: str | None = None):
+    """A CollectiveError for an error this rank cannot agree on with its group (it does not know
+    the group, or the group is unusable): announced to every rank first, so that peers waiting
+    for this rank raise too (validate.wait) instead of hanging. `gkey`: the group the call was
+    meant for, when known. Returns the exception to raise."""
+    from .comm.errors import CollectiveError
+    from .runtime import _world
+
+    me = _world.rank if _world is not None else "?"
+    full = f"rank {me}: {msg} (called at {site})"
+    notify_failure(full, gkey)
+    return CollectiveError(full)
+
+
+_failed_pending = False  # this rank sent a failure notice and has not issued a call since
+
+
+def notify_failure(msg: str, gkey: str | None = None) -> None:
+    """Tell every other rank that this rank failed a call (meant for group `gkey`, None =
+    unknown) without its group's agreement."""
+    global _failed_pending
+    w = _watchdog
+    if w is None or w.world.size == 1:
+        return
+    with _lock:
+        done = dict(_done)
+    _failed_pending = True
+    w.notify(("failed", msg, done, gkey))
+
+
+def _recovered() -> None:
+    """This rank issues a call again after a failure notice: the notice is stale now."""
+    global _failed_pending
+    _failed_pending = False
+    if _watchdog is not None:
+        _watchdog.notify(("recovered",))
+
+
+#: A failure notice that does not say which group the call was meant for interrupts a waiting
+#: collective only after the failed rank has had this long to arrive after all (it may have
+#: caught its error and come to this very call). Such a notice is used up by the first wait it
+#: interrupts, withdrawn when the failed rank issues its next call, and forgotten after
+#: UNKNOWN_GROUP_TTL seconds - a failed rank that stays away longer and then joins a collective
+#: whose peers already gave up on it ends the job (Watchdog._check_broken) instead of hanging.
+UNKNOWN_GROUP_GRACE, UNKNOWN_GROUP_TTL = 1.0, 30.0
+
+
+def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0) -> str | None:
+    """Why the `seq`-th collective of group `gkey` (members `ranks`) can never complete, or None:
+    the group is broken, a member failed a call right after finishing call seq-1 (its failure
+    notice carries how far it got on every group; an older notice, from before it went on to
+    finish later calls, is stale), or a member left before finishing it. seq None (set-up
+    checks, not numbered): only notices received after `since` count."""
+    why = _broken.get(_uid(gkey)) if gkey else None
+    if why:
+        return why
+    now = time.monotonic()
+    for r in ranks:
+        f = _peer_failed.get(r)
+        if f is not None and f[3] is None and now - f[2] > UNKNOWN_GROUP_TTL:
+            _peer_failed.pop(r, None)
+        elif f is not None and f[3] in (None, gkey) and (
+                (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
+                f[3] is not None or now - f[2] >= UNKNOWN_GROUP_GRACE):
+            if f[3] is None:
+                _peer_failed.pop(r, None)  # used up
+            return f[0]
+        d = _departed.get(r)
+        if d is not None and (seq is None or d[0].get(gkey, 0) < seq):
+            return f"rank {r} has left the job (exited) without taking part in this collective"
+    return None
+
+
+def consume_unknown(ranks) -> None:
+    """A wait of this rank was given up: the failure notices of `ranks` that named no group have
+    done their work (one failed call interrupts one wait per rank)."""
+    for r in ranks:
+        f = _peer_failed.get(r)
+        if f is not None and f[3] is None:
+            _peer_failed.pop(r, None)
+
+
+def mark_broken(gkey: str, why: str) -> None:
+    """A collective on `gkey` was abandoned half-way (its MPI request can never complete): every
+    later call on the group is refused here, and the peers are told so that one that went on
+    alone into the abandoned call ends the job instead of hanging (Watchdog._check_broken)."""
+    uid = _uid(gkey)
+    if uid and uid not in _broken:
+        _broken[uid] = f"the group {uid} is unusable after an abandoned collective ({why}); create a new group"
+        if _watchdog is not None and _watchdog.world.size > 1:
+            _watchdog.notify(("broken", uid, _broken[uid]))
+
+
+def _check_peers(op: _Op) -> None:
+    """At entry: a collective on a broken group, or with a departed member, can never complete."""
+    if not op.gkey:
+        return
+    why = _broken.get(_uid(op.gkey))
+    if why:
+        from .comm.errors import CollectiveError
+
+        _inflight.pop(threading.get_native_id(), None)
+        op.state = "refused"
+        raise CollectiveError(f"{op.name}: {why}")
 
 
 def snapshot() -> dict:
@@ -116,7 +315,26 @@ def set_stall_timeout(seconds: float, shutdown_seconds: float | None = None) -> 
         _settings["shutdown"] = float(shutdown_seconds)
 
 
+def abort_job(msg: str, code: int = 1) -> None:
+    """Print `msg`, dump the flight record, and abort every rank (MPI_Abort)."""
+    from mpi4py import MPI
+
+    sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
+    sys.stderr.flush()
+    flight.dump_on_failure()
+    time.sleep(0.2)  # let the launcher forward the output before the abort tears the job down
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.COMM_WORLD.Abort(code)
+    os._exit(code)
+
+
 class Watchdog(threading.Thread):
+    """Per-rank background thread: answers peers' stall queries, receives failure and departure
+    notices, reports stalls, turns signals into job-wide aborts, and aborts the job when this rank
+    waits for a peer that has left."""
+
+    POLL = 0.1  # s between checks for notices (an iprobe: negligible)
+
     def __init__(self, world, comm):
         super().__init__(name="disttrain-watchdog", daemon=True)
         self.world, self.comm = world, comm  # comm: a private Dup of the world
@@ -124,6 +342,7 @@ class Watchdog(threading.Thread):
         self._reported: set = set()
         self._rfd = None
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the select at once
+        self._sends: list = []  # outstanding notice sends (completed before the comm is freed)
 
     # ---------------------------------------------------------------------------- signals
     def install_signals(self) -> None:
@@ -153,53 +372,89 @@ class Watchdog(threading.Thread):
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = "".join(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(f))
                          for ident, f in sys._current_frames().items() if ident != threading.get_ident())
-        sys.stderr.write(f"[disttrain] rank {self.world.rank}: received {name}; aborting all ranks. "
-                         f"Threads at that moment:\n{stacks}")
-        sys.stderr.flush()
-        time.sleep(0.2)  # let the launcher forward the output before the abort tears the job down
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(128 + num)
+        abort_job(f"[disttrain] rank {self.world.rank}: received {name}; aborting all ranks. "
+                  f"Threads at that moment:\n{stacks}", 128 + num)
 
     # ------------------------------------------------------------------------------ stalls
     def run(self) -> None:
         while not self._halt.is_set():
-            warn = _settings["warn"]
-            poll = min(1.0, warn / 4) if warn > 0 else 1.0
             fds = [self._wake_r] + ([self._rfd] if self._rfd is not None else [])
-            ready, _, _ = select.select(fds, [], [], poll)
+            ready, _, _ = select.select(fds, [], [], self.POLL)
             if self._rfd in ready:
                 self._on_signal()
             if self._halt.is_set():
                 return
             if self.world.size > 1:
                 self._answer()
+                self._check_departed()
+                if _broken:
+                    self._check_broken()
+                warn = _settings["warn"]
                 if warn > 0:
                     self._check(warn, _settings["shutdown"])
 
+    def notify(self, msg) -> None:
+        """Send a notice to every other rank (non-blocking; any thread)."""
+        me = self.world.rank
+        reqs = [self.comm.isend(msg, dest=r, tag=TAG_NOTICE) for r in range(self.world.size) if r != me]
+        with _lock:
+            self._sends = [q for q in self._sends if not q.Test()] + reqs
+
     def _answer(self) -> None:
+        global alarm
         from mpi4py import MPI
 
         st = MPI.Status()
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_QUERY, status=st):
             self.comm.recv(source=st.Get_source(), tag=TAG_QUERY)
             self.comm.send(snapshot(), dest=st.Get_source(), tag=TAG_REPLY)
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_NOTICE, status=st):
+            src = st.Get_source()
+            note = self.comm.recv(source=src, tag=TAG_NOTICE)
+            now = time.monotonic()
+            if note[0] == "failed":
+                _peer_failed[src] = (note[1], note[2], now, note[3])
+            elif note[0] == "departed":
+                _departed[src] = (note[1], now)
+            elif note[0] == "recovered":
+                _peer_failed.pop(src, None)
+            elif note[0] == "broken":
+                _broken.setdefault(note[1], note[2])
+            alarm += 1
+
+    def _check_departed(self) -> None:
+        """A rank that waits for a peer that has left would wait forever: end the job now, naming it."""
+        if not _departed:
+            return
+        for op in list(_inflight.values()):
+            for r in op.ranks:
+                d = _departed.get(r)
+                if d is not None and op.gkey and d[0].get(op.gkey, 0) < op.seq:
+                    abort_job(f"[disttrain] rank {self.world.rank}: rank {r} has left the job (its process exited "
+                              f"or called MPI_Finalize) but this rank is waiting for it in "
+                              f"{op.describe(time.monotonic())}; aborting all ranks")
+
+    def _check_broken(self) -> None:
+        """A collective running on a group whose peers abandoned it can never complete."""
+        now = time.monotonic()
+        for op in list(_inflight.values()):
+            why = _broken.get(_uid(op.gkey))
+            if why and now - op.t0 > 1.0 and op.state == "running":
+                abort_job(f"[disttrain] rank {self.world.rank}: waiting in {op.describe(now)}, but {why}; "
+                          "aborting all ranks")
 
     def _check(self, warn: float, shutdown: float) -> None:
         now = time.monotonic()
         for op in list(_inflight.values()):
             waited = now - op.t0
-            key = (op.thread, op.seq)
+            key = (op.thread, op.seq, op.gkey)
             if waited >= warn and key not in self._reported:
                 self._reported.add(key)
                 self._report(op)
+                flight.dump_on_failure()
             if shutdown > 0 and waited >= shutdown:
-                sys.stderr.write(f"[disttrain] rank {self.world.rank}: {op.name} has waited {waited:.0f} s "
-                                 f"(stall shutdown after {shutdown:.0f} s); aborting all ranks\n")
-                sys.stderr.flush()
-                from mpi4py import MPI
-
-                MPI.COMM_WORLD.Abort(1)
+                abort_job(f"[disttrain] rank {self.world.rank}: {op.name} has waited {waited:.0f} s "
+                          f"(stall shutdown after {shutdown:.0f} s); aborting all ranks")
 
     def _report(self, op: _Op) -> None:
         """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
@@ -242,10 +497,28 @@ class Watchdog(threading.Thread):
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
 
+    # --------------------------------------------------------------------------- leaving
+    def depart(self) -> None:
+        """This rank is leaving MPI (exit or MPI_Finalize): tell every rank how far it got on each
+        group, then wait until all ranks have left. A peer still waiting for it in a collective it
+        never finished learns that within POLL seconds and ends the job, naming this rank; peers
+        that are merely still working keep going (this rank waits, answering stall queries)."""
+        with _lock:
+            done = dict(_done)
+        self.notify(("departed", done))
+        req = self.comm.Ibarrier()
+        while not req.Test():
+            time.sleep(0.005)
+        from mpi4py import MPI
+
+        with _lock:
+            sends = list(self._sends)
+        MPI.Request.Waitall(sends)
+
     def stop(self) -> None:
         self._halt.set()
         os.write(self._wake_w, b"x")
-        if self.is_alive():
+        if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
 
@@ -261,6 +534,21 @@ def start(world) -> None:
     _watchdog = Watchdog(world, world.comm.Dup())
     _watchdog.install_signals()
     _watchdog.start()
-    import atexit
 
-    atexit.register(_watchdog.stop)
+
+def shutdown() -> None:
+    """Leave the job cleanly (called once, before MPI_Finalize): depart, then stop the watchdog and
+    free its communicator, so that no thread of ours calls MPI after finalize."""
+    global _watchdog
+    w, _watchdog = _watchdog, None
+    if w is None:
+        return
+    try:
+        if w.world.size > 1:
+            w.depart()
+    finally:
+        w.stop()
+        try:
+            w.comm.Free()
+        except Exception:  # noqa: BLE001 - finalizing anyway
+            pass

@@ -12,14 +12,15 @@ import numpy as np
 
 from .. import timeline
 from ..runtime import as_group
+from .. import stall
 from ..stall import tracked
 from . import validate
-from .config import settings
+from . import config
 from .costmodel import choose
 from .engine import Handle, engine
 from .errors import CollectiveError
-from .kernels import divide, float_to_half, half_to_float
-from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
+from .kernels import divide, float_to_half, from_keys, half_to_float, to_keys
+from .ops import AVG, MAX, MIN, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
 from .p2p import partition, scratch
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
@@ -106,25 +107,43 @@ def _allreduce(comm, x, op, algorithm, inplace):
     opc, kop, acc, err = _plan(x, op, algorithm, inplace)
     if inplace and not err and not x.flags.writeable:
         err = "allreduce: the in-place variant needs a writeable array"
-    if settings.validate:
+    if config.current().validate:
         validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
                                            "algorithm": algorithm}, err)
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
+    op_rec = stall.current()
+    if op_rec is not None:
+        op_rec.algorithm = name
     direct = inplace and acc is x.dtype and x.flags.c_contiguous  # reduce in x itself: DataParallel's buckets
     work = x.reshape(-1) if direct else _to_work(x, acc)
-    if timeline.enabled():
-        with timeline.span(f"allreduce:{name}", "algo", bytes=work.nbytes):
-            ALLREDUCE.resolve(name)(comm, work, kop)
-    else:
-        ALLREDUCE.resolve(name)(comm, work, kop)
+    _run_reduce("allreduce", ALLREDUCE.resolve(name), comm, work, kop, name)
     if opc == AVG:
         divide(work, comm.Get_size())
     return x if direct else _from_work(work, x, inplace)
 
 
-@tracked("allreduce")
+def _run_reduce(family: str, fn, comm, work, kop, name, *args):
+    """Run a reducing algorithm on the work buffer; min/max over floats reduce order keys
+    (kernels.to_keys): NaN propagates and every rank gets the same bits, whatever the algorithm."""
+    keyed = kop in (MIN, MAX) and work.dtype.kind == "f"
+    buf = to_keys(work, kop) if keyed else work
+    if timeline.enabled():
+        with timeline.span(f"{family}:{name}", "algo", bytes=work.nbytes):
+            out = fn(comm, buf, kop, *args)
+    else:
+        out = fn(comm, buf, kop, *args)
+    if keyed:
+        if out is not None and np.shares_memory(out, buf):  # a view of the buffer: converted below
+            out = out.view(work.dtype)
+        elif out is not None:
+            out = from_keys(out, work.dtype, kop)
+        from_keys(buf, work.dtype, kop)
+    return out
+
+
+@tracked("allreduce", 3)
 def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over all ranks of the group and return the result (a new array) on every rank.
 
@@ -152,7 +171,7 @@ def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.nda
     return _allreduce(g.comm, x, op, algorithm, inplace=False)
 
 
-@tracked("allreduce")
+@tracked("allreduce", 3)
 def allreduce_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
     g = as_group(group)
@@ -171,19 +190,27 @@ def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> 
         >>> loss = model.forward(next_batch)  # ... and overlaps this
         >>> grad_sum = h.wait()
     """
-    g = as_group(group)
+    g = _async_group(group, "allreduce_async")
     xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
-    return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc)
+    return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 
 def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
     """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
-    g = as_group(group)
-    return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce", x)
+    g = _async_group(group, "allreduce_async_")
+    return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce", x, g)
+
+
+def _async_group(group, kind: str):
+    """as_group for the asynchronous calls: an invalid group is announced to every rank."""
+    try:
+        return as_group(group)
+    except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError
+        raise stall.bad_group(group, kind, e, "a") from None
 
 
 # ------------------------------------------------------------------------------- reduce_scatter
-@tracked("reduce_scatter")
+@tracked("reduce_scatter", 3)
 def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over the group; rank r gets block r of ``np.array_split(result, size, axis=0)``.
 
@@ -203,7 +230,8 @@ def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> n
     rowsize = int(np.prod(x.shape[1:], dtype=np.int64))
     rcounts, rdispls = partition(x.shape[0], p)
     work = _to_work(x, acc)
-    block = REDUCE_SCATTER.resolve(name)(comm, work, kernel_op(opc), rcounts * rowsize, rdispls * rowsize)
+    block = _run_reduce("reduce_scatter", REDUCE_SCATTER.resolve(name), comm, work, kernel_op(opc), name, rcounts * rowsize,
+                        rdispls * rowsize)
     if opc == AVG:
         divide(block, p)
     out = np.empty((int(rcounts[r]),) + x.shape[1:], x.dtype)
@@ -240,7 +268,7 @@ def _broadcast(x, root, algorithm, group, inplace):
     return x if inplace else work.reshape(x.shape)
 
 
-@tracked("broadcast")
+@tracked("broadcast", 2)
 def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
     """Return root's `x` on every rank (a new array). Shape and dtype must match on all ranks.
 
@@ -249,14 +277,14 @@ def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarr
     return _broadcast(x, root, algorithm, group, inplace=False)
 
 
-@tracked("broadcast")
+@tracked("broadcast", 2)
 def broadcast_(x: np.ndarray, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
     """In-place :func:`broadcast`: non-root ranks' `x` is overwritten with root's."""
     return _broadcast(x, root, algorithm, group, inplace=True)
 
 
 # ------------------------------------------------------------------------------------ allgather
-@tracked("allgather")
+@tracked("allgather", 1)
 def allgather(x, group=None, algorithm: str = "auto") -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order; first dimensions may differ.
 
@@ -302,7 +330,7 @@ def _send_rows(x, splits, p):
     return rows, None
 
 
-@tracked("alltoall")
+@tracked("alltoall", 3)
 def alltoall(x, splits=None, algorithm: str = "auto", group=None):
     """Send rows of `x` to every rank: block j (``splits[j]`` rows along axis 0) goes to rank j.
 
@@ -324,7 +352,7 @@ def alltoall(x, splits=None, algorithm: str = "auto", group=None):
     if err is None:
         rows, err = _send_rows(x, splits, p)
     err = err or ALLTOALL.problem(algorithm)
-    if settings.validate:
+    if config.current().validate:
         validate.check(comm, "alltoall", {"trailing_shape": getattr(x, "shape", (None,))[1:],
                                           "dtype": str(getattr(x, "dtype", "")), "algorithm": algorithm}, err)
     elif err:

@@ -3,20 +3,30 @@
 Every rank must use the same settings: e.g. validation on in one rank and off in another makes
 the ranks call different numbers of MPI collectives, which hangs.
 
+Settings are *immutable snapshots*: every change (``set_validation``, ``update``) installs a new
+:class:`Config` object, and an asynchronous collective captures the snapshot current when it was
+submitted (engine.py), so toggling a switch while handles are outstanding can never make the
+communication thread of one rank take a different path from another's (issue 14, item 3).
+Code reads the settings through :func:`current`: the submitting thread's snapshot on the
+communication thread, the global one elsewhere.
+
 Environment variables (read by ``dt.init()``):
     DISTTRAIN_VALIDATE=0        skip the cross-rank consistency check (see validate.py for its cost)
     DISTTRAIN_VERBOSE=1         log every collective (name, algorithm, bytes, time) to stderr
     DISTTRAIN_SEGMENT_BYTES=N   pipeline segment size of ring / tree / double_tree (default 2 MiB)
     DISTTRAIN_PS_SERVERS=K      parameter-server shards for algorithm="ps" (default: every rank)
     DISTTRAIN_COSTMODEL=FILE    calibrated cost-model parameters for algorithm="auto"
+                                ("measure": calibrate every new group; "defaults": built-in values)
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     validate: bool = True
     verbose: bool = False
@@ -28,18 +38,70 @@ class Config:
     segment_bytes: int = 2 * 1024 * 1024
     ps_servers: int = 0  # 0 = every rank serves one shard
     costmodel_file: str = ""
+    # communicator handle -> costmodel.CostParams; replaced as a whole (costmodel.install)
+    params: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-settings = Config()
+settings = Config()  # the global snapshot; replaced (never mutated) by update()
+_tls = threading.local()
+
+
+def current() -> Config:
+    """The settings in force on this thread: a submitted operation's snapshot, else the global."""
+    return getattr(_tls, "snapshot", None) or settings
+
+
+def update(**changes) -> Config:
+    """Install a new global snapshot with `changes` applied; returns the previous one."""
+    global settings
+    old = settings
+    settings = dataclasses.replace(settings, **changes)
+    return old
+
+
+def restore(snapshot: Config) -> None:
+    """Make `snapshot` the global settings again (tests, context managers)."""
+    global settings
+    settings = snapshot
+
+
+class bound:
+    """Context manager: run the body with `snapshot` as this thread's settings (engine.py)."""
+
+    __slots__ = ("snap", "prev")
+
+    def __init__(self, snapshot: Config):
+        self.snap = snapshot
+
+    def __enter__(self):
+        self.prev = getattr(_tls, "snapshot", None)
+        _tls.snapshot = self.snap
+
+    def __exit__(self, *exc):
+        _tls.snapshot = self.prev
+        return False
+
+
+def _int_env(env, name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if v < minimum:
+        raise ValueError(f"{name}={raw!r} must be >= {minimum}")
+    return v
 
 
 def load_from_env() -> None:
     env = os.environ
-    settings.validate = env.get("DISTTRAIN_VALIDATE", "1") not in ("0", "false", "no")
-    settings.verbose = env.get("DISTTRAIN_VERBOSE", "0") not in ("0", "", "false", "no")
-    settings.segment_bytes = max(1024, int(env.get("DISTTRAIN_SEGMENT_BYTES", settings.segment_bytes)))
-    settings.ps_servers = int(env.get("DISTTRAIN_PS_SERVERS", settings.ps_servers))
-    settings.costmodel_file = env.get("DISTTRAIN_COSTMODEL", settings.costmodel_file)
+    update(validate=env.get("DISTTRAIN_VALIDATE", "1") not in ("0", "false", "no"),
+           verbose=env.get("DISTTRAIN_VERBOSE", "0") not in ("0", "", "false", "no"),
+           segment_bytes=_int_env(env, "DISTTRAIN_SEGMENT_BYTES", settings.segment_bytes, 1024),
+           ps_servers=_int_env(env, "DISTTRAIN_PS_SERVERS", settings.ps_servers, 0),
+           costmodel_file=env.get("DISTTRAIN_COSTMODEL", settings.costmodel_file))
 
 
 def set_validation(enabled: bool) -> None:
@@ -47,11 +109,12 @@ def set_validation(enabled: bool) -> None:
 
     The check costs one 24-byte MPI_Allreduce per collective call (about one small-message
     latency: ~3-4 us between two processes on one host). Turn it off for hot loops that are known
-    to be consistent, e.g. after the first training step has run with it on.
+    to be consistent, e.g. after the first training step has run with it on. Asynchronous
+    collectives already submitted keep the setting they were submitted with.
     """
-    settings.validate = bool(enabled)
+    update(validate=bool(enabled))
 
 
 def set_verbose(enabled: bool) -> None:
     """Log every collective call (name, algorithm, bytes, duration) to stderr."""
-    settings.verbose = bool(enabled)
+    update(verbose=bool(enabled))

@@ -38,8 +38,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _fold(c: CostParams, n: float) -> float:
 
 
 def _segments(n: float) -> int:
-    return max(1, math.ceil(n / config.settings.segment_bytes))
+    return max(1, math.ceil(n / config.current().segment_bytes))
 
 
 def _tree_shape(p: int) -> tuple[int, int]:
@@ -135,7 +136,7 @@ def t_double_tree(c: CostParams, n: float) -> float:
 
 def t_ps(c: CostParams, n: float, servers: int = 0) -> float:
     p, (b, g) = c.p, _bg(c, n)
-    s = min(p, servers or config.settings.ps_servers or p)
+    s = min(p, servers or config.current().ps_servers or p)
     return 2 * (p - 1) * c.alpha + (p - 1) * n / s * (2 * b + g)
 
 
@@ -192,21 +193,13 @@ def _timed(fn, reps: int, rounds: int = 5, stat=np.median) -> float:
     return float(stat(ts))
 
 
-def calibrate(group=None, save: str | None = None) -> CostParams:
-    """Measure alpha, beta, gamma, per-algorithm overheads and the library's allreduce; install them.
-
-    Collective over the group; takes about a second. `save` writes the parameters as JSON (rank 0)
-    for ``DISTTRAIN_COSTMODEL=FILE`` or the per-user cache that later jobs load automatically.
-
-    Example:
-        >>> dt.calibrate()      # then algorithm="auto" uses the measured parameters
-    """
+def measure(comm) -> CostParams:
+    """Measure alpha, beta, gamma, per-algorithm overheads and the library's allreduce on `comm`
+    (collective). Every rank returns identical values: each measurement is reduced with MAX."""
     from mpi4py import MPI
 
-    from ..runtime import as_group
     from .registry import ALLREDUCE
 
-    comm = as_group(group).comm
     p, r = comm.Get_size(), comm.Get_rank()
     right, left = (r + 1) % p, (r - 1) % p
 
@@ -249,8 +242,27 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
     base = {name: ALLREDUCE_MODELS[name](c, 8) for name in names if name != "mpi"}
     c.overhead = {name: max(0.0, float(t) - base.get(name, float(t))) for name, t in zip(names, v[5 + nnat:])}
     c.overhead["mpi"] = 0.0  # the native table already includes it
-    install(comm, c)
-    if save and r == 0:
+    return c
+
+
+def calibrate(group=None, save: str | None = None) -> CostParams:
+    """Measure the machine parameters on a group and install them for that group only.
+
+    Collective over the group; takes about a second. The parameters belong to the group's own
+    communicators: another group of the same size keeps its own (a per-size table made ranks of
+    one group choose differently once they had calibrated different groups - a hang). `save`
+    writes them as JSON (group rank 0) for ``DISTTRAIN_COSTMODEL=FILE`` or the per-user cache
+    that later jobs load automatically.
+
+    Example:
+        >>> dt.calibrate()      # then algorithm="auto" uses the measured parameters
+    """
+    from ..runtime import as_group
+
+    g = as_group(group)
+    c = measure(g.comm)
+    install(c, g.comm, g.async_comm)
+    if save and g.rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
         with open(save, "w") as f:
             json.dump(asdict(c), f, indent=1)
@@ -258,14 +270,41 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
 
 
 # ---------------------------------------------------------------------------------- choosing
-_params: dict = {}  # communicator size -> CostParams
-_choices: dict = {}  # (family, p, log2 bytes, dtype) -> name
+# The parameters belong to a communicator (keyed by its MPI handle), live in the settings snapshot
+# (config.Config.params, replaced copy-on-write) and are decided by the group's rank 0 and
+# broadcast whenever a communicator is created (ensure): every member of a group holds the same
+# object's values, whatever files each host has, and an asynchronous collective uses the
+# parameters current when it was submitted. A communicator that was never registered (a raw
+# communicator handed to the algorithms) uses the built-in defaults, which are the same everywhere.
+_defaults: dict = {}  # p -> CostParams(p): deterministic, identical on every rank
 
 
-def install(comm, c: CostParams) -> None:
-    _params[c.p] = c
-    for k in [k for k in _choices if k[1] == c.p]:
-        del _choices[k]
+def params_of(comm) -> CostParams:
+    """The cost parameters "auto" uses on `comm`."""
+    c = config.current().params.get(comm.handle)
+    if c is None:
+        p = comm.Get_size()
+        c = _defaults.get(p) or _defaults.setdefault(p, CostParams(p))
+    return c
+
+
+def install(c: CostParams, *comms) -> None:
+    """Make `c` the parameters of every communicator in `comms` (on this rank; callers are collective)."""
+    c.native = [tuple(x) for x in c.native]
+    params = dict(config.settings.params)
+    for comm in comms:
+        if comm is not None:
+            params[comm.handle] = c
+    config.update(params=params)
+
+
+def forget(*comms) -> None:
+    """Drop the parameters of communicators that are about to be freed (their handles get reused)."""
+    params = dict(config.settings.params)
+    for comm in comms:
+        if comm is not None:
+            params.pop(comm.handle, None)
+    config.update(params=params)
 
 
 def _cache_file(comm) -> str:
@@ -277,50 +316,96 @@ def _cache_file(comm) -> str:
     return os.path.join(root, "disttrain", f"costmodel-p{comm.Get_size()}-hosts{hosts}.json")
 
 
-def ensure(comm) -> CostParams:
-    """Load the parameters for this communicator's size (collective; called by init/new_group).
-
-    Group rank 0 reads DISTTRAIN_COSTMODEL (a JSON file written by calibrate) or the per-user
-    cache file and broadcasts it, so every rank decides alike; with DISTTRAIN_COSTMODEL=measure the
-    group calibrates instead; with neither, built-in defaults are used. Done at these fixed
-    collective points - never lazily inside a collective, where the main and communication
-    threads could reach "first use" in different orders on different ranks and deadlock.
-    """
-    p = comm.Get_size()
-    if p in _params:
-        return _params[p]
-    spec = config.settings.costmodel_file
-    if spec == "measure":
-        return calibrate_comm(comm)
-    loaded = None
-    path = spec or (_cache_file(comm) if spec != "defaults" else "")
-    if comm.Get_rank() == 0 and spec != "defaults":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-            loaded = d if int(d.get("p", -1)) == p else None
-        except (OSError, ValueError):
-            loaded = None
-    loaded = comm.bcast(loaded, root=0)
-    c = CostParams(**loaded) if loaded else CostParams(p)
-    c.native = [tuple(x) for x in c.native]
-    _params[p] = c
+def _parse(d, p: int) -> CostParams:
+    """CostParams from a loaded JSON object; ValueError saying what is wrong with it."""
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(d) - {f.name for f in fields(CostParams)}
+    if unknown:
+        raise ValueError(f"unknown fields {sorted(unknown)}")
+    if d.get("p") != p:
+        raise ValueError(f"calibrated for p={d.get('p')!r}, this group has p={p}")
+    c = CostParams(**d)
+    nums = [c.alpha, c.beta, c.gamma, c.beta_large, c.gamma_large]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in nums):
+        raise ValueError(f"alpha/beta/gamma must be finite positive numbers, got {nums}")
+    if not isinstance(c.overhead, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+            for k, v in c.overhead.items()):
+        raise ValueError("overhead must map algorithm names to non-negative seconds")
+    try:
+        c.native = [(float(b), float(t)) for b, t in c.native]
+    except (TypeError, ValueError):
+        raise ValueError("native must be a list of [bytes, seconds] pairs") from None
+    if not all(b > 0 and t > 0 and math.isfinite(t) for b, t in c.native) or \
+            any(c.native[i][0] >= c.native[i + 1][0] for i in range(len(c.native) - 1)):
+        raise ValueError("native must list positive [bytes, seconds] pairs by increasing bytes")
+    c.native = [(int(b), t) for b, t in c.native]
     return c
 
 
-def calibrate_comm(comm) -> CostParams:
-    from ..runtime import Group
+def _read(path: str, p: int, explicit: bool):
+    """(params dict or None, message or None, fatal) - run on group rank 0 only."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return asdict(_parse(d, p)), None, False
+    except FileNotFoundError:
+        if explicit:
+            return None, f"DISTTRAIN_COSTMODEL={path}: no such file (calibrate with disttrain-costmodel " \
+                         "--save FILE, or unset it to use the per-user cache / built-in defaults)", True
+        return None, None, False
+    except (OSError, ValueError, TypeError) as e:
+        if explicit and "calibrated for p=" not in str(e):
+            return None, f"DISTTRAIN_COSTMODEL={path} is not a usable cost-model file: {e}", True
+        if explicit:  # a file for the world used by a sub-group of another size: defaults, quietly
+            return None, None, False
+        return None, f"ignoring the cost-model cache {path} ({e}); using the built-in defaults - " \
+                     "re-create it with disttrain-costmodel", False
 
-    return calibrate(Group(tuple(range(comm.Get_size())), comm.Get_rank(), comm.Get_size(), comm, None))
+
+def ensure(comm, *also) -> CostParams:
+    """Decide and install the parameters of a new communicator (collective over `comm`).
+
+    Called for every communicator disttrain creates (init, new_group, meshes) - never lazily inside
+    a collective. Group rank 0 reads ``DISTTRAIN_COSTMODEL`` (a JSON file written by calibrate)
+    or the per-user cache file and broadcasts the result, so every member decides alike whatever
+    files its host has; ``DISTTRAIN_COSTMODEL=measure`` calibrates the group instead, and
+    ``=defaults`` (or no file) uses built-in values. A malformed or foreign cache file is a warning
+    (defaults are used); a missing or malformed explicit file is a CollectiveError on every rank.
+    `also` are further communicators with the same members (the group's asynchronous one).
+    """
+    from .errors import CollectiveError
+
+    spec = config.current().costmodel_file
+    if spec == "measure":
+        c = measure(comm)
+        install(c, comm, *also)
+        return c
+    path = spec if spec not in ("", "defaults") else (_cache_file(comm) if spec == "" else "")
+    res = _read(path, comm.Get_size(), explicit=bool(spec)) if (comm.Get_rank() == 0 and path) else (None, None, False)
+    loaded, msg, fatal = comm.bcast(res, root=0)
+    if fatal:
+        raise CollectiveError(msg)
+    if msg and comm.Get_rank() == 0:
+        sys.stderr.write(f"[disttrain] warning: {msg}\n")
+    c = CostParams(**loaded) if loaded else CostParams(comm.Get_size())
+    install(c, comm, *also)
+    return c
 
 
 def choose(family: str, comm, nbytes: int, dtype) -> str:
-    """The algorithm "auto" runs for this family, communicator size, message size and dtype."""
-    p = comm.Get_size()
-    key = (family, p, int(nbytes).bit_length(), dtype)
-    name = _choices.get(key)
+    """The algorithm "auto" runs for this family on `comm` for this message size and dtype.
+
+    A pure function of the communicator's parameters and the settings snapshot, so every member
+    of a group picks the same algorithm."""
+    c = params_of(comm)
+    s = config.current()
+    key = (family, int(nbytes).bit_length(), dtype, s.segment_bytes, s.ps_servers)
+    choices = c.__dict__.setdefault("_choices", {})
+    name = choices.get(key)
     if name is None:
-        name = _choices[key] = _decide(family, _params.get(p) or CostParams(p), 1 << (key[2] - 1) if nbytes else 0)
+        name = choices[key] = _decide(family, c, 1 << (key[1] - 1) if nbytes else 0)
     return name
 
 

@@ -26,4 +26,4 @@ def double_tree(comm, buf, op: int) -> None:
     parts = [(buf[:h], par1[r], kids1[r])]
     if n > h:
         parts.append((buf[h:], par2[r], kids2[r]))
-    pipelined_tree_allreduce(comm, parts, op, seg_elems(buf, config.settings.segment_bytes))
+    pipelined_tree_allreduce(comm, parts, op, seg_elems(buf, config.current().segment_bytes))

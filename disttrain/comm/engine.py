@@ -18,6 +18,7 @@ import threading
 import time
 
 from .. import stall, timeline
+from . import config
 
 
 class Handle:
@@ -63,24 +64,36 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, fn, name: str = "", x=None) -> Handle:
+    def submit(self, fn, name: str = "", x=None, group=None) -> Handle:
         """Run ``fn()`` on the communication thread; its return value becomes the handle's result.
+
+        Everything that decides what ``fn`` does on the wire is bound here, on the calling thread:
+        the settings snapshot (validation, segment size, cost-model parameters) runs with it, and
+        the operation gets its sequence number on `group` now, in submission order - so a switch
+        changed or a group created while the handle is outstanding cannot make ranks diverge.
 
         If MPI did not grant MPI_THREAD_MULTIPLE (some system MPIs), a second thread calling MPI
         would be unsafe: then ``fn`` runs here, synchronously, and a warning says so once.
         """
         h = Handle(name)
-        site = stall.call_site()
+        op = stall.issue(name + " (async)", x, stall.call_site(), group, lane="a")
+        op.state = "queued"
+        snap = config.current()
         if self._thread is None:
             if not self._threads_allowed():
-                try:
-                    h._finish(result=fn())
-                except BaseException as e:  # noqa: BLE001
-                    h._finish(error=e)
+                self._run(fn, h, op, snap)
                 return h
             self._start()
-        self._q.put((fn, h, x, site))
+        self._q.put((fn, h, op, snap))
         return h
+
+    def call(self, fn, name: str = ""):
+        """Run ``fn()`` in queue order on the communication thread and return its result (here,
+        when the thread is not running): for MPI calls on an asynchronous communicator made
+        from the main thread (splitting or freeing it)."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        return self.submit(fn, name).wait()
 
     _allowed: bool | None = None
 
@@ -109,23 +122,28 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            fn, h, x, site = item
-            op = stall.enter(h.name + " (async)", x, site)
-            t = time.perf_counter()
-            try:
-                with (timeline.span(h.name, "comm-async", detail=op.detail, site=site) if timeline.enabled()
+            self._run(*item)
+
+    @staticmethod
+    def _run(fn, h: Handle, op, snap) -> None:
+        stall.enter(op.name, op=op)
+        t = time.perf_counter()
+        error = None
+        try:
+            with config.bound(snap):
+                with (timeline.span(h.name, "comm-async", detail=op.detail, site=op.site) if timeline.enabled()
                       else timeline.NULL):
-                    result, error = fn(), None
-            except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
-                result, error = None, e
-            h.seconds = time.perf_counter() - t
-            stall.leave(op)
-            h._finish(result=result, error=error)
+                    result = fn()
+        except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
+            result, error = None, e
+        h.seconds = time.perf_counter() - t
+        stall.leave(op, error)
+        h._finish(result=result, error=error)
 
     def stop(self) -> None:
         """Finish queued work and join the thread (before MPI_Finalize)."""
         t = self._thread
-        if t is not None and t.is_alive():
+        if t is not None and t.is_alive() and t is not threading.current_thread():
             self._q.put(None)
             t.join()
         self._thread = None

@@ -55,6 +55,74 @@ def reduce_into_ref(dst: np.ndarray, src: np.ndarray, op: int) -> None:
         np.copyto(dst, src, where=src > dst)
 
 
+# ------------------------------------------------------------------ order keys for min / max
+# min/max over floats must propagate NaN and order -0 < +0 (IEEE 754-2019 minimum/maximum, what
+# NumPy's np.minimum/np.maximum do) and give the *same bits* on every rank whatever algorithm
+# reduced them. A comparison-based kernel cannot: `a > b` is false for NaN either way round, so
+# the result depends on which operand each rank happened to hold. Instead each float is mapped
+# to an integer whose order is the float's total order (non-negative floats keep their bits,
+# negative ones flip all but the sign bit), every NaN to the extreme key that wins (INT_MAX for
+# max, INT_MIN for min - no finite float maps there), the integers are reduced exactly by any
+# algorithm including the MPI library's, and mapped back (the extreme key -> one canonical quiet
+# NaN). The keys take no extra memory: the transform is in place on the buffer's bits.
+@njit(**_JIT)
+def _to_keys(bits, nan_key, top, exp_mask, mant_mask):
+    for i in range(bits.shape[0]):
+        b = bits[i]
+        if (b & exp_mask) == exp_mask and (b & mant_mask) != 0:
+            bits[i] = nan_key
+        elif b < 0:
+            bits[i] = b ^ top
+
+
+@njit(**_JIT)
+def _from_keys(bits, nan_key, top, qnan):
+    for i in range(bits.shape[0]):
+        k = bits[i]
+        if k == nan_key:
+            bits[i] = qnan
+        elif k < 0:
+            bits[i] = k ^ top
+
+
+_KEYS = {np.dtype(np.float32): (np.int32, 0x7F800000, 0x007FFFFF, 0x7FC00000),
+         np.dtype(np.float64): (np.int64, 0x7FF0000000000000, 0x000FFFFFFFFFFFFF, 0x7FF8000000000000)}
+
+
+def _key_consts(dtype, op):
+    it, exp, mant, qnan = _KEYS[dtype]
+    info = np.iinfo(it)
+    return it, it(info.max if op == MAX else info.min), it(info.max), it(exp), it(mant), it(qnan)
+
+
+def to_keys(buf: np.ndarray, op: int) -> np.ndarray:
+    """Map a 1-D contiguous float32/float64 buffer in place to order keys for `op` (MIN or MAX);
+    returns the integer view to reduce."""
+    it, nan_key, top, exp, mant, _ = _key_consts(buf.dtype, op)
+    bits = buf.view(it)
+    if bits.shape[0]:
+        _to_keys(bits, nan_key, top, exp, mant)
+    return bits
+
+
+def from_keys(bits: np.ndarray, dtype, op: int) -> np.ndarray:
+    """Inverse of :func:`to_keys` in place; returns the float view."""
+    _, nan_key, top, _, _, qnan = _key_consts(np.dtype(dtype), op)
+    if bits.shape[0]:
+        _from_keys(bits, nan_key, top, qnan)
+    return bits.view(dtype)
+
+
+def minmax_ref(a: np.ndarray, b: np.ndarray, op: int) -> np.ndarray:
+    """NumPy reference of the key reduction: np.minimum/np.maximum (NaN propagates) with -0 < +0
+    and every NaN made the canonical quiet NaN."""
+    out = (np.minimum if op == MIN else np.maximum)(a, b)
+    zero = (out == 0) & (a == 0) & (b == 0)
+    signed = np.signbit(a) | np.signbit(b) if op == MIN else np.signbit(a) & np.signbit(b)
+    out = np.where(zero, np.where(signed, -0.0, 0.0).astype(out.dtype), out)
+    return np.where(np.isnan(out), np.array(np.nan, out.dtype), out)
+
+
 # ---------------------------------------------------------------------------------------- scale
 @njit(**_JIT)
 def _divide(buf, d):
@@ -209,6 +277,9 @@ def unpack_ref(src, starts, lengths, dst) -> None:
 
 def warmup() -> None:
     """Compile (or load from numba's cache) every specialization the collectives use."""
+    for op in (MIN, MAX):
+        for dt in (np.float32, np.float64):
+            from_keys(to_keys(np.zeros(2, dt), op), dt, op)
     for t in (np.float32, np.float64, np.int32, np.int64):
         a = np.ones(2, t)
         for op in (SUM, PROD, MIN, MAX):

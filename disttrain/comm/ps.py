@@ -26,7 +26,7 @@ def ps(comm, buf, op: int, param: int | None = None) -> None:
     p, r, n = comm.Get_size(), comm.Get_rank(), buf.shape[0]
     if p == 1 or n == 0:
         return
-    srv = server_ranks(p, param or config.settings.ps_servers or p)
+    srv = server_ranks(p, param or config.current().ps_servers or p)
     counts, displs = blocks(n, len(srv))
     shard = srv.index(r) if r in srv else -1
     others = [q for q in range(p) if q != r]

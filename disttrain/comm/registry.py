@@ -50,7 +50,7 @@ class Registry:
         fn = self._resolved.get(name)
         if fn is None:
             fn = self._resolved[name] = self._resolve(name)
-        return _logged(self.family, name, fn) if config.settings.verbose else fn
+        return _logged(self.family, name, fn) if config.current().verbose else fn
 
     def _resolve(self, name: str):
         base, _, param = name.partition(":")

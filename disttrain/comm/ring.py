@@ -109,7 +109,7 @@ def ring_allreduce(comm, buf: np.ndarray, op: int, codec=None) -> None:
     if p == 1 or buf.shape[0] == 0:
         return
     counts, displs = blocks(buf.shape[0], p)
-    seg = seg_elems(buf, config.settings.segment_bytes)
+    seg = seg_elems(buf, config.current().segment_bytes)
     with timeline.span("ring reduce-scatter", "phase"):
         ring_reduce_scatter(comm, buf, op, counts, displs, seg, codec)
     with timeline.span("ring allgather", "phase"):
@@ -127,11 +127,11 @@ def ring_allreduce(comm, buf: np.ndarray, op: int, codec=None) -> None:
 def ring_rs(comm, buf, op, counts, displs):
     r = comm.Get_rank()
     counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
-    ring_reduce_scatter(comm, buf, op, counts, displs, seg_elems(buf, config.settings.segment_bytes))
+    ring_reduce_scatter(comm, buf, op, counts, displs, seg_elems(buf, config.current().segment_bytes))
     return buf[displs[r]:displs[r] + counts[r]]
 
 
 @ALLGATHER.register("ring")
 def ring_ag(comm, buf, counts, displs) -> None:
     counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
-    ring_allgather(comm, buf, counts, displs, seg_elems(buf, config.settings.segment_bytes))
+    ring_allgather(comm, buf, counts, displs, seg_elems(buf, config.current().segment_bytes))

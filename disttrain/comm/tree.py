@@ -107,7 +107,7 @@ def tree(comm, buf, op: int) -> None:
         return
     parent, children = tree_links(p)
     pipelined_tree_allreduce(comm, [(buf, parent[r], children[r])], op,
-                             seg_elems(buf, config.settings.segment_bytes))
+                             seg_elems(buf, config.current().segment_bytes))
 
 
 @BROADCAST.register("tree")
@@ -118,7 +118,7 @@ def tree_broadcast(comm, buf, root: int) -> None:
         return
     shift = (root - tree_root(p)) % p
     parent, children = tree_links(p, shift)
-    segs = segments(0, buf.shape[0], seg_elems(buf, config.settings.segment_bytes))
+    segs = segments(0, buf.shape[0], seg_elems(buf, config.current().segment_bytes))
     par, kids = parent[r], children[r]
     sends = []
     if par < 0:

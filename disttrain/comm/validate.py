@@ -1,25 +1,37 @@
 """Cross-rank consistency check: every rank must call the same collective with matching arguments.
 
 Mismatches (shape, dtype, op, algorithm, root, ...) or a local argument error on any one rank would
-otherwise hang the job or silently produce wrong numbers. The check is one tiny MPI_Allreduce with
+otherwise hang the job or silently produce wrong numbers. The check is one tiny MPI_Iallreduce with
 MPI_BAND over three int64 words ``[ok, h, ~h]`` where ``h`` is a 63-bit hash of the call's
-signature: AND(h_i) == ~AND(~h_i) == OR(h_i) holds exactly when every h_i is equal, and the first
-word is 0 when any rank found a local error. Only when that fails do the ranks gather readable
+signature and of its sequence number on the group (the n-th collective this rank issued there):
+AND(h_i) == ~AND(~h_i) == OR(h_i) holds exactly when every h_i is equal, and the first word is 0
+when any rank found a local error. Only when that fails do the ranks gather readable
 descriptions (a pickled allgather, off the hot path) so that every rank raises the same
-CollectiveError naming who passed what.
+CollectiveError naming who passed what, at which call number, called from where.
+
+The wait is interruptible: while the check is pending, a failure notice from a member (a rank
+that raised an error it could not agree on with this group - an invalid ``group=`` - see
+stall.undeliverable) or its departure ends the wait with that rank's CollectiveError instead of
+a hang; the abandoned request makes the group unusable (stall.mark_broken), which every later
+call on it says.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 
 import numpy as np
 
+from .. import stall
 from . import config
 from .errors import CollectiveError
 
 
 _MPI = None  # mpi4py.MPI, bound on first use (importing it starts MPI)
 _hashes: dict = {}  # signature tuple -> 63-bit hash (repr + blake2b costs ~5 us; a lookup ~0.2 us)
+_MASK = (1 << 63) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive sequence numbers over all bits
+_abandoned: list = []  # requests of interrupted checks: never freed while MPI may still write them
 
 
 def _hash(kind: str, fields: dict) -> int:
@@ -48,42 +60,88 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
         always: check even when validation is switched off (set-up calls: meshes, pipelines,
             DataParallel - once per job, never in the hot loop).
     """
-    if not (config.settings.validate or always):
+    if not (config.current().validate or always):
         if local_error:
             raise CollectiveError(local_error)
         return
     global _MPI
     if _MPI is None:
         from mpi4py import MPI as _MPI
-    h = _hash(kind, fields)
+    op = stall.current()
+    seq = op.seq if op is not None and op.gkey else 0
+    h = _hash(kind, fields) ^ ((seq * _GOLDEN) & _MASK)
     v = np.array((0 if local_error else -1, h, ~h), dtype=np.int64)
-    comm.Allreduce(_MPI.IN_PLACE, v, op=_MPI.BAND)
+    req = comm.Iallreduce(_MPI.IN_PLACE, v, op=_MPI.BAND)
+    if not req.Test():
+        if op is not None:
+            op.state = "validating"  # interruptible: the watchdog leaves this wait to wait()
+        wait(req, comm, op, kind)
+        if op is not None:
+            op.state = "running"
     if v[0] == -1 and v[1] == ~v[2]:
         return
-    infos = comm.allgather((local_error, kind, fields))
+    site = op.site if op is not None else stall.call_site()
+    infos = comm.allgather((local_error, kind, fields, seq, site))
     raise CollectiveError(describe(infos))
+
+
+def wait(req, comm, op, kind: str) -> None:
+    """Complete `req`, spinning briefly then sleeping in growing steps (a late peer gets the core
+    when ranks outnumber cores), and give up with the peer's error if a member can never come."""
+    from ..runtime import group_of
+
+    t0 = time.monotonic()
+    seen, recheck = -1, 0.0
+    g = None
+    spins = 0
+    delay = 0.0
+    while not req.Test():
+        now = time.monotonic()
+        if stall.alarm != seen or (stall._peer_failed and now >= recheck) or stall._broken:
+            seen, recheck = stall.alarm, now + 0.1  # notices of unknown groups count after a grace
+            if op is not None and op.gkey:
+                why = stall.peers_problem(op.ranks, op.gkey, op.seq)
+                gkey = op.gkey
+            else:
+                g = group_of(comm)
+                gkey = f"{g.uid}:b" if g is not None else ""
+                why = stall.peers_problem(g.ranks, gkey, None, t0) if g is not None else None
+            if why:
+                if op is not None:
+                    op.state = "abandoned"  # the watchdog must not take this raise for a hang
+                stall.consume_unknown(op.ranks if op is not None and op.gkey else (g.ranks if g is not None else ()))
+                _abandoned.append(req)
+                stall.mark_broken(gkey, f"{kind} abandoned: {why}")
+                raise CollectiveError(f"{kind}: {why}")
+        spins += 1
+        if spins > 200:  # ~50-100 us of spinning: the peer is late, stop burning its core
+            delay = min(1e-3, delay * 2 if delay else 2e-5)
+            time.sleep(delay)
 
 
 def describe(infos) -> str:
     """One message, identical on every rank, saying which ranks disagree and how."""
-    errors = [(r, e) for r, (e, _, _) in enumerate(infos) if e]
+    errors = [(r, i[0]) for r, i in enumerate(infos) if i[0]]
     if errors:
         first = errors[0][1]
         ranks = [r for r, e in errors if e == first]
         more = f" (and {len(errors) - len(ranks)} other error(s) on other ranks)" if len(errors) > len(ranks) else ""
         return f"rank(s) {ranks}: {first}{more}"
-    kinds = {k for _, k, _ in infos}
+    kinds = {i[1] for i in infos}
+    sites = "; ".join(f"rank {r}: {i[1]} #{i[3]} at {i[4]}" for r, i in enumerate(infos))
     if len(kinds) > 1:
-        calls = ", ".join(f"rank {r}: {k}" for r, (_, k, _) in enumerate(infos))
-        return f"ranks called different collectives at the same point ({calls})"
+        return f"ranks called different collectives at the same point ({sites})"
     kind = infos[0][1]
-    keys = sorted({key for _, _, f in infos for key in f})
+    keys = sorted({key for i in infos for key in i[2]})
     parts = []
     for key in keys:
-        vals = [f.get(key) for _, _, f in infos]
+        vals = [i[2].get(key) for i in infos]
         if any(v != vals[0] for v in vals):
             groups: dict = {}
             for r, v in enumerate(vals):
                 groups.setdefault(repr(v), []).append(r)
             parts.append(f"{key}: " + "; ".join(f"ranks {rs} passed {v}" for v, rs in groups.items()))
-    return f"{kind}: arguments differ across ranks - " + " | ".join(parts)
+    if not parts and len({i[3] for i in infos}) > 1:
+        return (f"{kind}: ranks are at different collective call numbers on this group - a rank skipped or "
+                f"added a collective ({sites})")
+    return f"{kind}: arguments differ across ranks - " + " | ".join(parts) + f" ({sites})"

@@ -30,7 +30,7 @@ from .. import compression as Z
 from ..compression import kernels as compression_kernels
 from .. import timeline
 from ..comm import kernels as comm_kernels
-from ..comm import validate
+from ..comm import config, validate
 from ..comm.engine import engine
 from ..nn.module import Module
 from ..runtime import as_group
@@ -39,7 +39,7 @@ FIRST_BUCKET_BYTES = 1 << 20
 
 
 class _Bucket:
-    __slots__ = ("params", "buffer", "pending", "handle", "index", "key", "layout")
+    __slots__ = ("params", "buffer", "pending", "handle", "index", "key", "layout", "views")
 
     def __init__(self, params, dtype, index):
         self.params, self.index = params, index
@@ -47,6 +47,7 @@ class _Bucket:
         self.pending, self.handle = set(), None
         self.key = f"b{index}:{params[0].name}..{params[-1].name}"  # stable across runs: state key
         self.layout = []  # (offset, shape) of each parameter in buffer
+        self.views = []  # each parameter's .grad as handed out: a layer must accumulate into it
 
 
 class DataParallel:
@@ -100,6 +101,14 @@ class DataParallel:
             "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None, always=True)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._sync, self._next = True, 0  # _next: the first bucket not launched yet
+        # Step fingerprint, checked with every bucket (validation on): the number of synchronised
+        # steps, and the training-mode forward passes not matched by a backward since the last one
+        # - a rank that skipped a backward after its forward disagrees here and every rank raises
+        # CollectiveError, instead of averaging one step's gradients with another's and hanging
+        # at the end. (Evaluate with model.eval(), or through the model, not ddp.forward.)
+        self._steps, self._forwards, self._backwards = 0, 0, 0
+        self._in_backward = False
+        self._late_error = None  # a local problem found with validation off: raised after the step
         self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
         self.exposed_comm_seconds = 0.0  # the part backward's caller waited for: not hidden
         for m in _modules(model):  # containers call the hook as each child's backward returns
@@ -124,12 +133,21 @@ class DataParallel:
                 view = b.buffer[off:off + p.data.size].reshape(p.data.shape)
                 view[...] = p.grad
                 p.grad = view
+                b.views.append(view)
                 b.layout.append((off, p.data.shape))
                 off += p.data.size
             out.append(b)
         return out
 
     def _on_ready(self, params) -> None:
+        if not self._in_backward:
+            if self._sync:
+                name = next(iter(params)).name if params else "?"
+                raise RuntimeError(
+                    f"DataParallel: gradients of {name!r} were produced by model.backward() called directly; "
+                    "call ddp.backward(dy) so that they are averaged over the ranks (or wrap the call in "
+                    "ddp.no_sync() to accumulate locally)")
+            return
         if not (self._sync and self.overlap) or self.group.size == 1:
             return
         for p in params:
@@ -149,25 +167,58 @@ class DataParallel:
             self._launch(self.buckets[self._next])
             self._next += 1
 
-    def _launch(self, b: _Bucket) -> None:
+    def _launch(self, b: _Bucket, error: str | None = None) -> None:
         timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
+        if error is None:
+            for p, view in zip(b.params, b.views):
+                if p.grad is not view:
+                    error = (f"DataParallel: parameter {p.name!r}'s .grad was replaced (p.grad = ...) instead of "
+                             "accumulated into (p.grad += ...); the new array is not in the gradient bucket, so it "
+                             "would not be averaged over the ranks")
+                    break
+        validating = config.current().validate
+        if error is not None and not validating:
+            self._late_error = self._late_error or error  # raised after the step, whose collectives go on
+            error = None
         z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
-        b.handle = engine.submit(lambda: z.reduce_(b.buffer, b.key, comm, algorithm, b.layout),
-                                 "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer)
+        fields = {"step": self._steps, "unmatched_forwards": self._forwards - self._backwards,
+                  "bucket": b.index, "key": b.key, "size": b.buffer.size}
+
+        def job():
+            if validating:
+                validate.check(comm, "DataParallel bucket", fields, error)
+            return z.reduce_(b.buffer, b.key, comm, algorithm, b.layout)
+
+        b.handle = engine.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
+                                 self.group)
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
+        if self.model.training:
+            self._forwards += 1
         return self.model.forward(x)
 
     __call__ = forward
 
     def backward(self, dy):
-        """Backward through the model; on return every .grad holds the average over ranks."""
+        """Backward through the model; on return every .grad holds the average over ranks.
+
+        If the model's backward raises, the buckets not yet launched are launched carrying the
+        error, so every other rank's backward raises CollectiveError instead of waiting for them;
+        in-flight work is drained on every exit path, and the exception propagates here."""
         for b in self.buckets:
             b.pending = {id(p) for p in b.params}
             b.handle = None
         self._next = 0
-        dx = self.model.backward(dy)
+        self._in_backward = True
+        self._backwards += 1
+        try:
+            dx = self.model.backward(dy)
+        except BaseException as e:
+            self._in_backward = False
+            self._fail_step(f"rank {self.group.rank}: the model's backward raised {type(e).__name__}: {e}")
+            raise
+        self._in_backward = False
         self._finish()
         return dx
 
@@ -181,6 +232,23 @@ class DataParallel:
         self._next = 0
         self._finish()
 
+    def _fail_step(self, why: str) -> None:
+        """Launch the remaining buckets with `why` as their local error, wait for every bucket,
+        and forget the step (the peers' buckets all raise CollectiveError)."""
+        if self._sync and self.group.size > 1:
+            for b in self.buckets[self._next:]:
+                self._launch(b, error=why)
+            self._next = len(self.buckets)
+            for b in self.buckets:
+                if b.handle is not None:
+                    try:
+                        b.handle.wait()
+                    except Exception:  # noqa: BLE001 - the original exception is the one to raise
+                        pass
+                    b.handle = None
+        self._steps += 1
+        self._forwards = self._backwards = 0
+
     def _finish(self) -> None:
         """Launch the buckets the hooks did not, wait for all, account the time."""
         if not self._sync or self.group.size == 1:  # one rank: its grads already are the average
@@ -189,12 +257,23 @@ class DataParallel:
         for b in self.buckets[self._next:]:  # launch what the hooks did not (no overlap, non-reporting models)
             self._launch(b)
         self._next = len(self.buckets)
+        first = None
         with timeline.span("wait for gradient allreduces", "wait"):
-            for b in self.buckets:
-                b.handle.wait()
+            for b in self.buckets:  # wait for every bucket, even after one failed: nothing left in flight
+                try:
+                    b.handle.wait()
+                except Exception as e:  # noqa: BLE001
+                    first = first or e
                 self.comm_seconds += b.handle.seconds
                 b.handle = None
         self.exposed_comm_seconds += time.perf_counter() - t
+        self._steps += 1
+        self._forwards = self._backwards = 0
+        late, self._late_error = self._late_error, None
+        if first is not None:
+            raise first
+        if late is not None:
+            raise RuntimeError(late)
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -19,11 +19,11 @@ def comm():
 @pytest.fixture(autouse=True)
 def _defaults():
     """Every test starts from the same settings on every rank."""
-    from disttrain.comm.config import settings
+    from disttrain.comm import config
 
-    saved = (settings.validate, settings.segment_bytes, settings.ps_servers)
+    saved = config.settings
     yield
-    settings.validate, settings.segment_bytes, settings.ps_servers = saved
+    config.restore(saved)
 
 
 def rank_rng(comm, salt=0):

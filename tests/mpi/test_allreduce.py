@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain.comm.config import settings
+from disttrain.comm import config
 
 from .conftest import rank_rng
 
@@ -76,7 +76,7 @@ def test_random_floats_within_tolerance_and_identical_on_all_ranks(comm, algorit
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["ring", "tree", "double_tree", "rabenseifner", "ps"])
 def test_many_pipeline_segments(comm, algorithm):
-    settings.segment_bytes = 1024  # 256 float32 per segment: exercise the pipelines' bookkeeping
+    config.update(segment_bytes=1024)  # 256 float32 per segment: exercise the pipelines' bookkeeping
     rng = rank_rng(comm, 3)
     for n in (255, 256, 257, 3 * 256 * comm.Get_size() + 5, 20011):
         x = rng.integers(-9, 10, n).astype(np.float32)

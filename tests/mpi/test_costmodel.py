@@ -36,16 +36,13 @@ def test_saved_calibration_is_loaded_and_shared(comm, tmp_path_factory):
 
     path = comm.bcast(str(tmp_path_factory.mktemp("cm") / "cm.json") if comm.Get_rank() == 0 else None)
     saved = dt.calibrate(save=path)
-    p = comm.Get_size()
-    old, old_spec = costmodel._params.pop(p), config.settings.costmodel_file
+    before = config.update(costmodel_file=path)
     try:
-        config.settings.costmodel_file = path
         loaded = costmodel.ensure(dt.world().comm)  # rank 0 reads the file, every rank gets its values
         assert (loaded.alpha, loaded.beta, loaded.native) == (saved.alpha, saved.beta, [tuple(x) for x in saved.native])
         assert loaded.source == "measured"
     finally:
-        config.settings.costmodel_file = old_spec
-        costmodel.install(dt.world().comm, old)
+        config.restore(before)
 
 
 @pytest.mark.mpi

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain.comm.config import settings
+from disttrain.comm import config
 
 pytestmark = pytest.mark.mpi
 
@@ -122,6 +122,6 @@ def test_validation_off_still_reports_local_errors(comm):
     dt.set_validation(False)
     with pytest.raises(dt.CollectiveError, match="unknown op"):
         dt.allreduce(np.ones(2), op="mean")  # every rank makes the same mistake: no hang possible
-    assert settings.validate is False
+    assert config.settings.validate is False
     dt.set_validation(True)
     still_works(comm)
