@@ -11,7 +11,7 @@
 #   --rate R             link bandwidth per direction, tc syntax: 1gbit, 100mbit, 10gbit (default 1gbit)
 #   --delay D            one-way added latency per link, tc syntax: 0, 50us, 1ms (default 0)
 #   --keep-env           pass the caller's UCX_TLS through instead of forcing tcp,self
-#   --cleanup            delete every namespace and /etc/netns entry left by dead runs, then exit
+#   --cleanup            delete every namespace, /etc/netns entry and veth left by dead runs, then exit
 # Environment: PYTHON (default: python on PATH), MPIEXEC (default: mpiexec on PATH; MPICH's Hydra).
 #
 # How (DESIGN.md sec. 5): each host is a network namespace ("ip netns") whose one interface is a
@@ -23,9 +23,15 @@
 # reaches the other hosts through `-launcher ssh -launcher-exec` with this script standing
 # in for ssh; UCX_TLS=tcp,self makes ranks on different hosts talk over TCP on the
 # shaped links instead of shared memory. All addresses (10.213.0.0/24) live only inside the
-# namespaces created here; nothing is configured in the caller's namespace. Everything is torn
-# down on exit, on error and on SIGINT/SIGTERM; a run killed with SIGKILL leaves its namespaces,
-# which `--cleanup` removes. Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN), iproute2 and util-linux.
+# namespaces created here; nothing is configured in the caller's namespace - each veth pair is
+# created directly in its two namespaces by one netlink request, so it never exists in the
+# caller's, not even for an instant a kill could catch. No temporary files: the hosts table goes
+# straight into /etc/netns/<ns>/hosts. Everything is torn down on exit, on error and on
+# SIGINT/SIGTERM; a run killed with SIGKILL leaves its namespaces and /etc/netns entries, which
+# `--cleanup` removes (it finds every name carrying a dead run's id: namespaces "dtemu<id>-*",
+# /etc/netns/dtemu<id>-*, and veths "dte<id>-<i>"/"dtp<id>-<i>" should one ever be in the root
+# namespace, as older versions of this script could leave them). Needs root (CAP_NET_ADMIN,
+# CAP_SYS_ADMIN), iproute2 and util-linux.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 self="$here/$(basename "${BASH_SOURCE[0]}")"
@@ -45,19 +51,29 @@ if [ -n "${DTEMU_RUN:-}" ]; then
 fi
 
 # --------------------------------------------------------------------------------- cleanup
-cleanup_run() {  # $1 = run id: kill its processes, delete its namespaces and files
-  local id=$1 ns
+root_veths() {  # names of this script's veths in the root namespace (none, normally)
+  ip -o link show 2>/dev/null | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^dt[ep][0-9]+-[0-9]+$' || true
+}
+
+cleanup_run() {  # $1 = run id (digits): kill its processes, delete its namespaces, veths and files
+  local id=$1 ns dev
+  [[ "$id" =~ ^[0-9]+$ ]] || return 0
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$prefix$id-" || true); do
     ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
   done
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$prefix$id-" || true); do
     ip netns del "$ns" 2>/dev/null || true
-    rm -rf "/etc/netns/$ns"
+  done
+  rm -rf "/etc/netns/$prefix$id-"*  # also entries whose namespace is already gone
+  for dev in $(root_veths | grep -E "^dt[ep]$id-" || true); do
+    ip link del "$dev" 2>/dev/null || true  # deleting one end deletes the pair
   done
 }
 
 if [ "${1:-}" = "--cleanup" ]; then
-  ids=$(ip netns list 2>/dev/null | awk '{print $1}' | sed -n "s/^$prefix\([0-9]*\)-.*/\1/p" | sort -u)
+  ids=$( { ip netns list 2>/dev/null | awk '{print $1}' | sed -n "s/^$prefix\([0-9]*\)-.*/\1/p"
+           ls /etc/netns 2>/dev/null | sed -n "s/^$prefix\([0-9]*\)-.*/\1/p"
+           root_veths | sed -n 's/^dt[ep]\([0-9]*\)-.*/\1/p'; } | sort -u)
   for id in $ids; do
     if ! kill -0 "$id" 2>/dev/null; then echo "removing leftovers of run $id"; cleanup_run "$id"; fi
   done
@@ -74,7 +90,7 @@ while [ $# -gt 0 ]; do
     --delay) delay=${2:?}; shift 2 ;;
     --keep-env) keep_env=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,30p' "$self"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$self"; exit 0 ;;
     *) die "unknown option $1 (see --help); put the program after --" ;;
   esac
 done
@@ -99,8 +115,7 @@ ip netns add "$sw"
 ip -n "$sw" link set lo up
 ip -n "$sw" link add br0 type bridge
 ip -n "$sw" link set br0 up
-hostsfile=$(mktemp)
-for i in $(seq 0 $((hosts - 1))); do echo "10.213.0.$((i + 1)) h$i" >> "$hostsfile"; done
+hosts_table=$(printf '127.0.0.1 localhost\n'; for i in $(seq 0 $((hosts - 1))); do echo "10.213.0.$((i + 1)) h$i"; done)
 
 shape() {  # $1 = netns, $2 = device: shape its egress to --rate (+ --delay)
   local parent=root
@@ -117,9 +132,9 @@ for i in $(seq 0 $((hosts - 1))); do
   ns=$prefix$id-h$i
   ip netns add "$ns"
   ip -n "$ns" link set lo up
-  ip link add "dte$id-$i" type veth peer name "dtp$id-$i"   # both ends move out at once
-  ip link set "dte$id-$i" netns "$ns"
-  ip link set "dtp$id-$i" netns "$sw"
+  # Created inside the host's namespace with its peer placed in the switch's by the same request:
+  # the pair never appears in the root namespace, so a SIGKILL cannot strand it there.
+  ip -n "$ns" link add "dte$id-$i" type veth peer name "dtp$id-$i" netns "$sw"
   ip -n "$ns" link set "dte$id-$i" name eth0
   ip -n "$ns" addr add "10.213.0.$((i + 1))/24" dev eth0
   ip -n "$ns" link set eth0 up
@@ -127,10 +142,8 @@ for i in $(seq 0 $((hosts - 1))); do
   shape "$ns" eth0            # uplink: host -> switch
   shape "$sw" "dtp$id-$i"     # downlink: switch -> host
   mkdir -p "/etc/netns/$ns"
-  printf '127.0.0.1 localhost\n' > "/etc/netns/$ns/hosts"
-  cat "$hostsfile" >> "/etc/netns/$ns/hosts"
+  printf '%s\n' "$hosts_table" > "/etc/netns/$ns/hosts"
 done
-rm -f "$hostsfile"
 hostlist=$(seq -s, -f 'h%g' 0 $((hosts - 1)))
 echo "emulated_cluster: $hosts hosts x $rph ranks, links $rate each way, delay $delay (run $id)" >&2
 

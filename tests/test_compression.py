@@ -236,3 +236,80 @@ def test_state_dict_round_trip():
 def test_kernels_compile_and_cache():
     K.warmup()
     assert K.scatter_add.stats.cache_hits or K.scatter_add.stats.cache_misses
+
+
+# ------------------------------------------------------------------- rollback of a skipped step
+STATEFUL = ["topk:0.05", "onebit", "powersgd:2"]
+LAYOUT = [(0, (25, 16)), (400, (16,))]
+
+
+def _compress(c, g, key):
+    kw = {"layout": LAYOUT} if c.name in ("onebit", "powersgd") else {}
+    payload, ctx = c.compress(g, key=key, **kw)
+    return c.decompress(payload, ctx)
+
+
+@pytest.mark.parametrize("spec", STATEFUL + ["fp16", "bf16", "none"])
+@pytest.mark.parametrize("explicit_commit", [True, False])
+def test_rollback_forgets_a_nan_step_exactly(spec, explicit_commit):
+    """finite steps, a step with NaN/inf then rollback, finite steps == the run without the bad step:
+    same outputs, same state, bit for bit (the error-feedback residual and PowerSGD's warm-start Q
+    would otherwise carry the NaN into every later step)."""
+    rng = np.random.default_rng(11)
+    good = [rng.standard_normal(416) for _ in range(6)]
+    bad = good[0].copy()
+    bad[[3, 401]] = np.nan, np.inf
+    ref, c = Z.make(spec), Z.make(spec)
+    for i, g in enumerate(good):
+        want = _compress(ref, g, "b")
+        if i == 3:
+            assert not np.all(np.isfinite(_compress(c, bad, "b")))
+            c.rollback()
+        got = _compress(c, g, "b")
+        assert np.array_equal(got, want), (spec, i)
+        if explicit_commit:
+            c.commit()
+    assert np.all(np.isfinite(got))
+    a, b = ref.state_dict(), c.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("spec", STATEFUL)
+def test_rollback_of_a_first_step_leaves_no_state(spec):
+    c = Z.make(spec)
+    _compress(c, np.full(416, np.nan), "b")
+    c.rollback()
+    assert c.state == {} and c.state_dict() == {}
+    c.rollback()  # nothing open: a no-op
+    assert c.state == {}
+
+
+def test_rollback_covers_every_key_of_the_step_and_only_that_step():
+    """A step touches several buckets; rollback restores all of them, and none of the steps before."""
+    c = Z.TopK(0.1)
+    rng = np.random.default_rng(12)
+    for _ in range(2):
+        for key in ("b0", "b1"):
+            c.compress(rng.standard_normal(50), key=key)
+    before = c.state_dict()
+    for key in ("b0", "b1"):  # the second touch of b0 begins a new step: the previous one is committed
+        c.compress(np.full(50, np.nan), key=key)
+    c.rollback()
+    after = c.state_dict()
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("spec", STATEFUL)
+def test_double_buffering_allocates_no_state_per_step(spec):
+    """The cost of rollback: two buffers per state array, reused - not a copy per step."""
+    c = Z.make(spec)
+    rng = np.random.default_rng(13)
+    seen = {}  # id -> array: holding them keeps ids from being reused by later allocations
+    for i in range(8):
+        _compress(c, rng.standard_normal(416), "b")
+        if i % 3 == 2:
+            _compress(c, rng.standard_normal(416), "b")
+            c.rollback()
+        seen.update((id(a), a) for a in c.state["b"].values())
+    names = len(c.state["b"])
+    assert len(seen) <= 2 * names + (1 if spec.startswith("powersgd") else 0)  # + the seeded first Q

@@ -3,6 +3,7 @@
 Needs root and iproute2 (network namespaces, veth, tc); without them these tests are skipped with
 that reason (the rest of the suite does not depend on them)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,20 +39,28 @@ if len(sys.argv) > 2 and dt.rank() == int(sys.argv[2]):
 """
 
 
+def root_veths():
+    """The launcher's veths (dte<id>-<i> / dtp<id>-<i>) in this, the root, namespace."""
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    names = [ln.split(": ")[1].split("@")[0] for ln in out.splitlines() if ": " in ln]
+    return [n for n in names if re.fullmatch(r"dt[ep]\d+-\d+", n)]
+
+
 def leftovers():
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     etc = os.listdir("/etc/netns") if os.path.isdir("/etc/netns") else []
-    return [ln for ln in ns.splitlines() if ln.startswith("dtemu")] + [e for e in etc if e.startswith("dtemu")]
+    return ([ln for ln in ns.splitlines() if ln.startswith("dtemu")] + [e for e in etc if e.startswith("dtemu")]
+            + root_veths())
 
 
 def root_addresses():
     return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
 
 
-def launch(tmp_path, *args, extra=(), timeout=120):
+def launch(tmp_path, *args, extra=(), timeout=120, env=None):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([SCRIPT, *args, "--", str(probe), *extra], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
@@ -108,7 +117,60 @@ def test_bad_options_are_refused_before_anything_is_created(tmp_path):
 
 
 def test_delay_works_or_says_why_not(tmp_path):
-    """--delay needs the kernel's netem qdisc; kernels without it get a clear refusal, no residue."""
-    res = launch(tmp_path, "--hosts", "2", "--delay", "1ms", extra=["4096"])
+    """--delay needs the kernel's netem qdisc; kernels without it get a clear refusal, no residue -
+    not even a temporary file (the refusal comes in the middle of set-up)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    res = launch(tmp_path, "--hosts", "2", "--delay", "1ms", extra=["4096"], env={"TMPDIR": str(tmp)})
     assert res.returncode == 0 or "netem" in res.stderr, res.stderr
+    assert leftovers() == []
+    assert os.listdir(tmp) == []
+
+
+def _dead_pid():
+    """A process id no process has now: a dead run's id."""
+    pid = 4_000_000
+    while os.path.exists(f"/proc/{pid}"):
+        pid -= 1
+    return pid
+
+
+def test_sigkill_during_set_up_leaves_nothing_in_the_root_namespace_and_cleanup_removes_the_rest(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    probe = tmp_path / "probe.py"
+    probe.write_text("print('never runs')\n")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, TMPDIR=str(tmp))
+    p = subprocess.Popen([SCRIPT, "--hosts", "40", "--", str(probe)], env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ns = f"dtemu{p.pid}-h2"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ns not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                                    text=True).stdout:
+        assert p.poll() is None, "set-up ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and whatever `ip` it is running: no trap runs
+    p.wait(timeout=30)
+    try:
+        assert root_veths() == []  # veths are born inside the namespaces, never in the root one
+        assert any(x.startswith(f"dtemu{p.pid}-") for x in leftovers())  # SIGKILL: left for --cleanup
+        assert os.listdir(tmp) == []  # no temporary file to strand
+    finally:
+        res = subprocess.run([SCRIPT, "--cleanup"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and f"run {p.pid}" in res.stdout, res.stdout + res.stderr
+    assert leftovers() == []
+
+
+def test_cleanup_finds_every_kind_of_leftover_of_a_dead_run():
+    """What a SIGKILLed run (of this or an older version of the script) can leave: a namespace, an
+    /etc/netns entry whose namespace is already gone, a veth pair in the root namespace."""
+    dead = _dead_pid()
+    subprocess.run(["ip", "netns", "add", f"dtemu{dead}-h0"], check=True)
+    os.makedirs(f"/etc/netns/dtemu{dead}-h1", exist_ok=True)
+    subprocess.run(["ip", "link", "add", f"dte{dead}-0", "type", "veth", "peer", "name", f"dtp{dead}-0"], check=True)
+    try:
+        assert {f"dtemu{dead}-h0", f"dtemu{dead}-h1", f"dte{dead}-0", f"dtp{dead}-0"} <= set(leftovers())
+    finally:
+        res = subprocess.run([SCRIPT, "--cleanup"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
     assert leftovers() == []

@@ -206,3 +206,27 @@ def test_first_layer_may_skip_its_input_grad_but_no_other_layer():
     bad.forward(x)
     with pytest.raises(ValueError, match="not the first layer"):
         bad.backward(g)
+
+
+@pytest.mark.parametrize("padding_idx,row", [(-1, 5), (-6, 0), (4, 4)])
+def test_embedding_negative_padding_idx_counts_from_the_end(padding_idx, row):
+    """Like PyTorch: -1 is the last row. That row is zero and its gradient stays zero whatever the
+    ids (it was zeroed but kept receiving gradient, since -1 also meant "no padding" internally);
+    the other rows' gradients match finite differences."""
+    e = nn.Embedding(6, 3, padding_idx=padding_idx, dtype=np.float64)
+    assert e.padding_idx == row and np.all(e.weight.data[row] == 0)
+    ids = np.array([[1, 5, 3], [0, 5, 4]])
+    g = RNG.standard_normal((2, 3, 3))
+    e.weight.grad[...] = 0
+    e.forward(ids)
+    e.backward(g)
+    assert np.all(e.weight.grad[row] == 0)
+    num = numeric_grad(lambda: float(np.sum(e.forward(ids) * g)), e.weight.data)
+    num[row] = 0
+    np.testing.assert_allclose(e.weight.grad, num, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("padding_idx,err", [(6, ValueError), (-7, ValueError), (1.5, TypeError)])
+def test_embedding_padding_idx_out_of_range_is_explained(padding_idx, err):
+    with pytest.raises(err, match="padding_idx"):
+        nn.Embedding(6, 3, padding_idx=padding_idx)

@@ -15,6 +15,17 @@ A compressor has two faces:
 
 State lives in ``self.state[key]`` (a dict of arrays) where `key` is a stable bucket name, so it
 can be inspected, checkpointed (``state_dict``) and restored (``load_state_dict``).
+
+Steps are transactions. A training step whose averaged gradient turns out non-finite is skipped
+(the optimizer does not step), and the compressor must forget it too: error feedback would
+otherwise carry the NaN in its residual, and PowerSGD in its warm-start Q, into every later step
+(one bad batch poisoned a whole run). So a step never writes over the state it started from: the
+first time a step touches a key, the key's arrays are kept as its rollback point and the step
+writes its new arrays into a second set of buffers (double buffering). ``rollback()`` swaps the
+kept arrays back; ``commit()`` - or the next step touching a key again - makes the new ones
+permanent and recycles the old ones as the next step's buffers. Cost: twice the state's memory,
+no copies (the new residual is computed as ``old + gradient`` straight into the spare buffer,
+the same single pass as the former in-place ``+=``), O(number of state arrays) per commit/rollback.
 """
 from __future__ import annotations
 
@@ -128,6 +139,8 @@ class Compressor:
     def __init__(self):
         self.state: dict = {}
         self.stats = WireStats()
+        self._undo: dict = {}   # key -> its state dict at the start of the open step (None: absent)
+        self._spare: dict = {}  # key -> {array name: buffer} free for the next step's new values
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
@@ -168,23 +181,77 @@ class Compressor:
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        """Flat {"key/array": ndarray} copy of the state (for checkpoints)."""
+        """Flat {"key/array": ndarray} copy of the state (for checkpoints): the latest step's."""
         return {f"{k}/{n}": a.copy() for k, st in sorted(self.state.items()) for n, a in sorted(st.items())}
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.state = {}
+        """Restore what :meth:`state_dict` returned (and close any open step)."""
+        self.state, self._undo, self._spare = {}, {}, {}
         for name, a in d.items():
             key, arr = name.rsplit("/", 1)
             self.state.setdefault(key, {})[arr] = np.array(a, copy=True)
 
-    def _residual(self, key: str, x: np.ndarray) -> np.ndarray:
-        """The error-feedback memory for `key` (zeros the first time), shaped like x.ravel()."""
-        st = self.state.setdefault(key, {})
-        e = st.get("residual")
-        if e is None or e.shape != (x.size,) or e.dtype != x.dtype:
-            e = st["residual"] = np.zeros(x.size, x.dtype)
-        return e
+    # ----------------------------------------------------------------- step transactions
+    def commit(self) -> None:
+        """Make the open step's state changes permanent.
+
+        Optional: the next step's first touch of a key already touched in the open step commits
+        it. Call it after an applied optimizer step to close the step explicitly.
+        """
+        for key, old in self._undo.items():
+            if old is not None:
+                self._spare[key] = old  # the superseded arrays become the next step's buffers
+        self._undo = {}
+
+    def rollback(self) -> None:
+        """Restore every key's state to what it was before the open step (a skipped step): the
+        state, and so every later output, is then exactly as if the step had never run. Call it on
+        every rank of the group (the state is per rank, but a skipped step is skipped everywhere)."""
+        for key, old in self._undo.items():
+            self._spare[key] = self.state.pop(key)
+            if old is not None:
+                self.state[key] = old
+        self._undo = {}
+
+    def _begin(self, key: str) -> dict:
+        """The state dict of `key` for the open step; the first touch keeps the current one as the
+        rollback point. Touching a key twice means a new step began: commit the previous one
+        (DataParallel reduces each bucket once per step)."""
+        if key in self._undo:
+            self.commit()
+        old = self.state.get(key)
+        self._undo[key] = old
+        st = self.state[key] = {} if old is None else dict(old)  # untouched arrays stay shared
+        return st
+
+    def _new(self, key: str, name: str, shape, dtype):
+        """(previous array or None, buffer for this step's new value of state array `name`).
+
+        Requires ``_begin(key)`` in this step. The buffer is never the previous array (that one is
+        the rollback point); after the call ``self.state[key][name]`` is the buffer."""
+        shape, dtype = tuple(shape), np.dtype(dtype)
+        before = self._undo[key]
+        old = None if before is None else before.get(name)
+        if old is not None and (old.shape != shape or old.dtype != dtype):
+            old = None  # the bucket changed shape: start again from zeros/fresh
+        buf = self._spare.get(key, {}).pop(name, None)
+        if buf is None or buf is old or buf.shape != shape or buf.dtype != dtype:
+            buf = np.empty(shape, dtype)
+        self.state[key][name] = buf
+        return old, buf
+
+    def _accumulate(self, key: str, x: np.ndarray) -> np.ndarray:
+        """This step's error-feedback accumulator for `key`: previous residual + x (1-D), in a
+        buffer that becomes the new residual (the compressor leaves in it what it did not send;
+        Seide et al. 2014; Karimireddy et al. 2019). The previous residual is left untouched."""
+        self._begin(key)
+        flat = np.ascontiguousarray(x).reshape(-1)
+        old, acc = self._new(key, "residual", (x.size,), x.dtype)
+        if old is None:
+            acc[...] = flat
+        else:
+            np.add(old, flat, out=acc)
+        return acc
 
 
 register("none")(Compressor)

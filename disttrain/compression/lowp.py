@@ -132,10 +132,17 @@ class FP16(_SixteenBit):
     def _global_scale(self, buf, comm) -> float:
         from mpi4py import MPI
 
-        local = np.array([_maxabs(buf)])
+        m = _maxabs(buf)
+        # A NaN must not enter the MAX vote: MPI's MAX is a comparison, and a comparison with NaN
+        # is false, so whether the NaN survives depends on the order each rank combines the
+        # partial maxima in - different ranks would get different scales, and reduce the same
+        # data to different bits. +inf orders like any number, so every rank agrees on it: scale
+        # 1, and the NaN (or inf) still travels in the data, so every rank's result is non-finite
+        # and every rank skips the step.
+        local = np.array([m if math.isfinite(m) else math.inf])
         if comm.Get_size() > 1:
-            comm.Allreduce(MPI.IN_PLACE, local, op=MPI.MAX)  # nan on any rank: MAX may drop it, fine:
-        return self._scale(float(local[0]), comm.Get_size())  # the nan still travels in the data
+            comm.Allreduce(MPI.IN_PLACE, local, op=MPI.MAX)
+        return self._scale(float(local[0]), comm.Get_size())
 
 
 @register("bf16")

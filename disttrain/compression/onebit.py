@@ -30,8 +30,7 @@ class OneBit(Compressor):
         return starts, lengths
 
     def compress(self, x: np.ndarray, key: str = "default", layout=None):
-        acc = self._residual(key, x)
-        acc += np.ascontiguousarray(x).reshape(-1)
+        acc = self._accumulate(key, x)  # gradient + old residual, in the new residual's buffer
         n = acc.shape[0]
         starts, lengths = self._segments(n, layout)
         nseg, nwords = starts.shape[0], -(-n // 32)

@@ -64,7 +64,8 @@ class PowerSGD(Compressor):
         return mats, vecs
 
     def _q(self, key: str, j: int, m: int, dtype) -> np.ndarray:
-        st = self.state.setdefault(key, {})
+        """The warm-start Q of matrix j (the previous step's), or the seeded first one."""
+        st = self.state[key]  # _begin(key) ran in this step (in _accumulate)
         q = st.get(f"q{j}")
         if q is None or q.shape != (m, self.rank) or q.dtype != dtype:
             rng = np.random.default_rng([zlib.crc32(key.encode()), j])
@@ -102,12 +103,12 @@ class PowerSGD(Compressor):
         for j, ((off, n, m), P, Q) in enumerate(zip(mats, views1, views2)):
             A = np.matmul(P, Q.T, out=None if out is None else out[off:off + n * m].reshape(n, m))
             acc[off:off + n * m] -= A.reshape(-1)  # error feedback: what the rank-r image missed
-            self.state[key][f"q{j}"][...] = Q  # warm start for the next step
+            # warm start for the next step, into a new buffer: the old Q is the rollback point
+            self._new(key, f"q{j}", Q.shape, dt)[1][...] = Q
         return msg1, msg2, mats, vecs
 
     def compress(self, x: np.ndarray, key: str = "default", layout=None):
-        acc = self._residual(key, x)
-        acc += np.ascontiguousarray(x).reshape(-1)
+        acc = self._accumulate(key, x)
         layout = [(0, x.shape)] if layout is None else layout
         msg1, msg2, _, _ = self._step(acc, key, layout, lambda a: None, lambda a: None)
         return (msg1, msg2), (x.shape, x.dtype, layout)
@@ -130,8 +131,7 @@ class PowerSGD(Compressor):
 
     def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
         p = comm.Get_size()
-        acc = self._residual(key, buf)
-        acc += buf
+        acc = self._accumulate(key, buf)
 
         def sum_(a):
             _allreduce(comm, a, "sum", algorithm, inplace=True)

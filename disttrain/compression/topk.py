@@ -44,8 +44,7 @@ class TopK(Compressor):
         return 0 if n == 0 else max(1, min(n, int(self.ratio * n)))
 
     def compress(self, x: np.ndarray, key: str = "default"):
-        acc = self._residual(key, x)
-        acc += np.ascontiguousarray(x).reshape(-1)  # the memory now holds gradient + old residual
+        acc = self._accumulate(key, x)  # gradient + old residual, in the new residual's buffer
         k = self.k(acc.shape[0])
         payload = np.empty(k * (4 + acc.itemsize), np.uint8)
         vals, idx = _split(payload, k, acc.dtype)

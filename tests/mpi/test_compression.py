@@ -107,6 +107,57 @@ def test_fp16_scale_prevents_overflow_of_the_sum(comm):
     assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=p * 2.0 ** -10)
 
 
+# ------------------------------------------------------------------- a skipped (non-finite) step
+def bits(a):
+    """a's bits, so that NaN compares equal to the same NaN."""
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("spec", ["topk:0.1", "onebit", "powersgd:2", "fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_nan_step_rolled_back_leaves_no_trace(comm, spec, dtype):
+    """Finite steps, then one with a NaN (and an inf) on the last rank only, then rollback, then
+    finite steps: the bad step's average is non-finite on every rank with the same bits (so every
+    rank votes to skip it), and afterwards outputs and state are bit-identical to a run that never
+    saw it - the error-feedback residual / PowerSGD's Q must not carry the NaN on."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    layout = [(0, (30, 12)), (360, (12,)), (372, (2, 3, 5))]
+    rng = rank_rng(comm, salt=21)
+    good = [(rng.standard_normal(402) * 10.0 ** rng.uniform(-3, 1, 402)).astype(dtype) for _ in range(6)]
+    ref, c = Z.make(spec), Z.make(spec)
+    for i, g in enumerate(good):
+        want = ref.reduce_(g.copy(), "b", comm, layout=layout)
+        if i == 3:
+            bad = g.copy()
+            if r == p - 1:
+                bad[[5, 365]] = np.nan, np.inf
+            out = c.reduce_(bad, "b", comm, layout=layout)
+            skip = not np.all(np.isfinite(out))
+            assert all(gathered(comm, skip)), "the bad step must be non-finite on every rank"
+            assert all(np.array_equal(bits(o), bits(out)) for o in gathered(comm, out))
+            c.rollback()
+        got = c.reduce_(g.copy(), "b", comm, layout=layout)
+        assert np.all(np.isfinite(got))
+        assert np.array_equal(got, want), (spec, i)
+        c.commit()
+    a, b = ref.state_dict(), c.state_dict()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nan_rank", [0, -1])
+def test_fp16_scale_vote_treats_nan_alike_on_every_rank(comm, nan_rank):
+    """MPI's MAX compares, and comparisons with NaN are false: a raw NaN in the vote gave different
+    scales on different ranks. Every rank must agree, and on 1 (the data is sent unscaled)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    x = np.full(64, 3.0 + r, np.float32)
+    if r == nan_rank % p:
+        x[7] = np.nan
+    scales = gathered(comm, Z.FP16()._global_scale(x, comm))
+    assert scales == [1.0] * p, scales
+
+
 # -------------------------------------------------------------------------- DataParallel
 def train(comm, spec, steps=30, sizes=(12, 32, 16, 3), local=8, dtype=np.float64, lr=0.2):
     """Train under DataParallel(compression=spec); return (params, held-out losses before and
@@ -178,3 +229,42 @@ def test_mismatched_compression_is_an_error_on_every_rank(comm):
 def test_sixteen_bit_compression_refuses_other_algorithms(comm):
     with pytest.raises(ValueError, match="16-bit-wire ring"):
         dt.DataParallel(MLP([4, 3], seed=0), compression="fp16", algorithm="tree")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("spec", ["topk:0.1", "onebit", "powersgd:2", "fp16"])
+def test_data_parallel_skip_and_rollback_equals_never_seeing_the_bad_batch(comm, spec):
+    """What the main job does on a skipped step (vote on finite averaged gradients, no optimizer
+    step, ``ddp.compressor.rollback()``) must give bit for bit the parameters of a run that never
+    saw the bad batch."""
+    from disttrain import numerics
+
+    p, r = comm.Get_size(), comm.Get_rank()
+
+    def run(bad_step):
+        model = MLP([12, 32, 3], dtype=np.float32, seed=3)
+        ddp = dt.DataParallel(model, bucket_mb=0.001, compression=spec)
+        opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        loss_fn = nn.SoftmaxCrossEntropy()
+        skipped = 0
+        for s in range(10):
+            if bad_step is None and s == 4:  # the reference never sees step 4's batch
+                continue
+            x = np.random.default_rng([s, r]).standard_normal((8, 12)).astype(np.float32)
+            if s == bad_step and r == p - 1:
+                x[2, 4] = np.nan
+            loss_fn.forward(ddp.forward(x), np.arange(8) % 3)
+            ddp.backward(loss_fn.backward())
+            if numerics.all_finite(ddp.parameters()):
+                opt.step()
+                ddp.compressor.commit()
+            else:
+                ddp.compressor.rollback()
+                skipped += 1
+            opt.zero_grad()
+        return [q.data.copy() for q in model.parameters()], skipped
+
+    want, _ = run(bad_step=None)
+    got, skipped = run(bad_step=4)
+    assert skipped == 1
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
