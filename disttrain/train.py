@@ -533,6 +533,32 @@ def _truncate_metrics(path: str, step: int, warn=None) -> None:
     os.replace(path + ".tmp", path)
 
 
+def comm_fields(comm_total: float, exposed_total: float, steps: int) -> dict:
+    """The communication fields of one logged interval: comm_s and exposed_comm_s, seconds per step.
+
+    Both come from DataParallel's counters and rely on their definition (parallel/data.py):
+    ``comm_seconds`` is the union of the time gradient communication was in flight and
+    ``exposed_comm_seconds`` the part of it during which the step waited - the same clock, so
+    0 <= exposed <= comm per interval by construction. A DataParallel whose counters break that
+    (e.g. comm timed on the communication thread, exposed on the caller: queueing and wake-up
+    latency then count as exposed but not as comm) gets both fields null, the raw values under
+    *_raw_s and ``comm_accounting: "inconsistent"`` - never a record or progress line that
+    contradicts itself, and no clamp that would hide the inconsistency."""
+    comm, exposed = comm_total / steps, exposed_total / steps
+    if 0 <= exposed <= comm * (1 + 1e-9) + 1e-12:  # tolerance: summation rounding only
+        return dict(comm_s=comm, exposed_comm_s=exposed)
+    return dict(comm_s=None, exposed_comm_s=None, comm_raw_s=comm, exposed_comm_raw_s=exposed,
+                comm_accounting="inconsistent")
+
+
+def _comm_summary(rec: dict) -> str:
+    """The progress line's communication part: shares of the step time, exposed never above comm."""
+    if rec["comm_s"] is None:
+        return "comm n/a (inconsistent counters)"
+    t = rec["step_time_s"] or 1.0
+    return f"comm {rec['comm_s'] / t:4.0%} of step, exposed {rec['exposed_comm_s'] / t:4.0%}"
+
+
 class _Interval:
     """What happened on this rank since the last logged step; `record` turns it into one metrics
     object (collective: every rank contributes its losses, counts and times)."""
@@ -573,12 +599,13 @@ class _Interval:
         tot = dt.allreduce(np.array([self.loss_sum, self.count]), algorithm="mpi")
         rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
         rec[f"{unit}_per_s"] = self.global_count / dt_s  # loss terms (samples or real tokens) per second
-        rec.update(comm_s=(ddp.comm_seconds - self.c0) / n, exposed_comm_s=(ddp.exposed_comm_seconds - self.e0) / n,
-                   lr=opt.lr, skipped_steps=skipped)
+        rec.update(comm_fields(ddp.comm_seconds - self.c0, ddp.exposed_comm_seconds - self.e0, n))
+        rec.update(lr=opt.lr, skipped_steps=skipped)
         w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
         rec["sent_bytes"] = (w["sent_bytes"] - self.w0["sent_bytes"]) / n
         rec["compression_ratio"] = w["ratio"]
-        rec["compute_s"] = rec["step_time_s"] - rec["exposed_comm_s"]
+        # the step's own wait (the exposed counter is measured on the training thread's clock)
+        rec["compute_s"] = rec["step_time_s"] - (ddp.exposed_comm_seconds - self.e0) / n
         # Per rank: the seconds per step it waited at the gradient synchronisation, and the part
         # of that explained by load imbalance (the slowest rank's compute time minus its own).
         busy = np.array(comm.allgather(self.busy))
@@ -702,7 +729,7 @@ def main(argv=None) -> int:
         print(f"[disttrain] {world} ranks (dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
               f"{f', {cfg.schedule} with {cfg.micro_batches} micro-batches' if pipe else ''}) | {work.description} | "
               f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
-    skipped, consecutive, t_start, eval_s = 0, 0, time.perf_counter(), 0.0  # train_time_s = wall time since t_start minus evaluations
+    skipped, consecutive, t_start, eval_s, warned_comm = 0, 0, time.perf_counter(), 0.0, False  # train_time_s = wall time since t_start minus evaluations
     iv = _Interval(ddp, start)
     if start:  # continue the skip counters and the logging interval the checkpoint was taken in
         skipped, consecutive = resumed["skipped"], resumed["consecutive"]
@@ -763,9 +790,14 @@ def main(argv=None) -> int:
             if rank == 0:
                 extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
                          f"{1e3 * max(rec['sync_wait_s']):.0f} ms" if "padding" in rec else "")
+                if "comm_accounting" in rec and not warned_comm:
+                    warned_comm = True
+                    print(f"[disttrain] warning: DataParallel reported more exposed communication "
+                          f"({rec['exposed_comm_raw_s']:.3g} s/step) than communication in flight "
+                          f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
+                          "values in *_raw_s) rather than printed contradicting each other", file=sys.stderr, flush=True)
                 print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
-                      f"comm {rec['comm_s'] / rec['step_time_s']:4.0%} of step, exposed "
-                      f"{rec['exposed_comm_s'] / rec['step_time_s']:4.0%} | lr {opt.lr:.4g}{extra}", flush=True)
+                      f"{_comm_summary(rec)} | lr {opt.lr:.4g}{extra}", flush=True)
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
