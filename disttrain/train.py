@@ -27,7 +27,15 @@ are seconds per step over the logging interval: comm_s is how long the gradient 
 exposed_comm_s the part backward had to wait for). Checkpoints are atomic (checkpoint.py); with
 --resume the job continues from the newest one in --checkpoint-dir and reproduces the
 uninterrupted run exactly: the sampler's indices depend only on the step, and the parameters,
-optimizer state, step count and schedule are restored bit for bit.
+optimizer state, step count, schedule and the partial logging interval are restored bit for bit. A
+checkpoint that does not fit (array shapes, missing optimizer state) is refused; one of a different
+run (seed, batch, schedule, steps) too, unless --resume-force.
+
+Exit status: 0 done (or stopped by --stop-after-steps with its checkpoint written); 2 configuration
+error, or a checkpoint that cannot be resumed (one message, from rank 0); 3 non-finite gradients
+(--on-nonfinite stop, or more than --max-skipped-steps skipped in a row); 4 a checkpoint could not
+be written (--on-checkpoint-error stop, or the checkpoint of --stop-after-steps). Every rank exits
+with the same status.
 """
 from __future__ import annotations
 
@@ -513,7 +521,7 @@ def _truncate_metrics(path: str, step: int, warn=None) -> None:
     if not os.path.exists(path):
         return
     keep, torn = [], 0
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a torn write may end in bytes that are not UTF-8
         for ln in f:
             if not ln.strip():
                 continue

@@ -83,3 +83,8 @@ def test_configuration_errors_print_one_message_from_rank_0_and_exit_2(tmp_path)
         assert res.stdout.count("configuration error") == 1 and msg in res.stdout, res.stdout
         assert "Traceback" not in res.stdout and "usage:" not in res.stdout, res.stdout
         assert time.monotonic() - t < 30
+
+
+def test_help_under_mpiexec_is_printed_once():
+    res = run(2, ["-m", "disttrain.train", "--help"], timeout=60)
+    assert res.returncode == 0 and res.stdout.count("usage: python -m disttrain.train") == 1, res.stdout
