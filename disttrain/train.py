@@ -183,8 +183,11 @@ def _typed(name: str, v, kind: str, source: str):
     """`v` as the field's type, or ConfigError naming the field and what it accepts. From the
     command line `v` is a string to convert; from a config file it must already have the type (TOML
     `steps = "10"` or `1.5` is a mistake worth reporting, not guessing)."""
-    flag = "--" + name.replace("_", "-")
+    flag = "--" + name.replace("_", "-") if source == "command line" else f"{name} in {source}"
     want = _KINDS.get(kind, kind)
+    accepted = _accepted(name)
+    if accepted:
+        want += f" ({accepted})"
     if kind == "str":
         if isinstance(v, str):
             return v
@@ -201,9 +204,16 @@ def _typed(name: str, v, kind: str, source: str):
         return v
     elif kind == "float" and isinstance(v, (int, float)) and not isinstance(v, bool):
         if not math.isfinite(v):
-            raise ConfigError(f"{flag} must be a finite number (got {v})")
+            raise ConfigError(f"{flag} must be {want} (got {v})")
         return float(v)
-    raise ConfigError(f"{name} in {source} must be {want} (got {v!r} of type {type(v).__name__})")
+    raise ConfigError(f"{flag} must be {want} (got {v!r} of type {type(v).__name__})")
+
+
+def _accepted(name: str) -> str:
+    """The accepted range of a numeric field, from the last clause of its help ("finite, > 0")."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    last = f.metadata["help"].rsplit("; ", 1)[-1]
+    return last if any(c in last for c in "<>") else ""
 
 
 def parse_config(argv=None) -> TrainConfig:

@@ -16,7 +16,7 @@ from ._mpirun import run
     ("steps = 1.5\n", "must be an integer"),
     ("lr = true\n", "lr in config file"),
     ("overlap = 1\n", "must be true or false"),
-    ('lr = nan\n', "must be a finite number"),
+    ('lr = nan\n', "must be a number (finite, > 0) (got nan)"),
     ("momentum = -1\n", "momentum must be in [0, 1)"),
 ])
 def test_config_file_values_are_type_and_range_checked(tmp_path, toml, msg):
@@ -28,11 +28,11 @@ def test_config_file_values_are_type_and_range_checked(tmp_path, toml, msg):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--steps", "1.5"], "--steps must be an integer (got '1.5')"),
+    (["--steps", "1.5"], "--steps must be an integer (>= 1) (got '1.5')"),
     (["--steps", "ten"], "--steps must be an integer"),
     (["--bucket-mb", "0"], "bucket-mb must be positive"),
-    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
-    (["--lr", "inf"], "--lr must be a finite number (got inf)"),
+    (["--lr", "nan"], "--lr must be a number (finite, > 0) (got nan)"),
+    (["--lr", "inf"], "--lr must be a number (finite, > 0) (got inf)"),
     (["--lr", "-0.1"], "lr must be positive"),
     (["--warmup-steps", "-1"], "warmup-steps must be >= 0"),
     (["--momentum", "-1"], "momentum must be in [0, 1)"),
@@ -74,7 +74,7 @@ def test_help_explains_every_flag_with_its_default_and_choices(capsys):
 
 
 def test_configuration_errors_print_one_message_from_rank_0_and_exit_2(tmp_path):
-    for flags, msg in [(["--lr", "nan"], "--lr must be a finite number"),
+    for flags, msg in [(["--lr", "nan"], "--lr must be a number (finite, > 0)"),
                        (["--metrics", str(tmp_path / "missing" / "m.jsonl")], "does not exist"),
                        (["--steps", "x"], "--steps must be an integer")]:
         t = time.monotonic()
