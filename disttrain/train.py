@@ -381,8 +381,9 @@ def save_checkpoint(cfg, step, model, opt, ddp, progress=None) -> str | None:
         path = checkpoint.path_for(cfg.checkpoint_dir, step)
         try:
             checkpoint.save(path, arrays,
-                            dict(step=step, opt_steps=opt.steps, world_size=dt.size(), mesh=dict(dp=dt.size(), pp=1, tp=1),
-                                 data_position=dict(step=step, epoch_size=None), rng=dict(seed=cfg.seed),
+                            dict(step=step, opt_steps=opt.steps, world_size=dt.size(),
+                                 mesh=dict(dp=dt.size(), pp=1, tp=1), data_position=dict(step=step, epoch_size=None),
+                                 rng=dict(seed=cfg.seed),
                                  params={p.name: list(p.data.shape) for p in model.parameters()},
                                  opt_state=sorted(opt_arrays),  # every buffer must come back on resume
                                  progress=dict(interval_start=progress.get("interval_start", step),
@@ -747,7 +748,8 @@ def main(argv=None) -> int:
         print(f"[disttrain] {world} ranks (dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
               f"{f', {cfg.schedule} with {cfg.micro_batches} micro-batches' if pipe else ''}) | {work.description} | "
               f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
-    skipped, consecutive, t_start, eval_s, warned_comm = 0, 0, time.perf_counter(), 0.0, False  # train_time_s = wall time since t_start minus evaluations
+    # train_time_s = wall time since t_start minus evaluations; consecutive: skipped steps in a row
+    skipped, consecutive, t_start, eval_s, warned_comm = 0, 0, time.perf_counter(), 0.0, False
     iv = _Interval(ddp, start)
     if start:  # continue the skip counters and the logging interval the checkpoint was taken in
         skipped, consecutive = resumed["skipped"], resumed["consecutive"]
@@ -813,7 +815,8 @@ def main(argv=None) -> int:
                     print(f"[disttrain] warning: DataParallel reported more exposed communication "
                           f"({rec['exposed_comm_raw_s']:.3g} s/step) than communication in flight "
                           f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
-                          "values in *_raw_s) rather than printed contradicting each other", file=sys.stderr, flush=True)
+                          "values in *_raw_s) rather than printed contradicting each other",
+                          file=sys.stderr, flush=True)
                 print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
                       f"{_comm_summary(rec)} | lr {opt.lr:.4g}{extra}", flush=True)
                 if log:
