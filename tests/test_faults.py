@@ -165,7 +165,13 @@ def test_corrupted_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_pa
 def test_nonfinite_gradients_skip_or_stop(tmp_path):
     res = _train(2, "--steps", "30", "--lr", "1e6", "--on-nonfinite", "stop", timeout=60)
     assert res.returncode == 3 and "non-finite (NaN/Inf) gradients; stopping" in res.stdout, res.stdout
-    res = _train(2, "--steps", "30", "--lr", "1e6", "--metrics", str(tmp_path / "m.jsonl"), timeout=60)
+    # skipping is for a rare bad batch: a run that keeps producing NaN has diverged and must not
+    # "finish" at chance accuracy (default --max-skipped-steps 10)
+    res = _train(2, "--steps", "30", "--lr", "1e6", timeout=60)
+    assert res.returncode == 3 and "11 steps in a row had non-finite" in res.stdout, res.stdout
+    assert "--max-skipped-steps 10" in res.stdout and "step 25" not in res.stdout
+    res = _train(2, "--steps", "30", "--lr", "1e6", "--max-skipped-steps", "100", "--metrics",
+                 str(tmp_path / "m.jsonl"), timeout=60)
     assert res.returncode == 0 and "step skipped" in res.stdout, res.stdout
     recs = [json.loads(x) for x in open(tmp_path / "m.jsonl").read().splitlines()]
     assert recs[-2]["skipped_steps"] > 0 and len(recs[-2]["peak_rss_mib"]) == 2
