@@ -102,8 +102,13 @@ def load(directory: str) -> dict:
     return out
 
 
+_SAME_SHAPE = ("allreduce", "broadcast", "reduce_scatter")  # collectives whose shape must agree
+
+
 def _sig(r: dict) -> tuple:
-    return (r["name"].replace(" (async)", ""), r["shape"], r["dtype"])
+    name = r["name"].replace(" (async)", "")
+    shape = r["shape"] if name in _SAME_SHAPE else (r["shape"] or [None])[1:]  # first dims may differ
+    return (name, None if shape is None else tuple(shape), r["dtype"])
 
 
 def diagnose(docs: dict) -> str:
@@ -130,6 +135,8 @@ def diagnose(docs: dict) -> str:
         # the first call number where ranks disagree on what they called
         common = set.intersection(*[set(s) for s in have.values()]) if have else set()
         for seq in sorted(common):
+            if any(have[r][seq]["state"] not in ("done", "running", "queued", "validating") for r in have):
+                continue  # a call that raised on some rank (an agreed error): not a divergence
             sigs = {r: _sig(have[r][seq]) for r in have}
             if len(set(sigs.values())) > 1:
                 parts = "; ".join(f"rank {r}: {have[r][seq]['name']} {have[r][seq]['shape']} {have[r][seq]['dtype']} "
@@ -137,7 +144,7 @@ def diagnose(docs: dict) -> str:
                 findings.append(f"ranks disagree on collective #{seq} of group {g}: {parts}.")
                 break
         top = max(last.values())
-        stuck = [r for r in have if last[r] == top and have[r][top]["state"] in ("running", "queued")]
+        stuck = [r for r in have if last[r] == top and have[r][top]["state"] in ("running", "queued", "validating")]
         behind = [r for r in have if last[r] < top]
         if stuck and behind:
             rec = have[stuck[0]][top]

@@ -38,6 +38,7 @@ _done: dict = {}  # group key -> number of them finished here (sent to peers whe
 _peer_failed: dict = {}  # world rank -> (message, its _done, monotonic time) from its failure notice
 _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
+_last_done: dict = {}  # group uid -> when this rank last finished a collective on it (either lane)
 
 
 def _uid(gkey: str) -> str:
@@ -100,16 +101,12 @@ def call_site(skip_pkg: str = os.path.dirname(os.path.abspath(__file__))) -> str
 
 def issue(name: str, x=None, site: str | None = None, group=None, lane: str = "b") -> _Op:
     """Record an operation issued by this rank (it gets its group sequence number now)."""
-    if _failed_pending:
-        _recovered()
     return _Op(name, x, site or call_site(), group, lane)
 
 
 def enter(name: str, x=None, site: str | None = None, group=None, lane: str = "b", op: _Op | None = None) -> _Op:
     """This thread starts `op` (or a new one): it is now in flight, visible to the stall inspector."""
     if op is None:
-        if _failed_pending:
-            _recovered()
         op = _Op(name, x, site or call_site(), group, lane)
     else:
         op.t0, op.state, op.thread = time.monotonic(), "running", threading.current_thread().name
@@ -119,15 +116,23 @@ def enter(name: str, x=None, site: str | None = None, group=None, lane: str = "b
     return op
 
 
+blocking_seconds = 0.0  # seconds the main thread spent inside tracked operations (all exposed)
+
+
 def leave(op: _Op, error: BaseException | None = None) -> None:
+    global blocking_seconds
     tid = threading.get_native_id()
     _inflight.pop(tid, None)
     op.x = None  # do not keep the caller's array alive
     op.t1 = time.monotonic()
+    if op.thread == "MainThread" and not op.name.endswith("(async)"):
+        blocking_seconds += op.t1 - op.t0
     op.state = "done" if error is None else f"error: {type(error).__name__}"
     if op.gkey:
         with _lock:
             _done[op.gkey] = max(_done.get(op.gkey, 0), op.seq)
+        if error is None:
+            _last_done[_uid(op.gkey)] = op.t1
     _last[tid] = (op.name, op.seq, op.t1)
 
 
@@ -151,7 +156,7 @@ def tracked(name: str, group_pos: int):
             try:
                 g = _resolve(group)
             except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError from as_group
-                raise bad_group(group, name, e, "b") from None
+                raise bad_group(group, name, e, "b", x) from None
             op = enter(name, x, group=g)
             try:
                 if timeline.enabled():
@@ -175,7 +180,7 @@ def _resolve(group):
 
 
 # ------------------------------------------------------------------------- failure notices
-def bad_group(group, kind: str, err: Exception, lane: str):
+def bad_group(group, kind: str, err: Exception, lane: str, x=None):
     """The exception for an invalid ``group=``. A group this rank is simply not a member of keeps
     nobody waiting (its members do not expect this rank): a local CollectiveError. Otherwise (a
     freed group, or not a Group at all) the group's members may be waiting for this rank, which
@@ -183,14 +188,16 @@ def bad_group(group, kind: str, err: Exception, lane: str):
     from .comm.errors import CollectiveError
 
     uid = getattr(group, "uid", None)
+    site = call_site()
+    sig = _sig_of(kind, getattr(x, "shape", None), getattr(x, "dtype", None), site)
     if getattr(group, "freed", False):
-        return undeliverable(f"{kind}: {err}", call_site(), f"{uid}:{lane}")
+        return undeliverable(f"{kind}: {err}", site, f"{uid}:{lane}", sig)
     if uid is not None and not getattr(group, "is_member", True):
         return CollectiveError(f"{kind}: {err}")
-    return undeliverable(f"{kind}: {err}", call_site(), None)
+    return undeliverable(f"{kind}: {err}", site, None, sig)
 
 
-def undeliverable(msg: str, site: str = "?", gkey: str | None = None):
+def undeliverable(msg: str, site: str = "?", gkey: str | None = None, sig: tuple | None = None):
     """A CollectiveError for an error this rank cannot agree on with its group (it does not know
     the group, or the group is unusable): announced to every rank first, so that peers waiting
     for this rank raise too (validate.wait) instead of hanging. `gkey`: the group the call was
@@ -200,48 +207,44 @@ def undeliverable(msg: str, site: str = "?", gkey: str | None = None):
 
     me = _world.rank if _world is not None else "?"
     full = f"rank {me}: {msg} (called at {site})"
-    notify_failure(full, gkey)
+    notify_failure(full, gkey, sig)
     return CollectiveError(full)
 
 
-_failed_pending = False  # this rank sent a failure notice and has not issued a call since
-
-
-def notify_failure(msg: str, gkey: str | None = None) -> None:
+def notify_failure(msg: str, gkey: str | None = None, sig: tuple | None = None) -> None:
     """Tell every other rank that this rank failed a call (meant for group `gkey`, None =
-    unknown) without its group's agreement."""
-    global _failed_pending
+    unknown; `sig` = (collective, shape, dtype) of the call) without its group's agreement."""
     w = _watchdog
     if w is None or w.world.size == 1:
         return
+    from .runtime import _by_handle
+
     with _lock:
         done = dict(_done)
-    _failed_pending = True
-    w.notify(("failed", msg, done, gkey))
+    # the groups this rank belongs to now: a notice never concerns a group created after it
+    uids = sorted({g.uid for g in list(_by_handle.values())})
+    w.notify(("failed", msg, done, gkey, sig, uids))
 
 
-def _recovered() -> None:
-    """This rank issues a call again after a failure notice: the notice is stale now."""
-    global _failed_pending
-    _failed_pending = False
-    if _watchdog is not None:
-        _watchdog.notify(("recovered",))
+def _sig_of(name: str, shape, dtype, site: str) -> tuple:
+    return (name.replace(" (async)", "").replace("_async_", "").replace("_async", "").rstrip("_"),
+            None if shape is None else tuple(shape), None if dtype is None else str(dtype), site)
 
 
-#: A failure notice that does not say which group the call was meant for interrupts a waiting
-#: collective only after the failed rank has had this long to arrive after all (it may have
-#: caught its error and come to this very call). Such a notice is used up by the first wait it
-#: interrupts, withdrawn when the failed rank issues its next call, and forgotten after
-#: UNKNOWN_GROUP_TTL seconds - a failed rank that stays away longer and then joins a collective
-#: whose peers already gave up on it ends the job (Watchdog._check_broken) instead of hanging.
-UNKNOWN_GROUP_GRACE, UNKNOWN_GROUP_TTL = 1.0, 30.0
+#: A failure notice that does not say which group the call was meant for (``group=`` was not a
+#: Group at all) interrupts a waiting collective only if it is the same collective, with the same
+#: shape and dtype, called from the same line of the program (SPMD code calls one collective
+#: from one line on every rank; a different line is a different call), and the failed rank had
+#: finished every earlier call of that group. Such a notice is used up by the first wait it
+#: interrupts and forgotten after UNKNOWN_GROUP_TTL seconds; a failed rank that joins a
+#: collective whose peers already gave up on it ends the job (Watchdog._check_broken).
+UNKNOWN_GROUP_TTL = 30.0
 
 
-def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0) -> str | None:
-    """Why the `seq`-th collective of group `gkey` (members `ranks`) can never complete, or None:
-    the group is broken, a member failed a call right after finishing call seq-1 (its failure
-    notice carries how far it got on every group; an older notice, from before it went on to
-    finish later calls, is stale), or a member left before finishing it. seq None (set-up
+def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tuple | None = None) -> str | None:
+    """Why the `seq`-th collective of group `gkey` (members `ranks`; `sig` = its collective,
+    shape, dtype) can never complete, or None: the group is broken, a member failed this very
+    call (see UNKNOWN_GROUP_TTL), or a member left before finishing it. seq None (set-up
     checks, not numbered): only notices received after `since` count."""
     why = _broken.get(_uid(gkey)) if gkey else None
     if why:
@@ -251,11 +254,13 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0) -> str 
         f = _peer_failed.get(r)
         if f is not None and f[3] is None and now - f[2] > UNKNOWN_GROUP_TTL:
             _peer_failed.pop(r, None)
-        elif f is not None and f[3] in (None, gkey) and (
+        elif f is not None and f[3] in (None, gkey) and _uid(gkey) in f[5] and (
+                f[3] is not None or _last_done.get(_uid(gkey), 0.0) < f[2]) and (
                 (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
-                f[3] is not None or now - f[2] >= UNKNOWN_GROUP_GRACE):
+                f[3] is not None or (sig is not None and f[4] == sig)):
             if f[3] is None:
                 _peer_failed.pop(r, None)  # used up
+                _used_up.append(r)
             return f[0]
         d = _departed.get(r)
         if d is not None and (seq is None or d[0].get(gkey, 0) < seq):
@@ -272,6 +277,9 @@ def consume_unknown(ranks) -> None:
             _peer_failed.pop(r, None)
 
 
+_used_up: list = []  # ranks whose unknown-group failure notice this rank used: told with "broken"
+
+
 def mark_broken(gkey: str, why: str) -> None:
     """A collective on `gkey` was abandoned half-way (its MPI request can never complete): every
     later call on the group is refused here, and the peers are told so that one that went on
@@ -279,8 +287,10 @@ def mark_broken(gkey: str, why: str) -> None:
     uid = _uid(gkey)
     if uid and uid not in _broken:
         _broken[uid] = f"the group {uid} is unusable after an abandoned collective ({why}); create a new group"
+        used = list(_used_up)
+        _used_up.clear()
         if _watchdog is not None and _watchdog.world.size > 1:
-            _watchdog.notify(("broken", uid, _broken[uid]))
+            _watchdog.notify(("broken", uid, _broken[uid], used))
 
 
 def _check_peers(op: _Op) -> None:
@@ -413,13 +423,15 @@ class Watchdog(threading.Thread):
             note = self.comm.recv(source=src, tag=TAG_NOTICE)
             now = time.monotonic()
             if note[0] == "failed":
-                _peer_failed[src] = (note[1], note[2], now, note[3])
+                _peer_failed[src] = (note[1], note[2], now, note[3], note[4], set(note[5]))
             elif note[0] == "departed":
                 _departed[src] = (note[1], now)
-            elif note[0] == "recovered":
-                _peer_failed.pop(src, None)
             elif note[0] == "broken":
                 _broken.setdefault(note[1], note[2])
+                for r in note[3]:  # that failure notice has served: it must not interrupt anything else
+                    f = _peer_failed.get(r)
+                    if f is not None and f[3] is None:
+                        _peer_failed.pop(r, None)
             alarm += 1
 
     def _check_departed(self) -> None:

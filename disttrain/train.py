@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import disttrain as dt
-from disttrain import checkpoint, compression, numerics, optim, timeline
+from disttrain import checkpoint, compression, numerics, optim, stall, timeline
 from disttrain import nn
 from disttrain.comm.errors import CollectiveError
 from disttrain.data import STRATEGIES
@@ -592,6 +592,7 @@ class _Interval:
         self.real = self.padded = 0
         self.imbalance = []
         self.c0, self.e0, self.w0 = ddp.comm_seconds, ddp.exposed_comm_seconds, dict(ddp.wire_stats)
+        self.h0, self.b0 = ddp.handoff_seconds, stall.blocking_seconds
 
     def add(self, loss, batch, busy, wait):
         self.steps += 1
@@ -618,13 +619,20 @@ class _Interval:
         tot = dt.allreduce(np.array([self.loss_sum, self.count]), algorithm="mpi")
         rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
         rec[f"{unit}_per_s"] = self.global_count / dt_s  # loss terms (samples or real tokens) per second
-        rec.update(comm_fields(ddp.comm_seconds - self.c0, ddp.exposed_comm_seconds - self.e0, n))
+        # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
+        # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
+        # at once: it adds to both.
+        blocking = stall.blocking_seconds - self.b0
+        rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking, ddp.exposed_comm_seconds - self.e0 + blocking, n))
+        rec["handoff_s"] = (ddp.handoff_seconds - self.h0) / n
+        rec["blocking_comm_s"] = blocking / n
         rec.update(lr=opt.lr, skipped_steps=skipped)
         w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
         rec["sent_bytes"] = (w["sent_bytes"] - self.w0["sent_bytes"]) / n
         rec["compression_ratio"] = w["ratio"]
         # the step's own wait (the exposed counter is measured on the training thread's clock)
-        rec["compute_s"] = rec["step_time_s"] - (ddp.exposed_comm_seconds - self.e0) / n
+        rec["compute_s"] = rec["step_time_s"] - (ddp.exposed_comm_seconds - self.e0 + ddp.handoff_seconds - self.h0
+                                                  + blocking) / n
         # Per rank: the seconds per step it waited at the gradient synchronisation, and the part
         # of that explained by load imbalance (the slowest rank's compute time minus its own).
         busy = np.array(comm.allgather(self.busy))
@@ -757,13 +765,13 @@ def main(argv=None) -> int:
     for step in range(start, cfg.steps):
         batch = work.batch(step)
         with timeline.span("step", "step", step=step + 1):
-            t, e = time.perf_counter(), ddp.exposed_comm_seconds
+            t, e = time.perf_counter(), ddp.exposed_comm_seconds + ddp.handoff_seconds
             if pipe:
                 loss = pipe.step(batch.inputs if mesh.pp_is_first_stage else None,
                                  batch.targets if mesh.pp_is_last_stage else None)
             else:
                 loss = train_step(ddp, loss_fn, batch, mesh.dp)
-            wait = ddp.exposed_comm_seconds - e
+            wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
             iv.add(loss, batch, time.perf_counter() - t - wait, wait)
             # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
             if model_parallel:  # different parameters per rank: they vote
@@ -773,6 +781,9 @@ def main(argv=None) -> int:
                 finite = numerics.all_finite(ddp.parameters())
             if finite:
                 opt.step()
+                ddp.compressor.commit()
+            else:  # a skipped step leaves no trace in error-feedback / warm-start state either
+                ddp.compressor.rollback()
             opt.zero_grad()
         sched.step()
         done = step + 1

@@ -190,23 +190,23 @@ def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> 
         >>> loss = model.forward(next_batch)  # ... and overlaps this
         >>> grad_sum = h.wait()
     """
-    g = _async_group(group, "allreduce_async")
+    g = _async_group(group, "allreduce_async", x)
     xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 
 def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
     """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
-    g = _async_group(group, "allreduce_async_")
+    g = _async_group(group, "allreduce_async_", x)
     return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce", x, g)
 
 
-def _async_group(group, kind: str):
+def _async_group(group, kind: str, x=None):
     """as_group for the asynchronous calls: an invalid group is announced to every rank."""
     try:
         return as_group(group)
     except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError
-        raise stall.bad_group(group, kind, e, "a") from None
+        raise stall.bad_group(group, kind, e, "a", x) from None
 
 
 # ------------------------------------------------------------------------------- reduce_scatter

@@ -29,7 +29,7 @@ class Handle:
     rank). Until ``wait`` returns, in-place operations own their input array: do not modify it.
     """
 
-    __slots__ = ("_done", "_result", "_error", "name", "seconds")
+    __slots__ = ("_done", "_result", "_error", "name", "seconds", "t_submit", "t_start", "t_end")
 
     def __init__(self, name: str = ""):
         self._done = threading.Event()
@@ -37,6 +37,9 @@ class Handle:
         self._error = None
         self.name = name
         self.seconds = 0.0  # how long the collective ran on the communication thread
+        # time.perf_counter() when submitted, started and finished (one clock for both threads)
+        self.t_submit = time.perf_counter()
+        self.t_start = self.t_end = 0.0
 
     def test(self) -> bool:
         return self._done.is_set()
@@ -127,7 +130,7 @@ class Engine:
     @staticmethod
     def _run(fn, h: Handle, op, snap) -> None:
         stall.enter(op.name, op=op)
-        t = time.perf_counter()
+        t = h.t_start = time.perf_counter()
         error = None
         try:
             with config.bound(snap):
@@ -136,7 +139,8 @@ class Engine:
                     result = fn()
         except BaseException as e:  # noqa: BLE001 - delivered to the waiter, re-raised there
             result, error = None, e
-        h.seconds = time.perf_counter() - t
+        h.t_end = time.perf_counter()
+        h.seconds = h.t_end - t
         stall.leave(op, error)
         h._finish(result=result, error=error)
 

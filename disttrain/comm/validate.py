@@ -98,9 +98,9 @@ def wait(req, comm, op, kind: str) -> None:
     while not req.Test():
         now = time.monotonic()
         if stall.alarm != seen or (stall._peer_failed and now >= recheck) or stall._broken:
-            seen, recheck = stall.alarm, now + 0.1  # notices of unknown groups count after a grace
+            seen, recheck = stall.alarm, now + 0.1
             if op is not None and op.gkey:
-                why = stall.peers_problem(op.ranks, op.gkey, op.seq)
+                why = stall.peers_problem(op.ranks, op.gkey, op.seq, sig=stall._sig_of(op.name, op.shape, op.dtype, op.site))
                 gkey = op.gkey
             else:
                 g = group_of(comm)

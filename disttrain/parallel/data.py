@@ -109,8 +109,13 @@ class DataParallel:
         self._steps, self._forwards, self._backwards = 0, 0, 0
         self._in_backward = False
         self._late_error = None  # a local problem found with validation off: raised after the step
-        self.comm_seconds = 0.0  # time the bucket allreduces ran (on the communication thread)
-        self.exposed_comm_seconds = 0.0  # the part backward's caller waited for: not hidden
+        # One clock (time.perf_counter) for both threads, per step: comm = the union of the intervals
+        # in which a bucket's collective ran on the communication thread; exposed = the part of that
+        # union during which backward's caller was waiting for it (so 0 <= exposed <= comm); handoff
+        # = the rest of the wait, when no collective ran (queueing, waking the thread, finishing).
+        self.comm_seconds = 0.0
+        self.exposed_comm_seconds = 0.0
+        self.handoff_seconds = 0.0
         for m in _modules(model):  # containers call the hook as each child's backward returns
             m._grad_hook = self._on_ready
 
@@ -258,15 +263,20 @@ class DataParallel:
             self._launch(b)
         self._next = len(self.buckets)
         first = None
+        spans = []
         with timeline.span("wait for gradient allreduces", "wait"):
             for b in self.buckets:  # wait for every bucket, even after one failed: nothing left in flight
                 try:
                     b.handle.wait()
                 except Exception as e:  # noqa: BLE001
                     first = first or e
-                self.comm_seconds += b.handle.seconds
+                spans.append((b.handle.t_start, b.handle.t_end))
                 b.handle = None
-        self.exposed_comm_seconds += time.perf_counter() - t
+        t_end = time.perf_counter()
+        comm, exposed = _union_and_overlap(spans, t, t_end)
+        self.comm_seconds += comm
+        self.exposed_comm_seconds += exposed
+        self.handoff_seconds += (t_end - t) - exposed
         self._steps += 1
         self._forwards = self._backwards = 0
         late, self._late_error = self._late_error, None
@@ -292,6 +302,24 @@ class DataParallel:
     def wire_stats(self) -> dict:
         """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio."""
         return self.compressor.stats.as_dict()
+
+
+def _union_and_overlap(spans, w0: float, w1: float) -> tuple[float, float]:
+    """(length of the union of the intervals `spans`, length of that union inside [w0, w1])."""
+    total = inside = 0.0
+    cur0 = cur1 = None
+    for a, b in sorted(spans) + [(float("inf"), float("inf"))]:
+        if cur1 is not None and a > cur1:
+            total += cur1 - cur0
+            inside += max(0.0, min(cur1, w1) - max(cur0, w0))
+            cur0 = cur1 = None
+        if a == float("inf"):
+            break
+        if cur1 is None:
+            cur0, cur1 = a, b
+        else:
+            cur1 = max(cur1, b)
+    return total, inside
 
 
 def _modules(model: Module):

@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from .. import stall
+
 from ..comm import validate
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
@@ -164,7 +166,9 @@ class Pipeline:
                 bytes_live -= nbytes
         from mpi4py import MPI
 
+        op = stall.enter("pipeline send completion", None, group=None)
         MPI.Request.Waitall(sends)
+        stall.leave(op)
         loss = float(comm.bcast(losses.mean() if self.is_last else None, root=self.p - 1))
         self.stats = dict(compute_s=compute, wall_s=time.perf_counter() - t0, peak_live=peak_live,
                           peak_activation_bytes=peak_bytes,
@@ -194,10 +198,17 @@ class Pipeline:
         return [comm.Isend(hdr, dest, tag), comm.Isend(a, dest, tag)]  # a stays referenced by the request
 
     def _recv(self, comm, src: int, tag: int):
-        hdr = np.empty(_HDR, np.int64)
-        comm.Recv(hdr, src, tag)
-        out = np.empty(tuple(hdr[1:1 + hdr[0]]), self.dtype)
-        comm.Recv(out, src, tag)
+        # tracked: the stall inspector and flight recorder see a stage waiting for its neighbour,
+        # and the wait counts as this step's exposed communication (stall.blocking_seconds)
+        op = stall.enter(f"pipeline recv from stage {src}", None, group=None)
+        try:
+            hdr = np.empty(_HDR, np.int64)
+            comm.Recv(hdr, src, tag)
+            out = np.empty(tuple(hdr[1:1 + hdr[0]]), self.dtype)
+            comm.Recv(out, src, tag)
+        finally:
+            stall.leave(op)
+        op.shape, op.dtype = out.shape, out.dtype
         return out
 
 

@@ -1,0 +1,233 @@
+"""Schedule fuzzer: random collective programs on random, overlapping groups, run on every rank.
+
+    mpiexec -n P python tests/fuzz_program.py SEED PROGRAMS [--fatal exit|raise|hang]
+
+Every rank draws the same program from SEED (so they agree on what to call, as a real program
+would), runs it, and checks:
+- each result equals the NumPy reduction of every member's input (integer data: exact, the MPI
+  library's answer) and is bit-identical on every member (floats: min/max, NaN included);
+- an injected fault (one rank passes a different shape, a bad op, or a bad group=) ends in a
+  CollectiveError on every member of that collective, never a hang and never a result;
+- blocking and asynchronous calls interleave, settings (validation, segment size) change between
+  calls while handles are outstanding, groups are created and freed between programs.
+With --fatal one rank leaves at a random point (sys.exit, an uncaught exception): the job must
+end promptly with a message naming it (the driver checks that). Prints one line per failure with
+the seed and program number, and a summary line "fuzz: N programs, M collectives, K faults".
+"""
+import sys
+import zlib
+
+import numpy as np
+
+import disttrain as dt
+from disttrain.comm import config
+
+ALGS = {"allreduce": ["auto", *dt.ALLREDUCE_ALGORITHMS], "alltoall": ["auto", *dt.ALLTOALL_ALGORITHMS]}
+SIZES = [0, 1, 2, 3, 5, 17, 64, 1000, 4099]
+
+
+def make_pool(p, rng):
+    """Groups: the world, a dup of it, and overlapping subsets of equal sizes (same on every rank)."""
+    specs = [tuple(range(p)), tuple(range(p))[::-1]]
+    for k in range(2, p):
+        for _ in range(2):
+            specs.append(tuple(sorted(rng.choice(p, size=k, replace=False).tolist())))
+    return [dt.new_group(s) for s in specs]
+
+
+def rank_data(seed, prog, i, r, n, dtype, rows=None):
+    g = np.random.default_rng([seed, prog, i, r])
+    shape = (n,) if rows is None else (rows, 3)
+    if np.dtype(dtype).kind == "f":
+        x = g.integers(-4, 5, size=shape).astype(dtype)
+        x[g.random(shape) < 0.05] = np.nan
+        x[g.random(shape) < 0.1] = -0.0
+        return x
+    return g.integers(-50, 50, size=shape).astype(dtype)
+
+
+def expected_reduce(xs, op):
+    from disttrain.comm import kernels
+    from disttrain.comm.ops import MAX, MIN
+
+    acc = xs[0].astype(np.float64) if xs[0].dtype.kind == "f" else xs[0].copy()
+    for x in xs[1:]:
+        if op == "sum" or op == "avg":
+            acc = acc + x
+        elif op == "prod":
+            acc = acc * x
+        else:
+            acc = kernels.minmax_ref(acc, x.astype(acc.dtype), MIN if op == "min" else MAX) if acc.dtype.kind == "f" \
+                else (np.minimum if op == "min" else np.maximum)(acc, x)
+    if op == "avg":
+        acc = acc // len(xs)
+    return acc.astype(xs[0].dtype)
+
+
+def same_bits(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+class Fuzzer:
+    def __init__(self, seed):
+        self.seed, self.r, self.p = seed, dt.rank(), dt.size()
+        self.pool = make_pool(self.p, np.random.default_rng([seed, 999]))
+        self.failures, self.calls, self.faults = [], 0, 0
+        self.dead = set()  # pool indices of groups made unusable by a bad-group fault
+
+    def fail(self, prog, msg):
+        self.failures.append(f"seed={self.seed} program={prog}: {msg}")
+
+    def program(self, prog):
+        rng = np.random.default_rng([self.seed, prog])
+        outstanding = []  # (handle, expected, what)
+        validate = True
+        for i in range(int(rng.integers(3, 12))):
+            # Every random choice is drawn on every rank, member or not, so all ranks keep drawing
+            # the same program.
+            kind = str(rng.choice(["allreduce", "allreduce", "async", "broadcast", "allgather", "reduce_scatter",
+                                   "alltoall", "settings", "fault"]))
+            gi = int(rng.integers(len(self.pool)))
+            g = self.pool[gi]
+            n = int(rng.choice(SIZES))
+            dtype = [np.int32, np.int64, np.float32, np.float64][int(rng.integers(4))]
+            op = str(rng.choice(["sum", "min", "max", "prod", "avg"] if np.dtype(dtype).kind == "i" else ["min", "max"]))
+            alg = str(rng.choice(ALGS["allreduce"]))
+            a2a_alg = str(rng.choice(ALGS["alltoall"]))
+            root = int(rng.integers(g.size))
+            rows = [int(v) for v in rng.integers(0, 4, size=g.size)]
+            splits = rng.integers(0, 4, size=(g.size, g.size))  # splits[src][dst] rows
+            new_validate = bool(rng.random() < 0.7)
+            seg = int(rng.choice([1024, 8192, 1 << 21]))
+            fault = (int(rng.integers(g.size)), str(rng.choice(["shape", "op", "group"] if rng.random() < 0.1
+                                                               else ["shape", "op"])), bool(rng.random() < 0.5))
+            waitnow = bool(rng.random() < 0.4)
+            pick = float(rng.random())
+            if kind == "settings":
+                validate = new_validate
+                dt.set_validation(validate)
+                config.update(segment_bytes=seg)
+                continue
+            if gi in self.dead:  # its peers abandoned a call after a bad group=: unusable until replaced
+                continue
+            if kind == "fault":
+                if validate and g.size >= 2:
+                    self.fault(prog, g, gi, *fault)
+                continue
+            if not g.is_member:
+                continue
+            members = g.ranks
+            self.calls += 1
+            if kind in ("allreduce", "async"):
+                xs = [rank_data(self.seed, prog, i, m, n, dtype) for m in members]
+                if op == "prod":
+                    xs = [np.clip(x, -2, 2) for x in xs]
+                want = expected_reduce(xs, op)
+                mine = xs[g.rank]
+                if kind == "async":
+                    outstanding.append((dt.allreduce_async(mine, op=op, algorithm=alg, group=g), want,
+                                        f"allreduce_async {op} {alg} n={n} {np.dtype(dtype)} on {members}"))
+                else:
+                    self.check(prog, dt.allreduce(mine, op=op, algorithm=alg, group=g), want,
+                               f"allreduce {op} {alg} n={n} {np.dtype(dtype)} on {members}")
+            elif kind == "broadcast":
+                xs = rank_data(self.seed, prog, i, members[root], n, np.int64)
+                mine = rank_data(self.seed, prog, i, self.r, n, np.int64)
+                self.check(prog, dt.broadcast(mine, root=root, group=g), xs, f"broadcast root {root} on {members}")
+            elif kind == "allgather":
+                xs = [rank_data(self.seed, prog, i, m, 0, np.int32, rows=rows[k]) for k, m in enumerate(members)]
+                self.check(prog, dt.allgather(xs[g.rank], group=g), np.concatenate(xs), f"allgather on {members}")
+            elif kind == "reduce_scatter":
+                xs = [rank_data(self.seed, prog, i, m, n, np.int64) for m in members]
+                want = np.array_split(expected_reduce(xs, "sum"), g.size)[g.rank]
+                self.check(prog, dt.reduce_scatter(xs[g.rank], group=g), want, f"reduce_scatter n={n} on {members}")
+            elif kind == "alltoall":
+                xs = [rank_data(self.seed, prog, i, m, 0, np.int64, rows=int(splits[k].sum()))
+                      for k, m in enumerate(members)]
+                want = np.concatenate([np.split(xs[s], np.cumsum(splits[s])[:-1])[g.rank] for s in range(g.size)])
+                y, rc = dt.alltoall(xs[g.rank], splits=splits[g.rank].tolist(), algorithm=a2a_alg, group=g)
+                self.check(prog, y, want, f"alltoall {a2a_alg} on {members}")
+                if list(rc) != splits[:, g.rank].tolist():
+                    self.fail(prog, f"alltoall recv_splits {rc}")
+            if outstanding and waitnow:
+                h, want, what = outstanding.pop(int(pick * len(outstanding)))
+                self.check(prog, h.wait(), want, what)
+        for h, want, what in outstanding:
+            self.check(prog, h.wait(), want, what)
+        dt.set_validation(True)
+        # every program ends with the same digest of its results on every rank
+        if rng.random() < 0.2:  # groups are created and freed between programs
+            k = int(rng.integers(1, len(self.pool)))
+            if k not in self.dead:
+                old = self.pool[k]
+                self.pool[k] = dt.new_group(old.ranks)
+                old.free()
+
+    def check(self, prog, got, want, what):
+        if got.dtype.kind == "f":
+            ok = np.array_equal(np.isnan(got), np.isnan(want)) and np.array_equal(
+                np.nan_to_num(got), np.nan_to_num(want)) and np.array_equal(np.signbit(got), np.signbit(want))
+        else:
+            ok = same_bits(got, want)
+        if not ok:
+            self.fail(prog, f"{what}: wrong result {got!r} != {want!r}")
+
+    def fault(self, prog, g, gi, bad, how, blocking):
+        """Group rank `bad` of g calls with a bad argument; every member must raise CollectiveError."""
+        if how == "group":
+            self.dead.add(gi)  # every rank knows: the fault was drawn everywhere
+        if not g.is_member:
+            return
+        self.faults += 1
+        me_bad = g.rank == bad
+        x = np.ones(5 + (me_bad and how == "shape"), np.int64)
+        grp = "not-a-group" if me_bad and how == "group" else g
+        op = "bogus" if me_bad and how == "op" else "sum"
+        try:
+            if blocking:
+                dt.allreduce(x, op=op, group=grp)
+            else:
+                dt.allreduce_async(x, op=op, group=grp).wait()
+            self.fail(prog, f"fault {how} by group rank {bad} on {g.ranks}: no error on rank {self.r}")
+        except dt.CollectiveError:
+            pass
+
+    def run(self, programs):
+        for prog in range(programs):
+            self.program(prog)
+            for k in sorted(self.dead):  # collective on the world: every rank replaces the same groups
+                self.pool[k] = dt.new_group(self.pool[k].ranks)
+            self.dead = set()
+        return self.failures
+
+
+def main():
+    seed, programs = int(sys.argv[1]), int(sys.argv[2])
+    fatal = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--fatal" else None
+    dt.init()
+    f = Fuzzer(seed)
+    if fatal:
+        rng = np.random.default_rng([seed, 7])
+        victim, at = int(rng.integers(dt.size())), int(rng.integers(1, max(2, programs // 2)))
+        for prog in range(programs):
+            if prog == at and dt.rank() == victim:
+                print(f"FUZZ-FATAL rank {victim} {fatal} at program {prog} (seed {seed})", flush=True)
+                if fatal == "exit":
+                    sys.exit(0)
+                raise RuntimeError(f"injected failure on rank {victim}")
+            f.program(prog)
+        print("FUZZ-UNREACHABLE", flush=True)
+        return
+    failures = f.run(programs)
+    allf = dt.world().comm.gather(failures, root=0)
+    counts = dt.world().comm.reduce(np.array([f.calls, f.faults]), root=0)
+    if dt.rank() == 0:
+        for r, fl in enumerate(allf):
+            for line in fl:
+                print(f"FUZZ-FAIL rank {r}: {line}", flush=True)
+        print(f"fuzz: {programs} programs, {counts[0]} collectives, {counts[1]} faults, seed {seed}, "
+              f"{sum(map(len, allf))} failures", flush=True)
+
+
+if __name__ == "__main__":
+    main()

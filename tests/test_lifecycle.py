@@ -1,0 +1,130 @@
+"""Issue 14: a rank that leaves, raises before init, or finalizes MPI itself never hangs the job;
+the flight recorder names what went wrong. Each test runs a real job under mpiexec."""
+import json
+import os
+import time
+
+from ._mpirun import run
+
+ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
+
+
+def job(tmp_path, n, body, timeout=60, env=None):
+    script = tmp_path / "job.py"
+    script.write_text(body)
+    t = time.monotonic()
+    res = run(n, [str(script)], timeout=timeout, env={**ENV, **(env or {})})
+    return res, time.monotonic() - t
+
+
+# --------------------------------------------------------- 5. a rank that exits early
+def test_5_sys_exit_on_one_rank_ends_the_job_naming_it(tmp_path):
+    res, took = job(tmp_path, 3, """
+import sys, time, numpy as np, disttrain as dt
+dt.init()
+dt.allreduce(np.ones(4))
+if dt.rank() == 1:
+    sys.exit(0)                # leaves while the others still communicate
+time.sleep(0.3)
+dt.allreduce(np.ones(4))       # ranks 0 and 2 wait here for rank 1
+print("UNREACHABLE", flush=True)
+""")
+    assert res.returncode not in (0, -9), res.stdout  # -9: killed by our timeout, i.e. a hang
+    assert took < 30, f"took {took:.0f} s"
+    assert "rank 1 has left the job" in res.stdout, res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_ranks_that_finish_at_different_times_exit_cleanly(tmp_path):
+    """The departure protocol must not turn a normal end into an abort: a rank that finishes
+    early waits for the others, who still use collectives among themselves."""
+    res, _ = job(tmp_path, 3, """
+import time, numpy as np, disttrain as dt
+dt.init()
+y = dt.allreduce(np.ones(4))
+g = dt.new_group([0, 2])
+if dt.rank() != 1:
+    for _ in range(20):
+        dt.allreduce(np.ones(8), group=g)   # rank 1 has already left
+    time.sleep(0.5)
+print("DONE", dt.rank(), flush=True)
+""")
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("DONE") == 3
+
+
+def test_5_exception_before_init_ends_the_job(tmp_path):
+    res, took = job(tmp_path, 3, """
+import os, disttrain as dt
+if os.environ.get("PMI_RANK") == "2":
+    raise RuntimeError("bad configuration on rank 2")
+dt.init()
+import numpy as np
+dt.allreduce(np.ones(2))
+print("UNREACHABLE", flush=True)
+""")
+    assert res.returncode not in (0, -9), res.stdout
+    assert took < 30
+    assert "uncaught exception before dt.init()" in res.stdout and "bad configuration on rank 2" in res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+# -------------------------------------------------------------- 6. MPI.Finalize by the user
+def test_6_explicit_finalize_stops_every_disttrain_thread(tmp_path):
+    res, _ = job(tmp_path, 2, """
+import time, numpy as np, disttrain as dt
+dt.init()
+h = dt.allreduce_async(np.ones(4))
+h.wait()
+from mpi4py import MPI
+MPI.Finalize()
+time.sleep(1.5)   # the watchdog polls every 0.1 s: it must be gone
+print("FINALIZED", flush=True)
+""", env={"DISTTRAIN_STALL_SECONDS": "0.2"})
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("FINALIZED") == 2
+    assert "after finalizing" not in res.stdout.lower() and "Traceback" not in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------------------- flight recorder
+def test_flight_record_names_the_rank_that_never_arrived(tmp_path):
+    out = tmp_path / "flight"
+    res, _ = job(tmp_path, 3, f"""
+import time, numpy as np, disttrain as dt
+dt.init()
+for _ in range(5):
+    dt.allreduce(np.ones(16))
+if dt.rank() != 2:
+    h = dt.allreduce_async(np.ones(16))          # rank 2 never submits this one
+    time.sleep(1.0)
+dt.dump_flight_record({str(out)!r})
+time.sleep(2.0 if dt.rank() == 2 else 0.5)  # an exit without finalize ends the whole job: last one out
+import os; os._exit(0)
+""")
+    files = sorted(os.listdir(out))
+    assert files == ["flight-rank0.json", "flight-rank1.json", "flight-rank2.json"], (files, res.stdout)
+    rec = json.load(open(out / "flight-rank0.json"))["records"]
+    assert [r["seq"] for r in rec if r["group"] == "w:b"] == [1, 2, 3, 4, 5]
+    assert rec[-1]["state"] in ("running", "queued", "validating") and rec[-1]["group"] == "w:a"
+    from disttrain import flight
+
+    text = flight.diagnose(flight.load(str(out)))
+    assert "rank(s) [2] never reached" in text and "#1 of group w:a" in text, text
+
+
+def test_flight_diagnosis_of_a_mismatch_and_a_straggler():
+    from disttrain import flight
+
+    def rec(seq, name, shape, start, site, state="done", group="w:b"):
+        return {"name": name, "group": group, "ranks": [0, 1], "seq": seq, "shape": shape, "dtype": "float32",
+                "algorithm": "", "site": site, "enqueue": start, "start": start, "end": start + 0.01,
+                "state": state, "thread": "MainThread"}
+
+    docs = {r: {"rank": r, "now": 100.0, "wall": 1000.0,
+                "records": [rec(s, "allreduce", [4], s + (0.5 if r == 1 else 0.0), "a.py:1") for s in range(1, 11)]}
+            for r in (0, 1)}
+    docs[1]["records"].append(rec(11, "allreduce", [5], 20, "b.py:7", "running"))
+    docs[0]["records"].append(rec(11, "allreduce", [4], 20, "a.py:9", "running"))
+    text = flight.diagnose(docs)
+    assert "disagree on collective #11" in text and "b.py:7" in text and "a.py:9" in text, text
+    assert "rank 1 arrived last" in text, text
