@@ -38,3 +38,13 @@ def test_progress_lines_and_records_never_show_exposed_above_comm(tmp_path):
         else:
             assert 0 <= r["exposed_comm_s"] <= r["comm_s"], r
         assert r["compute_s"] <= r["step_time_s"]
+
+
+def test_union_and_overlap_of_communication_intervals():
+    from disttrain.parallel.data import _union_and_overlap
+
+    assert _union_and_overlap([(0, 2), (1, 3), (5, 6)], 2.5, 5.5) == (4.0, 1.0)
+    assert _union_and_overlap([], 0, 1) == (0.0, 0.0)
+    assert _union_and_overlap([(0, 1), (0, 1)], -1, 2) == (1.0, 1.0)  # duplicates count once
+    total, inside = _union_and_overlap([(0, 4), (1, 2), (3, 9)], 5, 20)
+    assert (total, inside) == (9.0, 4.0)

@@ -283,3 +283,17 @@ def test_11_minmax_nan_and_signed_zero_bit_identical_for_every_algorithm(comm, d
         rs = dt.reduce_scatter(x, op=opname)
         block = np.array_split(ref, p)[r]
         assert np.array_equal(np.isnan(rs), np.isnan(block)) and np.array_equal(np.signbit(rs), np.signbit(block))
+
+
+# ------------------------------------------------------------ 16. metrics that agree with themselves
+def test_16_data_parallel_exposed_never_exceeds_comm(comm):
+    model = _ddp_model()
+    ddp = dt.DataParallel(model, bucket_mb=1e-4)
+    x = np.random.default_rng(comm.Get_rank()).standard_normal((32, 6))
+    for _ in range(5):
+        c, e, h = ddp.comm_seconds, ddp.exposed_comm_seconds, ddp.handoff_seconds
+        _step(ddp, model, x)
+        dc, de, dh = ddp.comm_seconds - c, ddp.exposed_comm_seconds - e, ddp.handoff_seconds - h
+        assert 0 <= de <= dc + 1e-12 and dh >= 0, (dc, de, dh)
+        if comm.Get_size() > 1:
+            assert dc > 0
