@@ -474,7 +474,11 @@ def restore(cfg, model, opt, sched, ddp) -> tuple[int, dict]:
         except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not strand them
             err = str(e) if isinstance(e, (ValueError, KeyError)) else f"{type(e).__name__}: {e}"
             err = err if "checkpoint" in err else f"cannot resume from {cfg.checkpoint_dir}: {err}"
+    # tracked: ranks waiting here while rank 0 reads (a slow or hung file system) show up in the
+    # stall report and the flight record as waiting for the resume decision
+    op = stall.enter("resume decision (broadcast from rank 0)", None, group=dt.world())
     err, step = comm.bcast((err, step), root=0)
+    stall.leave(op)
     if err:
         raise ConfigError(err)
     mine = comm.scatter(zstates, root=0) if comm.bcast(zstates is not None, root=0) else None

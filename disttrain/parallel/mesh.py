@@ -44,6 +44,18 @@ class Mesh:
         self.dp_group = self._split(g, (self.pp_rank, self.tp_rank), self.dp_rank,
                                     [self.rank_of(d, self.pp_rank, self.tp_rank) for d in range(dp)])
 
+    def free(self) -> None:
+        """Release the three groups' communicators (collective over the mesh's ranks)."""
+        for g in (self.tp_group, self.pp_group, self.dp_group):
+            g.free()
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.free()
+        return False
+
     def rank_of(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
         """The rank (in the mesh's base group) at these coordinates."""
         return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank

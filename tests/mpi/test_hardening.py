@@ -297,3 +297,11 @@ def test_16_data_parallel_exposed_never_exceeds_comm(comm):
         assert 0 <= de <= dc + 1e-12 and dh >= 0, (dc, de, dh)
         if comm.Get_size() > 1:
             assert dc > 0
+
+
+def test_9_meshes_free_their_groups(comm):
+    p = comm.Get_size()
+    for _ in range(400 if p <= 3 else 100):  # 3 groups x 2 communicators each time
+        with dt.Mesh(dp=p) as mesh:
+            pass
+    assert mesh.dp_group.freed and mesh.tp_group.freed and mesh.pp_group.freed
