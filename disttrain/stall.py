@@ -65,12 +65,14 @@ class _Op:
         self.state = "running"
         self.thread = threading.current_thread().name
         if group is not None:
+            # No lock: one group's lane is driven by one thread at a time (concurrent collectives on
+            # one communicator from two threads are erroneous MPI), and the GIL keeps dicts whole.
             self.gkey, self.ranks = f"{group.uid}:{lane}", group.ranks
-            with _lock:
-                self.seq = _gseq[self.gkey] = _gseq.get(self.gkey, 0) + 1
+            self.seq = _gseq[self.gkey] = _gseq.get(self.gkey, 0) + 1
         else:
             self.gkey, self.ranks, self.seq = "", (), 0
-        flight.record(self)
+        if flight._on:
+            flight._buf.append(self)
 
     @property
     def detail(self) -> str:  # formatted only when reported: enter() is on every collective's path
@@ -90,13 +92,30 @@ class _Op:
                 "state": self.state, "thread": self.thread}
 
 
-def call_site(skip_pkg: str = os.path.dirname(os.path.abspath(__file__))) -> str:
-    """file:line of the nearest caller outside disttrain's collectives layer."""
+_COMM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comm")
+_skip: dict = {}  # code object -> True if it belongs to the collectives layer (skipped)
+_sites: dict = {}  # (code object, line) -> "file:line" (formatting costs more than the lookup)
+
+
+def call_site() -> str:
+    """file:line of the nearest caller outside disttrain's collectives layer (on every call's
+    path: the per-code decisions and the formatted strings are cached)."""
     f = sys._getframe(1)
-    comm_dir = os.path.join(skip_pkg, "comm")
-    while f is not None and (f.f_code.co_filename.startswith(comm_dir) or f.f_code.co_filename == __file__):
+    while f is not None:
+        c = f.f_code
+        skip = _skip.get(c)
+        if skip is None:
+            skip = _skip[c] = c.co_filename.startswith(_COMM_DIR) or c.co_filename == __file__
+        if not skip:
+            key = (c, f.f_lineno)
+            site = _sites.get(key)
+            if site is None:
+                site = f"{c.co_filename}:{f.f_lineno}"
+                if len(_sites) < 100_000:
+                    _sites[key] = site
+            return site
         f = f.f_back
-    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
+    return "?"
 
 
 def issue(name: str, x=None, site: str | None = None, group=None, lane: str = "b") -> _Op:
@@ -129,10 +148,10 @@ def leave(op: _Op, error: BaseException | None = None) -> None:
         blocking_seconds += op.t1 - op.t0
     op.state = "done" if error is None else f"error: {type(error).__name__}"
     if op.gkey:
-        with _lock:
-            _done[op.gkey] = max(_done.get(op.gkey, 0), op.seq)
+        if op.seq > _done.get(op.gkey, 0):
+            _done[op.gkey] = op.seq
         if error is None:
-            _last_done[_uid(op.gkey)] = op.t1
+            _last_done[op.gkey[:-2]] = op.t1  # gkey = uid + ":b" / ":a"
     _last[tid] = (op.name, op.seq, op.t1)
 
 
@@ -173,10 +192,16 @@ def tracked(name: str, group_pos: int):
     return deco
 
 
-def _resolve(group):
-    from .runtime import as_group  # runtime imports this module: bound at call time
+_as_group = None
 
-    return as_group(group)
+
+def _resolve(group):
+    global _as_group
+    if _as_group is None:
+        from .runtime import as_group  # runtime imports this module: bound on first use
+
+        _as_group = as_group
+    return _as_group(group)
 
 
 # ------------------------------------------------------------------------- failure notices
@@ -286,7 +311,8 @@ def mark_broken(gkey: str, why: str) -> None:
     alone into the abandoned call ends the job instead of hanging (Watchdog._check_broken)."""
     uid = _uid(gkey)
     if uid and uid not in _broken:
-        _broken[uid] = f"the group {uid} is unusable after an abandoned collective ({why}); create a new group"
+        fix = "create a new group" if uid != "w" else "the world group cannot be replaced: end the job"
+        _broken[uid] = f"the group {uid} is unusable after an abandoned collective ({why}); {fix}"
         used = list(_used_up)
         _used_up.clear()
         if _watchdog is not None and _watchdog.world.size > 1:

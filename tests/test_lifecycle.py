@@ -128,3 +128,28 @@ def test_flight_diagnosis_of_a_mismatch_and_a_straggler():
     text = flight.diagnose(docs)
     assert "disagree on collective #11" in text and "b.py:7" in text and "a.py:9" in text, text
     assert "rank 1 arrived last" in text, text
+
+
+def test_4_after_an_abandoned_world_call_set_up_calls_end_the_job_not_hang(tmp_path):
+    """Found by the review: a rank whose invalid group= abandoned a world collective went on into
+    an untracked set-up check (DataParallel, new_group) that matched its peers' abandoned request,
+    and waited forever. Set-up checks are tracked now: refused on a broken group, or the job ends."""
+    res, took = job(tmp_path, 3, """
+import time, numpy as np, disttrain as dt
+from disttrain import nn
+dt.init()
+try:
+    dt.allreduce(np.ones(4), group=("world" if dt.rank() == 1 else None))
+except dt.CollectiveError as e:
+    print("CAUGHT", dt.rank(), flush=True)
+time.sleep(0.5)
+try:
+    dt.DataParallel(nn.Linear(2, 2))
+except dt.CollectiveError as e:
+    print("REFUSED", dt.rank(), "unusable" in str(e), flush=True)
+print("END", dt.rank(), flush=True)
+""")
+    assert res.returncode != -9, f"hang:\n{res.stdout}"
+    assert took < 30
+    assert res.stdout.count("CAUGHT") == 3, res.stdout
+    assert res.stdout.count("True") == 3 and res.returncode == 0, res.stdout  # refused alike on every rank

@@ -43,12 +43,18 @@ class Config:
 
 
 settings = Config()  # the global snapshot; replaced (never mutated) by update()
-_tls = threading.local()
+
+
+class _Local(threading.local):
+    snapshot = None  # a class default: reading it needs no getattr fallback (hot path)
+
+
+_tls = _Local()
 
 
 def current() -> Config:
     """The settings in force on this thread: a submitted operation's snapshot, else the global."""
-    return getattr(_tls, "snapshot", None) or settings
+    return _tls.snapshot or settings
 
 
 def update(**changes) -> Config:
@@ -74,7 +80,7 @@ class bound:
         self.snap = snapshot
 
     def __enter__(self):
-        self.prev = getattr(_tls, "snapshot", None)
+        self.prev = _tls.snapshot
         _tls.snapshot = self.snap
 
     def __exit__(self, *exc):

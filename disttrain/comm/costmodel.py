@@ -279,9 +279,9 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
 _defaults: dict = {}  # p -> CostParams(p): deterministic, identical on every rank
 
 
-def params_of(comm) -> CostParams:
+def params_of(comm, snapshot=None) -> CostParams:
     """The cost parameters "auto" uses on `comm`."""
-    c = config.current().params.get(comm.handle)
+    c = (snapshot or config.current()).params.get(comm.handle)
     if c is None:
         p = comm.Get_size()
         c = _defaults.get(p) or _defaults.setdefault(p, CostParams(p))
@@ -377,7 +377,9 @@ def ensure(comm, *also) -> CostParams:
     """
     from .errors import CollectiveError
 
-    spec = config.current().costmodel_file
+    # group rank 0's setting decides for everyone: an environment that differs on one host must
+    # not send ranks into different collectives below
+    spec = comm.bcast(config.current().costmodel_file, root=0)
     if spec == "measure":
         c = measure(comm)
         install(c, comm, *also)
@@ -399,8 +401,8 @@ def choose(family: str, comm, nbytes: int, dtype) -> str:
 
     A pure function of the communicator's parameters and the settings snapshot, so every member
     of a group picks the same algorithm."""
-    c = params_of(comm)
     s = config.current()
+    c = params_of(comm, s)
     key = (family, int(nbytes).bit_length(), dtype, s.segment_bytes, s.ps_servers)
     choices = c.__dict__.setdefault("_choices", {})
     name = choices.get(key)

@@ -68,6 +68,23 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
     if _MPI is None:
         from mpi4py import MPI as _MPI
     op = stall.current()
+    if op is None:  # a set-up check (new_group, DataParallel, Mesh, Pipeline): track it like a collective
+        from ..runtime import group_of
+
+        g = group_of(comm)
+        temp = stall.enter(kind, None, group=g, lane="a" if g is not None and comm is g.async_comm else "b")
+        try:
+            return _check(comm, kind, fields, local_error, temp)
+        except BaseException as e:
+            stall.leave(temp, e)
+            raise
+        finally:
+            if stall.current() is temp:
+                stall.leave(temp)
+    return _check(comm, kind, fields, local_error, op)
+
+
+def _check(comm, kind: str, fields: dict, local_error: str | None, op) -> None:
     seq = op.seq if op is not None and op.gkey else 0
     h = _hash(kind, fields) ^ ((seq * _GOLDEN) & _MASK)
     v = np.array((0 if local_error else -1, h, ~h), dtype=np.int64)
@@ -114,9 +131,26 @@ def wait(req, comm, op, kind: str) -> None:
                 stall.mark_broken(gkey, f"{kind} abandoned: {why}")
                 raise CollectiveError(f"{kind}: {why}")
         spins += 1
-        if spins > 200:  # ~50-100 us of spinning: the peer is late, stop burning its core
-            delay = min(1e-3, delay * 2 if delay else 2e-5)
+        if spins > 200 and _oversubscribed():
+            # More ranks than cores on this host: a late peer may need this core, so yield it -
+            # in short sleeps (a long one would make this rank the late one when the peer comes).
+            delay = min(1e-4, delay * 2 if delay else 1e-5)
             time.sleep(delay)
+
+
+_over = None
+
+
+def _oversubscribed() -> bool:
+    """True when this host runs more ranks than it has cores (decided once)."""
+    global _over
+    if _over is None:
+        import os
+
+        from ..runtime import local_size
+
+        _over = local_size() > (os.cpu_count() or 1)
+    return _over
 
 
 def describe(infos) -> str:

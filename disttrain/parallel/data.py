@@ -34,6 +34,7 @@ from ..comm import config, validate
 from ..comm.engine import engine
 from ..nn.module import Module
 from ..runtime import as_group
+from ..runtime import rank as world_rank
 
 FIRST_BUCKET_BYTES = 1 << 20
 
@@ -186,7 +187,8 @@ class DataParallel:
             self._late_error = self._late_error or error  # raised after the step, whose collectives go on
             error = None
         z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
-        fields = {"step": self._steps, "unmatched_forwards": self._forwards - self._backwards,
+        fields = {"step": self._steps,
+                  "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
         def job():
@@ -199,9 +201,10 @@ class DataParallel:
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
-        if self.model.training:
+        y = self.model.forward(x)
+        if self.model.training:  # counted once it returned: a forward that raised left nothing to match
             self._forwards += 1
-        return self.model.forward(x)
+        return y
 
     __call__ = forward
 
@@ -221,7 +224,7 @@ class DataParallel:
             dx = self.model.backward(dy)
         except BaseException as e:
             self._in_backward = False
-            self._fail_step(f"rank {self.group.rank}: the model's backward raised {type(e).__name__}: {e}")
+            self._fail_step(f"rank {world_rank()}: the model's backward raised {type(e).__name__}: {e}")
             raise
         self._in_backward = False
         self._finish()

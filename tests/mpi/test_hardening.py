@@ -194,7 +194,7 @@ def test_7_a_rank_that_skips_backward_is_an_error_everywhere(comm):
     _step(ddp, model, x)
     if comm.Get_rank() == 1:
         ddp.forward(x)  # forward, then no backward: this rank skipped its step
-    with pytest.raises(dt.CollectiveError, match="unmatched_forwards"):
+    with pytest.raises(dt.CollectiveError, match="training_forwards_without_backward"):
         _step(ddp, model, x)
 
 
@@ -305,3 +305,33 @@ def test_9_meshes_free_their_groups(comm):
         with dt.Mesh(dp=p) as mesh:
             pass
     assert mesh.dp_group.freed and mesh.tp_group.freed and mesh.pp_group.freed
+
+
+@pytest.mark.mpi(min_size=2)
+def test_7_a_forward_that_raised_and_was_retried_is_not_a_skipped_backward(comm):
+    """Found by the review: a forward that raised (bad input) and was caught still counted."""
+    p = comm.Get_size()
+    model = _ddp_model()
+    ddp = dt.DataParallel(model, bucket_mb=1e-4)
+    x = np.ones((4, 6))
+    if comm.Get_rank() == 0:
+        with pytest.raises(Exception):
+            ddp.forward(np.ones((4, 3)))  # wrong width: the first Linear raises
+    y = ddp.forward(x)
+    for prm in model.parameters():
+        prm.grad[...] = 0
+    ddp.backward(np.ones_like(y))  # no CollectiveError: every rank ran one forward and one backward
+    same = comm.allgather(model.parameters()[0].grad.copy())
+    assert all(np.array_equal(s, same[0]) for s in same) and p >= 2
+
+
+def test_1_a_cost_model_setting_that_differs_per_rank_follows_rank_0(comm):
+    """Found by the review: DISTTRAIN_COSTMODEL unset on one host sent ranks into different
+    collectives (a silent hang in init). Group rank 0's setting decides for every member."""
+    before = config.update(costmodel_file="defaults" if comm.Get_rank() == 0 else "/no/such/file.json")
+    try:
+        with dt.new_group(range(comm.Get_size())) as g:
+            assert costmodel.params_of(g.comm).source == "defaults"
+            same_everywhere(comm, choices(g))
+    finally:
+        config.restore(before)

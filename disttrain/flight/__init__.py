@@ -43,7 +43,7 @@ def records() -> list:
 
 
 def _rank() -> int:
-    from .runtime import _world
+    from ..runtime import _world
 
     return _world.rank if _world is not None else int(os.environ.get("PMI_RANK", "0"))
 
@@ -153,6 +153,8 @@ def diagnose(docs: dict) -> str:
                               for r in sorted(behind))
             findings.append(f"rank(s) {sorted(stuck)} wait in {rec['name']} #{top} of group {g} (called at "
                             f"{rec['site']}) that rank(s) {sorted(behind)} never reached: {where}.")
+        if stuck and behind or missing_files:
+            continue  # a rank that never came (or left) is the finding; arrival order means nothing then
         # straggler: among completed common calls, who arrives last most often
         late: dict = {}
         for seq in sorted(common)[-50:]:
@@ -179,9 +181,14 @@ def main(argv=None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: python -m disttrain.flight DIR   (DIR holds flight-rank<r>.json files)", file=sys.stderr)
         return 2
-    print(diagnose(load(argv[0])))
+    try:
+        docs = load(argv[0])
+    except FileNotFoundError:
+        print(f"disttrain.flight: no such directory: {argv[0]}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, KeyError) as e:  # a file cut short by a kill, or not a flight record
+        print(f"disttrain.flight: cannot read the flight records in {argv[0]}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 2
+    print(diagnose(docs))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
