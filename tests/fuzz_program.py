@@ -15,7 +15,6 @@ end promptly with a message naming it (the driver checks that). Prints one line 
 the seed and program number, and a summary line "fuzz: N programs, M collectives, K faults".
 """
 import sys
-import zlib
 
 import numpy as np
 

@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from disttrain import train
-from disttrain.train import ConfigError, TrainConfig, make_parser, parse_config
+from disttrain.job import ConfigError, TrainConfig, make_parser, parse_config
 
 from ._mpirun import run
 

@@ -3,7 +3,7 @@
 import json
 import re
 
-from disttrain.train import _comm_summary, comm_fields
+from disttrain.job import comm_summary, comm_fields
 
 from ._mpirun import run
 
@@ -14,8 +14,8 @@ def test_comm_fields_keep_consistent_counters_and_refuse_contradicting_ones():
     bad = comm_fields(0.31, 0.37, 1)  # the contradiction from the issue
     assert bad["comm_s"] is None and bad["exposed_comm_s"] is None and bad["comm_accounting"] == "inconsistent"
     assert (bad["comm_raw_s"], bad["exposed_comm_raw_s"]) == (0.31, 0.37)
-    assert _comm_summary(dict(bad, step_time_s=1.0)) == "comm n/a (inconsistent counters)"
-    assert _comm_summary(dict(comm_fields(0.31, 0.30, 1), step_time_s=1.0)) == "comm  31% of step, exposed  30%"
+    assert comm_summary(dict(bad, step_time_s=1.0)) == "comm n/a (inconsistent counters)"
+    assert comm_summary(dict(comm_fields(0.31, 0.30, 1), step_time_s=1.0)) == "comm  31% of step, exposed  30%"
 
 
 def test_progress_lines_and_records_never_show_exposed_above_comm(tmp_path):

@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from disttrain import checkpoint
 
@@ -131,11 +130,11 @@ def test_failed_checkpoint_write_warns_on_every_rank_and_training_continues(tmp_
 
 
 def test_truncating_metrics_drops_torn_and_non_utf8_lines(tmp_path):
-    from disttrain.train import _truncate_metrics
+    from disttrain.job import truncate_metrics
 
     p = tmp_path / "m.jsonl"
     good = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (10, 20, 30)]
     p.write_bytes("".join(good).encode() + b'{"step": 40, "lo\xff\x00\x00')
     warned = []
-    _truncate_metrics(str(p), 20, warn=warned.append)
+    truncate_metrics(str(p), 20, warn=warned.append)
     assert p.read_text() == "".join(good[:2]) and len(warned) == 1 and "dropped 1 unreadable line" in warned[0]

@@ -7,7 +7,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn, optim
 from disttrain.data import text
-from disttrain.train import TrainConfig
+from disttrain.job import TrainConfig
 from disttrain.workloads import MODEL_DEFAULTS, Batch, Seq2SeqTranslation, train_step
 from models.gnmt import GNMT
 

@@ -1,0 +1,287 @@
+"""The main job's loop: agree on the configuration, set up, resume, train, log, evaluate,
+checkpoint, finish. ``main`` reads as the loop; each step of it is a function below."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import disttrain as dt
+from disttrain import numerics, timeline
+from disttrain.comm.errors import CollectiveError
+from disttrain.parallel.embedding import ShardedEmbeddings
+from disttrain.workloads import train_step
+
+from .config import ConfigError, TrainConfig, parse_config
+from .metrics import Interval, comm_summary
+from .resume import checkpoint_failed, restore, save_checkpoint, truncate_metrics
+from .setup import PipelineForward, build, setup
+
+
+@dataclass
+class Run:
+    """Everything the loop carries from step to step."""
+
+    cfg: TrainConfig
+    mesh: object
+    work: object
+    model: object
+    opt: object
+    sched: object
+    ddp: object
+    pipe: object = None
+    model_parallel: bool = False
+    start: int = 0
+    log: object = None
+    iv: Interval = None
+    skipped: int = 0  # non-finite steps skipped so far
+    consecutive: int = 0  # ... in a row
+    t_start: float = field(default_factory=time.perf_counter)
+    eval_s: float = 0.0  # evaluation time, excluded from train_time_s
+    warned_comm: bool = False
+
+    @property
+    def rank0(self) -> bool:
+        return dt.rank() == 0
+
+
+def main(argv=None) -> int:
+    """Run the main job; returns the exit status (module docstring of disttrain.train)."""
+    cfg = _agreed_config(argv)
+    if not isinstance(cfg, TrainConfig):
+        return cfg
+    run = _prepare(cfg)
+    if not isinstance(run, Run):
+        return run
+    for step in range(run.start, cfg.steps):
+        finite = _train_step(run, step)
+        done = step + 1
+        code = _count_nonfinite(run, done, finite)
+        if code is not None:
+            return code
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            _log(run, done)
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            _evaluate(run, done)
+        code = _checkpoint_or_stop(run, done)
+        if code is not None:
+            return code
+    return _finish(run)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _agreed_config(argv):
+    """The configuration, or exit status 2 on every rank. Every rank parsed the same flags, but
+    files (config, metrics directory) may look different on another host: the ranks agree, so that
+    all stop together with one message (rank 0's, or the lowest failing rank's) and nobody proceeds
+    into a collective the others never join."""
+    try:
+        cfg, err = parse_config(argv), None
+    except ConfigError as e:
+        cfg, err = None, str(e)
+    dt.init()
+    bad = [(r, e) for r, e in enumerate(dt.world().comm.allgather(err)) if e]
+    if bad:
+        if dt.rank() == 0:
+            r, e = bad[0]
+            _err(f"disttrain.train: configuration error{f' (on rank {r})' if r else ''}: {e}")
+        return 2
+    return cfg
+
+
+def _prepare(cfg: TrainConfig):
+    """Mesh, workload, model, optimizer, DataParallel (and pipeline), resume: a Run, or exit status 2."""
+    try:
+        mesh, work, model = setup(cfg)
+    except (ValueError, CollectiveError) as e:  # decided from the configuration and the world size:
+        if dt.rank() == 0:  # the same verdict on every rank, so all stop
+            _err(f"disttrain.train: configuration error: {e}")
+        return 2
+    opt, sched = build(cfg, model)  # model: this rank's stage (all layers unless pipelined)
+    dt.broadcast_parameters(model, group=mesh.dp_group)  # replicas of the same shard agree
+    ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
+                          overlap=cfg.overlap, group=mesh.dp_group)
+    pipe = None
+    if mesh.pp > 1:
+        pipe = dt.Pipeline(ddp, mesh.pp_group, work.loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
+                           cfg.micro_batches)
+    # stages, tensor shards and embedding shards hold different parameters on different ranks
+    model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
+    run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel)
+    resumed = None
+    if cfg.resume:
+        try:
+            run.start, resumed = restore(cfg, model, opt, sched, ddp)
+        except ConfigError as e:
+            if run.rank0:
+                _err(f"disttrain.train: {e}")
+            return 2
+    if cfg.timeline:
+        timeline.start(cfg.timeline)
+    if run.start and cfg.metrics and run.rank0:
+        truncate_metrics(cfg.metrics, run.start, warn=_err)
+    run.log = open(cfg.metrics, "a" if run.start else "w") if (cfg.metrics and run.rank0) else None
+    if run.rank0:
+        print(f"[disttrain] {dt.size()} ranks (dp {mesh.dp} x pp {mesh.pp} x tp {mesh.tp}"
+              f"{f', {cfg.schedule} with {cfg.micro_batches} micro-batches' if pipe else ''}) | {work.description} | "
+              f"{cfg.steps} steps | {cfg.optimizer} lr {cfg.lr} | compression {cfg.compression}", flush=True)
+    run.iv = Interval(ddp, run.start)
+    if run.start and resumed:  # continue the skip counters and the logging interval the checkpoint was taken in
+        run.skipped, run.consecutive = resumed["skipped"], resumed["consecutive"]
+        run.iv = Interval(ddp, resumed["interval_start"], resumed["loss_sum"], resumed["count"])
+    return run
+
+
+def _train_step(run: Run, step: int) -> bool:
+    """One optimizer step; False if the gradients were not finite (the step is skipped and the
+    compressor's state rolled back)."""
+    batch, ddp, mesh = run.work.batch(step), run.ddp, run.mesh
+    with timeline.span("step", "step", step=step + 1):
+        t, e = time.perf_counter(), ddp.exposed_comm_seconds + ddp.handoff_seconds
+        if run.pipe:
+            loss = run.pipe.step(batch.inputs if mesh.pp_is_first_stage else None,
+                                 batch.targets if mesh.pp_is_last_stage else None)
+        else:
+            loss = train_step(ddp, run.work.loss_fn, batch, mesh.dp)
+        wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
+        run.iv.add(loss, batch, time.perf_counter() - t - wait, wait)
+        # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
+        if run.model_parallel:  # different parameters per rank: they vote
+            finite = numerics.all_finite(run.model.parameters())
+            finite = bool(dt.allreduce(np.array([int(finite)]), op="min", algorithm="mpi")[0])
+        else:
+            finite = numerics.all_finite(ddp.parameters())
+        if finite:
+            run.opt.step()
+            ddp.compressor.commit()
+        else:  # a skipped step leaves no trace in error-feedback / warm-start state either
+            ddp.compressor.rollback()
+        run.opt.zero_grad()
+    run.sched.step()
+    return finite
+
+
+def _count_nonfinite(run: Run, done: int, finite: bool):
+    """Count skipped steps; exit status 3 (on every rank: the verdict is the same everywhere) when
+    --on-nonfinite stop, or more than --max-skipped-steps in a row."""
+    cfg = run.cfg
+    run.consecutive = 0 if finite else run.consecutive + 1
+    if finite:
+        return None
+    run.skipped += 1
+    why = None
+    if cfg.on_nonfinite == "stop":
+        why = (f"disttrain.train: step {done}: non-finite (NaN/Inf) gradients; stopping before they are applied "
+               "(--on-nonfinite stop). Lower --lr or check the data.")
+    elif run.consecutive > cfg.max_skipped_steps:
+        why = (f"disttrain.train: step {done}: {run.consecutive} steps in a row had non-finite (NaN/Inf) gradients "
+               f"(more than --max-skipped-steps {cfg.max_skipped_steps}): the run has diverged; stopping. Lower --lr, "
+               "add --warmup-steps or check the data.")
+    if why:
+        if run.rank0:
+            _err(why)
+        timeline.stop()
+        return 3
+    if run.rank0:
+        _err(f"[disttrain] warning: step {done}: non-finite (NaN/Inf) gradients; step skipped "
+             f"({run.skipped} so far, {run.consecutive} in a row)")
+    return None
+
+
+def _log(run: Run, done: int) -> None:
+    """The metrics record and progress line of the interval ending at `done`."""
+    cfg, unit = run.cfg, run.work.unit
+    rec = run.iv.record(done, unit, run.opt, run.skipped)
+    emb = getattr(run.model, "embeddings", None)
+    if isinstance(emb, ShardedEmbeddings):  # this rank's AllToAll bytes per step (ids, rows, grads)
+        st = emb.stats
+        rec["embedding_alltoall_bytes"] = (st.id_bytes + st.fwd_bytes + st.bwd_bytes) / max(1, run.iv.steps)
+        st.reset()
+    if run.pipe:  # this step's idle share per rank (pipeline bubble + waiting), and live activations
+        st = dt.world().comm.allgather(run.pipe.stats)
+        rec["pipeline_idle"] = [round(1 - x["compute_s"] / x["wall_s"], 4) for x in st]
+        rec["pipeline_peak_live"] = [x["peak_live"] for x in st]
+    rec["train_time_s"] = time.perf_counter() - run.t_start - run.eval_s
+    if run.rank0:
+        extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
+                 f"{1e3 * max(rec['sync_wait_s']):.0f} ms" if "padding" in rec else "")
+        if "comm_accounting" in rec and not run.warned_comm:
+            run.warned_comm = True
+            _err(f"[disttrain] warning: DataParallel reported more exposed communication "
+                 f"({rec['exposed_comm_raw_s']:.3g} s/step) than communication in flight "
+                 f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
+                 "values in *_raw_s) rather than printed contradicting each other")
+        print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
+              f"{comm_summary(rec)} | lr {run.opt.lr:.4g}{extra}", flush=True)
+        if run.log:
+            run.log.write(json.dumps(rec) + "\n")
+            run.log.flush()
+    run.iv = Interval(run.ddp, done)
+
+
+def _evaluate(run: Run, done: int) -> None:
+    """Test metrics every --eval-every steps; every rank evaluates (same model, cheap): none waits
+    for rank 0. The time is excluded from train_time_s and from the interval's rates."""
+    te = time.perf_counter()
+    res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model)
+    if run.log:
+        run.log.write(json.dumps(dict(step=done, **res, train_time_s=te - run.t_start - run.eval_s)) + "\n")
+        run.log.flush()
+    run.eval_s += time.perf_counter() - te
+    run.iv.t0 += time.perf_counter() - te
+
+
+def _close(run: Run) -> None:
+    if run.log:
+        run.log.close()
+        run.log = None
+
+
+def _checkpoint_or_stop(run: Run, done: int):
+    """Checkpoint every --checkpoint-every steps; stop after --stop-after-steps (exit 0 with a
+    checkpoint, or 4 if it could not be written)."""
+    cfg = run.cfg
+    stopping = cfg.stop_after_steps and done - run.start >= cfg.stop_after_steps and done < cfg.steps
+    if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
+        err = save_checkpoint(cfg, done, run.model, run.opt, run.ddp, run.iv.progress(run.skipped, run.consecutive))
+        if checkpoint_failed(cfg, err, done, stopping):
+            timeline.stop()
+            _close(run)
+            return 4
+    if stopping:
+        if cfg.checkpoint_dir and run.rank0:
+            print(f"[disttrain] stopped after step {done}; continue with --resume", flush=True)
+        timeline.stop()
+        _close(run)
+        return 0
+    return None
+
+
+def _finish(run: Run) -> int:
+    """Timeline, final evaluation, final checkpoint, the closing line and metrics record."""
+    cfg = run.cfg
+    if timeline.stop() and run.rank0:
+        print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
+    res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model, final=True)
+    if cfg.checkpoint_dir:
+        err = save_checkpoint(cfg, cfg.steps, run.model, run.opt, run.ddp,
+                              run.iv.progress(run.skipped, run.consecutive))
+        if checkpoint_failed(cfg, err, cfg.steps, False):
+            _close(run)
+            return 4
+    if run.rank0:
+        if "train_accuracy" in res:
+            print(f"[disttrain] done: test accuracy {res['test_accuracy']:.4f} "
+                  f"(train {res['train_accuracy']:.4f})", flush=True)
+        else:
+            print("[disttrain] done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in res.items()), flush=True)
+        if run.log:
+            run.log.write(json.dumps(dict(step=cfg.steps, final=True, **res)) + "\n")
+    _close(run)
+    return 0

@@ -1,0 +1,105 @@
+"""Metrics of the main job: one record per logged interval (loss, rates, communication on one
+clock, waits, memory) and the progress line."""
+
+
+import resource
+import time
+
+import numpy as np
+
+import disttrain as dt
+from disttrain import stall
+
+
+def comm_fields(comm_total: float, exposed_total: float, steps: int) -> dict:
+    """The communication fields of one logged interval: comm_s and exposed_comm_s, seconds per step.
+
+    Both come from DataParallel's counters and rely on their definition (parallel/data.py):
+    ``comm_seconds`` is the union of the time gradient communication was in flight and
+    ``exposed_comm_seconds`` the part of it during which the step waited - the same clock, so
+    0 <= exposed <= comm per interval by construction. A DataParallel whose counters break that
+    (e.g. comm timed on the communication thread, exposed on the caller: queueing and wake-up
+    latency then count as exposed but not as comm) gets both fields null, the raw values under
+    *_raw_s and ``comm_accounting: "inconsistent"`` - never a record or progress line that
+    contradicts itself, and no clamp that would hide the inconsistency."""
+    comm, exposed = comm_total / steps, exposed_total / steps
+    if 0 <= exposed <= comm * (1 + 1e-9) + 1e-12:  # tolerance: summation rounding only
+        return dict(comm_s=comm, exposed_comm_s=exposed)
+    return dict(comm_s=None, exposed_comm_s=None, comm_raw_s=comm, exposed_comm_raw_s=exposed,
+                comm_accounting="inconsistent")
+
+
+def comm_summary(rec: dict) -> str:
+    """The progress line's communication part: shares of the step time, exposed never above comm."""
+    if rec["comm_s"] is None:
+        return "comm n/a (inconsistent counters)"
+    t = rec["step_time_s"] or 1.0
+    return f"comm {rec['comm_s'] / t:4.0%} of step, exposed {rec['exposed_comm_s'] / t:4.0%}"
+
+
+class Interval:
+    """What happened on this rank since the last logged step; `record` turns it into one metrics
+    object (collective: every rank contributes its losses, counts and times)."""
+
+    def __init__(self, ddp, start_step: int, loss_sum: float = 0.0, count: float = 0.0):
+        """`start_step`: the last logged step (the interval covers the steps after it); `loss_sum`
+        and `count`: this rank's part of the interval done before a resume (from the checkpoint)."""
+        self.ddp, self.t0, self.start_step = ddp, time.perf_counter(), start_step
+        self.loss_sum, self.count, self.global_count = loss_sum, count, 0.0
+        self.steps = 0  # steps timed by this process: time, bytes and rates are per step over these
+        self.busy, self.wait = [], []  # per step: seconds computing, seconds waiting at gradient sync
+        self.real = self.padded = 0
+        self.imbalance = []
+        self.c0, self.e0, self.w0 = ddp.comm_seconds, ddp.exposed_comm_seconds, dict(ddp.wire_stats)
+        self.h0, self.b0 = ddp.handoff_seconds, stall.blocking_seconds
+
+    def add(self, loss, batch, busy, wait):
+        self.steps += 1
+        self.loss_sum += loss * batch.count
+        self.count += batch.count
+        self.global_count += batch.global_count
+        self.busy.append(busy)
+        self.wait.append(wait)
+        if batch.stats:
+            self.real += batch.stats["real_tokens"]
+            self.padded += batch.stats["padded_tokens"]
+            self.imbalance.append(batch.stats["imbalance"])
+
+    def progress(self, skipped: int, consecutive: int) -> dict:
+        """What a checkpoint keeps of this interval (see save_checkpoint)."""
+        return dict(interval_start=self.start_step, loss_sum=self.loss_sum, count=self.count, skipped=skipped,
+                    consecutive=consecutive)
+
+    def record(self, done, unit, opt, skipped) -> dict:
+        """The metrics object of the interval ending at step `done`: the loss over all its steps
+        (including those before a resume), times and rates per step over the steps this process ran."""
+        ddp, comm, n = self.ddp, dt.world().comm, max(1, self.steps)
+        dt_s = time.perf_counter() - self.t0
+        tot = dt.allreduce(np.array([self.loss_sum, self.count]), algorithm="mpi")
+        rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
+        rec[f"{unit}_per_s"] = self.global_count / dt_s  # loss terms (samples or real tokens) per second
+        # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
+        # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
+        # at once: it adds to both.
+        blocking = stall.blocking_seconds - self.b0
+        rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking, ddp.exposed_comm_seconds - self.e0 + blocking, n))
+        rec["handoff_s"] = (ddp.handoff_seconds - self.h0) / n
+        rec["blocking_comm_s"] = blocking / n
+        rec.update(lr=opt.lr, skipped_steps=skipped)
+        w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
+        rec["sent_bytes"] = (w["sent_bytes"] - self.w0["sent_bytes"]) / n
+        rec["compression_ratio"] = w["ratio"]
+        # the step's own wait (the exposed counter is measured on the training thread's clock)
+        rec["compute_s"] = rec["step_time_s"] - (ddp.exposed_comm_seconds - self.e0 + ddp.handoff_seconds - self.h0
+                                                  + blocking) / n
+        # Per rank: the seconds per step it waited at the gradient synchronisation, and the part
+        # of that explained by load imbalance (the slowest rank's compute time minus its own).
+        busy = np.array(comm.allgather(self.busy))
+        rec["sync_wait_s"] = [float(np.mean(x)) for x in comm.allgather(self.wait)]
+        rec["imbalance_wait_s"] = [float(x) for x in (busy.max(axis=0) - busy).mean(axis=1)]
+        if self.padded:
+            rec.update(padding=1.0 - self.real / self.padded, imbalance=float(np.mean(self.imbalance)),
+                       imbalance_max=float(np.max(self.imbalance)))
+        rec["peak_rss_mib"] = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
+        return rec
+

@@ -1,0 +1,64 @@
+"""Set-up of the main job: the rank mesh, the workload, this rank's model or pipeline stage, the
+optimizer and schedule, and evaluation through a pipeline."""
+
+
+
+
+import disttrain as dt
+from disttrain import optim
+from disttrain import nn
+from disttrain.parallel.pipeline import measure_layer_costs, partition
+from disttrain.workloads import WORKLOADS
+from .config import TrainConfig
+
+
+def build(cfg: TrainConfig, model):
+    """The optimizer and learning-rate schedule for the model."""
+    params = model.parameters()
+    opt = {"sgd": lambda: optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+           "adam": lambda: optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay),
+           "adamw": lambda: optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay),
+           "lamb": lambda: optim.LAMB(params, cfg.lr, weight_decay=cfg.weight_decay)}[cfg.optimizer]()
+    return opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+
+
+def setup(cfg: TrainConfig):
+    """(mesh, workload, this rank's model or pipeline stage). Collective over the world; raises
+    ValueError / CollectiveError with the same message on every rank for a configuration that does
+    not fit the job (world not dp x pp x tp, sizes not divisible by tp, fewer layers than stages,
+    micro-batches not dividing the batch)."""
+    world = dt.size()
+    dp = cfg.dp or max(1, world // (cfg.pp * cfg.tp))
+    mesh = dt.Mesh(dp, cfg.pp, cfg.tp)
+    if cfg.pp > 1 and (cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batches):
+        raise ValueError(f"global batch {cfg.global_batch_size} over dp={dp} replicas must give each replica a "
+                         f"batch divisible by {cfg.micro_batches} micro-batches")
+    work = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh)
+    model = work.model
+    model.parameters()  # names are global paths ("layers.4.weight") before the model is cut into stages
+    if cfg.pp > 1:
+        units = model.blocks()
+        sample = work.batch(0).inputs[:max(1, cfg.global_batch_size // dp // cfg.micro_batches)]
+        # every rank measures (tensor-parallel layers communicate), rank 0's numbers decide: stage
+        # boundaries must be identical everywhere
+        costs = dt.world().comm.bcast(measure_layer_costs(units, sample), root=0)
+        a, b = partition(costs, cfg.pp)[mesh.pp_rank]
+        model = nn.Sequential(*units[a:b])
+    return mesh, work, model
+
+
+class PipelineForward:
+    """Evaluation through the pipeline: forward(x) returns the last stage's output everywhere."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def forward(self, x):
+        return self.pipe.predict(x)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
