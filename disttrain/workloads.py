@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import nn
+from . import nn, zoo
 from .data import Batcher, DistributedSampler, load, text
 
 
@@ -75,7 +75,7 @@ class Classification(_FixedBatch):
     """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
-        from models.mlp import MLP
+        MLP = zoo.model("mlp")
 
         self.data = load(cfg.dataset)
         self._sample(len(self.data.y_train), cfg, rank, world)
@@ -114,7 +114,7 @@ class Seq2SeqTranslation:
     unit = "tokens"
 
     def __init__(self, cfg, rank: int, world: int, mesh=None, corpus=None):
-        from models.gnmt import GNMT
+        GNMT = zoo.model("gnmt")
 
         if cfg.dataset != "pydocs" and corpus is None:
             raise ValueError(f"model gnmt trains on dataset 'pydocs', got {cfg.dataset!r}")
@@ -191,7 +191,7 @@ class LanguageModel(_FixedBatch):
     units. `--hidden` is "D,HEADS,LAYERS"."""
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
-        from models.transformer import Transformer
+        Transformer = zoo.model("transformer")
 
         if cfg.dataset != "pydocs":
             raise ValueError(f"model transformer trains on dataset 'pydocs', got {cfg.dataset!r}")
@@ -244,7 +244,7 @@ class ClickPrediction(_FixedBatch):
     the bottom / top MLP widths); `--tables` the rows of each table."""
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
-        from models.dlrm import DLRM
+        DLRM = zoo.model("dlrm")
 
         from .data import clicks
 

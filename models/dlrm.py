@@ -51,7 +51,7 @@ class DLRM(nn.Module):
 
     def __init__(self, sizes, dim: int = 16, dense: int = 8, bottom=(64,), top=(64,), sharding: str | None = None,
                  group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto"):
-        from models.mlp import MLP
+        from .mlp import MLP
 
         rng = np.random.default_rng(seed)
         self.embeddings = (LocalEmbeddings(sizes, dim, rng=rng, dtype=dtype) if sharding is None else

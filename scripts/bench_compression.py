@@ -49,7 +49,7 @@ def worker_step(a) -> dict | None:
 
     import disttrain as dt
     from disttrain import nn, optim
-    from models.mlp import MLP
+    from disttrain_zoo.mlp import MLP
 
     dt.init()
     r = dt.rank()

@@ -4,8 +4,8 @@ import pytest
 
 from disttrain import nn
 from disttrain.data.clicks import power_law_ids, split, synthetic_clicks
-from models.dlrm import DLRM, DotInteraction
-from models.transformer import Transformer
+from disttrain_zoo.dlrm import DLRM, DotInteraction
+from disttrain_zoo.transformer import Transformer
 
 from ._fd import numeric_grad
 from .test_nn import fd_check

@@ -4,7 +4,7 @@ import pytest
 
 from disttrain import nn
 from disttrain.data import text
-from models.gnmt import GNMT
+from disttrain_zoo.gnmt import GNMT
 
 from ._fd import numeric_grad
 

@@ -95,3 +95,34 @@ def test_async_runs_synchronously_without_thread_multiple():
     bad = e.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         bad.wait()
+
+
+def test_the_zoo_is_not_a_top_level_models_package_and_a_user_models_package_still_works(tmp_path):
+    """Issue 17: `pip install` must not put a package named `models` into site-packages (it shadowed
+    a user project's own models/ and broke the README's examples there). The zoo installs as
+    `disttrain_zoo`, and the main job finds it through the "disttrain.models" entry points."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('models'), "
+                          "u.find_spec('disttrain_zoo') is not None)"], cwd=empty, capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert res.stdout.split() == ["None", "True"], (res.stdout, res.stderr)  # installed: the zoo, not `models`
+    from disttrain import zoo
+
+    assert {"mlp", "gnmt", "dlrm", "transformer"} <= set(zoo.names())
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("USER_PROJECT = True\n")
+    code = ("import models; assert models.USER_PROJECT\n"
+            "import numpy as np, disttrain as dt\n"
+            "from disttrain_zoo.mlp import MLP\n"
+            "from disttrain import zoo\n"
+            "assert zoo.model('mlp') is MLP\n"
+            "model = MLP([64, 32, 10]); print(model.forward(np.ones((2, 64), np.float32)).shape)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and "(2, 10)" in res.stdout, res.stderr

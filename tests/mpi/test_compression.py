@@ -7,7 +7,7 @@ import pytest
 import disttrain as dt
 from disttrain import compression as Z
 from disttrain import nn, optim
-from models.mlp import MLP
+from disttrain_zoo.mlp import MLP
 
 from .conftest import rank_rng
 

@@ -4,7 +4,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn, optim
-from models.mlp import MLP
+from disttrain_zoo.mlp import MLP
 
 LOCAL_BATCH, STEPS, SIZES = 6, 5, [10, 32, 24, 5]
 

@@ -174,7 +174,7 @@ class _Fail(nn.Module):
 
 
 def _ddp_model(seed=0):
-    from models.mlp import MLP  # the zoo
+    from disttrain_zoo.mlp import MLP  # the zoo
 
     model = MLP([6, 16, 3], seed=seed)
     return model

@@ -8,7 +8,7 @@ from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.mesh import Mesh
 from disttrain.parallel.pipeline import Pipeline, bubble_fraction, partition
 from disttrain.parallel.tensor import ColumnParallelLinear, ParallelAttention, ParallelMLP
-from models.transformer import Transformer
+from disttrain_zoo.transformer import Transformer
 
 D, FFN, CLASSES, B, STEPS = 12, 120, 5, 16, 3  # FFN divides by 1..5 and 8
 

@@ -9,7 +9,7 @@ from disttrain import nn, optim
 from disttrain.data import text
 from disttrain.job import TrainConfig
 from disttrain.workloads import MODEL_DEFAULTS, Batch, Seq2SeqTranslation, train_step
-from models.gnmt import GNMT
+from disttrain_zoo.gnmt import GNMT
 
 
 def corpus(n, vocab=20, seed=3):

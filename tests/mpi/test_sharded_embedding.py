@@ -9,7 +9,7 @@ from disttrain.comm.errors import CollectiveError
 from disttrain.data.clicks import synthetic_clicks
 from disttrain.parallel.embedding import SHARDINGS, ShardedEmbeddings
 from disttrain.workloads import Batch, train_step
-from models.dlrm import DLRM
+from disttrain_zoo.dlrm import DLRM
 
 SIZES = (40, 23, 7, 3, 11)  # more tables than some suites' ranks, fewer than others; tiny ones too
 STEPS = 4
