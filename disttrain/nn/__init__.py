@@ -3,6 +3,7 @@ from .activations import GELU, ReLU, Sigmoid, Tanh
 from .attention import Attention, MultiHeadAttention
 from .dropout import Dropout
 from .embedding import Embedding
+from .gradcheck import GradcheckReport, gradcheck
 from .init import kaiming_uniform, xavier_uniform
 from .layernorm import LayerNorm
 from .linear import Linear
@@ -12,4 +13,4 @@ from .module import Module, Parameter, Sequential
 
 __all__ = ["Module", "Parameter", "Sequential", "Linear", "ReLU", "GELU", "Tanh", "Sigmoid", "Dropout",
            "LayerNorm", "Embedding", "LSTM", "Attention", "MultiHeadAttention", "SoftmaxCrossEntropy", "BCEWithLogits", "MSE", "kaiming_uniform",
-           "xavier_uniform"]
+           "xavier_uniform", "gradcheck", "GradcheckReport"]

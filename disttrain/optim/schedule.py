@@ -23,6 +23,15 @@ class Schedule:
         self.t += 1
         self._apply()
 
+    def state_dict(self) -> dict:
+        """The schedule's position (for checkpoints)."""
+        return {"t": self.t}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue from a saved position: ``opt.lr`` is set for step ``d["t"]``."""
+        self.t = int(d["t"])
+        self._apply()
+
     def _apply(self) -> None:
         w = min(1.0, (self.t + 1) / self.warmup) if self.warmup else 1.0
         self.opt.lr = self.base_lr * w * self.factor(self.t)
