@@ -36,7 +36,8 @@ class GradcheckReport:
         return "\n".join(lines)
 
 
-def _numeric(loss, arr: np.ndarray, eps: float) -> np.ndarray:
+def numeric_grad(loss, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """d loss() / d arr by central differences, perturbing arr in place one element at a time."""
     num = np.zeros_like(arr)
     for i in np.ndindex(arr.shape):
         old = arr[i]
@@ -96,7 +97,7 @@ def gradcheck(module, x, eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e
         if check_input and dx is not None and isinstance(xf, np.ndarray) and xf.dtype.kind == "f":
             checks.append(("input", xf, dx))
         for name, arr, got in checks:
-            num = _numeric(loss, arr, eps)
+            num = numeric_grad(loss, arr, eps)
             err = np.abs(got - num)
             rel = err / np.maximum(np.abs(num), 1e-12)
             ok = bool(np.all(err <= atol + rtol * np.abs(num)))
