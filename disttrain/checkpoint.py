@@ -21,7 +21,6 @@ Robustness rules (issue 14 / 10):
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os

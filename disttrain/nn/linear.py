@@ -7,6 +7,25 @@ from .init import kaiming_uniform, xavier_uniform
 from .module import Module, Parameter
 
 
+def affine_forward(x, weight, bias):
+    """y = x @ W (+ b): one BLAS GEMM over all leading dimensions."""
+    y = x @ weight.data
+    if bias is not None:
+        y += bias.data
+    return y
+
+
+def affine_backward(x, dy, weight, bias, input_grad: bool = True):
+    """Accumulate dW = x^T dy and db = sum dy (leading dimensions flattened) into the parameters'
+    .grad; return dx = dy W^T, or None when the input needs no gradient. Shared by Linear and the
+    tensor-parallel linears (parallel/tensor.py), which only add their communication around it."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    weight.grad += x2.T @ dy2
+    if bias is not None:
+        bias.grad += dy2.sum(axis=0)
+    return dy @ weight.data.T if input_grad else None
+
+
 class Linear(Module):
     """Args:
         in_features, out_features: sizes of the last dimension.
@@ -32,15 +51,7 @@ class Linear(Module):
 
     def forward(self, x):
         self._x = x
-        y = x @ self.weight.data
-        if self.bias is not None:
-            y += self.bias.data
-        return y
+        return affine_forward(x, self.weight, self.bias)
 
     def backward(self, dy):
-        x = self._x
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        self.weight.grad += x2.T @ dy2
-        if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
-        return dy @ self.weight.data.T if self.input_grad else None
+        return affine_backward(self._x, dy, self.weight, self.bias, self.input_grad)

@@ -62,6 +62,12 @@ class Module:
                     if isinstance(m, Module):
                         yield f"{k}.{i}", m
 
+    def modules(self):
+        """This module and every module below it, depth first (each once per path)."""
+        yield self
+        for _, m in self.children():
+            yield from m.modules()
+
     def named_parameters(self, prefix: str = ""):
         for k, v in vars(self).items():
             if isinstance(v, Parameter):

@@ -6,7 +6,6 @@ memory bus. Each kernel has a NumPy twin (``_ref``) the tests compare it with.
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 

@@ -117,7 +117,7 @@ class DataParallel:
         self.comm_seconds = 0.0
         self.exposed_comm_seconds = 0.0
         self.handoff_seconds = 0.0
-        for m in _modules(model):  # containers call the hook as each child's backward returns
+        for m in model.modules():  # containers call the hook as each child's backward returns
             m._grad_hook = self._on_ready
 
     # --------------------------------------------------------------------------- buckets
@@ -323,12 +323,6 @@ def _union_and_overlap(spans, w0: float, w1: float) -> tuple[float, float]:
         else:
             cur1 = max(cur1, b)
     return total, inside
-
-
-def _modules(model: Module):
-    yield model
-    for _, m in model.children():
-        yield from _modules(m)
 
 
 def broadcast_parameters(model, root: int = 0, group=None) -> None:

@@ -42,6 +42,7 @@ from ..comm import validate
 from ..nn import kernels as K
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
+from .counters import Counters
 
 
 def init_tables(sizes, dim: int, rng, dtype=np.float32) -> list:
@@ -116,19 +117,6 @@ def _row_wise(sizes, dim, p) -> list:
 SHARDINGS = {"table": _table_wise, "row": _row_wise}
 
 
-class _Stats:
-    """What the AllToAlls moved on this rank since reset() (benchmarks, tests)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.lookups = self.rows_sent = self.id_bytes = self.fwd_bytes = self.bwd_bytes = self.alltoalls = 0
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))
-
-
 class ShardedEmbeddings(Module):
     """T embedding tables of `dim` columns sharded over `group`; forward(ids (B, T)) -> (B, T, dim).
 
@@ -178,7 +166,8 @@ class ShardedEmbeddings(Module):
         self._block_start = np.array(starts, np.int64)
         self._block_owner = np.array(owners, np.int64)
         self._block_shift = np.array(shard_offsets, np.int64)  # shard row = global row + shift
-        self.stats = _Stats()
+        # what the AllToAlls moved on this rank since stats.reset() (benchmarks, tests, metrics)
+        self.stats = Counters("lookups", "rows_sent", "id_bytes", "fwd_bytes", "bwd_bytes", "alltoalls")
 
     def owned_rows(self, rank: int | None = None) -> int:
         """Rows of all tables that `rank` (default: this one) holds."""

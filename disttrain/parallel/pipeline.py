@@ -216,7 +216,7 @@ def _stash(module, loss_fn) -> tuple:
     """This micro-batch's cached activations (every non-parameter attribute of every sub-module,
     and of the loss), and their bytes - what the stage must keep until the micro-batch's backward."""
     saved, nbytes = [], 0
-    for m in [*_walk(module), *([loss_fn] if loss_fn is not None else [])]:
+    for m in [*module.modules(), *([loss_fn] if loss_fn is not None else [])]:
         state = {k: v for k, v in vars(m).items()
                  if not isinstance(v, (Parameter, Module)) and not k.startswith("__")
                  and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], Module))}
@@ -232,12 +232,6 @@ def _stash(module, loss_fn) -> tuple:
 def _restore(saved) -> None:
     for m, state in saved:
         vars(m).update(state)
-
-
-def _walk(m):
-    yield m
-    for _, c in m.children():
-        yield from _walk(c)
 
 
 # --------------------------------------------------------------------------- partitioning

@@ -29,25 +29,14 @@ from ..comm import validate
 from ..nn.activations import GELU
 from ..nn.attention import MultiHeadAttention
 from ..nn.init import kaiming_uniform, xavier_uniform
+from ..nn.linear import affine_backward, affine_forward
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
+from .counters import Counters
 
 
-class _Stats:
-    """Allreduce calls and bytes of the tensor-parallel ops since reset() (benchmarks, tests)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.calls, self.bytes = 0, 0
-
-    def add(self, a) -> None:
-        self.calls += 1
-        self.bytes += a.nbytes
-
-
-stats = _Stats()
+#: allreduce calls and bytes of the tensor-parallel ops since stats.reset() (benchmarks, tests)
+stats = Counters("calls", "bytes")
 
 
 def copy_to_tp(x, group):
@@ -57,13 +46,13 @@ def copy_to_tp(x, group):
 
 def copy_to_tp_backward(dx, group):
     """Megatron's f, backward: the replicated input's gradient is the sum of the ranks' parts."""
-    stats.add(dx)
+    stats.add(calls=1, bytes=dx.nbytes)
     return C.allreduce_(np.ascontiguousarray(dx), op="sum", group=group)
 
 
 def reduce_from_tp(y, group):
     """Megatron's g, forward: sum the ranks' partial products."""
-    stats.add(y)
+    stats.add(calls=1, bytes=y.nbytes)
     return C.allreduce_(np.ascontiguousarray(y), op="sum", group=group)
 
 
@@ -107,17 +96,11 @@ class ColumnParallelLinear(Module):
 
     def forward(self, x):
         self._x = copy_to_tp(x, self.group)
-        y = self._x @ self.weight.data
-        if self.bias is not None:
-            y += self.bias.data
-        return y
+        return affine_forward(self._x, self.weight, self.bias)
 
     def backward(self, dy):
-        x2, dy2 = self._x.reshape(-1, self._x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        self.weight.grad += x2.T @ dy2
-        if self.bias is not None:
-            self.bias.grad += dy2.sum(axis=0)
-        return copy_to_tp_backward(dy @ self.weight.data.T, self.group) if self.input_grad else None
+        dx = affine_backward(self._x, dy, self.weight, self.bias, self.input_grad)
+        return copy_to_tp_backward(dx, self.group) if self.input_grad else None
 
 
 class RowParallelLinear(Module):
@@ -135,18 +118,15 @@ class RowParallelLinear(Module):
 
     def forward(self, x):
         self._x = x
-        y = reduce_from_tp(x @ self.weight.data, self.group)
+        y = reduce_from_tp(affine_forward(x, self.weight, None), self.group)  # the bias once, after the sum
         if self.bias is not None:
             y += self.bias.data
         return y
 
     def backward(self, dy):
         dy = reduce_from_tp_backward(dy, self.group)
-        x2, dy2 = self._x.reshape(-1, self._x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        self.weight.grad += x2.T @ dy2
-        if self.bias is not None:  # identical on every tp rank: no communication needed
-            self.bias.grad += dy2.sum(axis=0)
-        return dy @ self.weight.data.T
+        # the bias gradient is identical on every tp rank: no communication needed
+        return affine_backward(self._x, dy, self.weight, self.bias)
 
 
 class ParallelMLP(Module):
