@@ -21,6 +21,7 @@ import numpy as np
 
 from . import nn, zoo
 from .data import Batcher, DistributedSampler, load, text
+from .registry import Registry
 
 
 @dataclass
@@ -71,6 +72,10 @@ class _FixedBatch:
         return Batch(*self.take(idx), len(idx), self.B)
 
 
+WORKLOADS = Registry("workload")
+
+
+@WORKLOADS.register("mlp")
 class Classification(_FixedBatch):
     """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
 
@@ -103,6 +108,7 @@ def _accuracy(model, x, y) -> float:
     return float((pred == y).mean())
 
 
+@WORKLOADS.register("gnmt")
 class Seq2SeqTranslation:
     """GNMT-lite on the standard-library documentation corpus (reverse translation, data/text.py),
     batched by a data/bucketing.py strategy: `--batching`, and `--max-tokens` (padded tokens per
@@ -183,6 +189,7 @@ class Seq2SeqTranslation:
         return dict(test_loss=total / count, test_token_accuracy=correct / count)
 
 
+@WORKLOADS.register("transformer")
 class LanguageModel(_FixedBatch):
     """A small GPT-style transformer (models/transformer.py) as a next-token language model on the
     standard-library documentation corpus (data/text.py): the training sentences joined by EOS into
@@ -237,6 +244,7 @@ def _windows(sentences, seq_len: int) -> tuple:
     return x, y
 
 
+@WORKLOADS.register("dlrm")
 class ClickPrediction(_FixedBatch):
     """DLRM-style recommender on synthetic power-law click data (data/clicks.py): the MLPs
     data-parallel, the embedding tables sharded over the ranks (`--sharding table | row`) and looked
@@ -313,7 +321,6 @@ def _gnmt_sizes(spec: str) -> tuple:
 
 
 #: --model -> workload class
-WORKLOADS = {"mlp": Classification, "gnmt": Seq2SeqTranslation, "dlrm": ClickPrediction, "transformer": LanguageModel}
 
 #: per-model defaults, applied before the config file and the flags (which win)
 MODEL_DEFAULTS = {

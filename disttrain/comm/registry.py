@@ -11,39 +11,30 @@ import sys
 import time
 
 from . import config
+from ..registry import Registry as _Registry
+from ..registry import split
 from .errors import CollectiveError
 
 
-class Registry:
+class Registry(_Registry):
+    """A collective family: the generic registry plus the signature every member shares, numeric
+    parameters ("ps:2"), and verbose logging of each call."""
+
     def __init__(self, family: str, signature: str):
+        super().__init__(f"{family} algorithm")
         self.family, self.signature = family, signature
-        self._fns: dict = {}
         self._resolved: dict = {}
 
-    def register(self, name: str, *, takes_param: bool = False):
-        def deco(fn):
-            fn.takes_param = takes_param
-            self._fns[name] = fn
-            return fn
-
-        return deco
-
-    def names(self) -> tuple:
-        return tuple(self._fns)
-
     def problem(self, name) -> str | None:
-        """Why `name` is not a valid algorithm of this family (None if it is)."""
-        if not isinstance(name, str):
-            return f"{self.family} algorithm must be a str, got {type(name).__name__}"
-        base, _, param = name.partition(":")
-        fn = self._fns.get(base)
-        if fn is None and base != "auto":
-            return f"unknown {self.family} algorithm {name!r}; choose one of {['auto', *self._fns]}"
-        if param and (base == "auto" or not fn.takes_param):
-            return f"{self.family} algorithm {base!r} takes no parameter (got {name!r})"
-        if param and not param.isdigit():
-            return f"{self.family} algorithm parameter must be a positive integer, got {name!r}"
-        return None
+        """Why `name` is not a valid algorithm of this family (None if it is); "auto" is accepted."""
+        p = super().problem(name, allow=("auto",))
+        if p is None and isinstance(name, str):
+            base, param = split(name)
+            if param and base == "auto":
+                return f"{self.family} algorithm 'auto' takes no parameter (got {name!r})"
+            if param and not param.isdigit():
+                return f"{self.family} algorithm parameter must be a positive integer, got {name!r}"
+        return p
 
     def resolve(self, name: str):
         """The function for a validated, non-auto name (cached); logged when verbose is on."""
@@ -53,7 +44,7 @@ class Registry:
         return _logged(self.family, name, fn) if config.current().verbose else fn
 
     def _resolve(self, name: str):
-        base, _, param = name.partition(":")
+        base, param = split(name)
         fn = self._fns.get(base)
         if fn is None:
             raise CollectiveError(self.problem(name) or f"cannot resolve {name!r}")

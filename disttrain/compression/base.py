@@ -35,17 +35,18 @@ from ..comm.api import _allreduce
 from ..comm.costmodel import choose
 from ..comm.p2p import blocks
 from ..comm.registry import ALLGATHER
+from ..registry import Registry, split
 
-#: name -> Compressor subclass
-COMPRESSORS: dict = {}
+#: name -> Compressor subclass (the package-wide Registry idiom, disttrain/registry.py)
+COMPRESSORS = Registry("compression")
 
 
 def register(name: str):
     """Class decorator: make a Compressor subclass available as ``make(name)`` / ``make("name:param")``."""
     def deco(cls):
         cls.name = name
-        COMPRESSORS[name] = cls
-        return cls
+        cls.takes_param = cls.param is not None
+        return COMPRESSORS.register(name)(cls)
 
     return deco
 
@@ -59,7 +60,7 @@ def make(spec):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"compression must be a name or a Compressor, got {type(spec).__name__}")
-    base, _, param = spec.partition(":")
+    base, param = split(spec)
     cls = COMPRESSORS.get(base)
     if cls is None:
         raise ValueError(f"unknown compression {spec!r}; choose one of {names()}")

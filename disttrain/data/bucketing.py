@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..registry import Registry
+
 
 @dataclass
 class EpochPlan:
@@ -145,10 +147,15 @@ class Batcher:
         return [[b[s] if s < len(b) else empty for b in per_rank] for s in range(n)]
 
 
+STRATEGIES = Registry("batching strategy")
+
+
+@STRATEGIES.register("naive")
 def _naive(b: Batcher, order, rng) -> list:
     return b._equalize([b._chunks(shard, 1) for shard in np.array_split(order, b.world)])
 
 
+@STRATEGIES.register("bucketed")
 def _bucketed(b: Batcher, order, rng) -> list:
     per_rank = []
     for shard in np.array_split(order, b.world):
@@ -157,6 +164,7 @@ def _bucketed(b: Batcher, order, rng) -> list:
     return b._equalize(per_rank)
 
 
+@STRATEGIES.register("load_balanced")
 def _load_balanced(b: Batcher, order, rng) -> list:
     batches = b._chunks(b._by_length(order), b.world)  # global batches, each from one length range
     # rank r takes every P-th sample of the length-sorted global batch: equal counts (+-1) and
@@ -165,4 +173,3 @@ def _load_balanced(b: Batcher, order, rng) -> list:
 
 
 #: name -> fn(batcher, shuffled order, rng) -> steps (list of per-rank index arrays)
-STRATEGIES = {"naive": _naive, "bucketed": _bucketed, "load_balanced": _load_balanced}

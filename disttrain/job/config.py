@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 
 from disttrain import compression
+from disttrain import optim
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
 from disttrain.parallel.pipeline import SCHEDULES
@@ -27,7 +28,7 @@ def _opt(default, help: str, choices=None):
 class TrainConfig:
     """Every setting of the main job; each is a --flag (underscores become dashes) and a config-file key.
     Models override some defaults (workloads.MODEL_DEFAULTS); --help shows both."""
-    model: str = _opt("mlp", "what is trained (workloads.WORKLOADS)", ["mlp", "gnmt", "dlrm", "transformer"])
+    model: str = _opt("mlp", "what is trained (workloads.WORKLOADS)", list(WORKLOADS))
     hidden: str = _opt("256,256", "model sizes: mlp hidden widths 'W1,W2,...'; gnmt 'EMB,HIDDEN,LAYERS'; "
                        "transformer 'DIM,HEADS,LAYERS'; dlrm 'EMB,MLP1,MLP2'")
     dataset: str = _opt("digits", "training data: digits (mlp), pydocs (gnmt, transformer), clicks (dlrm)",
@@ -39,7 +40,7 @@ class TrainConfig:
     seq_len: int = _opt(32, "transformer: tokens per training window; >= 1")
     steps: int = _opt(600, "optimizer steps of the whole run (also the cosine schedule's length); >= 1")
     global_batch_size: int = _opt(64, "samples per step over all data-parallel ranks; >= 1, divisible by dp")
-    optimizer: str = _opt("sgd", "update rule", ["sgd", "adam", "adamw", "lamb"])
+    optimizer: str = _opt("sgd", "update rule", list(optim.OPTIMIZERS))
     lr: float = _opt(0.05, "peak learning rate (after warm-up, then cosine decay to 0); finite, > 0")
     momentum: float = _opt(0.9, "SGD momentum; 0 <= momentum < 1")
     weight_decay: float = _opt(1e-4, "L2 weight decay (decoupled for adamw); finite, >= 0")
@@ -244,8 +245,8 @@ def _validate(c: TrainConfig) -> None:
             problems.append(f"{name}: the directory of {path!r} does not exist (create it or choose another path)")
         elif path and os.path.isdir(path):
             problems.append(f"{name}: {path!r} is a directory; give a file name")
-    if c.optimizer not in ("sgd", "adam", "adamw", "lamb"):
-        problems.append(f"optimizer must be sgd, adam, adamw or lamb (got {c.optimizer!r})")
+    if c.optimizer not in optim.OPTIMIZERS:
+        problems.append(f"optimizer must be one of {list(optim.OPTIMIZERS)} (got {c.optimizer!r})")
     if c.batching not in STRATEGIES:
         problems.append(f"batching must be one of {list(STRATEGIES)} (got {c.batching!r})")
     if c.max_tokens < 0 or (c.max_tokens and c.model != "gnmt"):

@@ -14,11 +14,8 @@ from .config import TrainConfig
 
 def build(cfg: TrainConfig, model):
     """The optimizer and learning-rate schedule for the model."""
-    params = model.parameters()
-    opt = {"sgd": lambda: optim.SGD(params, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-           "adam": lambda: optim.Adam(params, cfg.lr, weight_decay=cfg.weight_decay),
-           "adamw": lambda: optim.AdamW(params, cfg.lr, weight_decay=cfg.weight_decay),
-           "lamb": lambda: optim.LAMB(params, cfg.lr, weight_decay=cfg.weight_decay)}[cfg.optimizer]()
+    options = dict(weight_decay=cfg.weight_decay, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
+    opt = optim.OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, **options)
     return opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..registry import Registry
 from .. import comm as C
 from ..comm import validate
 from ..nn import kernels as K
@@ -92,6 +93,10 @@ class LocalEmbeddings(Module):
 
 # --------------------------------------------------------------------------- placements
 # A placement: for every table t, blocks [(owner, first id, end id, offset in the owner's shard)].
+SHARDINGS = Registry("embedding sharding")
+
+
+@SHARDINGS.register("table")
 def _table_wise(sizes, dim, p) -> list:
     load, out = [0] * p, [None] * len(sizes)
     for t in sorted(range(len(sizes)), key=lambda t: (-sizes[t], t)):  # LPT: largest first
@@ -101,6 +106,7 @@ def _table_wise(sizes, dim, p) -> list:
     return out
 
 
+@SHARDINGS.register("row")
 def _row_wise(sizes, dim, p) -> list:
     out, load = [], [0] * p
     for n in sizes:
@@ -114,7 +120,6 @@ def _row_wise(sizes, dim, p) -> list:
 
 
 #: sharding name -> fn(table sizes, dim, ranks) -> placement
-SHARDINGS = {"table": _table_wise, "row": _row_wise}
 
 
 class ShardedEmbeddings(Module):

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from ..registry import Registry
 from .. import stall
 
 from ..comm import validate
@@ -45,10 +46,15 @@ from ..runtime import as_group
 _FWD, _BWD, _HDR = 11, 12, 8  # message tags; header: ndim + up to 7 dims
 
 
+SCHEDULES = Registry("pipeline schedule")
+
+
+@SCHEDULES.register("gpipe")
 def _gpipe(stage: int, stages: int, m: int) -> list:
     return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
 
 
+@SCHEDULES.register("1f1b")
 def _one_f_one_b(stage: int, stages: int, m: int) -> list:
     warm = min(stages - stage - 1, m)
     ops = [("F", i) for i in range(warm)]
@@ -61,7 +67,6 @@ def _one_f_one_b(stage: int, stages: int, m: int) -> list:
 
 
 #: schedule name -> fn(stage, stages, micro_batches) -> [("F" | "B", micro-batch index), ...]
-SCHEDULES = {"gpipe": _gpipe, "1f1b": _one_f_one_b}
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
