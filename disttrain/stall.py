@@ -160,10 +160,10 @@ def current() -> _Op | None:
     return _inflight.get(threading.get_native_id())
 
 
-def tracked(name: str, group_pos: int):
+def tracked(name: str):
     """Decorator for a public blocking collective: stall tracking, flight record, timeline span.
 
-    `group_pos` is the positional index of the function's ``group`` argument. An invalid group
+    ``group`` is keyword-only in every collective. An invalid group
     cannot be agreed on with the group it was meant for (this rank does not know it), so it is
     announced to every rank (notify_failure): members waiting for this rank in a collective
     raise the same CollectiveError instead of waiting forever."""
@@ -171,7 +171,7 @@ def tracked(name: str, group_pos: int):
         @functools.wraps(fn)
         def wrapper(*args, **kw):
             x = args[0] if args else kw.get("x")
-            group = kw["group"] if "group" in kw else (args[group_pos] if len(args) > group_pos else None)
+            group = kw.get("group")
             try:
                 g = _resolve(group)
             except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError from as_group

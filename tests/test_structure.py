@@ -126,3 +126,18 @@ def test_the_zoo_is_not_a_top_level_models_package_and_a_user_models_package_sti
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                          timeout=120)
     assert res.returncode == 0 and "(2, 10)" in res.stdout, res.stderr
+
+
+def test_collectives_take_algorithm_and_group_as_keywords_in_one_order():
+    """Issue 17: `group` and `algorithm` keyword-only everywhere, in one order, so that no call can
+    pass one for the other (broadcast and allgather used to take group before algorithm)."""
+    import inspect
+
+    for fn in (dt.allreduce, dt.allreduce_, dt.allreduce_async, dt.allreduce_async_, dt.reduce_scatter,
+               dt.broadcast, dt.broadcast_, dt.allgather, dt.alltoall):
+        params = inspect.signature(inspect.unwrap(fn)).parameters
+        kinds = {n: p.kind for n, p in params.items()}
+        assert kinds["algorithm"] == kinds["group"] == inspect.Parameter.KEYWORD_ONLY, fn.__name__
+        names = list(params)
+        assert names.index("algorithm") < names.index("group"), fn.__name__
+        assert params["algorithm"].default == "auto" and params["group"].default is None

@@ -1,5 +1,8 @@
 """The public collectives (DESIGN.md sec. 3): argument checks, work buffers, dispatch, async.
 
+Every collective takes its data (and op / root / splits) positionally and ``algorithm`` and
+``group`` as keywords only, in that order, so no call can pass one for the other.
+
 Every call follows one path: check the arguments locally -> cross-rank consistency check
 (validate.py; a local error on any rank raises CollectiveError on all of them) -> pick the
 algorithm ("auto" asks the cost model) -> run it on a flat contiguous work buffer in the
@@ -143,8 +146,8 @@ def _run_reduce(family: str, fn, comm, work, kop, name, *args):
     return out
 
 
-@tracked("allreduce", 3)
-def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+@tracked("allreduce")
+def allreduce(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over all ranks of the group and return the result (a new array) on every rank.
 
     Args:
@@ -171,14 +174,14 @@ def allreduce(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.nda
     return _allreduce(g.comm, x, op, algorithm, inplace=False)
 
 
-@tracked("allreduce", 3)
-def allreduce_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+@tracked("allreduce")
+def allreduce_(x: np.ndarray, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
     """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
     g = as_group(group)
     return _allreduce(g.comm, x, op, algorithm, inplace=True)
 
 
-def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
+def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> Handle:
     """Start an allreduce on the communication thread and return a Handle at once.
 
     `x` is copied before this returns, so the caller may reuse it immediately. The reduction
@@ -195,7 +198,7 @@ def allreduce_async(x, op: str = "sum", algorithm: str = "auto", group=None) -> 
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 
-def allreduce_async_(x: np.ndarray, op: str = "sum", algorithm: str = "auto", group=None) -> Handle:
+def allreduce_async_(x: np.ndarray, op: str = "sum", *, algorithm: str = "auto", group=None) -> Handle:
     """In-place :func:`allreduce_async`: `x` belongs to the collective until ``wait()`` returns it."""
     g = _async_group(group, "allreduce_async_", x)
     return engine.submit(lambda: _allreduce(g.async_comm, x, op, algorithm, inplace=True), "allreduce", x, g)
@@ -210,8 +213,8 @@ def _async_group(group, kind: str, x=None):
 
 
 # ------------------------------------------------------------------------------- reduce_scatter
-@tracked("reduce_scatter", 3)
-def reduce_scatter(x, op: str = "sum", algorithm: str = "auto", group=None) -> np.ndarray:
+@tracked("reduce_scatter")
+def reduce_scatter(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over the group; rank r gets block r of ``np.array_split(result, size, axis=0)``.
 
     Same arguments and dtypes as :func:`allreduce` (algorithms: "ring", "mpi", "auto"); `x` needs at
@@ -268,8 +271,8 @@ def _broadcast(x, root, algorithm, group, inplace):
     return x if inplace else work.reshape(x.shape)
 
 
-@tracked("broadcast", 2)
-def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
+@tracked("broadcast")
+def broadcast(x, root: int = 0, *, algorithm: str = "auto", group=None) -> np.ndarray:
     """Return root's `x` on every rank (a new array). Shape and dtype must match on all ranks.
 
     Any dtype; algorithms "tree" (pipelined binary tree), "mpi", "auto".
@@ -277,15 +280,15 @@ def broadcast(x, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarr
     return _broadcast(x, root, algorithm, group, inplace=False)
 
 
-@tracked("broadcast", 2)
-def broadcast_(x: np.ndarray, root: int = 0, group=None, algorithm: str = "auto") -> np.ndarray:
+@tracked("broadcast")
+def broadcast_(x: np.ndarray, root: int = 0, *, algorithm: str = "auto", group=None) -> np.ndarray:
     """In-place :func:`broadcast`: non-root ranks' `x` is overwritten with root's."""
     return _broadcast(x, root, algorithm, group, inplace=True)
 
 
 # ------------------------------------------------------------------------------------ allgather
-@tracked("allgather", 1)
-def allgather(x, group=None, algorithm: str = "auto") -> np.ndarray:
+@tracked("allgather")
+def allgather(x, *, algorithm: str = "auto", group=None) -> np.ndarray:
     """Concatenate every rank's `x` along axis 0, in rank order; first dimensions may differ.
 
     Any dtype; dtype and trailing dimensions must match on all ranks. Algorithms "ring", "mpi",
@@ -330,8 +333,8 @@ def _send_rows(x, splits, p):
     return rows, None
 
 
-@tracked("alltoall", 3)
-def alltoall(x, splits=None, algorithm: str = "auto", group=None):
+@tracked("alltoall")
+def alltoall(x, splits=None, *, algorithm: str = "auto", group=None):
     """Send rows of `x` to every rank: block j (``splits[j]`` rows along axis 0) goes to rank j.
 
     Args:

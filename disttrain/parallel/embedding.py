@@ -192,9 +192,9 @@ class ShardedEmbeddings(Module):
         owner = self._block_owner[blk]
         order = np.argsort(owner, kind="stable")  # group requests by owner
         splits = np.bincount(owner, minlength=self.group.size)
-        req, recv_splits = C.alltoall((uniq + self._block_shift[blk])[order], splits, self.algorithm, self.group)
+        req, recv_splits = C.alltoall((uniq + self._block_shift[blk])[order], splits, algorithm=self.algorithm, group=self.group)
         recv_splits = np.asarray(recv_splits, np.int64)
-        vals, _ = C.alltoall(self.shard.data[req], recv_splits, self.algorithm, self.group)
+        vals, _ = C.alltoall(self.shard.data[req], recv_splits, algorithm=self.algorithm, group=self.group)
         pos = np.empty_like(order)
         pos[order] = np.arange(order.size)  # unique row k arrived at vals[pos[k]]
         slot = pos[inv].astype(np.int64, copy=False)  # lookup i's row is vals[slot[i]]
@@ -218,7 +218,7 @@ class ShardedEmbeddings(Module):
         # sum the gradient of every occurrence of a row, in the order the rows were requested
         d_uniq = np.zeros((n_uniq, self.dim), dy.dtype)
         K.embedding_bwd(slot, dy.reshape(-1, self.dim), d_uniq, -1)
-        d_req, _ = C.alltoall(d_uniq, splits, self.algorithm, self.group)
+        d_req, _ = C.alltoall(d_uniq, splits, algorithm=self.algorithm, group=self.group)
         # average over the group, as DataParallel averages the dense layers' gradients
         d_req *= d_req.dtype.type(1.0 / self.group.size)
         K.embedding_bwd(req.astype(np.int64, copy=False), d_req, self.shard.grad, -1)
