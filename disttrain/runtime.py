@@ -14,6 +14,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+from . import log
+from .log import logger
+
 _lock = threading.Lock()
 _world: "Group | None" = None
 _local = None  # node-local communicator (ranks sharing memory)
@@ -124,6 +127,7 @@ def init() -> "Group":
         _local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
         _world = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
         _by_handle[_world.comm.handle] = _by_handle[_world.async_comm.handle] = _world
+        log.setup(_world.rank)
         _install_abort_hooks()
         from .comm import config, costmodel
 
@@ -245,9 +249,9 @@ def _warn_blas_threads() -> None:
     if n > 1 and _local.Get_rank() == 0 and not any(
             os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
         share = max(1, (os.cpu_count() or 1) // n)
-        sys.stderr.write(f"[disttrain] warning: {n} ranks share this host and no BLAS thread count is set; each "
-                         f"BLAS may start {os.cpu_count()} threads. Set OMP_NUM_THREADS={share} (launchers/local.sh "
-                         "does) or compute will be much slower.\n")
+        logger.warning(f"{n} ranks share this host and no BLAS thread count is set; each BLAS may start "
+                       f"{os.cpu_count()} threads. Set OMP_NUM_THREADS={share} (launchers/local.sh does) or compute "
+                       "will be much slower.")
 
 
 # -------------------------------------------------------------------------------- abort on error

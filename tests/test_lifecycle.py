@@ -153,3 +153,20 @@ print("END", dt.rank(), flush=True)
     assert took < 30
     assert res.stdout.count("CAUGHT") == 3, res.stdout
     assert res.stdout.count("True") == 3 and res.returncode == 0, res.stdout  # refused alike on every rank
+
+
+def test_log_is_rank_prefixed_rank_0_by_default_and_every_rank_on_request(tmp_path):
+    body = """
+import disttrain as dt
+from disttrain.log import logger
+dt.init()
+logger.warning("hello from the log")
+logger.error("an error from every rank")
+logger.debug("not shown at INFO")
+"""
+    res, _ = job(tmp_path, 2, body)
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("[disttrain r0] WARNING: hello from the log") == 1 and "r1] WARNING" not in res.stdout
+    assert "[disttrain r1] ERROR: an error from every rank" in res.stdout and "not shown" not in res.stdout
+    res, _ = job(tmp_path, 2, body, env={"DISTTRAIN_LOG_RANKS": "all", "DISTTRAIN_LOG_LEVEL": "debug"})
+    assert "[disttrain r1] WARNING: hello from the log" in res.stdout and "not shown at INFO" in res.stdout

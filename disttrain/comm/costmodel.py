@@ -38,12 +38,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
+from ..log import logger
 from . import config
 from .kernels import reduce_into
 from .ops import SUM
@@ -390,7 +390,7 @@ def ensure(comm, *also) -> CostParams:
     if fatal:
         raise CollectiveError(msg)
     if msg and comm.Get_rank() == 0:
-        sys.stderr.write(f"[disttrain] warning: {msg}\n")
+        logger.warning(msg)
     c = CostParams(**loaded) if loaded else CostParams(comm.Get_size())
     install(c, comm, *also)
     return c

@@ -106,9 +106,9 @@ class Engine:
 
             self._allowed = thread_level_ok()
             if not self._allowed:
-                import warnings
+                from ..log import logger
 
-                warnings.warn("MPI did not grant MPI_THREAD_MULTIPLE: asynchronous collectives run "
+                logger.warning("MPI did not grant MPI_THREAD_MULTIPLE: asynchronous collectives run "
                               "synchronously (no overlap). Use an MPI built with thread support.")
         return self._allowed
 

@@ -9,6 +9,8 @@ uint32 views) and round to nearest even exactly as IEEE 754 (and NumPy) do.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -275,8 +277,19 @@ def unpack_ref(src, starts, lengths, dst) -> None:
         pos += n
 
 
+def first_compile(module_file: str) -> bool:
+    """True when numba has no cached compilation of this module yet (the first run on a machine)."""
+    d = os.path.join(os.path.dirname(module_file), "__pycache__")
+    stem = os.path.splitext(os.path.basename(module_file))[0] + "."
+    return not (os.path.isdir(d) and any(f.startswith(stem) and f.endswith(".nbi") for f in os.listdir(d)))
+
+
 def warmup() -> None:
     """Compile (or load from numba's cache) every specialization the collectives use."""
+    if first_compile(__file__):
+        from ..log import logger
+
+        logger.info("compiling the numba kernels (first run only: cached for later runs)")
     for op in (MIN, MAX):
         for dt in (np.float32, np.float64):
             from_keys(to_keys(np.zeros(2, dt), op), dt, op)
