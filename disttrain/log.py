@@ -27,6 +27,18 @@ class _RankFilter(logging.Filter):
         return self.all_ranks or self.rank == 0 or record.levelno >= logging.ERROR
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (test capture, redirection)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup(rank: int) -> None:
     """Configure the logger for this rank (dt.init calls it; idempotent)."""
     if logger.handlers:
@@ -36,7 +48,7 @@ def setup(rank: int) -> None:
         return
     level = os.environ.get("DISTTRAIN_LOG_LEVEL", "INFO").upper()
     logger.setLevel(getattr(logging, level, logging.INFO))
-    h = logging.StreamHandler(sys.stderr)
+    h = _Stderr()
     h.setFormatter(logging.Formatter("[disttrain r%(rank)s] %(levelname)s: %(message)s"))
     logger.addHandler(h)
     logger.addFilter(_RankFilter(rank, os.environ.get("DISTTRAIN_LOG_RANKS", "") == "all"))
