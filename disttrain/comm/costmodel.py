@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from ..log import logger
+from ..registry import split
 from . import config
 from .kernels import reduce_into
 from .ops import SUM
@@ -168,7 +169,7 @@ def predict(c: CostParams, algorithm: str, nbytes: int) -> float:
     """Predicted seconds for one allreduce of `nbytes` with `algorithm` ("ps:S" allowed)."""
     if c.p == 1:
         return c.overhead.get("mpi", 1e-6)
-    base, _, param = algorithm.partition(":")
+    base, param = split(algorithm)
     o = c.overhead.get(base, _DEFAULT_OVERHEAD[base]) if base != "mpi" or not c.native else 0.0
     if base == "ps" and param:
         return o + t_ps(c, nbytes, int(param))
