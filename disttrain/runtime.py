@@ -99,9 +99,32 @@ def group_of(comm) -> "Group | None":
 
 
 def _mpi():
-    from mpi4py import MPI  # imported lazily: `import disttrain` must stay cheap
-
+    try:
+        from mpi4py import MPI  # imported lazily: `import disttrain` must stay cheap
+    except (ImportError, RuntimeError) as e:  # mpi4py's wheel found no MPI library to load
+        raise RuntimeError(f"disttrain: no usable MPI library ({e}). Install the embedded one with "
+                           "pip install 'disttrain[mpich]' (or pip install mpich), or a system MPI "
+                           "(README: Using a system MPI).") from e
     return MPI
+
+
+def _check_launcher() -> None:
+    """The MPICH wheel cannot join a PMIx launch (Open MPI's mpirun, srun --mpi=pmix): MPICH then
+    fails with 'unsupported PMI version PMIx'. Say what to do before MPI starts."""
+    env = os.environ
+    if "PMIX_RANK" not in env or "PMI_RANK" in env:
+        return
+    try:
+        from importlib.metadata import distribution
+
+        distribution("mpich")
+    except Exception:  # noqa: BLE001 - no MPICH wheel: the system MPI decides
+        return
+    raise RuntimeError("disttrain: this process was started by a PMIx launcher (Open MPI's mpirun, or srun "
+                       "--mpi=pmix) but mpi4py uses the MPICH wheel, which speaks only PMI-1/2 ('unsupported PMI "
+                       "version PMIx'). Launch with the MPICH wheel's mpiexec (next to this python: "
+                       f"{os.path.join(os.path.dirname(sys.executable), 'mpiexec')}), or srun --mpi=pmi2, or use "
+                       "your system MPI: pip uninstall mpich (README: Using a system MPI).")
 
 
 def init() -> "Group":
@@ -120,6 +143,7 @@ def init() -> "Group":
     with _lock:
         if _world is not None:
             return _world
+        _check_launcher()
         MPI = _mpi()
         if not MPI.Is_initialized():
             MPI.Init_thread(MPI.THREAD_MULTIPLE)

@@ -141,3 +141,15 @@ def test_collectives_take_algorithm_and_group_as_keywords_in_one_order():
         names = list(params)
         assert names.index("algorithm") < names.index("group"), fn.__name__
         assert params["algorithm"].default == "auto" and params["group"].default is None
+
+
+def test_a_pmix_launch_of_the_mpich_wheel_is_explained_before_mpi_starts(monkeypatch):
+    """Issue 17: MPICH's own "unsupported PMI version PMIx" told users nothing they could act on."""
+    from disttrain import runtime
+
+    monkeypatch.setenv("PMIX_RANK", "0")
+    monkeypatch.delenv("PMI_RANK", raising=False)
+    with pytest.raises(RuntimeError, match="PMIx launcher.*mpiexec"):
+        runtime._check_launcher()
+    monkeypatch.setenv("PMI_RANK", "0")  # launched by the MPICH wheel's own Hydra: fine
+    runtime._check_launcher()
