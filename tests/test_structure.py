@@ -153,3 +153,28 @@ def test_a_pmix_launch_of_the_mpich_wheel_is_explained_before_mpi_starts(monkeyp
         runtime._check_launcher()
     monkeypatch.setenv("PMI_RANK", "0")  # launched by the MPICH wheel's own Hydra: fine
     runtime._check_launcher()
+
+
+def test_compressors_and_data_parallel_use_only_comms_public_api():
+    """Issue 17: compression reached into comm's private functions (api._allreduce, ring_allreduce,
+    ALLGATHER.resolve(choose(...))); DataParallel into the engine and validation. Both now use the
+    communicator-level public API, disttrain.comm.lowlevel."""
+    import pathlib
+
+    root = pathlib.Path(dt.__file__).parent
+    private = ("comm.api import", "comm.registry import", "comm.costmodel import", "comm.ring import",
+               "comm.engine import", "comm import config", "comm import validate", "_allreduce(")
+    for f in [*root.glob("compression/*.py"), root / "parallel" / "data.py"]:
+        src = f.read_text()
+        assert not [p for p in private if p in src], (f.name, [p for p in private if p in src])
+
+
+def test_every_compressor_has_one_compress_signature_and_one_algorithm_rule():
+    import inspect
+
+    from disttrain.compression import COMPRESSORS, make
+
+    for name, cls in COMPRESSORS.items():
+        assert list(inspect.signature(cls.compress).parameters) == ["self", "x", "key", "layout"], name
+    assert make("topk:0.1").check_algorithm("ring") and make("onebit").check_algorithm("tree")
+    assert make("topk:0.1").check_algorithm("auto") is None and make("none").check_algorithm("tree") is None

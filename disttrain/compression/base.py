@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..comm.api import _allreduce
-from ..comm.costmodel import choose
-from ..comm.p2p import blocks
-from ..comm.registry import ALLGATHER
+from ..comm import lowlevel as L
 from ..registry import Registry, split
 
 #: name -> Compressor subclass (the package-wide Registry idiom, disttrain/registry.py)
@@ -106,7 +103,7 @@ def ring_allreduce_bytes(n_elems: int, itemsize: int, p: int) -> int:
     """Bytes one rank sends in a ring allreduce of n elements: every block but one, twice."""
     if p == 1:
         return 0
-    counts, _ = blocks(n_elems, p)
+    counts, _ = L.blocks(n_elems, p)
     return 2 * (n_elems - min(counts)) * itemsize
 
 
@@ -119,7 +116,7 @@ def allgather_equal(comm, payload: np.ndarray) -> np.ndarray:
     if p > 1 and m:
         counts = np.full(p, m, np.int64)
         displs = np.arange(p, dtype=np.int64) * m
-        ALLGATHER.resolve(choose("allgather", comm, p * m, np.dtype(np.uint8)))(comm, out.reshape(-1), counts, displs)
+        L.allgather_on(comm, out.reshape(-1), counts, displs)
     return out
 
 
@@ -152,7 +149,7 @@ class Compressor:
         return self.name
 
     # ------------------------------------------------------------------------------ local
-    def compress(self, x: np.ndarray, key: str = "default"):
+    def compress(self, x: np.ndarray, key: str = "default", layout=None):
         """(payload, ctx): the message for gradient `x` and what is needed to decode it."""
         return np.ascontiguousarray(x).reshape(-1).copy(), (x.shape, x.dtype)
 
@@ -172,12 +169,20 @@ class Compressor:
             algorithm: the allreduce algorithm for compressors that reduce through one.
             layout: [(offset, shape), ...] of the parameters packed in buf; None = one tensor.
         """
-        _allreduce(comm, buf, "avg", algorithm, inplace=True)
+        L.allreduce_on(comm, buf, "avg", algorithm)
         self.stats.record(buf.nbytes, buf.nbytes, ring_allreduce_bytes(buf.size, buf.itemsize, comm.Get_size()))
         return buf
 
+    #: how the payload travels: "allreduce" (any allreduce algorithm applies), "allgather" (sparse
+    #: or packed payloads that cannot be summed on the wire: top-k, 1-bit), "ring" (fp16/bf16).
+    exchange = "allreduce"
+
     def check_algorithm(self, algorithm: str) -> str | None:
-        """Why this compressor cannot use `algorithm` (None if it can)."""
+        """Why this compressor cannot use `algorithm` (None if it can): one rule for every
+        compressor, instead of some refusing an algorithm others silently ignore."""
+        if self.exchange == "allgather" and algorithm != "auto":
+            return (f"compression {self.spec!r} exchanges its payload with an allgather, so an allreduce "
+                    f"algorithm does not apply: use algorithm='auto' (got {algorithm!r})")
         return None
 
     # ---------------------------------------------------------------------------- state

@@ -22,7 +22,7 @@ import numpy as np
 from ..comm.kernels import float_to_half, half_to_float, reduce_into
 from ..comm.ops import SUM
 from ..comm.p2p import scratch
-from ..comm.ring import ring_allreduce
+from ..comm import lowlevel as L
 from .base import Compressor, register, ring_allreduce_bytes
 from .kernels import bf16_decode, bf16_encode
 
@@ -88,7 +88,7 @@ class _SixteenBit(Compressor):
     def _scale(self, maxabs: float, p: int) -> float:
         return 1.0
 
-    def compress(self, x: np.ndarray, key: str = "default"):
+    def compress(self, x: np.ndarray, key: str = "default", layout=None):
         flat = np.ascontiguousarray(x).reshape(-1)
         scale = self._scale(_maxabs(flat), 1)
         out = np.empty(flat.size, np.uint16)
@@ -106,7 +106,7 @@ class _SixteenBit(Compressor):
         scale = self._global_scale(buf, comm)
         if scale != 1.0:
             np.multiply(buf, buf.dtype.type(scale), out=buf)
-        ring_allreduce(comm, buf, SUM, self.codec)
+        L.ring_allreduce_on(comm, buf, "sum", self.codec)
         np.divide(buf, buf.dtype.type(scale * p), out=buf)  # scale is a power of two: exact undo
         self.stats.record(buf.nbytes, 2 * buf.size, ring_allreduce_bytes(buf.size, 2, p))
         return buf

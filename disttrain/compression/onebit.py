@@ -21,6 +21,8 @@ from .kernels import sign_accumulate, sign_compress
 class OneBit(Compressor):
     """Scaled sign per tensor, bit-packed, with error feedback."""
 
+    exchange = "allgather"
+
     @staticmethod
     def _segments(n: int, layout) -> tuple:
         if layout is None:

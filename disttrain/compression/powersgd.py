@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from ..comm.api import _allreduce
+from ..comm import lowlevel as L
 from .base import Compressor, register, ring_allreduce_bytes, whole
 
 
@@ -134,10 +134,10 @@ class PowerSGD(Compressor):
         acc = self._accumulate(key, buf)
 
         def sum_(a):
-            _allreduce(comm, a, "sum", algorithm, inplace=True)
+            L.allreduce_on(comm, a, "sum", algorithm)
 
         def avg_(a):
-            _allreduce(comm, a, "avg", algorithm, inplace=True)
+            L.allreduce_on(comm, a, "avg", algorithm)
 
         msg1, msg2, mats, vecs = self._step(acc, key, whole(buf, layout), sum_, avg_, out=buf)
         pos = sum(n * self.rank for _, n, _ in mats)

@@ -26,6 +26,8 @@ class TopK(Compressor):
         ratio: the fraction of entries sent, 0 < ratio <= 1 (default 0.01: 1%).
     """
 
+    exchange = "allgather"
+
     param = float
     param_name = "RATIO"
 
@@ -43,7 +45,7 @@ class TopK(Compressor):
         """Entries sent out of n."""
         return 0 if n == 0 else max(1, min(n, int(self.ratio * n)))
 
-    def compress(self, x: np.ndarray, key: str = "default"):
+    def compress(self, x: np.ndarray, key: str = "default", layout=None):
         acc = self._accumulate(key, x)  # gradient + old residual, in the new residual's buffer
         k = self.k(acc.shape[0])
         payload = np.empty(k * (4 + acc.itemsize), np.uint8)

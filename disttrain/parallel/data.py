@@ -30,8 +30,7 @@ from .. import compression as Z
 from ..compression import kernels as compression_kernels
 from .. import timeline
 from ..comm import kernels as comm_kernels
-from ..comm import config, validate
-from ..comm.engine import engine
+from ..comm import lowlevel as L
 from ..nn.module import Module
 from ..runtime import as_group
 from ..runtime import rank as world_rank
@@ -97,7 +96,7 @@ class DataParallel:
             compression_kernels.warmup()
         # Every rank must bucket and compress alike, or the collectives would pair wrong messages:
         # one check at construction turns a mismatch into an error on every rank, not a hang.
-        validate.check(self.group.comm, "DataParallel", {
+        L.check(self.group.comm, "DataParallel", {
             "compression": self.compressor.spec, "algorithm": algorithm,
             "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None, always=True)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
@@ -182,7 +181,7 @@ class DataParallel:
                              "accumulated into (p.grad += ...); the new array is not in the gradient bucket, so it "
                              "would not be averaged over the ranks")
                     break
-        validating = config.current().validate
+        validating = L.validating()
         if error is not None and not validating:
             self._late_error = self._late_error or error  # raised after the step, whose collectives go on
             error = None
@@ -193,10 +192,10 @@ class DataParallel:
 
         def job():
             if validating:
-                validate.check(comm, "DataParallel bucket", fields, error)
+                L.check(comm, "DataParallel bucket", fields, error)
             return z.reduce_(b.buffer, b.key, comm, algorithm, b.layout)
 
-        b.handle = engine.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
+        b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
                                  self.group)
 
     # ------------------------------------------------------------------------- training
