@@ -176,5 +176,6 @@ def test_every_compressor_has_one_compress_signature_and_one_algorithm_rule():
 
     for name, cls in COMPRESSORS.items():
         assert list(inspect.signature(cls.compress).parameters) == ["self", "x", "key", "layout"], name
+        assert list(inspect.signature(cls.reduce_).parameters) == ["self", "bucket", "comm", "algorithm"], name
     assert make("topk:0.1").check_algorithm("ring") and make("onebit").check_algorithm("tree")
     assert make("topk:0.1").check_algorithm("auto") is None and make("none").check_algorithm("tree") is None

@@ -34,6 +34,29 @@ import numpy as np
 from ..comm import lowlevel as L
 from ..registry import Registry, split
 
+class Bucket:
+    """A flat gradient buffer handed to a communication hook (every compressor's ``reduce_``), as
+    PyTorch DDP hands a GradBucket to its comm hooks.
+
+    Attributes:
+        buffer: 1-D contiguous float32/float64 array: this rank's gradients; the hook leaves the
+            average over the ranks in it.
+        key: stable name ("b<index>:<first param>..<last param>" in DataParallel): keys any state
+            the hook keeps across steps (error feedback, warm starts).
+        layout: [(offset, shape), ...] of the tensors packed in buffer (None: one tensor).
+        index: position in DataParallel's bucket order (0 for a standalone buffer).
+        params: the Parameters whose gradients the buffer holds (empty for a standalone buffer).
+    """
+
+    __slots__ = ("buffer", "key", "layout", "index", "params")
+
+    def __init__(self, buffer: np.ndarray, key: str = "default", layout=None, index: int = 0, params=()):
+        self.buffer, self.key, self.layout, self.index, self.params = buffer, key, layout, index, params
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.key!r}, {self.buffer.size} x {self.buffer.dtype})"
+
+
 #: name -> Compressor subclass (the package-wide Registry idiom, disttrain/registry.py)
 COMPRESSORS = Registry("compression")
 
@@ -159,16 +182,17 @@ class Compressor:
         return np.asarray(payload, dtype).reshape(shape)
 
     # ------------------------------------------------------------------------- collective
-    def reduce_(self, buf: np.ndarray, key: str, comm, algorithm: str = "auto", layout=None) -> np.ndarray:
-        """Average `buf` (1-D, float32/float64) over `comm` in place; return it.
+    def reduce_(self, bucket: Bucket, comm, algorithm: str = "auto") -> np.ndarray:
+        """The communication hook: average ``bucket.buffer`` over `comm` in place; return it.
+        One signature for every compressor.
 
         Args:
-            buf: this rank's gradient (a DataParallel bucket); on return the compressed average.
-            key: stable name of the bucket (its state's key).
+            bucket: this rank's gradients and their stable key and layout (a Bucket).
             comm: the MPI communicator (DataParallel passes its group's communication-thread comm).
-            algorithm: the allreduce algorithm for compressors that reduce through one.
-            layout: [(offset, shape), ...] of the parameters packed in buf; None = one tensor.
+            algorithm: the allreduce algorithm for compressors that reduce through one ("auto" for
+                the others: ``check_algorithm``).
         """
+        buf = bucket.buffer
         L.allreduce_on(comm, buf, "avg", algorithm)
         self.stats.record(buf.nbytes, buf.nbytes, ring_allreduce_bytes(buf.size, buf.itemsize, comm.Get_size()))
         return buf

@@ -101,7 +101,8 @@ class _SixteenBit(Compressor):
         self.codec.decode(payload, out)
         return (out / np.float32(scale)).astype(dtype).reshape(shape)
 
-    def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
+    def reduce_(self, bucket, comm, algorithm="auto"):
+        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
         p = comm.Get_size()
         scale = self._global_scale(buf, comm)
         if scale != 1.0:

@@ -53,7 +53,8 @@ class OneBit(Compressor):
         cut = starts.shape[0] * out.itemsize
         sign_accumulate(payload[cut:].view(np.uint32), payload[:cut].view(out.dtype), starts, lengths, out)
 
-    def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
+    def reduce_(self, bucket, comm, algorithm="auto"):
+        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
         p = comm.Get_size()
         payload, (_, _, starts, lengths) = self.compress(buf, key, layout)
         every = allgather_equal(comm, payload)

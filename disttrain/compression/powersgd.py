@@ -129,7 +129,8 @@ class PowerSGD(Compressor):
             pos1 += s
         return out.reshape(shape)
 
-    def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
+    def reduce_(self, bucket, comm, algorithm="auto"):
+        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
         p = comm.Get_size()
         acc = self._accumulate(key, buf)
 

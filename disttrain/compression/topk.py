@@ -60,7 +60,8 @@ class TopK(Compressor):
         scatter_add(out, idx, vals)
         return out.reshape(shape)
 
-    def reduce_(self, buf, key, comm, algorithm="auto", layout=None):
+    def reduce_(self, bucket, comm, algorithm="auto"):
+        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
         p = comm.Get_size()
         payload, (_, _, k) = self.compress(buf, key)
         every = allgather_equal(comm, payload)

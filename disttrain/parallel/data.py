@@ -38,15 +38,17 @@ from ..runtime import rank as world_rank
 FIRST_BUCKET_BYTES = 1 << 20
 
 
-class _Bucket:
-    __slots__ = ("params", "buffer", "pending", "handle", "index", "key", "layout", "views")
+class _Bucket(Z.Bucket):
+    """DataParallel's bucket: the public Bucket handed to the communication hook, plus what the
+    step needs (parameters still pending, the in-flight handle, the .grad views handed out)."""
+
+    __slots__ = ("pending", "handle", "views")
 
     def __init__(self, params, dtype, index):
-        self.params, self.index = params, index
-        self.buffer = np.zeros(sum(p.data.size for p in params), dtype)
+        super().__init__(np.zeros(sum(p.data.size for p in params), dtype),
+                         f"b{index}:{params[0].name}..{params[-1].name}",  # stable across runs: state key
+                         [], index, params)
         self.pending, self.handle = set(), None
-        self.key = f"b{index}:{params[0].name}..{params[-1].name}"  # stable across runs: state key
-        self.layout = []  # (offset, shape) of each parameter in buffer
         self.views = []  # each parameter's .grad as handed out: a layer must accumulate into it
 
 
@@ -193,7 +195,7 @@ class DataParallel:
         def job():
             if validating:
                 L.check(comm, "DataParallel bucket", fields, error)
-            return z.reduce_(b.buffer, b.key, comm, algorithm, b.layout)
+            return z.reduce_(b, comm, algorithm)
 
         b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
                                  self.group)

@@ -38,7 +38,7 @@ def test_sparse_and_sign_match_the_simulated_ranks(comm, spec, dtype):
                 payload, ctx = sim[i].compress(xs[i].copy(), key="b")
                 want += sim[i].decompress(payload, ctx)
             want /= p
-            got = mine.reduce_(x, "b", comm)
+            got = mine.reduce_(Z.Bucket(x, "b"), comm)
             tol = 1e-5 if dtype == np.float32 else 1e-12
             assert np.allclose(got, want, rtol=tol, atol=tol * (np.abs(want).max() if n else 1)), (spec, n, step)
             assert np.array_equal(mine.state["b"]["residual"], sim[comm.Get_rank()].state["b"]["residual"])
@@ -59,7 +59,7 @@ def test_powersgd_matches_a_numpy_oracle(comm):
     for step in range(4):
         x = rng.standard_normal(n)
         xs = np.array(gathered(comm, x))
-        got = c.reduce_(x.copy(), "b", comm, layout=layout)
+        got = c.reduce_(Z.Bucket(x.copy(), "b", layout), comm)
         # oracle: the algorithm of Vogels et al. written out for all ranks at once
         acc = xs + resid
         want = np.empty(n)
@@ -89,7 +89,7 @@ def test_sixteen_bit_wire_within_rounding_bounds(comm, spec, u, dtype):
         x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 3, n)).astype(dtype)
         exact = np.mean(gathered(comm, x.astype(np.float64)), axis=0)
         bound = np.sum(np.abs(gathered(comm, x.astype(np.float64))), axis=0) / p
-        got = Z.make(spec).reduce_(x, "b", comm)
+        got = Z.make(spec).reduce_(Z.Bucket(x, "b"), comm)
         assert got.dtype == dtype
         # each element is rounded at most p times (each partial sum once, plus the final block);
         # fp16 elements far below the scaled maximum may sit in fp16's subnormal range: absolute term
@@ -103,7 +103,7 @@ def test_fp16_scale_prevents_overflow_of_the_sum(comm):
     p, r = comm.Get_size(), comm.Get_rank()
     x = np.full(100, 60000.0, np.float32) * (1 + r % 2)  # any two of these overflow fp16 when summed
     want = np.mean([60000.0 * (1 + i % 2) for i in range(p)])
-    got = Z.FP16().reduce_(x, "b", comm)
+    got = Z.FP16().reduce_(Z.Bucket(x, "b"), comm)
     assert np.all(np.isfinite(got)) and np.allclose(got, want, rtol=p * 2.0 ** -10)
 
 
@@ -127,17 +127,17 @@ def test_a_nan_step_rolled_back_leaves_no_trace(comm, spec, dtype):
     good = [(rng.standard_normal(402) * 10.0 ** rng.uniform(-3, 1, 402)).astype(dtype) for _ in range(6)]
     ref, c = Z.make(spec), Z.make(spec)
     for i, g in enumerate(good):
-        want = ref.reduce_(g.copy(), "b", comm, layout=layout)
+        want = ref.reduce_(Z.Bucket(g.copy(), "b", layout), comm)
         if i == 3:
             bad = g.copy()
             if r == p - 1:
                 bad[[5, 365]] = np.nan, np.inf
-            out = c.reduce_(bad, "b", comm, layout=layout)
+            out = c.reduce_(Z.Bucket(bad, "b", layout), comm)
             skip = not np.all(np.isfinite(out))
             assert all(gathered(comm, skip)), "the bad step must be non-finite on every rank"
             assert all(np.array_equal(bits(o), bits(out)) for o in gathered(comm, out))
             c.rollback()
-        got = c.reduce_(g.copy(), "b", comm, layout=layout)
+        got = c.reduce_(Z.Bucket(g.copy(), "b", layout), comm)
         assert np.all(np.isfinite(got))
         assert np.array_equal(got, want), (spec, i)
         c.commit()
