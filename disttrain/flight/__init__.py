@@ -26,15 +26,10 @@ import socket
 import sys
 import time
 
+# The ring: stall._Op appends each operation once, at issue (inlined there: it is on every call).
 _buf: collections.deque = collections.deque(maxlen=int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "2000")) or 1)
 _on = os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "2000") != "0"
 _dumped = False
-
-
-def record(op) -> None:
-    """Append an operation (stall._Op) to the ring buffer: called once per operation, at issue."""
-    if _on:
-        _buf.append(op)
 
 
 def records() -> list:
