@@ -102,7 +102,7 @@ class _SixteenBit(Compressor):
         return (out / np.float32(scale)).astype(dtype).reshape(shape)
 
     def reduce_(self, bucket, comm, algorithm="auto"):
-        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
+        buf = bucket.buffer
         p = comm.Get_size()
         scale = self._global_scale(buf, comm)
         if scale != 1.0:

@@ -61,7 +61,7 @@ class TopK(Compressor):
         return out.reshape(shape)
 
     def reduce_(self, bucket, comm, algorithm="auto"):
-        buf, key, layout = bucket.buffer, bucket.key, bucket.layout
+        buf, key = bucket.buffer, bucket.key
         p = comm.Get_size()
         payload, (_, _, k) = self.compress(buf, key)
         every = allgather_equal(comm, payload)
