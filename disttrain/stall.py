@@ -41,10 +41,13 @@ _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-wa
 _last_done: dict = {}  # group uid -> when this rank last finished a collective on it (either lane)
 
 
-def _uid(gkey: str) -> str:
-    return gkey.rpartition(":")[0] if gkey else ""
 alarm = 0  # bumped whenever a notice arrives: waiting loops re-check only when it changed
 _lock = threading.Lock()
+
+
+def _uid(gkey: str) -> str:
+    return gkey.rpartition(":")[0] if gkey else ""
+
 
 
 class _Op:

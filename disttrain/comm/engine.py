@@ -129,10 +129,12 @@ class Engine:
 
     @staticmethod
     def _run(fn, h: Handle, op, snap) -> None:
-        stall.enter(op.name, op=op)
         t = h.t_start = time.perf_counter()
         error = None
         try:
+            # inside the try: entering can refuse the operation (its group is broken), and that
+            # error belongs to the waiter - raised here it would kill the communication thread
+            stall.enter(op.name, op=op)
             with config.bound(snap):
                 with (timeline.span(h.name, "comm-async", detail=op.detail, site=op.site) if timeline.enabled()
                       else timeline.NULL):

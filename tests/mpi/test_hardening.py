@@ -335,3 +335,16 @@ def test_1_a_cost_model_setting_that_differs_per_rank_follows_rank_0(comm):
             same_everywhere(comm, choices(g))
     finally:
         config.restore(before)
+
+
+def test_4_an_async_call_on_an_unusable_group_raises_at_wait_and_the_thread_survives(comm):
+    """Found in the final review: the refusal of a broken group was raised on the communication
+    thread outside its error handling - the thread died and the job aborted."""
+    from disttrain import stall
+
+    p = comm.Get_size()
+    g = dt.new_group(range(p))
+    stall.mark_broken(f"{g.uid}:b", "test")  # every rank, as the abandoned-call path does
+    with pytest.raises(dt.CollectiveError, match="unusable"):
+        dt.allreduce_async(np.ones(3), group=g).wait()
+    assert np.all(dt.allreduce_async(np.ones(3)).wait() == p)  # the communication thread lives on
