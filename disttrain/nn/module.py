@@ -23,15 +23,20 @@ class Parameter:
     its gradient and ``broadcast_parameters`` copies it. A model-parallel shard that only this rank
     holds and whose layer completes its gradient itself (sharded embeddings over AllToAll) sets it
     False: averaging or overwriting it with another rank's shard would be wrong.
+
+    ``layout`` (default None: the whole of the global array named ``name``): the pieces of global
+    arrays this rank's ``data`` holds (``disttrain.nn.layout``) - set by model-parallel layers, read
+    by checkpoints so that they reshard to any other layout.
     """
 
-    __slots__ = ("data", "grad", "name", "replicated")
+    __slots__ = ("data", "grad", "name", "replicated", "layout")
 
-    def __init__(self, data: np.ndarray, name: str = "", replicated: bool = True):
+    def __init__(self, data: np.ndarray, name: str = "", replicated: bool = True, layout: list | None = None):
         self.data = np.ascontiguousarray(data)
         self.grad = np.zeros_like(self.data)
         self.name = name
         self.replicated = replicated
+        self.layout = layout
 
     def __repr__(self) -> str:
         return f"Parameter({self.name!r}, shape={self.data.shape}, dtype={self.data.dtype})"

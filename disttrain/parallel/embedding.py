@@ -41,6 +41,7 @@ from ..registry import Registry
 from .. import comm as C
 from ..comm import validate
 from ..nn import kernels as K
+from ..nn.layout import Piece
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
 from .counters import Counters
@@ -158,7 +159,12 @@ class ShardedEmbeddings(Module):
             for r, lo, hi, off in self.placement[t]:
                 if r == me:
                     shard[off:off + hi - lo] = full[lo:hi]
-        self.shard = Parameter(shard, replicated=False)
+        # each block of this rank's rows is rows lo:hi of global table t, named "<path>.table<t>"
+        # like LocalEmbeddings' tables: checkpoints reshard table-wise <-> row-wise <-> one process
+        layout = [Piece(f"table{t}", (n, self.dim), ((lo, hi), (0, self.dim)), rows=(off, off + hi - lo))
+                  for t, (n, blocks) in enumerate(zip(self.sizes, self.placement))
+                  for r, lo, hi, off in blocks if r == me and hi > lo]
+        self.shard = Parameter(shard, replicated=False, layout=layout)
         # Vectorised lookup of (owner, shard row) for global row g = table_offset[t] + id.
         self._table_offset = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         starts, owners, shard_offsets = [], [], []

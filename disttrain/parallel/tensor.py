@@ -29,6 +29,7 @@ from ..comm import validate
 from ..nn.activations import GELU
 from ..nn.attention import MultiHeadAttention
 from ..nn.init import kaiming_uniform, xavier_uniform
+from ..nn.layout import Piece
 from ..nn.linear import affine_backward, affine_forward
 from ..nn.module import Module, Parameter
 from ..runtime import as_group
@@ -90,8 +91,9 @@ class ColumnParallelLinear(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         t = self.group.rank
         w = _full_weight(in_features, out_features, init, rng, dtype)
-        self.weight = Parameter(w[:, t * local:(t + 1) * local])
-        self.bias = Parameter(np.zeros(local, dtype)) if bias else None
+        cols = (t * local, (t + 1) * local)
+        self.weight = Parameter(w[:, cols[0]:cols[1]], layout=[Piece(None, w.shape, ((0, in_features), cols))])
+        self.bias = Parameter(np.zeros(local, dtype), layout=[Piece(None, (out_features,), (cols,))]) if bias else None
         self.input_grad = input_grad
 
     def forward(self, x):
@@ -113,7 +115,8 @@ class RowParallelLinear(Module):
         rng = rng if rng is not None else np.random.default_rng(0)
         t = self.group.rank
         w = _full_weight(in_features, out_features, init, rng, dtype)
-        self.weight = Parameter(w[t * local:(t + 1) * local])
+        rows = (t * local, (t + 1) * local)
+        self.weight = Parameter(w[rows[0]:rows[1]], layout=[Piece(None, w.shape, (rows, (0, out_features)))])
         self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None  # replicated
 
     def forward(self, x):
