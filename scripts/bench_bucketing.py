@@ -33,7 +33,6 @@ import sys
 import tempfile
 
 import numpy as np
-
 from _bench import ROOT, add_output_args, save, worker_env
 
 STRATEGIES = ["naive", "bucketed", "load_balanced"]

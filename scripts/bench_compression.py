@@ -35,7 +35,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _bench import ROOT, add_output_args, emit, run_result, save, worker_env
 
 DEFAULT = "none,fp16,bf16,topk:0.01,onebit,powersgd:2"
@@ -45,11 +44,11 @@ LAUNCH = os.path.join(ROOT, "launchers", "emulated_cluster.sh")
 # ----------------------------------------------------------------------------------- worker
 def worker_step(a) -> dict | None:
     sys.path.insert(0, ROOT)
+    from disttrain_zoo.mlp import MLP
     from mpi4py import MPI
 
     import disttrain as dt
     from disttrain import nn, optim
-    from disttrain_zoo.mlp import MLP
 
     dt.init()
     r = dt.rank()
@@ -178,7 +177,7 @@ def report(meta: dict, steps: list[dict], acc: list[dict]) -> None:
         print("| compression | network | ratio | test accuracy | vs none (pp) | time to target s | steps to target |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for r in acc:
-            f = lambda v, fmt: format(v, fmt) if v is not None else "not reached"  # noqa: E731
+            f = lambda v, fmt: format(v, fmt) if v is not None else "not reached"
             print(f"| {r['compression']} | {r['network']} | {r['ratio']:.1f}x | {r['accuracy']:.4f} | "
                   f"{r['accuracy_delta_pp']:+.2f} | {f(r['time_to_target_s'], '.2f')} | "
                   f"{f(r['steps_to_target'], '.0f')} |")
