@@ -126,7 +126,7 @@ def plot(rows: list, out: str, target: float) -> None:
             if r:
                 t, loss = zip(*r["curve"])
                 ax.plot(t, loss, label=s)
-        ax.axhline(target, color="grey", ls=":", lw=1)
+        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target loss {target}")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("training loss")
         ax.set_title(f"GNMT-lite, P = {p}")

@@ -222,9 +222,10 @@ def plot(rows, out) -> None:
             axes[1].plot([r["m"] for r in rs], [max(r["peak_live"]) for r in rs], mark + "-",
                          label=f"{sched} pp={pp}")
         rs = [r for r in rows if r["part"] == "timed" and r["pp"] == pp and r["schedule"] == "gpipe"]
-        axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], "k:", lw=1)
+        axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], "k:", lw=1,
+                     label=f"(p-1)/(m+p-1), p={pp}")
     axes[0].set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction",
-                title="measured vs (p-1)/(m+p-1) (dotted)")
+                title="pipeline bubble: measured (lines) vs theory (dotted)")
     axes[1].set(xscale="log", xlabel="micro-batches m", ylabel="peak live micro-batches (max stage)",
                 title="activation memory")
     for ax in axes:
