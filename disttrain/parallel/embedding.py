@@ -120,7 +120,7 @@ class LocalEmbeddings(Module):
     def backward(self, dy):
         for t, w in enumerate(self.tables()):
             ids, d = self._ids[:, t].astype(np.int64), np.ascontiguousarray(dy[:, t])
-            if self.sparse:
+            if isinstance(w.grad, RowSparseGrad):  # the gradient's type decides (gradcheck swaps in a dense one)
                 w.grad.add_(ids, d)
             else:
                 K.embedding_bwd(ids, d, w.grad, -1)
@@ -274,7 +274,7 @@ class ShardedEmbeddings(Module):
         # average over the group, as DataParallel averages the dense layers' gradients
         d_req *= d_req.dtype.type(1.0 / self.group.size)
         req = req.astype(np.int64, copy=False)
-        if self.sparse:  # rows several ranks asked for are summed once here: de-duplicated
+        if isinstance(self.shard.grad, RowSparseGrad):  # rows several ranks asked for are summed once here
             self.shard.grad.add_(req, d_req)
         else:
             K.embedding_bwd(req, d_req, self.shard.grad, -1)
