@@ -11,6 +11,7 @@ import disttrain as dt
 from disttrain import nn, optim
 from disttrain.comm.errors import CollectiveError
 from disttrain.data.clicks import synthetic_clicks
+from disttrain.nn.layout import shards
 from disttrain.nn.sparse import RowSparseGrad
 from disttrain.parallel import embedding
 from disttrain.parallel.embedding import SHARDINGS, ShardedEmbeddings
@@ -53,18 +54,19 @@ def train_one_process(data, batch_slices, make_opt=momentum_sgd, sparse=False):
         ref.backward(loss_fn.backward())
         opt.step()
         opt.zero_grad()
-    return ref, losses
+    return ref, losses, opt
 
 
 def train_sharded(comm, sharding, global_batch, make_opt=momentum_sgd, sparse=False):
     """Train sharded on each rank's share and check every step's loss and the final model against
-    the one process trained on the global batch; returns the sharded model."""
+    the one process trained on the global batch; returns (sharded model, its optimizer, the one
+    process's optimizer)."""
     p, r = comm.Get_size(), comm.Get_rank()
     # uneven: one rank gets more; "empty": the last rank gets no samples at all (p > 1)
     n = {"divisible": 8 * p, "uneven": 6 * p + (1 if p > 1 else 0), "empty": 5 * (p - 1) or 5}[global_batch]
     data = synthetic_clicks(n * STEPS, sizes=SIZES, dense=5, alpha=1.2, seed=5, dtype=np.float64)
     steps = [slice(i * n, (i + 1) * n) for i in range(STEPS)]
-    ref, want = train_one_process(data, steps, make_opt, sparse)
+    ref, want, ref_opt = train_one_process(data, steps, make_opt, sparse)
 
     m = model(sharding, sparse=sparse)
     ddp = dt.DataParallel(m, bucket_mb=0.001)
@@ -87,7 +89,7 @@ def train_sharded(comm, sharding, global_batch, make_opt=momentum_sgd, sparse=Fa
             np.testing.assert_allclose(q.data, dense[q.name], rtol=1e-10, atol=1e-13)
     # every row lives on exactly one rank
     assert comm.allreduce(m.embeddings.shard.data.shape[0]) == sum(SIZES)
-    return m
+    return m, opt, ref_opt
 
 
 @pytest.mark.mpi
@@ -101,15 +103,30 @@ def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
 @pytest.mark.parametrize("sharding", sorted(SHARDINGS))
 @pytest.mark.parametrize("opt", sorted(SPARSE_OPTIMIZERS))
 def test_dlrm_sparse_updates_match_one_process_with_the_same_optimizer(comm, sharding, opt):
-    m = train_sharded(comm, sharding, "empty" if opt == "lazy_adam" else "uneven", SPARSE_OPTIMIZERS[opt], True)
+    m, o, ref_o = train_sharded(comm, sharding, "empty" if opt == "lazy_adam" else "uneven", SPARSE_OPTIMIZERS[opt],
+                                True)
     assert isinstance(m.embeddings.shard.grad, RowSparseGrad)
+    # lazy state ("momentum", "m", "v") is shard-shaped: through the shard's layout it is the one
+    # process's state of every table (what resharding checkpoints save and load)
+    shard = m.embeddings.shard
+    for buf, state in o.state[shard.name].items():
+        if state.shape != shard.data.shape:
+            assert opt == "rowwise_adagrad"  # one value per row: not a layout-shaped buffer
+            continue
+        seen = 0
+        for part in comm.allgather([(x.name, x.box, x.data.copy()) for x in shards(shard, state)]):
+            for name, box, got in part:
+                want = ref_o.state[name][buf][tuple(slice(a, b) for a, b in box)]
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+                seen += got.size
+        assert seen == sum(SIZES) * 4  # every row of every table, once
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("sharding", sorted(SHARDINGS))
 def test_plain_sgd_is_bit_identical_sparse_or_dense(comm, sharding):
-    dense = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], False).embeddings.shard.data
-    sparse = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], True).embeddings.shard.data
+    dense = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], False)[0].embeddings.shard.data
+    sparse = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], True)[0].embeddings.shard.data
     np.testing.assert_array_equal(sparse, dense)
 
 
