@@ -61,6 +61,9 @@ def test_local_embeddings_seed_and_rng():
     c = LocalEmbeddings(SIZES, 3, rng=np.random.default_rng(2), dtype=np.float64)
     np.testing.assert_array_equal(b.table0.data, c.table0.data)
     assert not np.array_equal(a.table0.data, b.table0.data)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="non-negative integer"):
+            LocalEmbeddings(SIZES, 3, seed=bad)
 
 
 # ------------------------------------------------------------------------ row-sparse gradients

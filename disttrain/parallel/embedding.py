@@ -188,12 +188,15 @@ class ShardedEmbeddings(Module):
                  algorithm: str = "auto", *, seed: int | None = None, sparse: bool = False):
         self.group = as_group(group)
         self.sizes, self.dim, self.sharding, self.algorithm = [int(n) for n in sizes], int(dim), sharding, algorithm
-        self.sparse, seed = bool(sparse), seed_from(seed, rng)
-        err = None
+        self.sparse, err = bool(sparse), None
         if sharding not in SHARDINGS:
             err = f"unknown sharding {sharding!r}; choose one of {list(SHARDINGS)}"
         elif not self.sizes or min(self.sizes) < 1 or self.dim < 1:
             err = f"tables need at least one row and dim >= 1, got sizes {self.sizes} and dim {dim}"
+        try:  # a bad seed on one rank must stop every rank, in the check below
+            seed = seed_from(seed, rng)
+        except ValueError as e:
+            seed, err = None, err or str(e)
         # a rank with another seed or sparse setting would silently train a different model
         validate.check(self.group.comm, "ShardedEmbeddings", dict(sizes=tuple(self.sizes), dim=self.dim,
                                                                    sharding=sharding, dtype=np.dtype(dtype).str,

@@ -29,6 +29,8 @@ def seed_from(seed=None, rng=None) -> int:
     """The tables' integer seed: `seed` itself, else one draw from `rng` (a Generator: the same
     generator state gives the same tables), else 0."""
     if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"the tables' seed must be a non-negative integer, got {seed!r}")
         return int(seed)
     if rng is not None:
         return int(rng.integers(0, 2 ** 63))

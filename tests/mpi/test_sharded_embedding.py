@@ -208,3 +208,5 @@ def test_ranks_disagreeing_about_tables_raise(comm):
         ShardedEmbeddings([5, 9], 3, seed=r)
     with pytest.raises(CollectiveError, match="ShardedEmbeddings"):  # sparse on some ranks only
         ShardedEmbeddings([5, 9], 3, sparse=r == 0)
+    with pytest.raises(CollectiveError, match="non-negative integer, got -1"):  # a bad seed on one rank only
+        ShardedEmbeddings([5, 9], 3, seed=-1 if r == p - 1 else 0)
