@@ -10,6 +10,8 @@ from .optimizer import Optimizer
 
 
 class LAMB(Optimizer):
+    whole_tensor_update = True  # the trust ratio needs the norms of the whole tensor
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01):
         super().__init__(params, lr)
         self.b1, self.b2 = betas

@@ -7,6 +7,10 @@ from .. import timeline
 
 
 class Optimizer:
+    #: True when the update of a parameter needs quantities of the whole tensor (LAMB's norms): a
+    #: ZeRO-sharded DataParallel, whose ranks each hold a slice, refuses such an optimizer.
+    whole_tensor_update = False
+
     def __init__(self, params, lr: float):
         self.params = list(params)
         if not self.params:
@@ -24,6 +28,7 @@ class Optimizer:
         self.lr = lr
         self.state: dict = {}  # parameter name -> {buffer name: array}; keyed by stable names
         self.steps = 0
+        self._post_step_hooks: list = []
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -34,6 +39,13 @@ class Optimizer:
         with timeline.span(f"{type(self).__name__}.step", "optim"):
             for p in self.params:
                 self._update(p, self.state.setdefault(p.name, {}))
+        for fn in self._post_step_hooks:
+            fn()
+
+    def register_step_post_hook(self, fn) -> None:
+        """Call ``fn()`` at the end of every ``step()`` (as torch.optim's hook of that name): a
+        sharded DataParallel gathers the updated slices there, so the model is whole again."""
+        self._post_step_hooks.append(fn)
 
     def _update(self, p, st: dict) -> None:
         raise NotImplementedError
