@@ -497,8 +497,15 @@ class DataParallel:
 
     @property
     def wire_stats(self) -> dict:
-        """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio."""
-        return self.compressor.stats.as_dict()
+        """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio;
+        sharded modes add the bytes their reduce-scatters and parameter allgathers sent (ring volumes)
+        to ``sent_bytes`` and report them as ``reduce_scatter_sent_bytes`` / ``allgather_sent_bytes``."""
+        out = self.compressor.stats.as_dict()
+        if self._zero is not None:
+            for k, v in self._zero.sent.items():
+                out[f"{k}_sent_bytes"] = v
+                out["sent_bytes"] += v
+        return out
 
 
 def _union_and_overlap(spans, w0: float, w1: float) -> tuple[float, float]:

@@ -98,8 +98,8 @@ class Units:
 
     # --------------------------------------------------------------------------- wrappers
     def _forward(self, i, fn, x):
-        if self.phase != "forward" or ("G", i) not in self.plan[self.pos:]:
-            self.start("forward")
+        if self.phase != "forward" or (("G", i) not in self.handles and ("G", i) not in self.plan[self.pos:]):
+            self.start("forward")  # a new forward (unit i's gather is neither prefetched nor still to come)
         try:
             self._need(i)
             y = fn(x)

@@ -87,6 +87,9 @@ class Sharder:
         self.mode, self.group, self.dtype = mode, group, dtype
         self.slots = []
         self.transient = self.peak_transient = 0  # bytes of gathered parameters + whole gradient buckets
+        # bytes this rank sends with the ring's volumes (every block but its own; compression/base.py's
+        # rule for the allreduce): updated on the communication thread only
+        self.sent = {"reduce_scatter": 0, "allgather": 0}
         for b in buckets:
             s = Slot(b.size, group.size, group.rank)
             flat = np.empty(b.size, dtype)
@@ -132,6 +135,7 @@ class Sharder:
             s.gshard[...] = b.buffer[s.lo:s.hi]
         else:
             s.gshard[...] = L.reduce_scatter_on(comm, b.buffer, s.counts, s.displs, "avg", algorithm)
+            self.sent["reduce_scatter"] += self._ring_bytes(s, b.size, comm)
         if self.mode == "optimizer":  # consumed: the next backward accumulates from zero
             b.buffer[...] = 0
 
@@ -142,7 +146,11 @@ class Sharder:
         buf = s.pbuf if s.pbuf is not None else np.empty(b.size, self.dtype)
         buf[s.lo:s.hi] = s.pown
         L.allgather_on(comm, buf, s.counts, s.displs)
+        self.sent["allgather"] += self._ring_bytes(s, b.size, comm)
         return buf
+
+    def _ring_bytes(self, s: Slot, n: int, comm) -> int:
+        return 0 if comm.Get_size() == 1 else (n - min(s.counts)) * self.dtype.itemsize
 
     # ------------------------------------------------------------------------ public views
     def owned(self) -> list:

@@ -97,6 +97,9 @@ def test_no_sync_accumulates_micro_batches(comm, mode):
 def test_memory_and_shards_scale_as_promised(comm, mode):
     """Summed over the ranks, owned optimizer state / gradients / parameters are exactly one copy."""
     ddp, opt = train(comm, mode, *OPTIMIZERS[0])
+    # traffic (ring volumes): ZeRO-1/2 move what an allreduce moves (reduce-scatter + allgather), ZeRO-3 1.5x
+    w = ddp.wire_stats  # (before full_state_dict, which gathers once more)
+    assert w["allgather_sent_bytes"] == (2 if mode == "full" else 1) * w["reduce_scatter_sent_bytes"]
     total = sum(q.size for q in ddp.full_state_dict().values()) * 8
     mem = ddp.memory()
     everyone = comm.allgather(mem)
