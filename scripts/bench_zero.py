@@ -26,11 +26,10 @@ import os
 import resource
 import statistics
 import sys
-import time
 
 import numpy as np
 
-from _bench import ROOT, add_output_args, emit, run_result, save, worker_env
+from _bench import ROOT, add_output_args, emit, run_result, save, timed_steps, worker_env
 
 MODES = ("none", "optimizer", "gradients", "full")
 MB = 1e6
@@ -51,21 +50,13 @@ def worker(a) -> None:
     n_params = sum(p.data.size for p in model.parameters())
     ddp = dt.DataParallel(model, shard=a.mode)
     opt = ddp.make_optimizer(optim.Adam, lr=1e-4)
-    times, sent0 = [], 0
-    for s in range(a.warmup + a.steps):
-        if s == a.warmup:
-            sent0 = ddp.wire_stats["sent_bytes"]
-        dt.world().comm.Barrier()
-        t = time.perf_counter()
-        loss_fn.forward(ddp.forward(x), y)
-        ddp.backward(loss_fn.backward())
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t)
+    timed_steps(dt.world().comm, ddp, opt, loss_fn, x, y, a.warmup)
+    sent0 = ddp.wire_stats["sent_bytes"]
+    times = timed_steps(dt.world().comm, ddp, opt, loss_fn, x, y, a.steps)
     mem = ddp.memory()
     sent = (ddp.wire_stats["sent_bytes"] - sent0) / a.steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    emit(dict(mode=a.mode, procs=dt.size(), params=n_params, step_times=times[a.warmup:], sent_bytes=sent,
+    emit(dict(mode=a.mode, procs=dt.size(), params=n_params, step_times=times, sent_bytes=sent,
               peak_rss=rss, **mem) if r == 0 else None)
 
 
