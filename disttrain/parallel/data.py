@@ -259,7 +259,15 @@ class DataParallel:
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
-        y = self.model.forward(x)
+        try:
+            y = self.model.forward(x)
+        except BaseException as e:
+            # shard="full": a layer outside the units raised mid-plan (a unit's own failure was
+            # handled in its wrapper): the rest of the step carries the error to the peers
+            if self._units is not None and self._units.phase == "forward":
+                self._units.fail(f"rank {world_rank()}: the model's forward raised {type(e).__name__}: {e}",
+                                 then_backward=self.model.training)
+            raise
         if self.model.training:  # counted once it returned: a forward that raised left nothing to match
             self._forwards += 1
         return y

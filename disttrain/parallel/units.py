@@ -17,7 +17,9 @@ not a module swap; the model's structure, names and parameters stay as they were
 Collectives pair up by issue order, so every rank issues the same *plan*: the forward plan
 ``G0 G1 ... G(K-1)`` and the backward plan ``G(K-1) G(K-2) RS(K-1) G(K-3) RS(K-2) ... RS(0)`` (no
 G in "gradients", no RS under no_sync). A hook submits the plan up to the operation it needs, so a
-unit that did not run still takes part; a unit run out of order (or twice) is an error. When
+unit that did not run still takes part, and units may run in another order (a gather runs early,
+a reduce-scatter moves up: every rank runs the same model, so every rank moves it alike); a unit
+whose backward runs twice in one step is an error. When
 anything raises mid-step, the rest of the plan is submitted carrying the error (validation on:
 every rank raises CollectiveError), then everything in flight is waited for - the same rule as
 DataParallel's buckets (issue 14).
@@ -104,7 +106,8 @@ class Units:
             self._need(i)
             y = fn(x)
         except BaseException as e:
-            self.fail(f"rank {world_rank()}: unit {i}'s forward raised {type(e).__name__}: {e}")
+            self.fail(f"rank {world_rank()}: unit {i}'s forward raised {type(e).__name__}: {e}",
+                      then_backward=self.ddp.model.training)
             raise
         self._free(i)
         return y
@@ -133,10 +136,11 @@ class Units:
         """Submit the plan up to and including `op`."""
         if op not in self.plan[self.pos:]:
             raise RuntimeError(
-                f"DataParallel(shard={self.ddp.shard!r}): unit {op[1]} ({type(self.units[op[1]]).__name__}) ran out of "
-                f"order or twice in one {self.phase}; sharded units must each run once per forward and once per "
-                f"backward, forward in the order of model.children() and backward in reverse (ranks pair their "
-                f"collectives by that order)")
+                f"DataParallel(shard={self.ddp.shard!r}): unit {op[1]} ({type(self.units[op[1]]).__name__}) ran "
+                f"twice in one {self.phase}; sharded units must each run once per forward and once per "
+                f"backward (ranks pair their collectives by a plan of one gather and one reduce-scatter per unit)")
+        if op[0] == "RS":  # a reduce-scatter goes now, not after those of units whose backward has not run
+            self.plan.insert(self.pos, self.plan.pop(self.plan.index(op, self.pos)))
         while True:
             nxt = self.plan[self.pos]
             self.pos += 1
@@ -222,8 +226,9 @@ class Units:
         the step synced, the whole gradient buckets); raise the first error."""
         first = None
         try:
-            if self.phase is not None and self.pos < len(self.plan):
-                self._through(self.plan[-1])
+            rest, self.pos = self.plan[self.pos:], len(self.plan)
+            for op in rest:  # in plan order, as every rank
+                self._submit(op)
         except Exception as e:  # noqa: BLE001
             first = e
         first = self._drain() or first
@@ -234,11 +239,21 @@ class Units:
         if first is not None:
             raise first
 
-    def fail(self, why: str) -> None:
-        """Submit the rest of the plan carrying `why`, wait for everything, free everything."""
+    def fail(self, why: str, then_backward: bool = False) -> None:
+        """Submit the rest of the plan carrying `why`, wait for everything, free everything.
+
+        A training forward that fails also submits the backward plan (`then_backward`): a peer
+        whose forward finished (the failure was in the last unit) is in its backward next, and a
+        peer whose forward failed on the error does the same - every rank issues both plans."""
         rest, self.pos = self.plan[self.pos:], len(self.plan)
         for op in rest:
             self._submit(op, error=why)
+        if then_backward and self.phase == "forward":
+            self.phase = "backward"
+            for op in self._backward_plan(self.ddp._sync):
+                self._submit(op, error=why)
+            self.ddp._steps += self.ddp._sync  # the step is over on every rank, as after a failed backward
+            self.ddp._forwards = self.ddp._backwards = 0
         self._drain()
         if self.ddp._sync:
             for b in self.bucket:

@@ -79,6 +79,10 @@ def test_matches_one_process_on_the_global_batch(comm, mode, cls, kw):
     if mode != "none":  # state keyed by global names, one shard parameter per global parameter
         assert [q.name for q in opt.params] == [q.name for b in ddp.buckets for q in b.params]
         assert set(opt.state) <= set(want)
+        for q in opt.params:  # each shard's layout says which flat range of the global array it holds
+            (piece,) = q.layout
+            assert piece.shape == want[q.name].shape and piece.box == tuple((0, n) for n in piece.shape)
+            np.testing.assert_array_equal(q.data, got[q.name].reshape(-1)[piece.flat[0]:piece.flat[1]], err_msg=q.name)
 
 
 @pytest.mark.mpi
@@ -167,8 +171,10 @@ def test_dp_x_tp_mesh_shards_the_tensor_parallel_blocks(comm):
                 np.testing.assert_allclose(got[q.name], want[q.name][tuple(slice(a, b) for a, b in box)],
                                            rtol=1e-10, atol=1e-13, err_msg=f"{mode} {q.name}")
             for sp in opt.params:  # a ZeRO range of a tensor-parallel block names the global array
-                piece = sp.layout[0]
-                assert piece.shape == want[sp.name].shape and piece.flat[1] - piece.flat[0] == sp.data.size
+                (piece,) = sp.layout
+                block = want[sp.name][tuple(slice(a, b) for a, b in piece.box)].reshape(-1)
+                assert piece.shape == want[sp.name].shape
+                np.testing.assert_allclose(sp.data, block[piece.flat[0]:piece.flat[1]], rtol=1e-10, atol=1e-13)
 
 
 class RaiseOnRank(nn.Module):
@@ -230,3 +236,106 @@ def test_optimizer_mode_with_fp16_compression_keeps_the_owned_slice(comm):
     sa, sb = a.full_state_dict(), b.full_state_dict()
     for name in sa:
         np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
+
+
+class RaiseInForward(RaiseOnRank):
+    def forward(self, x):
+        self.calls += 1
+        if dt.rank() == self.rank and self.calls == self.step:
+            raise ZeroDivisionError("injected")
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_full_a_rank_that_raises_in_forward_makes_every_rank_raise(comm, where):
+    """shard="full" communicates in forward too: the failing rank submits the rest of the step
+    (forward and backward plans) carrying the error; peers raise in their forward (middle) or in
+    their backward (the failure was in the last unit), and the next step trains again."""
+    p = comm.Get_size()
+    rng = np.random.default_rng(0)
+    layers = [nn.Linear(4, 5, rng=rng, dtype=np.float64), nn.Linear(5, 5, rng=rng, dtype=np.float64),
+              nn.Linear(5, 3, rng=rng, dtype=np.float64)]
+    bad = Sequential_with(layers, RaiseInForward(p - 1, 2), 1 if where == "middle" else 3)
+    ddp, loss = dt.DataParallel(bad, shard="full"), nn.SoftmaxCrossEntropy()
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1)
+    x, y = rng.standard_normal((4, 4)), rng.integers(0, 3, 4)
+    for step in range(3):
+        try:
+            loss.forward(ddp.forward(x), y)
+            ddp.backward(loss.backward())
+            opt.step()
+            assert step != 1, "step 1 must raise on every rank"
+        except (ZeroDivisionError, CollectiveError):
+            assert step == 1
+        opt.zero_grad()
+    assert all(np.isfinite(v).all() for v in ddp.full_state_dict().values())
+    comm.Barrier()
+
+
+def Sequential_with(layers, extra, at):
+    return nn.Sequential(*layers[:at], extra, *layers[at:])
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_a_rank_without_samples_synchronizes(comm, mode):
+    """Rank 0 has no samples and calls synchronize(): the average over the ranks is the global
+    batch's gradient times (P-1)/P, i.e. momentum SGD on the other ranks' samples at lr (P-1)/P."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    if p == 1:
+        pytest.skip("needs a rank with samples")
+    lr = 0.1
+    want = reference(LOCAL_BATCH * (p - 1), optim.SGD, dict(lr=lr * (p - 1) / p, momentum=0.9))
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, shard=mode)
+    opt = ddp.make_optimizer(optim.SGD, lr=lr, momentum=0.9)
+    x, y = data(LOCAL_BATCH * (p - 1))
+    mine = slice((r - 1) * LOCAL_BATCH, r * LOCAL_BATCH)
+    for s in range(STEPS):
+        if r == 0:
+            ddp.synchronize()
+        else:
+            loss.forward(ddp.forward(x[s, 0][mine]), y[s, 0][mine])
+            ddp.backward(loss.backward())
+        opt.step()
+        opt.zero_grad()
+    got = ddp.full_state_dict()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+
+
+@pytest.mark.mpi
+def test_full_units_in_another_order_still_pair_and_a_unit_twice_in_backward_is_refused(comm):
+    """Every rank submits the plan up to the gather it needs, so a forward that runs its units in
+    another order than model.children() gives the unsharded result; a unit whose backward runs
+    twice in one step cannot be paired by plan: every rank raises (the same model everywhere)."""
+
+    class Backwards(nn.Sequential):
+        def forward(self, x):
+            return self.layers[0].forward(self.layers[1].forward(x))
+
+        def backward(self, dy):
+            return self.layers[1].backward(self.layers[0].backward(dy))
+
+    class Twice(Backwards):
+        def backward(self, dy):
+            self.layers[1].backward(self.layers[0].backward(dy))
+            return self.layers[1].backward(dy)
+
+    def make(cls):
+        rng = np.random.default_rng(0)
+        return cls(nn.Linear(3, 3, rng=rng, dtype=np.float64), nn.Linear(3, 3, rng=rng, dtype=np.float64))
+    x = np.random.default_rng(1).standard_normal((2, 3))
+    want = make(Backwards).forward(x)
+    ddp = dt.DataParallel(make(Backwards), shard="full")
+    np.testing.assert_allclose(ddp.forward(x), want, rtol=1e-14)
+    ddp.backward(np.ones_like(want))
+    ddp = dt.DataParallel(make(Twice), shard="full")
+    ddp.forward(x)
+    with pytest.raises((RuntimeError, CollectiveError), match="ran twice|rank"):
+        ddp.backward(np.ones_like(want))
+    comm.Barrier()
