@@ -34,7 +34,6 @@ from ..compression import kernels as compression_kernels
 from .. import timeline
 from ..comm import kernels as comm_kernels
 from ..comm import lowlevel as L
-from ..nn.layout import shards
 from ..nn.module import Module
 from ..runtime import as_group
 from ..runtime import rank as world_rank
@@ -281,7 +280,7 @@ class DataParallel:
         error, so every other rank's backward raises CollectiveError instead of waiting for them;
         in-flight work is drained on every exit path, and the exception propagates here."""
         if self._units is not None:
-            return self._units_backward(dy)
+            return self._units.run_backward(dy)
         for b in self.buckets:
             b.pending = {id(p) for p in b.params}
             b.handle = None
@@ -308,7 +307,7 @@ class DataParallel:
                 self._units.start("forward")
                 self._units.finish(release_grads=False)
             self._units.start("backward")
-            self._end_units_step()
+            self._units.end_step()
             return
         for b in self.buckets:
             b.pending, b.handle = set(), None
@@ -363,43 +362,10 @@ class DataParallel:
         if late is not None:
             raise RuntimeError(late)
 
-    def _units_backward(self, dy):
-        """backward for shard="gradients"/"full": the units submit their own collectives (units.py)."""
-        self._in_backward = True
-        self._backwards += 1
-        self._units.start("backward")
-        try:
-            dx = self.model.backward(dy)
-        except BaseException as e:
-            self._in_backward = False
-            self._units.fail(f"rank {world_rank()}: the model's backward raised {type(e).__name__}: {e}")
-            self._steps += 1
-            self._forwards = self._backwards = 0
-            self._units.take_times()
-            raise
-        self._in_backward = False
-        self._end_units_step()
-        return dx
-
-    def _end_units_step(self) -> None:
-        try:
-            self._units.finish(release_grads=self._sync)
-        finally:
-            comm, exposed, handoff = self._units.take_times()
-            self.comm_seconds += comm
-            self.exposed_comm_seconds += exposed
-            self.handoff_seconds += handoff
-            if self._sync:
-                self._steps += 1
-                self._forwards = self._backwards = 0
-        late, self._late_error = self._late_error, None
-        if late is not None:
-            raise RuntimeError(late)
-
     # -------------------------------------------------------------------------- sharding
     def make_optimizer(self, cls, **options):
         """An optimizer of class `cls` over exactly what this rank owns; ``opt.step()`` leaves the
-        model ready for the next forward on every rank (it allgathers the updated slices).
+        model ready for the next forward on every rank.
 
         Args:
             cls: a disttrain optimizer class (``optim.SGD``, ``optim.Adam``, ...); one whose update
@@ -410,85 +376,47 @@ class DataParallel:
             shard="none": ``cls(model.parameters(), **options)``. Otherwise ``cls`` over the owned
             shard Parameters (one per global parameter, views of the owned slice, named globally,
             ``layout=[Piece(None, shape, box, flat=(a, b))]``) and the model's non-replicated
-            parameters (sharded embeddings), with a post-step hook that regathers the parameters.
+            parameters (sharded embeddings); its post-step hook regathers the parameters
+            (optimizer/gradients; "full" gathers at every forward anyway).
 
         Example:
             >>> opt = ddp.make_optimizer(optim.Adam, lr=1e-3)
         """
-        problem = ZR.check_optimizer(cls, self.shard)
-        if problem:
-            raise ValueError(problem)
-        if self._zero is None:
-            self._optimizer = cls(self.model.parameters(), **options)
-            return self._optimizer
-        params = self._zero.owned() + [p for p in self.model.parameters() if not p.replicated]
-        self._optimizer = opt = cls(params, **options)
-        if self.shard != "full":  # full: every forward gathers from the owners anyway
-            opt.register_step_post_hook(self._gather_all)
-        return opt
-
-    def _gather_all(self, keep=None) -> None:
-        """Allgather every bucket's parameters from their owners (after an optimizer step); with
-        shard="full", one bucket at a time into a temporary buffer handed to ``keep(bucket, buf)``."""
-        z, comm, validating = self._zero, self.group.async_comm, L.validating()
-        handles = []
-        for b in self.buckets:
-            fields = {"step": self._steps, "op": "gather parameters", "bucket": b.index, "size": b.size}
-
-            def job(b=b, fields=fields):
-                if validating:
-                    L.check(comm, "DataParallel gather", fields)
-                return z.gather(b, comm)
-            handles.append((b, L.submit(job, "allgather", None, self.group)))
-            if keep is not None:  # one at a time: at most one bucket's whole parameters at once
-                keep(b, handles.pop()[1].wait())
-        first = None
-        for _, h in handles:
-            try:
-                h.wait()
-            except Exception as e:  # noqa: BLE001 - every handle is waited for
-                first = first or e
-        if first is not None:
-            raise first
+        self._optimizer = ZR.make_optimizer(self, cls, options)
+        return self._optimizer
 
     def full_state_dict(self) -> dict:
         """{parameter name: the whole array} on every rank, for every shard mode (collective with
         shard="full": call it on every rank). Tensor-parallel blocks and sharded-embedding rows are
-        this rank's (gathered over the data-parallel group only)."""
-        out = {p.name: p.data.copy() for p in self.model.parameters() if not p.replicated or self.shard != "full"}
-        if self.shard == "full":
-            def keep(b, buf):
-                for p, (off, shape) in zip(b.params, b.layout):
-                    out[p.name] = buf[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy()
-            self._gather_all(keep)
-        return {p.name: out[p.name] for p in self.model.parameters()}
+        this rank's (gathered over the data-parallel group only).
+
+        Returns:
+            A dict of copies, in ``model.parameters()`` order.
+        """
+        return ZR.full_state_dict(self)
 
     def memory(self, optimizer=None) -> dict:
         """This rank's bytes, between steps, of what DataParallel and the optimizer keep.
+
+        Args:
+            optimizer: whose state to count (default: the one from ``make_optimizer``).
 
         Returns:
             {"parameters": the replicated parameters this rank stores (full: its owned slices),
             "gradients": gradient storage kept between steps (none: the buckets; optimizer: the
             buckets and the owned slices; gradients/full: the owned slices), "optimizer": bytes of
-            the optimizer's state arrays (`optimizer`, default the one from make_optimizer; 0 before
-            its first step), "transient": whole parameters/gradients held right now beyond that,
-            "peak_transient": the most of those held at once so far (gradients/full: about two
-            units)}. Non-replicated parameters (sharded embeddings) are not counted.
+            the optimizer's state arrays (0 before its first step), "transient": whole unit
+            parameters / gradients held right now beyond that, "peak_transient": the most of those
+            held at once so far (gradients/full: about two units)}. Non-replicated parameters
+            (sharded embeddings) are not counted.
         """
-        opt = optimizer if optimizer is not None else self._optimizer
-        if self._zero is not None:
-            return self._zero.memory(self.buckets, opt)
-        whole = sum(b.size for b in self.buckets) * self.buckets[0].buffer.itemsize
-        return {"parameters": whole, "gradients": whole, "optimizer": ZR.state_bytes(opt), "transient": 0,
-                "peak_transient": 0}
+        return ZR.memory(self, optimizer if optimizer is not None else self._optimizer)
 
     def parameter_shards(self) -> list:
         """The model parameters this rank holds authoritatively, as ``nn.layout.Shard`` live views:
         the whole replicated parameters (shard none/optimizer/gradients) or the owned flat ranges
         (full), plus the model's non-replicated parameters (sharded embeddings)."""
-        mine = self._zero.parameter_shards(self.buckets) if self._zero is not None else [
-            sh for p in self.params for sh in shards(p)]
-        return mine + [sh for p in self.model.parameters() if not p.replicated for sh in shards(p)]
+        return ZR.parameter_shards(self)
 
     @contextlib.contextmanager
     def no_sync(self):

@@ -221,6 +221,42 @@ class Units:
             self.spans.append((h.t_start, h.t_end))
 
     # ------------------------------------------------------------------------ step ends
+    def run_backward(self, dy):
+        """DataParallel.backward for these modes: the model's backward inside a backward plan."""
+        ddp = self.ddp
+        ddp._in_backward = True
+        ddp._backwards += 1
+        self.start("backward")
+        try:
+            dx = ddp.model.backward(dy)
+        except BaseException as e:
+            ddp._in_backward = False
+            self.fail(f"rank {world_rank()}: the model's backward raised {type(e).__name__}: {e}")
+            ddp._steps += 1
+            ddp._forwards = ddp._backwards = 0
+            self.take_times()
+            raise
+        ddp._in_backward = False
+        self.end_step()
+        return dx
+
+    def end_step(self) -> None:
+        """Finish the plan, account the step's communication, count the step (synced)."""
+        ddp = self.ddp
+        try:
+            self.finish(release_grads=ddp._sync)
+        finally:
+            comm, exposed, handoff = self.take_times()
+            ddp.comm_seconds += comm
+            ddp.exposed_comm_seconds += exposed
+            ddp.handoff_seconds += handoff
+            if ddp._sync:
+                ddp._steps += 1
+                ddp._forwards = ddp._backwards = 0
+        late, ddp._late_error = ddp._late_error, None
+        if late is not None:
+            raise RuntimeError(late)
+
     def finish(self, release_grads: bool) -> None:
         """Submit the rest of the plan, wait for everything, free gathered parameters (and, when
         the step synced, the whole gradient buckets); raise the first error."""

@@ -152,26 +152,80 @@ class Sharder:
     def _ring_bytes(self, s: Slot, n: int, comm) -> int:
         return 0 if comm.Get_size() == 1 else (n - min(s.counts)) * self.dtype.itemsize
 
-    # ------------------------------------------------------------------------ public views
     def owned(self) -> list:
         """The shard Parameters of every bucket (one per global parameter, possibly empty)."""
         return [q for s in self.slots for q in s.shards]
 
-    def parameter_shards(self, buckets) -> list:
-        """nn.layout Shards of the parameters this rank holds authoritatively (live views)."""
-        if self.mode != "full":
-            return [sh for b in buckets for p in b.params for sh in shards(p)]
-        return [sh for q in self.owned() for sh in shards(q)]
+    def gather_all(self, ddp, keep=None) -> None:
+        """Allgather every bucket's parameters from their owners (after an optimizer step); with
+        `keep`, one bucket at a time into a temporary buffer handed to ``keep(bucket, buf)``."""
+        comm, validating = ddp.group.async_comm, L.validating()
+        handles = []
+        for b in ddp.buckets:
+            fields = {"step": ddp._steps, "op": "gather parameters", "bucket": b.index, "size": b.size}
 
-    def memory(self, buckets, optimizer) -> dict:
-        """This rank's bytes (see DataParallel.memory)."""
-        item = self.dtype.itemsize
-        owned = sum(s.hi - s.lo for s in self.slots) * item
-        whole_ = sum(b.size for b in buckets) * item
-        return {"parameters": owned if self.mode == "full" else whole_,
-                "gradients": owned + (whole_ if self.mode == "optimizer" else 0),
-                "optimizer": state_bytes(optimizer),
-                "transient": self.transient, "peak_transient": self.peak_transient}
+            def job(b=b, fields=fields):
+                if validating:
+                    L.check(comm, "DataParallel gather", fields)
+                return self.gather(b, comm)
+            handles.append((b, L.submit(job, "allgather", None, ddp.group)))
+            if keep is not None:  # one at a time: at most one bucket's whole parameters at once
+                keep(b, handles.pop()[1].wait())
+        first = None
+        for _, h in handles:  # every handle is waited for; the first error is raised
+            try:
+                h.wait()
+            except Exception as e:  # noqa: BLE001
+                first = first or e
+        if first is not None:
+            raise first
+
+
+# --------------------------------------------------------------- DataParallel's sharding API
+def make_optimizer(ddp, cls, options: dict):
+    """DataParallel.make_optimizer."""
+    if ddp.shard != "none" and getattr(cls, "whole_tensor_update", False):
+        raise ValueError(f"DataParallel.make_optimizer: {cls.__name__} needs whole-tensor quantities (LAMB's "
+                         f"trust-ratio norms), but shard={ddp.shard!r} gives each rank a slice; use shard='none' "
+                         "or another optimizer")
+    if ddp._zero is None:
+        return cls(ddp.model.parameters(), **options)
+    opt = cls(ddp._zero.owned() + [p for p in ddp.model.parameters() if not p.replicated], **options)
+    if ddp.shard != "full":
+        opt.register_step_post_hook(lambda: ddp._zero.gather_all(ddp))
+    return opt
+
+
+def full_state_dict(ddp) -> dict:
+    """DataParallel.full_state_dict."""
+    full = ddp.shard == "full"
+    out = {p.name: p.data.copy() for p in ddp.model.parameters() if not (full and p.replicated)}
+    if full:
+        def keep(b, buf):
+            for p, (off, shape) in zip(b.params, b.layout):
+                out[p.name] = buf[off:off + int(np.prod(shape, dtype=np.int64))].reshape(shape).copy()
+        ddp._zero.gather_all(ddp, keep)
+    return {p.name: out[p.name] for p in ddp.model.parameters()}
+
+
+def memory(ddp, optimizer) -> dict:
+    """DataParallel.memory."""
+    z = ddp._zero
+    whole_ = sum(b.size for b in ddp.buckets) * (z.dtype.itemsize if z else ddp.buckets[0].buffer.itemsize)
+    if z is None:
+        return {"parameters": whole_, "gradients": whole_, "optimizer": state_bytes(optimizer), "transient": 0,
+                "peak_transient": 0}
+    owned = sum(s.hi - s.lo for s in z.slots) * z.dtype.itemsize
+    return {"parameters": owned if z.mode == "full" else whole_,
+            "gradients": owned + (whole_ if z.mode == "optimizer" else 0),
+            "optimizer": state_bytes(optimizer), "transient": z.transient, "peak_transient": z.peak_transient}
+
+
+def parameter_shards(ddp) -> list:
+    """DataParallel.parameter_shards."""
+    mine = ddp._zero.owned() if ddp.shard == "full" else ddp.params
+    return [sh for p in mine for sh in shards(p)] + [
+        sh for p in ddp.model.parameters() if not p.replicated for sh in shards(p)]
 
 
 def _shard_param(p, off: int, s: Slot) -> Parameter:
@@ -195,10 +249,3 @@ def state_bytes(optimizer) -> int:
     return 0 if optimizer is None else sum(v.nbytes for v in optimizer.state_arrays().values()
                                            if isinstance(v, np.ndarray))
 
-
-def check_optimizer(cls, mode: str) -> str | None:
-    """Why optimizer class `cls` cannot update shards (None if it can)."""
-    if mode != "none" and getattr(cls, "whole_tensor_update", False):
-        return (f"DataParallel.make_optimizer: {cls.__name__} needs whole-tensor quantities (LAMB's trust-ratio "
-                f"norms), but shard={mode!r} gives each rank a slice; use shard='none' or another optimizer")
-    return None
