@@ -48,7 +48,7 @@ def worker(a) -> None:
     y = rng.integers(0, 10, a.batch)
     model, loss_fn = MLP([a.width] * (a.layers + 1) + [10]), nn.SoftmaxCrossEntropy()
     n_params = sum(p.data.size for p in model.parameters())
-    ddp = dt.DataParallel(model, shard=a.mode)
+    ddp = dt.DataParallel(model, shard=a.mode, algorithm=a.algorithm)
     opt = ddp.make_optimizer(optim.Adam, lr=1e-4)
     timed_steps(dt.world().comm, ddp, opt, loss_fn, x, y, a.warmup)
     sent0 = ddp.wire_stats["sent_bytes"]
@@ -70,6 +70,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per job")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="jobs per (P, mode), interleaved over the modes")
+    ap.add_argument("--algorithm", default="ring",
+                    help="every mode's collectives (allreduce / reduce-scatter / allgather): ring by default, since "
+                         "MPICH's in-place Allgatherv that 'auto' picks with the default cost model was ~100x slower "
+                         "than the ring here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     add_output_args(ap, "bench_zero")
@@ -81,7 +85,7 @@ def main() -> None:
     else:
         rows = measure(a)
         save(a.out, {"command": " ".join(sys.argv), "width": a.width, "layers": a.layers, "batch": a.batch,
-                     "steps": a.steps, "rounds": a.rounds}, rows)
+                     "steps": a.steps, "rounds": a.rounds, "algorithm": a.algorithm}, rows)
     print_table(rows)
 
 
@@ -93,7 +97,7 @@ def measure(a) -> list:
             for mode in a.modes.split(","):
                 cmd = ["mpiexec", "-n", str(p), sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode,
                        "--width", str(a.width), "--layers", str(a.layers), "--batch", str(a.batch),
-                       "--steps", str(a.steps), "--warmup", str(a.warmup)]
+                       "--steps", str(a.steps), "--warmup", str(a.warmup), "--algorithm", a.algorithm]
                 res = run_result(cmd, env, a.timeout)
                 print(f"P={p} {mode}: {statistics.median(res['step_times']):.3f} s/step", file=sys.stderr, flush=True)
                 raw.setdefault((p, mode), []).append(res)

@@ -127,7 +127,7 @@ class DataParallel:
         self._zero = self._units = self._optimizer = None
         if shard != "none":  # every rank shards the same values: rank 0's
             broadcast_parameters(self.params, root=0, group=self.group)
-            self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype)
+            self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype, algorithm)
         if units:
             for b in self.buckets:
                 self._release_grads(b)
@@ -279,6 +279,11 @@ class DataParallel:
         If the model's backward raises, the buckets not yet launched are launched carrying the
         error, so every other rank's backward raises CollectiveError instead of waiting for them;
         in-flight work is drained on every exit path, and the exception propagates here."""
+        if self._zero is not None and self._optimizer is None and self._sync:
+            # the averaged gradients would reach only make_optimizer's parameters: an optimizer over
+            # model.parameters() would step on nothing, silently - refuse, on every rank
+            self._refuse_step("DataParallel(shard=%r): call ddp.make_optimizer(...) before training; the averaged "
+                              "gradients go to the owned shards it optimizes, not to model.parameters()" % self.shard)
         if self._units is not None:
             return self._units.run_backward(dy)
         for b in self.buckets:
@@ -313,6 +318,16 @@ class DataParallel:
             b.pending, b.handle = set(), None
         self._next = 0
         self._finish()
+
+    def _refuse_step(self, why: str) -> None:
+        """Raise `why` here and carry it to every peer through this step's collectives."""
+        if self._units is not None:
+            self._units.start("backward")
+            self._units.fail(why)
+        else:
+            self._next = 0
+            self._fail_step(why)
+        raise RuntimeError(why)
 
     def _fail_step(self, why: str) -> None:
         """Launch the remaining buckets with `why` as their local error, wait for every bucket,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..comm import lowlevel as L
-from ..comm.registry import REDUCE_SCATTER
+from ..comm.registry import ALLGATHER, REDUCE_SCATTER
 from ..nn.layout import Piece, shards, whole
 from ..nn.module import Parameter
 
@@ -83,8 +83,11 @@ class Sharder:
     """The ZeRO state of a DataParallel: one Slot per bucket, the owned shard Parameters, the
     reduce and gather jobs, and the accounting of memory."""
 
-    def __init__(self, mode: str, buckets, group, dtype):
+    def __init__(self, mode: str, buckets, group, dtype, algorithm: str = "auto"):
         self.mode, self.group, self.dtype = mode, group, dtype
+        # the parameter allgathers follow an explicit choice of the gradients' algorithm ("ring",
+        # "mpi"), so that one DataParallel(algorithm=...) decides the whole step's traffic
+        self.gather_algorithm = algorithm if algorithm in ALLGATHER.names() else "auto"
         self.slots = []
         self.transient = self.peak_transient = 0  # bytes of gathered parameters + whole gradient buckets
         # bytes this rank sends with the ring's volumes (every block but its own; compression/base.py's
@@ -145,7 +148,7 @@ class Sharder:
         s = self.slots[b.index]
         buf = s.pbuf if s.pbuf is not None else np.empty(b.size, self.dtype)
         buf[s.lo:s.hi] = s.pown
-        L.allgather_on(comm, buf, s.counts, s.displs)
+        L.allgather_on(comm, buf, s.counts, s.displs, self.gather_algorithm)
         self.sent["allgather"] += self._ring_bytes(s, b.size, comm)
         return buf
 

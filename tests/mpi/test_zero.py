@@ -87,6 +87,20 @@ def test_matches_one_process_on_the_global_batch(comm, mode, cls, kw):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("mode", MODES[1:])
+def test_ring_reduce_scatter_and_allgather(comm, mode):
+    """algorithm="ring" runs the gradients' reduce-scatter and the parameters' allgathers on the
+    ring (blocks of 0 or 1 element at 8 ranks included)."""
+    cls, kw = OPTIMIZERS[0]
+    want = reference(LOCAL_BATCH * comm.Get_size(), cls, kw)
+    ddp, _ = train(comm, mode, cls, kw, algorithm="ring", bucket_mb=0.0003)
+    assert ddp._zero.gather_algorithm == "ring"
+    got = ddp.full_state_dict()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", MODES[1:])
 def test_no_sync_accumulates_micro_batches(comm, mode):
     cls, kw = OPTIMIZERS[1]
     want = reference(LOCAL_BATCH * comm.Get_size(), cls, kw, micro=2)
@@ -332,10 +346,25 @@ def test_full_units_in_another_order_still_pair_and_a_unit_twice_in_backward_is_
     x = np.random.default_rng(1).standard_normal((2, 3))
     want = make(Backwards).forward(x)
     ddp = dt.DataParallel(make(Backwards), shard="full")
+    ddp.make_optimizer(optim.SGD, lr=0.1)
     np.testing.assert_allclose(ddp.forward(x), want, rtol=1e-14)
     ddp.backward(np.ones_like(want))
     ddp = dt.DataParallel(make(Twice), shard="full")
+    ddp.make_optimizer(optim.SGD, lr=0.1)
     ddp.forward(x)
     with pytest.raises((RuntimeError, CollectiveError), match="ran twice|rank"):
         ddp.backward(np.ones_like(want))
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_training_without_make_optimizer_is_refused_on_every_rank(comm, mode):
+    """An optimizer over model.parameters() would never see the averaged gradients (they go to the
+    owned shards): the first backward refuses on every rank instead of training on nothing."""
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, shard=mode)
+    loss.forward(ddp.forward(np.ones((2, SIZES[0]))), np.zeros(2, int))
+    with pytest.raises((RuntimeError, CollectiveError), match="make_optimizer|rank"):
+        ddp.backward(loss.backward())
     comm.Barrier()
