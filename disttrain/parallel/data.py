@@ -24,6 +24,7 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
@@ -111,6 +112,9 @@ class DataParallel:
         problem = ZR.problems(shard, self.params, dtype, self.compressor, algorithm) if isinstance(shard, str) else (
             f"DataParallel: shard must be one of {list(ZR.SHARD_MODES)}, got {shard!r}")
         units = top_units(model) if shard in ("gradients", "full") else []
+        if any(isinstance(vars(u).get("backward"), functools.partial) for u in units):
+            problem = problem or ("DataParallel: this model's units are already driven by another sharded "
+                                  "DataParallel; build a new model (or keep using that DataParallel)")
         if units:  # one bucket per unit, in backward order (FSDP's flat parameter per wrapped module)
             groups = [[p for p in reversed(u.parameters()) if p.replicated] for u in reversed(units)]
         else:

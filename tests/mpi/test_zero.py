@@ -368,3 +368,11 @@ def test_training_without_make_optimizer_is_refused_on_every_rank(comm, mode):
     with pytest.raises((RuntimeError, CollectiveError), match="make_optimizer|rank"):
         ddp.backward(loss.backward())
     comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_a_model_sharded_twice_is_refused(comm):
+    model = MLP(SIZES, dtype=np.float64)
+    dt.DataParallel(model, shard="full")
+    with pytest.raises(CollectiveError, match="already driven"):
+        dt.DataParallel(model, shard="gradients")
