@@ -288,9 +288,6 @@ def _validate(c: TrainConfig) -> None:
                             "--shard none")
         if c.pp > 1:
             problems.append("--shard with pipeline parallelism (--pp > 1) is not supported yet; use --pp 1")
-        if c.optimizer == "lamb":
-            problems.append("--optimizer lamb needs whole-tensor norms; --shard gives each rank a slice: use adam/sgd "
-                            "or --shard none")
         if c.shard != "optimizer" and c.compression != "none":
             problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
                             "optimizer with --compression, or --compression none")

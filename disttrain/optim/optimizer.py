@@ -8,7 +8,8 @@ from .. import timeline
 
 class Optimizer:
     #: True when the update of a parameter needs quantities of the whole tensor (LAMB's norms): a
-    #: ZeRO-sharded DataParallel, whose ranks each hold a slice, refuses such an optimizer.
+    #: ZeRO-sharded DataParallel, whose ranks each hold a slice, refuses such an optimizer unless it
+    #: takes the sums of partial norms through a ``norm_sums`` attribute (as LAMB does).
     whole_tensor_update = False
 
     def __init__(self, params, lr: float):

@@ -24,7 +24,11 @@ both harmless, and forgetting one cannot mix steps.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
+from .. import comm as C
 
 from ..comm import lowlevel as L
 from ..comm.registry import ALLGATHER, REDUCE_SCATTER
@@ -187,16 +191,28 @@ class Sharder:
 # --------------------------------------------------------------- DataParallel's sharding API
 def make_optimizer(ddp, cls, options: dict):
     """DataParallel.make_optimizer."""
-    if ddp.shard != "none" and getattr(cls, "whole_tensor_update", False):
-        raise ValueError(f"DataParallel.make_optimizer: {cls.__name__} needs whole-tensor quantities (LAMB's "
-                         f"trust-ratio norms), but shard={ddp.shard!r} gives each rank a slice; use shard='none' "
-                         "or another optimizer")
+    exact = hasattr(cls, "norm_sums")  # whole-tensor norms from partial sums (LAMB)
+    if ddp.shard != "none" and getattr(cls, "whole_tensor_update", False) and not exact:
+        raise ValueError(f"DataParallel.make_optimizer: {cls.__name__} needs whole-tensor quantities and takes no "
+                         f"partial sums (norm_sums), but shard={ddp.shard!r} gives each rank a slice; use "
+                         "shard='none' or another optimizer")
     if ddp._zero is None:
         return cls(ddp.model.parameters(), **options)
-    opt = cls(ddp._zero.owned() + [p for p in ddp.model.parameters() if not p.replicated], **options)
+    owned = ddp._zero.owned()
+    opt = cls(owned + [p for p in ddp.model.parameters() if not p.replicated], **options)
+    if exact:  # the owned slices' squared norms summed over the group: the whole tensors' (same order everywhere)
+        opt.norm_sums = functools.partial(_norm_sums, len(owned), ddp.group)
     if ddp.shard != "full":
         opt.register_step_post_hook(lambda: ddp._zero.gather_all(ddp))
     return opt
+
+
+def _norm_sums(n: int, group, sq: np.ndarray) -> np.ndarray:
+    """Sum the first `n` rows (the ZeRO slices, one per global parameter on every rank) over the
+    group; the rest (non-replicated parameters) are this rank's own tensors."""
+    out = sq.copy()
+    out[:n] = C.allreduce(np.ascontiguousarray(sq[:n]), group=group)
+    return out
 
 
 def full_state_dict(ddp) -> dict:

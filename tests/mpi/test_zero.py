@@ -10,7 +10,8 @@ from disttrain_zoo.mlp import MLP
 # uneven sizes; the 1-element bias and 3-element ones are smaller than most process counts
 LOCAL_BATCH, STEPS, SIZES = 3, 5, [5, 11, 1, 3]
 MODES = ["none", "optimizer", "gradients", "full"]
-OPTIMIZERS = [(optim.Adam, dict(lr=1e-2, weight_decay=1e-3)), (optim.SGD, dict(lr=0.1, momentum=0.9))]
+OPTIMIZERS = [(optim.Adam, dict(lr=1e-2, weight_decay=1e-3)), (optim.SGD, dict(lr=0.1, momentum=0.9)),
+              (optim.LAMB, dict(lr=1e-2))]
 
 
 def data(n, micro=1):
@@ -63,7 +64,7 @@ def assert_same_everywhere(comm, state):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=["adam", "sgd"])
+@pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=["adam", "sgd", "lamb"])  # LAMB: norms from partial sums
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_one_process_on_the_global_batch(comm, mode, cls, kw):
     want = reference(LOCAL_BATCH * comm.Get_size(), cls, kw)
@@ -228,9 +229,12 @@ def test_a_rank_that_raises_in_backward_makes_every_rank_raise(comm, mode):
 
 @pytest.mark.mpi
 def test_refusals_are_raised_on_every_rank(comm):
+    class WholeTensors(optim.SGD):  # needs whole tensors and offers no partial sums
+        whole_tensor_update = True
+
     model = MLP(SIZES, dtype=np.float64)
     with pytest.raises(ValueError, match="whole-tensor"):
-        dt.DataParallel(model, shard="optimizer").make_optimizer(optim.LAMB, lr=1e-3)
+        dt.DataParallel(model, shard="optimizer").make_optimizer(WholeTensors, lr=1e-3)
     with pytest.raises(CollectiveError, match="shard must be one of"):
         dt.DataParallel(MLP(SIZES, dtype=np.float64), shard="zero3")
     with pytest.raises(CollectiveError, match="needs the full gradient"):
