@@ -37,6 +37,9 @@ from ..runtime import rank as world_rank
 from .zero import freed
 
 
+IN_FLIGHT = 2  # whole gradient buckets allowed to wait for their reduce-scatter at once
+
+
 def top_units(model) -> list:
     """The model's units in forward order: its top-level children that hold replicated
     parameters, or [model] when the model has replicated parameters of its own."""
@@ -170,9 +173,21 @@ class Units:
         """Unit i's whole gradient bucket, allocated when its backward first needs it."""
         b = self.bucket[i]
         if b.buffer is None:
+            self._limit_in_flight()
             b.buffer = np.zeros(b.size, self.ddp._zero.dtype)
             self.ddp._attach_grads(b)
             self._account()
+
+    def _limit_in_flight(self) -> None:
+        """FSDP's rate limiter: while IN_FLIGHT whole gradient buckets still wait for their
+        reduce-scatter, wait for the oldest before allocating another - backward would otherwise
+        outrun the communication and hold many units' whole gradients at once."""
+        pending = [h for op, h in self.handles.items() if op[0] == "RS" and not h.test()]
+        for h in pending[:max(0, len(pending) - IN_FLIGHT + 1)]:
+            try:
+                self._wait(h)
+            except Exception:  # noqa: BLE001 - raised when the step drains its handles
+                pass
 
     def _account(self) -> None:
         z = self.ddp._zero

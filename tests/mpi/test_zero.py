@@ -5,6 +5,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn, optim
 from disttrain.comm import CollectiveError
+from disttrain.parallel.units import IN_FLIGHT
 from disttrain_zoo.mlp import MLP
 
 # uneven sizes; the 1-element bias and 3-element ones are smaller than most process counts
@@ -128,6 +129,8 @@ def test_memory_and_shards_scale_as_promised(comm, mode):
     if mode in ("gradients", "full"):
         assert sum(m["gradients"] for m in everyone) == total
         assert mem["transient"] == 0 and mem["peak_transient"] > 0
+        # whole gradients of at most IN_FLIGHT units waiting for their reduce-scatter + the one running
+        assert mem["peak_transient"] <= (IN_FLIGHT + 1 + (mode == "full") * 2) * max(b.size for b in ddp.buckets) * 8
     else:
         assert mem["gradients"] >= total
     if mode == "full":
