@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import nn, zoo
-from .data import Batcher, DistributedSampler, load, text
+from .data import Batcher, DistributedSampler, clicks, load, text
 from .registry import Registry
 
 
@@ -253,9 +253,6 @@ class ClickPrediction(_FixedBatch):
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
         DLRM = zoo.model("dlrm")
-
-        from .data import clicks
-
         if cfg.dataset != "clicks":
             raise ValueError(f"model dlrm trains on dataset 'clicks', got {cfg.dataset!r}")
         dim, bottom, top = _int_list(cfg.hidden, 3, "dlrm", "DIM,BOTTOM,TOP (e.g. 16,64,64)")

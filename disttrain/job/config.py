@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import tomllib
 from dataclasses import dataclass, field
 
 
@@ -213,8 +214,6 @@ def _read_config_file(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             if path.endswith(".toml"):
-                import tomllib
-
                 d = tomllib.load(f)
             else:
                 d = json.load(f)
