@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,6 +48,21 @@ def save(out: str, meta: dict, rows: list[dict], tables: dict | None = None) -> 
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out}.json, {out}.csv", file=sys.stderr)
+
+
+def timed_steps(world, ddp, opt, loss_fn, x, y, n: int) -> list:
+    """Seconds of each of `n` training steps on (x, y), each timed alone after a barrier of the
+    world communicator `world` (the median is not smeared by a neighbour's stall)."""
+    times = []
+    for _ in range(n):
+        world.Barrier()
+        t = time.perf_counter()
+        loss_fn.forward(ddp.forward(x), y)
+        ddp.backward(loss_fn.backward())
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def add_output_args(ap, name: str) -> None:

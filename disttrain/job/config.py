@@ -51,6 +51,8 @@ class TrainConfig:
     algorithm: str = _opt("auto", "gradient allreduce algorithm (auto: the cost model picks)",
                           ["auto", "ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"])
     compression: str = _opt("none", "gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK")
+    shard: str = _opt("none", "ZeRO sharding over the data-parallel ranks: none | optimizer (ZeRO-1) | gradients "
+                      "(ZeRO-2) | full (ZeRO-3 / FSDP)", ["none", "optimizer", "gradients", "full"])
     bucket_mb: float = _opt(25.0, "gradient bucket size in MiB (allreduce granularity); finite, > 0")
     overlap: bool = _opt(True, "overlap gradient allreduces with backward (--no-overlap: after backward)")
     log_every: int = _opt(50, "log a progress line and a metrics record every N steps; >= 1")
@@ -280,6 +282,17 @@ def _validate(c: TrainConfig) -> None:
                         "or use --pp 1 --tp 1")
     if c.model == "dlrm" and (c.checkpoint_dir or c.resume):
         problems.append("checkpoints of sharded-embedding runs (model dlrm) are not supported yet")
+    if c.shard not in ("none", "optimizer", "gradients", "full"):
+        problems.append(f"shard must be one of none, optimizer, gradients, full (got {c.shard!r})")
+    elif c.shard != "none":
+        if c.checkpoint_dir or c.resume:
+            problems.append("checkpoints of sharded (--shard) runs are not supported yet; drop --checkpoint-dir or use "
+                            "--shard none")
+        if c.pp > 1:
+            problems.append("--shard with pipeline parallelism (--pp > 1) is not supported yet; use --pp 1")
+        if c.shard != "optimizer" and c.compression != "none":
+            problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
+                            "optimizer with --compression, or --compression none")
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS

@@ -16,6 +16,10 @@ from ..nn.sparse import RowSparseGrad
 class Optimizer:
     #: True when the optimizer can apply row-sparse gradients (``_update_rows``)
     sparse = False
+    #: True when the update of a parameter needs quantities of the whole tensor (LAMB's norms): a
+    #: ZeRO-sharded DataParallel, whose ranks each hold a slice, refuses such an optimizer unless it
+    #: takes the sums of partial norms through a ``norm_sums`` attribute (as LAMB does).
+    whole_tensor_update = False
 
     def __init__(self, params, lr: float):
         self.params = list(params)
@@ -38,6 +42,7 @@ class Optimizer:
         self.lr = lr
         self.state: dict = {}  # parameter name -> {buffer name: array}; keyed by stable names
         self.steps = 0
+        self._post_step_hooks: list = []
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -52,6 +57,13 @@ class Optimizer:
                     self._update_rows(p, st, p.grad)
                 else:
                     self._update(p, st)
+        for fn in self._post_step_hooks:
+            fn()
+
+    def register_step_post_hook(self, fn) -> None:
+        """Call ``fn()`` at the end of every ``step()`` (as torch.optim's hook of that name): a
+        sharded DataParallel gathers the updated slices there, so the model is whole again."""
+        self._post_step_hooks.append(fn)
 
     def _update(self, p, st: dict) -> None:
         raise NotImplementedError
