@@ -273,11 +273,6 @@ def _validate(c: TrainConfig) -> None:
                         f"and transformer; model {c.model} trains data-parallel only")
     if c.seq_len < 1:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
-    if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
-                        "or use --pp 1 --tp 1")
-    if c.model == "dlrm" and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of sharded-embedding runs (model dlrm) are not supported yet")
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if c.schedule not in SCHEDULES:

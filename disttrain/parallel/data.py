@@ -31,6 +31,7 @@ from ..compression import kernels as compression_kernels
 from .. import timeline
 from ..comm import kernels as comm_kernels
 from ..comm import lowlevel as L
+from ..nn import layout
 from ..nn.module import Module
 from ..runtime import as_group
 from ..runtime import rank as world_rank
@@ -301,6 +302,21 @@ class DataParallel:
 
     def parameters(self):
         return self.params
+
+    def parameter_shards(self) -> list:
+        """The model parameters this rank holds authoritatively, as ``nn.layout.Shard``s of the
+        global arrays (views of the live data): what a checkpoint writes and fills on load.
+
+        Without sharding, every parameter of the model through its layout (replicated ones too:
+        the checkpoint writes a region several ranks hold once).
+
+        Returns:
+            A list of Shard (global name, global shape, box, flat range or None, data view).
+
+        Example:
+            >>> [(s.name, s.box) for s in ddp.parameter_shards()]
+        """
+        return [s for p in self.model.parameters() for s in layout.shards(p)]
 
     @property
     def wire_stats(self) -> dict:
