@@ -32,23 +32,37 @@ def _layout(g, ddp, lay) -> dict:
     return dict(out, **(lay or {}))
 
 
-def save(directory: str, step: int, *, model=None, optimizer=None, schedule=None, ddp=None, extra=None,
-         layout=None, per_rank=None, group=None) -> str:
-    """:func:`save_checkpoint` plus `per_rank` (this rank's JSON record, kept per writer rank)."""
-    g = as_group(group)
+def _collect(g, model, optimizer, schedule, ddp, extra, layout) -> tuple[list, dict]:
+    """(this rank's shards, the manifest fields) of the state to save."""
     model = model if model is not None or ddp is None else ddp.model
     shards = state.model_shards(model, ddp)
     lay = _layout(g, ddp, layout)
     rec = {"extra": extra or {}, "layout": lay}
     if optimizer is not None:
-        buffers = sorted({b for bs in g.comm.allgather(state.optimizer_buffers(optimizer)) for b in bs})
-        shards += state.optimizer_shards(optimizer, buffers)[0]
-        rec["optimizer"] = state.optimizer_record(optimizer, buffers)
+        shards += state.optimizer_shards(optimizer)[0]
+        rec["optimizer"] = state.optimizer_record(optimizer, state.optimizer_buffers(optimizer))
     if schedule is not None:
         rec["schedule"] = schedule.state_dict()
     if ddp is not None:
         shards += state.compressor_shards(ddp.compressor.state_dict(), g.rank)
         rec["compressor"] = state.compressor_record(ddp.compressor, g.size, lay)
+    return shards, rec
+
+
+def save(directory: str, step: int, *, model=None, optimizer=None, schedule=None, ddp=None, extra=None,
+         layout=None, per_rank=None, group=None) -> str:
+    """:func:`save_checkpoint` plus `per_rank` (this rank's JSON record, kept per writer rank)."""
+    g = as_group(group)
+    shards, rec, err = [], {}, None
+    try:  # a local mistake (no model, a layout that is not a view, ...) must raise on every rank
+        shards, rec = _collect(g, model, optimizer, schedule, ddp, extra, layout)
+    except (ValueError, TypeError, AttributeError) as e:
+        err = CheckpointError(f"checkpoint {manifest.dir_for(directory, step)} could not be written: {e}")
+    reader.agree(g.comm, err)
+    # the buffer names every rank's optimizer has (a rank holding no parameter has none)
+    everyone = g.comm.allgather(rec.get("optimizer", {}).get("buffers"))
+    if "optimizer" in rec:
+        rec["optimizer"]["buffers"] = sorted({b for bs in everyone if bs for b in bs})
     return writer.write(g.comm, directory, step, shards, rec, per_rank)
 
 

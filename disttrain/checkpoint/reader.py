@@ -16,11 +16,12 @@ import os
 
 import numpy as np
 
+from ..nn.layout import Shard, whole
 from . import files, regions
 from .manifest import CheckpointError, CorruptCheckpoint
 
 
-class _Entries:
+class Entries:
     """The manifest's entries by global name, mapped (and checksum-verified) on first use."""
 
     def __init__(self, ckpt: str, record: dict):
@@ -55,7 +56,7 @@ def _region(e: dict) -> tuple:
     return tuple(tuple(b) for b in e["box"]), tuple(e["flat"]) if e["flat"] is not None else None
 
 
-def _fill_one(entries: _Entries, record: dict, s) -> np.ndarray:
+def _fill_one(entries: Entries, record: dict, s) -> np.ndarray:
     """A scratch copy of live shard `s` filled from the checkpoint; CheckpointError if it cannot be."""
     info = record["arrays"].get(s.name)
     if info is None:
@@ -84,13 +85,21 @@ def _fill_one(entries: _Entries, record: dict, s) -> np.ndarray:
     return buf
 
 
+def whole_array(entries: Entries, record: dict, name: str) -> np.ndarray:
+    """Global array `name` assembled from every entry that holds a part of it (one process: the
+    command line's convert)."""
+    info = record["arrays"][name]
+    return _fill_one(entries, record, Shard(name, tuple(info["shape"]), whole(info["shape"]), None,
+                                            np.empty(info["shape"], info["dtype"])))
+
+
 def agree(comm, err: BaseException | None) -> None:
     """Raise on every rank of `comm` the lowest failing rank's error (its class and message)."""
     mine = None if err is None else (isinstance(err, CorruptCheckpoint), str(err))
     for r, got in enumerate(comm.allgather(mine)):
         if got is not None:
             corrupt, msg = got
-            msg = msg if r == comm.rank or comm.size == 1 else f"{msg} (on rank {r})"
+            msg = msg if comm.size == 1 else f"{msg} (found on rank {r})"  # the same text on every rank
             raise (CorruptCheckpoint if corrupt else CheckpointError)(msg)
 
 
@@ -98,7 +107,7 @@ def fill(comm, ckpt: str, record: dict, shards: list) -> None:
     """Collective: fill every rank's live `shards` in place from checkpoint directory `ckpt`
     (its verified manifest `record`), or raise the same CheckpointError (CorruptCheckpoint for a
     damaged checkpoint) on every rank with nothing changed."""
-    entries, bufs, err = _Entries(ckpt, record), [], None
+    entries, bufs, err = Entries(ckpt, record), [], None
     try:
         bufs = [_fill_one(entries, record, s) for s in shards]
     except CheckpointError as e:

@@ -23,9 +23,13 @@ OPT, COMP = "optimizer/", "compressor/"
 
 
 def model_shards(model=None, ddp=None) -> list:
+    """The model's shards: a Module, or a list of Parameters; with a DataParallel, its own."""
     if ddp is not None:
         return ddp.parameter_shards()
-    return [s for p in model.parameters() for s in layout.shards(p)]
+    if model is None:
+        raise ValueError("a checkpoint needs model= or ddp=")
+    params = model.parameters() if hasattr(model, "parameters") else list(model)
+    return [s for p in params for s in layout.shards(p)]
 
 
 def optimizer_buffers(opt) -> list:

@@ -2,8 +2,8 @@
 
 1. Every rank announces what it holds (name, shape, dtype, region) - a small allgather. A region
    several ranks hold (replicated parameters, tensor-parallel replicated biases, ...) is written
-   by the lowest of them: a decision every rank computes from the same list, so it is identical
-   everywhere without further messages. Shapes or dtypes of one name that differ between ranks
+   once, by one of them, balancing bytes over the holders: a decision every rank computes from the
+   same list, so it is identical everywhere without further messages. Shapes or dtypes of one name that differ between ranks
    are an error on every rank.
 2. Rank 0 creates ``step-N.tmp-<host>-<pid>-<rand>/`` (after removing dead writers'
    temporaries) and broadcasts its name; each rank writes ``rank-R.bin`` there and fsyncs it.
@@ -36,18 +36,30 @@ def _describe(s) -> tuple:
 def _plan(comm, shards: list) -> tuple[list, dict, str | None]:
     """(the shards this rank writes, {name: {shape, dtype}}, error): identical on every rank."""
     everyone = comm.allgather([_describe(s) for s in shards])
-    owner, arrays, err = {}, {}, None
+    holders, nbytes, arrays, err = {}, {}, {}, None
     for r, descs in enumerate(everyone):
         for name, box, flat, shape, dtype in descs:
-            owner.setdefault((name, box, flat), r)
+            k = (name, box, flat)
+            if r not in holders.setdefault(k, []):
+                holders[k].append(r)
+            size = (flat[1] - flat[0]) if flat else int(np.prod([b - a for a, b in box], dtype=np.int64))
+            nbytes[k] = size * np.dtype(dtype).itemsize
             a = arrays.setdefault(name, {"shape": list(shape), "dtype": np.dtype(dtype).name})
             if (a["shape"], a["dtype"]) != (list(shape), np.dtype(dtype).name) and err is None:
                 err = (f"global array {name!r} is {a['dtype']}{tuple(a['shape'])} on one rank but "
                        f"{np.dtype(dtype).name}{shape} on rank {r}: the ranks disagree about the model")
-    me, seen, mine = comm.rank, set(), []
+    # Each region is written once, by one of its holders: largest first, to the holder with the
+    # fewest bytes so far - so replicated data-parallel state is written by all ranks in parallel,
+    # not all by rank 0. Every rank computes this from the same gathered list: the same owners.
+    load, owner = [0] * comm.size, {}
+    for k in sorted(holders, key=lambda k: (-nbytes[k], str(k))):
+        r = min(holders[k], key=lambda r: (load[r], r))
+        owner[k] = r
+        load[r] += nbytes[k]
+    seen, mine = set(), []
     for s in shards:
         k = _key(s)
-        if owner[k] == me and k not in seen:
+        if owner[k] == comm.rank and k not in seen:
             seen.add(k)
             mine.append(s)
     return mine, arrays, err
