@@ -237,3 +237,16 @@ def test_new_directories_and_the_renamed_entry_are_fsynced(tmp_path, monkeypatch
     # the new directory's parent; the written checkpoint (manifest last) before its rename; the parent after
     assert synced == [str(tmp_path), tmp[0], str(target)] and len(tmp) == 1, synced
     assert os.path.isdir(path)
+
+
+def test_single_file_checkpoints_of_earlier_versions_are_refused_with_a_message(tmp_path):
+    from disttrain.checkpoint import api
+
+    class Group:
+        rank, size, comm = 0, 1, SelfComm()
+
+    single.save(str(tmp_path / "ckpt-00000010.npz"), ARRAYS, {"step": 10})
+    with pytest.raises(CheckpointError, match=r"single-file checkpoints of an earlier disttrain \(ckpt-00000010.npz\)"):
+        api._where(Group(), str(tmp_path), None, print)
+    path = _write(tmp_path, 12)
+    assert api._where(Group(), str(tmp_path), None, print) == [path]

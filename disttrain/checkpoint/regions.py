@@ -6,9 +6,10 @@ range; a live region's array (``Shard.data``) has the same convention. ``copy_ov
 whatever elements the two have in common into the live array and marks them in a coverage mask,
 so that the reader can prove every live element was filled (and name the first one that was not).
 
-The two common cases are plain slice copies: box/box (tensor-parallel blocks, embedding rows,
-whole arrays) and range/range within the same box (ZeRO ranges of one parameter, resharded to
-another rank count). Every other combination (a ZeRO range of a tensor-parallel block read from
+The common cases are plain slice copies: box/box (tensor-parallel blocks, embedding rows,
+whole arrays), range/range within the same box (ZeRO ranges of one parameter, resharded to
+another rank count), and a range against a block of whole rows of its box (ZeRO ranges <->
+row blocks or whole arrays: whole rows are one range of the flattening). Every other combination (a ZeRO range of a tensor-parallel block read from
 whole arrays, ...) goes through global element indices, a bounded chunk of rows at a time.
 """
 from __future__ import annotations
@@ -56,6 +57,14 @@ def copy_overlap(dst_box, dst_flat, dst: np.ndarray, dst_covered: np.ndarray,
         dst[dsl] = src[ssl]
         dst_covered.reshape(dst.shape)[dsl] = True
         return int(np.prod([e - s for s, e in box], dtype=np.int64))
+    if dst_flat is None and src_flat is not None and _whole_rows(dst_box, src_box):
+        # a block of whole rows is a range of the other box's flattening: range/range
+        a, b = dst_box[0]
+        dst_flat, dst, dst_covered, dst_box = _rows_range(box, src_box), dst[box[0][0] - a:box[0][1] - a].reshape(-1), \
+            dst_covered.reshape(b - a, -1)[box[0][0] - a:box[0][1] - a].reshape(-1), src_box
+    elif src_flat is None and dst_flat is not None and _whole_rows(src_box, dst_box):
+        a = src_box[0][0]
+        src_flat, src, src_box = _rows_range(box, dst_box), src[box[0][0] - a:box[0][1] - a].reshape(-1), dst_box
     if dst_flat is not None and src_flat is not None and tuple(dst_box) == tuple(src_box):
         lo, hi = max(dst_flat[0], src_flat[0]), min(dst_flat[1], src_flat[1])
         if lo >= hi:
@@ -64,6 +73,18 @@ def copy_overlap(dst_box, dst_flat, dst: np.ndarray, dst_covered: np.ndarray,
         dst_covered[lo - dst_flat[0]:hi - dst_flat[0]] = True
         return hi - lo
     return _copy_general(box, dst_box, dst_flat, dst, dst_covered, src_box, src_flat, src)
+
+
+def _whole_rows(block: tuple, outer: tuple) -> bool:
+    """Whether `block` spans `outer`'s full extent in every dimension but the first (then any
+    rows of it are one contiguous range of outer's C-order flattening)."""
+    return tuple(block[1:]) == tuple(outer[1:])
+
+
+def _rows_range(rows: tuple, outer: tuple) -> tuple:
+    """The range of `outer`'s flattening that the whole rows `rows` (a box) occupy."""
+    per_row = int(np.prod([e - s for s, e in outer[1:]], dtype=np.int64))
+    return ((rows[0][0] - outer[0][0]) * per_row, (rows[0][1] - outer[0][0]) * per_row)
 
 
 def _linear(grids, box, origin) -> np.ndarray:
