@@ -143,6 +143,12 @@ def test_failed_write_removes_its_temporary_directory_on_every_path(tmp_path, mo
     assert _names(tmp_path) == ["step-00000010"], _names(tmp_path)
 
 
+def test_metadata_json_cannot_encode_is_an_error_not_a_stranded_rank(tmp_path):
+    with pytest.raises(CheckpointError, match="could not be written: TypeError"):
+        writer.write(SelfComm(), str(tmp_path), 1, [_shard(np.zeros(3))], {"extra": {"x": object()}})
+    assert _names(tmp_path) == [], _names(tmp_path)
+
+
 def test_the_same_step_written_again_replaces_the_checkpoint(tmp_path):
     _write(tmp_path, 4)
     path = _write(tmp_path, 4, np.full((2, 3), 7.0))

@@ -106,6 +106,8 @@ def _one_of_rank0(g, fn):
             res = fn()
         except CheckpointError as e:
             err = e
+        except Exception as e:  # noqa: BLE001 - the other ranks wait in the broadcast: they must hear of it
+            err = CheckpointError(f"{type(e).__name__}: {e}")
     out = g.comm.bcast((res, None if err is None else (isinstance(err, CorruptCheckpoint), str(err))), root=0)
     if out[1]:
         raise (CorruptCheckpoint if out[1][0] else CheckpointError)(out[1][1])
@@ -156,8 +158,8 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
                      f"{saved['world_size']} ranks, layout {saved['layout']}) does not fit this run "
                      f"({want['spec']!r}, {want['world_size']} ranks, layout {want['layout']}); error-feedback "
                      "residuals start from zero")
-    except (CheckpointError, ValueError) as e:
-        err = e if isinstance(e, CheckpointError) else CheckpointError(f"checkpoint {path}: {e}")
+    except Exception as e:  # noqa: BLE001 - a manifest without a field, a model without layouts, ...: agreed
+        err = e if isinstance(e, CheckpointError) else CheckpointError(f"checkpoint {path}: {type(e).__name__}: {e}")
     reader.agree(g.comm, err)
     reader.fill(g.comm, path, rec, shards)
     if optimizer is not None:
@@ -170,8 +172,10 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
 
 def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None, step=None, layout=None,
          group=None, check=None, warn=None) -> Loaded:
-    """:func:`load_checkpoint`, returning everything found (a :class:`Loaded`). `check(record)`
-    may raise ValueError to refuse a checkpoint before anything is read into the live state."""
+    """:func:`load_checkpoint`, returning everything found (a :class:`Loaded`). `check(path,
+    record)` (called on every rank with the verified manifest) may raise ValueError to refuse a
+    checkpoint before anything is read into the live state; `warn` gets the fallback and
+    compressor warnings (default: disttrain's log, rank 0)."""
     g = as_group(group)
     warn = warn or log.logger.warning
     for path in _where(g, directory, step, warn):
@@ -181,8 +185,9 @@ def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None,
             if check is not None:
                 try:
                     check(path, rec)
-                except ValueError as e:
-                    err = e if isinstance(e, CheckpointError) else CheckpointError(str(e))
+                except Exception as e:  # noqa: BLE001 - ValueError refuses; anything else must not strand a rank
+                    err = e if isinstance(e, CheckpointError) else CheckpointError(
+                        str(e) if isinstance(e, ValueError) else f"checkpoint {path}: {type(e).__name__}: {e}")
             reader.agree(g.comm, err)
             _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn)
         except CorruptCheckpoint as e:

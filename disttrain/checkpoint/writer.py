@@ -122,7 +122,7 @@ def write(comm, directory: str, step: int, shards: list, record: dict, per_rank=
     if comm.rank == 0 and err is None:
         try:
             tmp = _start(directory, step)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
             err = f"{type(e).__name__}: {e}"
     tmp, err = comm.bcast((tmp, err), root=0)
     if err:
@@ -130,7 +130,7 @@ def write(comm, directory: str, step: int, shards: list, record: dict, per_rank=
     entries, frec, werr = [], None, None
     try:
         entries, frec = _write_shards(tmp, comm.rank, mine)
-    except (OSError, ValueError) as e:  # full disk, quota, a vanished directory, ...
+    except Exception as e:  # noqa: BLE001 - full disk, quota, a vanished directory, ...: agreed below
         werr = f"rank {comm.rank}: {type(e).__name__}: {e}"
     gathered = comm.gather((entries, frec, werr, per_rank), root=0)
     final = None
@@ -144,7 +144,7 @@ def write(comm, directory: str, step: int, shards: list, record: dict, per_rank=
                        files={manifest.shard_file(g[1]["rank"]): g[1] for g in gathered if g[1]},
                        per_rank=[g[3] for g in gathered])
             final = _publish(directory, step, tmp, rec)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - an OSError, or metadata JSON cannot encode: agreed below
             err = f"{type(e).__name__}: {e}" if not errs else "; ".join(errs)
             files.remove_quietly(tmp)
     final, err = comm.bcast((final, err), root=0)
