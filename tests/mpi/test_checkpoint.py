@@ -234,13 +234,15 @@ def test_damaged_or_missing_file_on_one_rank_raises_everywhere_and_falls_back(co
             else:
                 os.truncate(path, os.path.getsize(path) - 1)
         comm.Barrier()
-        h = Holder("cols", dt.world())
-        opt = optim.SGD(_unique(h), lr=1.0, momentum=0.9)  # every entry is read by some rank
-        before = [q.data.copy() for q in h.params]
-        msg = _same_error_everywhere(comm, lambda: dt.load_checkpoint(newest, model=h, optimizer=opt),
-                                     CorruptCheckpoint)
-        assert victim in msg, msg
-        assert all(np.array_equal(a, q.data) for a, q in zip(before, h.params))  # nothing changed
+        # columns: every rank reads every row block; rows: (mostly) only the rank whose rows are damaged
+        for scheme in ("cols", "rows"):
+            h = Holder(scheme, dt.world())
+            opt = optim.SGD(_unique(h), lr=1.0, momentum=0.9)  # every entry is read by some rank
+            before = [q.data.copy() for q in h.params]
+            msg = _same_error_everywhere(comm, lambda: dt.load_checkpoint(newest, model=h, optimizer=opt),
+                                         CorruptCheckpoint)
+            assert victim in msg, msg
+            assert all(np.array_equal(a, q.data) for a, q in zip(before, h.params))  # nothing changed
         warned = []
         got = checkpoint.load(d, model=h, optimizer=opt, warn=warned.append)  # the directory: the previous one is used
         assert got.step == 1 and any("skipping" in w and victim in w for w in warned), warned
