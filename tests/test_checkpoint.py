@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from disttrain.checkpoint import files, manifest, reader, single, writer
+from disttrain.checkpoint import api, files, manifest, reader, single, writer
 from disttrain.checkpoint.manifest import CheckpointError, CorruptCheckpoint
 from disttrain.nn.layout import Shard, whole
 
@@ -246,8 +246,6 @@ def test_new_directories_and_the_renamed_entry_are_fsynced(tmp_path, monkeypatch
 
 
 def test_single_file_checkpoints_of_earlier_versions_are_refused_with_a_message(tmp_path):
-    from disttrain.checkpoint import api
-
     class Group:
         rank, size, comm = 0, 1, SelfComm()
 

@@ -147,6 +147,8 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
                                       f"{type(optimizer).__name__}")
             more, new = state.optimizer_shards(optimizer, orec["buffers"])
             shards += more
+        if schedule is not None and "schedule" not in rec:
+            raise CheckpointError(f"checkpoint {path} holds no schedule state (it was saved without schedule=)")
         if ddp is not None:
             want = state.compressor_record(ddp.compressor, g.size, _layout(g, ddp, layout))
             saved = rec.get("compressor")
@@ -164,7 +166,7 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
     reader.fill(g.comm, path, rec, shards)
     if optimizer is not None:
         state.install(optimizer, rec["optimizer"], new)
-    if schedule is not None and "schedule" in rec:
+    if schedule is not None:
         schedule.load_state_dict(rec["schedule"])
     if comp is not None:
         ddp.compressor.load_state_dict(comp)

@@ -198,6 +198,8 @@ def test_every_optimizer_buffer_reshards(comm, where, opt_cls):
     want = ["momentum"] if opt_cls is optim.SGD else ["m", "v"]
     assert all(sorted(opt2.state[q.name]) == want for q in h2.params)
     _verify(h2, opt2)
+    with pytest.raises(CheckpointError, match="holds no schedule state"):
+        dt.load_checkpoint(d, model=h2, optimizer=opt2, schedule=optim.WarmupCosine(opt2, total_steps=5))
     with pytest.raises(CheckpointError, match="holds .* state, the optimizer is"):
         dt.load_checkpoint(d, model=h2, optimizer=(optim.SGD if opt_cls is not optim.SGD else optim.Adam)(
             h2.params or [Parameter(np.zeros(1), "x")], lr=1.0))
