@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 import signal
 
+from . import groups
+
 _hits: dict = {}
 
 
 def point(name: str) -> None:
     if os.environ.get("DISTTRAIN_FAULT_INJECT") != name:
         return
-    from .runtime import _world
-
-    if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != (_world.rank if _world is not None else 0):
+    w = groups.current()
+    if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != (w.rank if w is not None else 0):
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(os.environ.get("DISTTRAIN_FAULT_AT", "1")):

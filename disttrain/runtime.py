@@ -7,105 +7,38 @@ job that hangs with N-1 ranks waiting in a collective forever.
 """
 from __future__ import annotations
 
+import atexit
+import importlib.metadata
 import os
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 
-from . import log
+from . import flight, groups, log, mpi, stall, timeline
+from .comm import config, costmodel, shm, validate
+from .comm.engine import engine
+from .errors import CollectiveError
+from .groups import (Group, as_group, group_of, local_rank, local_size, rank, size,  # noqa: F401 (re-exported)
+                     thread_level_ok, world)
 from .log import logger
 
 _lock = threading.Lock()
-_world: "Group | None" = None
-_local = None  # node-local communicator (ranks sharing memory)
 
 
-@dataclass(eq=False)
-class Group:
-    """A set of ranks that run collectives together (``group=`` in every collective).
+def _release(g: Group) -> None:
+    """How a group's communicators go (Group.free): the cost model forgets them, the blocking one
+    is freed now, the asynchronous one on the communication thread after the work queued on it."""
+    comm, acomm = g.comm, g.async_comm
+    costmodel.forget(comm, acomm)
+    shm.forget(comm)
+    comm.Free()
 
-    Attributes:
-        ranks: world ranks of the members, in group-rank order.
-        rank: this process's rank in the group (-1 if it is not a member).
-        size: number of members.
-        comm: the MPI communicator for blocking collectives (a private duplicate, so disttrain's
-            messages never match a user's own point-to-point traffic).
-        async_comm: a second duplicate used only by the communication thread, so asynchronous and
-            blocking collectives in flight at the same time can never match each other's messages.
-        uid: a name for the group that is the same on every member ("w" for the world,
-            "<parent uid>.<n>:<color>" for the n-th split of a parent): keys the per-group call
-            sequence numbers of validation and the flight recorder.
+    def free_async():  # on the communication thread, after the work queued on the communicator
+        shm.forget(acomm)
+        acomm.Free()
 
-    ``free()`` (collective over the members) releases the communicators; ``with dt.new_group(r)
-    as g:`` frees on exit. A freed group is refused by every collective.
-    """
-
-    ranks: tuple
-    rank: int
-    size: int
-    comm: object = field(repr=False, default=None)
-    async_comm: object = field(repr=False, default=None)
-    uid: str = "w"
-    freed: bool = False
-    _splits: int = field(repr=False, default=0)
-
-    @property
-    def is_member(self) -> bool:
-        return self.comm is not None
-
-    def __repr__(self) -> str:
-        return f"Group(ranks={list(self.ranks)}, rank={self.rank}, size={self.size})"
-
-    def __enter__(self) -> "Group":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.free()
-        return False
-
-    def free(self) -> None:
-        """Release the group's communicators (collective over its members; idempotent).
-
-        Asynchronous collectives already submitted on the group finish first: the asynchronous
-        communicator is freed on the communication thread, in queue order."""
-        if self.freed:
-            return
-        if self is _world:
-            raise ValueError("the world group cannot be freed")
-        self.freed = True
-        if self.comm is None:
-            return
-        from .comm import costmodel
-        from .comm.engine import engine
-
-        comm, acomm = self.comm, self.async_comm
-        costmodel.forget(comm, acomm)
-        _by_handle.pop(comm.handle, None)
-        _by_handle.pop(acomm.handle, None)
-        comm.Free()
-        engine.call(acomm.Free, "free group")
-        self.comm = self.async_comm = None
-        self.rank = -1
-
-
-_by_handle: dict = {}  # MPI communicator handle -> Group (both of a group's communicators)
-
-
-def group_of(comm) -> "Group | None":
-    """The Group owning an MPI communicator (None for one disttrain did not create)."""
-    return _by_handle.get(comm.handle)
-
-
-def _mpi():
-    try:
-        from mpi4py import MPI  # imported lazily: `import disttrain` must stay cheap
-    except (ImportError, RuntimeError) as e:  # mpi4py's wheel found no MPI library to load
-        raise RuntimeError(f"disttrain: no usable MPI library ({e}). Install the embedded one with "
-                           "pip install 'disttrain[mpich]' (or pip install mpich), or a system MPI "
-                           "(README: Using a system MPI).") from e
-    return MPI
+    engine.call(free_async, "free group")
 
 
 def _check_launcher() -> None:
@@ -115,9 +48,7 @@ def _check_launcher() -> None:
     if "PMIX_RANK" not in env or "PMI_RANK" in env:
         return
     try:
-        from importlib.metadata import distribution
-
-        distribution("mpich")
+        importlib.metadata.distribution("mpich")
     except Exception:  # noqa: BLE001 - no MPICH wheel: the system MPI decides
         return
     raise RuntimeError("disttrain: this process was started by a PMIx launcher (Open MPI's mpirun, or srun "
@@ -137,75 +68,33 @@ def init() -> "Group":
         >>> import disttrain as dt
         >>> dt.init(); print(dt.rank(), dt.size())
     """
-    global _world, _local
-    if _world is not None:
-        return _world
+    if groups.current() is not None:
+        return groups.current()
     with _lock:
-        if _world is not None:
-            return _world
+        if groups.current() is not None:
+            return groups.current()
         _check_launcher()
-        MPI = _mpi()
+        MPI = mpi.MPI
         if not MPI.Is_initialized():
             MPI.Init_thread(MPI.THREAD_MULTIPLE)
         cw = MPI.COMM_WORLD
-        _local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
-        _world = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
-        _by_handle[_world.comm.handle] = _by_handle[_world.async_comm.handle] = _world
-        log.setup(_world.rank)
+        local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
+        w = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
+        groups.set_world(w, local)
+        log.setup(w.rank)
         _install_abort_hooks()
-        from .comm import config, costmodel
-
         try:
             config.load_from_env()
         except ValueError as e:  # the same environment everywhere: every rank raises the same error
-            from .comm.errors import CollectiveError
-
             raise CollectiveError(str(e)) from None
-        costmodel.ensure(_world.comm, _world.async_comm)
-        _warn_blas_threads()
-        from . import stall
-
+        costmodel.ensure(w.comm, w.async_comm)
+        _warn_blas_threads(local)
         if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
-            stall.start(_world)  # stall reports, notices, departures, signal -> job-wide abort
+            stall.start(w)  # stall reports, notices, departures, signal -> job-wide abort
         _install_finalize_hooks(MPI)
         if os.environ.get("DISTTRAIN_TIMELINE"):
-            from . import timeline
-
             timeline.start(os.environ["DISTTRAIN_TIMELINE"])
-    return _world
-
-
-def world() -> Group:
-    """The group of all ranks."""
-    return _world if _world is not None else init()
-
-
-def rank() -> int:
-    """This process's rank in the world."""
-    return world().rank
-
-
-def size() -> int:
-    """Number of ranks in the world."""
-    return world().size
-
-
-def local_rank() -> int:
-    """This process's rank among the ranks on the same host (shared-memory node)."""
-    world()
-    return _local.Get_rank()
-
-
-def local_size() -> int:
-    """Number of ranks on this host."""
-    world()
-    return _local.Get_size()
-
-
-def thread_level_ok() -> bool:
-    """True when MPI granted MPI_THREAD_MULTIPLE (needed for truly asynchronous collectives)."""
-    MPI = _mpi()
-    return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+    return w
 
 
 def new_group(ranks) -> Group:
@@ -220,8 +109,6 @@ def new_group(ranks) -> Group:
         >>> evens = dt.new_group(range(0, dt.size(), 2))
         >>> if evens.is_member: y = dt.allreduce(x, group=evens)
     """
-    from .comm import validate
-
     w = world()
     err = None
     try:
@@ -249,10 +136,7 @@ def split(parent: Group, color, key: int, ranks) -> Group:
     The asynchronous communicator is split on the communication thread, in queue order: an
     MPI_Comm_split is a collective on the parent's asynchronous communicator and must not run
     while that thread is inside another collective on it (it would match the wrong messages)."""
-    from .comm import costmodel
-    from .comm.engine import engine
-
-    MPI = _mpi()
+    MPI = mpi.MPI
     c = MPI.UNDEFINED if color is None else color
     comm = parent.comm.Split(c, key)
     acomm = engine.call(lambda: parent.async_comm.Split(c, key), "split")
@@ -261,16 +145,16 @@ def split(parent: Group, color, key: int, ranks) -> Group:
     if color is None:
         return Group(ranks, -1, len(ranks), None, None, uid=f"{parent.uid}.{parent._splits}:-", freed=False)
     g = Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm, uid=f"{parent.uid}.{parent._splits}:{color}")
-    _by_handle[comm.handle] = _by_handle[acomm.handle] = g
+    groups.register(g)
     costmodel.ensure(comm, acomm)
     return g
 
 
-def _warn_blas_threads() -> None:
+def _warn_blas_threads(local) -> None:
     """Several ranks on a host, each with a BLAS pool of one thread per core, oversubscribe the
     cores and make small GEMMs ~100x slower; say so once (launchers/local.sh sets the threads)."""
-    n = _local.Get_size()
-    if n > 1 and _local.Get_rank() == 0 and not any(
+    n = local.Get_size()
+    if n > 1 and local.Get_rank() == 0 and not any(
             os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")):
         share = max(1, (os.cpu_count() or 1) // n)
         logger.warning(f"{n} ranks share this host and no BLAS thread count is set; each BLAS may start "
@@ -280,14 +164,12 @@ def _warn_blas_threads() -> None:
 
 # -------------------------------------------------------------------------------- abort on error
 def _abort(kind: str, exc_type, exc, tb) -> None:
-    MPI = _mpi()
+    MPI = mpi.MPI
     r = MPI.COMM_WORLD.Get_rank() if MPI.Is_initialized() else "?"
     msg = "".join(traceback.format_exception(exc_type, exc, tb))
     sys.stderr.write(f"[disttrain] rank {r}: uncaught exception in {kind}; aborting all ranks\n{msg}")
     sys.stderr.flush()
     sys.stdout.flush()
-    from . import flight
-
     flight.dump_on_failure()
     time.sleep(0.2)  # the launcher forwards output asynchronously; an abort at once can drop it
     if MPI.Is_initialized() and not MPI.Is_finalized():
@@ -301,7 +183,7 @@ def _install_abort_hooks() -> None:
     prev = sys.excepthook
 
     def excepthook(exc_type, exc, tb):
-        if issubclass(exc_type, KeyboardInterrupt) and _mpi().COMM_WORLD.Get_size() == 1:
+        if issubclass(exc_type, KeyboardInterrupt) and mpi.MPI.COMM_WORLD.Get_size() == 1:
             return prev(exc_type, exc, tb)
         _abort("the main thread", exc_type, exc, tb)
 
@@ -328,16 +210,11 @@ def shutdown() -> None:
     if _shut:
         return
     _shut = True
-    from . import stall
-    from .comm.engine import engine
-
     engine.stop()
     stall.shutdown()
 
 
 def _install_finalize_hooks(MPI) -> None:
-    import atexit
-
     atexit.register(shutdown)
     keyval = MPI.Comm.Create_keyval(delete_fn=lambda *_: shutdown())
     MPI.COMM_SELF.Set_attr(keyval, 1)
@@ -364,13 +241,13 @@ def install_early_abort_hook() -> None:
         return
 
     def early(exc_type, exc, tb):
-        if _world is not None or issubclass(exc_type, KeyboardInterrupt):
+        if groups.current() is not None or issubclass(exc_type, KeyboardInterrupt):
             return sys.__excepthook__(exc_type, exc, tb)
         msg = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"[disttrain] rank {r}: uncaught exception before dt.init(); aborting all ranks\n{msg}")
         sys.stderr.flush()
         time.sleep(0.2)
-        MPI = _mpi()
+        MPI = mpi.MPI
         if not MPI.Is_finalized():
             MPI.COMM_WORLD.Abort(1)
         os._exit(1)
@@ -378,17 +255,4 @@ def install_early_abort_hook() -> None:
     sys.excepthook = early
 
 
-def as_group(group) -> Group:
-    """Resolve ``group=`` (None -> world); a non-member group is an error."""
-    if group is None:
-        return world()
-    if not isinstance(group, Group):
-        raise TypeError(f"group must be a disttrain Group or None, got {type(group).__name__}")
-    if not group.is_member:
-        from .comm.errors import CollectiveError
-
-        if group.freed:
-            raise CollectiveError(f"{group!r} was freed")
-        raise CollectiveError(f"this rank ({rank()}) is not a member of {group!r}")
-    return group
-
+groups.install(init, _release)

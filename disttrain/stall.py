@@ -27,7 +27,8 @@ import threading
 import time
 import traceback
 
-from . import flight, timeline
+from . import flight, groups, mpi, timeline
+from .errors import CollectiveError
 
 TAG_QUERY, TAG_REPLY, TAG_NOTICE = 31_001, 31_002, 31_003
 _inflight: dict = {}  # native thread id -> _Op running on that thread
@@ -176,7 +177,7 @@ def tracked(name: str):
             x = args[0] if args else kw.get("x")
             group = kw.get("group")
             try:
-                g = _resolve(group)
+                g = groups.as_group(group)
             except Exception as e:  # noqa: BLE001 - TypeError / CollectiveError from as_group
                 raise bad_group(group, name, e, "b", x) from None
             op = enter(name, x, group=g)
@@ -195,16 +196,6 @@ def tracked(name: str):
     return deco
 
 
-_as_group = None
-
-
-def _resolve(group):
-    global _as_group
-    if _as_group is None:
-        from .runtime import as_group  # runtime imports this module: bound on first use
-
-        _as_group = as_group
-    return _as_group(group)
 
 
 # ------------------------------------------------------------------------- failure notices
@@ -213,8 +204,6 @@ def bad_group(group, kind: str, err: Exception, lane: str, x=None):
     nobody waiting (its members do not expect this rank): a local CollectiveError. Otherwise (a
     freed group, or not a Group at all) the group's members may be waiting for this rank, which
     cannot agree on the error with them: it is announced to every rank (undeliverable)."""
-    from .comm.errors import CollectiveError
-
     uid = getattr(group, "uid", None)
     site = call_site()
     sig = _sig_of(kind, getattr(x, "shape", None), getattr(x, "dtype", None), site)
@@ -230,10 +219,8 @@ def undeliverable(msg: str, site: str = "?", gkey: str | None = None, sig: tuple
     the group, or the group is unusable): announced to every rank first, so that peers waiting
     for this rank raise too (validate.wait) instead of hanging. `gkey`: the group the call was
     meant for, when known. Returns the exception to raise."""
-    from .comm.errors import CollectiveError
-    from .runtime import _world
-
-    me = _world.rank if _world is not None else "?"
+    w = groups.current()
+    me = w.rank if w is not None else "?"
     full = f"rank {me}: {msg} (called at {site})"
     notify_failure(full, gkey, sig)
     return CollectiveError(full)
@@ -245,12 +232,10 @@ def notify_failure(msg: str, gkey: str | None = None, sig: tuple | None = None) 
     w = _watchdog
     if w is None or w.world.size == 1:
         return
-    from .runtime import _by_handle
-
     with _lock:
         done = dict(_done)
     # the groups this rank belongs to now: a notice never concerns a group created after it
-    uids = sorted({g.uid for g in list(_by_handle.values())})
+    uids = sorted({g.uid for g in groups.registered()})
     w.notify(("failed", msg, done, gkey, sig, uids))
 
 
@@ -328,8 +313,6 @@ def _check_peers(op: _Op) -> None:
         return
     why = _broken.get(_uid(op.gkey))
     if why:
-        from .comm.errors import CollectiveError
-
         _inflight.pop(threading.get_native_id(), None)
         op.state = "refused"
         raise CollectiveError(f"{op.name}: {why}")
@@ -356,8 +339,7 @@ def set_stall_timeout(seconds: float, shutdown_seconds: float | None = None) -> 
 
 def abort_job(msg: str, code: int = 1) -> None:
     """Print `msg`, dump the flight record, and abort every rank (MPI_Abort)."""
-    from mpi4py import MPI
-
+    MPI = mpi.MPI
     sys.stderr.write(msg if msg.endswith("\n") else msg + "\n")
     sys.stderr.flush()
     flight.dump_on_failure()
@@ -441,8 +423,7 @@ class Watchdog(threading.Thread):
 
     def _answer(self) -> None:
         global alarm
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         st = MPI.Status()
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_QUERY, status=st):
             self.comm.recv(source=st.Get_source(), tag=TAG_QUERY)
@@ -499,8 +480,7 @@ class Watchdog(threading.Thread):
 
     def _report(self, op: _Op) -> None:
         """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         me, p = self.world.rank, self.world.size
         for r in range(p):
             if r != me:
@@ -550,8 +530,7 @@ class Watchdog(threading.Thread):
         req = self.comm.Ibarrier()
         while not req.Test():
             time.sleep(0.005)
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         with _lock:
             sends = list(self._sends)
         MPI.Request.Waitall(sends)

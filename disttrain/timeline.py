@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+from . import groups
+
 #: the in-memory buffer's cap (events; about 200 bytes each) and the longest time between writes
 BUFFER_EVENTS = 2048
 FLUSH_SECONDS = 2.0
@@ -135,10 +137,7 @@ def start(path: str, group=None) -> None:
 
     Each rank streams its events to ``<path>.rank<r>.json`` (see the module doc)."""
     global _on, _origin, _path, _rank, _file, _own, _next_flush
-    from .runtime import init, world
-
-    init()
-    w = world()
+    w = groups.world()
     if _on:  # started twice: close the previous stream, which stays as a per-rank file
         _close_own()
     _rank, _path = w.rank, path
@@ -194,10 +193,8 @@ def stop() -> str | None:
     the one trace file; the per-rank files are then deleted. Returns the path on rank 0."""
     if not _on:
         return None
-    from .runtime import world
-
     _close_own()
-    comm = world().comm
+    comm = groups.world().comm
     if _rank != 0:
         for chunk in _chunks(_own):
             comm.send(chunk, dest=0, tag=_TAG)  # bounded messages, control-sized

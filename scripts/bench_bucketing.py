@@ -33,7 +33,6 @@ import sys
 import tempfile
 
 import numpy as np
-
 from _bench import ROOT, add_output_args, save, worker_env
 
 STRATEGIES = ["naive", "bucketed", "load_balanced"]
@@ -127,7 +126,7 @@ def plot(rows: list, out: str, target: float) -> None:
             if r:
                 t, loss = zip(*r["curve"])
                 ax.plot(t, loss, label=s)
-        ax.axhline(target, color="grey", ls=":", lw=1)
+        ax.axhline(target, color="grey", ls=":", lw=1, label=f"target loss {target}")
         ax.set_xlabel("training time (s)")
         ax.set_ylabel("training loss")
         ax.set_title(f"GNMT-lite, P = {p}")

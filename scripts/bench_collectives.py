@@ -110,8 +110,9 @@ def main(argv=None):
             plot(saved["rows"], os.path.splitext(a.from_json)[0] + ".png", saved["collective"], saved["p"])
         return
 
-    import disttrain as dt
     from mpi4py import MPI
+
+    import disttrain as dt
 
     dt.init()
     comm = dt.world().comm
@@ -165,7 +166,7 @@ def main(argv=None):
 
 def print_markdown(rows, coll, p):
     series = [s for s in dict.fromkeys(r["series"] for r in rows) if s != "native"]
-    print(f"\n| bytes | native us | native busbw GB/s | " + " | ".join(series) + " |")
+    print("\n| bytes | native us | native busbw GB/s | " + " | ".join(series) + " |")
     print("|---:|---:|---:|" + "---:|" * len(series))
     for b in dict.fromkeys(r["bytes"] for r in rows):
         rs = {r["series"]: r for r in rows if r["bytes"] == b}

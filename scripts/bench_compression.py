@@ -35,7 +35,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _bench import ROOT, add_output_args, emit, run_result, save, worker_env
 
 DEFAULT = "none,fp16,bf16,topk:0.01,onebit,powersgd:2"
@@ -45,11 +44,11 @@ LAUNCH = os.path.join(ROOT, "launchers", "emulated_cluster.sh")
 # ----------------------------------------------------------------------------------- worker
 def worker_step(a) -> dict | None:
     sys.path.insert(0, ROOT)
+    from disttrain_zoo.mlp import MLP
     from mpi4py import MPI
 
     import disttrain as dt
     from disttrain import nn, optim
-    from disttrain_zoo.mlp import MLP
 
     dt.init()
     r = dt.rank()
@@ -178,13 +177,13 @@ def report(meta: dict, steps: list[dict], acc: list[dict]) -> None:
         print("| compression | network | ratio | test accuracy | vs none (pp) | time to target s | steps to target |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for r in acc:
-            f = lambda v, fmt: format(v, fmt) if v is not None else "not reached"  # noqa: E731
+            f = lambda v, fmt: format(v, fmt) if v is not None else "not reached"
             print(f"| {r['compression']} | {r['network']} | {r['ratio']:.1f}x | {r['accuracy']:.4f} | "
                   f"{r['accuracy_delta_pp']:+.2f} | {f(r['time_to_target_s'], '.2f')} | "
                   f"{f(r['steps_to_target'], '.0f')} |")
 
 
-def plot(steps: list[dict], acc: list[dict], path: str) -> None:
+def plot(steps: list[dict], acc: list[dict], path: str, meta: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -205,8 +204,9 @@ def plot(steps: list[dict], acc: list[dict], path: str) -> None:
         axes[0].bar(xs, [st0[c]["ratio"] for c in comps])
         axes[0].set_yscale("log")
     axes[0].set(title="compression ratio (raw / payload bytes)", xticks=xs, xticklabels=comps)
-    axes[1].set(title="step time, MLP 784-1024-1024-10 (ms)", xticks=xs + w * (len(nets) - 1) / 2, xticklabels=comps)
-    axes[2].set(title="time to target accuracy, digits (s)", xticks=xs + w * (len(nets) - 1) / 2, xticklabels=comps)
+    mlp = "-".join(str(s) for s in meta["sizes"])
+    axes[1].set(title=f"step time (ms), MLP {mlp}, batch {meta['batch']}/rank, P={meta['procs']}", xticks=xs + w * (len(nets) - 1) / 2, xticklabels=comps)
+    axes[2].set(title=f"time to {meta['target']:.0%} test accuracy, digits (s; 0 = not reached)", xticks=xs + w * (len(nets) - 1) / 2, xticklabels=comps)
     for ax in axes:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3, axis="y")
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
             doc = json.load(f)
         report(doc["meta"], doc["rows"], doc.get("accuracy", []))
         if a.plot:
-            plot(doc["rows"], doc.get("accuracy", []), os.path.splitext(a.from_json)[0] + ".png")
+            plot(doc["rows"], doc.get("accuracy", []), os.path.splitext(a.from_json)[0] + ".png", doc["meta"])
         return 0
     a.compressors = a.compressors.split(",")
     if "none" not in a.compressors:
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     report(meta, steps, acc)
     save(a.out, meta, steps, {"accuracy": acc, "accuracy_runs": acc_raw})
     if a.plot:
-        plot(steps, acc, a.out + ".png")
+        plot(steps, acc, a.out + ".png", meta)
     return 0
 
 

@@ -36,7 +36,6 @@ import sys
 import time
 
 import numpy as np
-
 from _bench import ROOT, add_output_args, emit, save, worker_env
 
 
@@ -45,12 +44,17 @@ def worker(a) -> None:
     sys.path.insert(0, ROOT)
     import disttrain as dt
     from disttrain import nn
-    from disttrain.nn.module import Module
     from disttrain.data.clicks import power_law_ids
+    from disttrain.nn.module import Module
     from disttrain.parallel import tensor
     from disttrain.parallel.embedding import ShardedEmbeddings
     from disttrain.parallel.mesh import Mesh
-    from disttrain.parallel.pipeline import Pipeline, bubble_fraction, measure_layer_costs, partition
+    from disttrain.parallel.pipeline import (
+        Pipeline,
+        bubble_fraction,
+        measure_layer_costs,
+        partition,
+    )
 
     dt.init()
     P = dt.size()
@@ -180,9 +184,9 @@ def report(rows) -> None:
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<6} {r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} "
-              f"{rel:>+6.0%} {r['step_ms']:>5.0f} ms {str(r['peak_live']):>18} "
-              f"{str([round(b / 1024) for b in r['peak_activation_bytes']]):>24} "
-              f"{str([round(b / 1024) for b in r['p2p_bytes']]):>20}")
+              f"{rel:>+6.0%} {r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} "
+              f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
+              f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>20}")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -197,7 +201,7 @@ def report(rows) -> None:
               f"{'vs':>6} {'allreduce':>10} {'vs':>6} {'step':>8}")
         for r in emb:
             tot = np.mean(np.add(np.add(r["id_bytes"], r["fwd_bytes"]), r["bwd_bytes"]))
-            print(f"{r['pp']:>2} {r['schedule']:<8} {str(r['owned_rows']):>18} {np.mean(r['id_bytes']) / 1024:>7.1f} "
+            print(f"{r['pp']:>2} {r['schedule']:<8} {r['owned_rows']!s:>18} {np.mean(r['id_bytes']) / 1024:>7.1f} "
                   f"{np.mean(r['fwd_bytes']) / 1024:>7.1f} {np.mean(r['bwd_bytes']) / 1024:>7.1f} {tot / 1024:>8.1f} "
                   f"{r['no_dedup_bytes'] / 1024:>9.1f} {r['no_dedup_bytes'] / tot:>5.1f}x "
                   f"{r['replicated_allreduce_bytes'] / 1024:>10.0f} {r['replicated_allreduce_bytes'] / tot:>5.0f}x "
@@ -218,9 +222,10 @@ def plot(rows, out) -> None:
             axes[1].plot([r["m"] for r in rs], [max(r["peak_live"]) for r in rs], mark + "-",
                          label=f"{sched} pp={pp}")
         rs = [r for r in rows if r["part"] == "timed" and r["pp"] == pp and r["schedule"] == "gpipe"]
-        axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], "k:", lw=1)
+        axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], "k:", lw=1,
+                     label=f"(p-1)/(m+p-1), p={pp}")
     axes[0].set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction",
-                title="measured vs (p-1)/(m+p-1) (dotted)")
+                title="pipeline bubble: measured (lines) vs theory (dotted)")
     axes[1].set(xscale="log", xlabel="micro-batches m", ylabel="peak live micro-batches (max stage)",
                 title="activation memory")
     for ax in axes:

@@ -1,5 +1,6 @@
 """Pure logic of the algorithms: partitions, trees, registries, cost model (one process)."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -74,14 +75,16 @@ def test_public_names_and_registry():
 def test_cost_model_shapes():
     c = costmodel.CostParams(8, alpha=5e-6, beta=1e-10, gamma=2e-10)
     small, large = 64, 64 << 20
-    pr = {a: costmodel.predict(c, a, small) for a in costmodel.ALLREDUCE_MODELS if a != "mpi"}
-    pl = {a: costmodel.predict(c, a, large) for a in costmodel.ALLREDUCE_MODELS if a != "mpi"}
+    # every allreduce algorithm registers its formula with itself: "auto" considers them all
+    assert set(ALLREDUCE.costs) == set(ALLREDUCE.names())
+    pr = {a: costmodel.predict(c, a, small) for a in ALLREDUCE.costs if a != "mpi"}
+    pl = {a: costmodel.predict(c, a, large) for a in ALLREDUCE.costs if a != "mpi"}
     assert min(pr, key=pr.get) == "butterfly"  # latency-bound: fewest rounds
     assert min(pl, key=pl.get) in ("ring", "rabenseifner", "ps")  # bandwidth-bound: 2(p-1)/p n
     assert pl["tree"] > pl["double_tree"] > pl["ring"]
     assert costmodel.predict(c, "ps:1", large) > costmodel.predict(c, "ps", large)  # one server: a hot spot
     c.native = [(8, 3e-6), (1 << 20, 2e-4)]
-    assert math.isclose(costmodel.t_native(c, 1 << 10), math.exp(np.interp(math.log(1024), np.log([8, 1 << 20]),
+    assert math.isclose(ALLREDUCE.costs["mpi"][0](c, 1 << 10), math.exp(np.interp(math.log(1024), np.log([8, 1 << 20]),
                                                                          np.log([3e-6, 2e-4]))))
 
 
@@ -179,3 +182,86 @@ def test_every_compressor_has_one_compress_signature_and_one_algorithm_rule():
         assert list(inspect.signature(cls.reduce_).parameters) == ["self", "bucket", "comm", "algorithm"], name
     assert make("topk:0.1").check_algorithm("ring") and make("onebit").check_algorithm("tree")
     assert make("topk:0.1").check_algorithm("auto") is None and make("none").check_algorithm("tree") is None
+
+
+# The library's layers, bottom first: a module may import its own layer and the ones below, never
+# above (docs/ARCHITECTURE.md); the package root (the public API) sits just below the main job.
+LAYERS = [{"errors", "log", "registry", "mpi"}, {"groups"}, {"faults", "flight", "timeline"}, {"stall"},
+          {"comm"}, {"runtime"}, {"nn", "optim", "data", "compression", "numerics"}, {"parallel", "checkpoint"},
+          {"zoo", "workloads"}, {"job", "train"}]
+# the only deferred imports, each documented where it is: mpi4py.MPI starts MPI (disttrain/mpi.py),
+# pydoc_data is optional in some Python distributions (data/text.py)
+DEFERRED = {("disttrain/mpi.py", "mpi4py"), ("disttrain/data/text.py", "pydoc_data.topics")}
+
+
+def _library_imports():
+    """({module: set of disttrain modules it imports at its top}, [(file, module) imported inside a function])."""
+    import ast
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "disttrain")
+    files = {}
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            if f.endswith(".py"):
+                p = os.path.join(d, f)
+                m = os.path.relpath(p[:-3], os.path.dirname(root)).replace(os.sep, ".")
+                files[m.removesuffix(".__init__")] = p
+
+    def targets(mod, node):
+        if isinstance(node, ast.Import):
+            return [a.name for a in node.names]
+        base = mod if files[mod].endswith("__init__.py") else mod.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            base = base.rpartition(".")[0]
+        base = node.module if node.level == 0 else (f"{base}.{node.module}" if node.module else base)
+        return [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+
+    edges, deferred = {}, []
+    for m, p in files.items():
+        with open(p) as fh:
+            tree = ast.parse(fh.read())
+        top = set()
+        for node in tree.body:
+            for n in (ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]):
+                if isinstance(n, (ast.Import, ast.ImportFrom)):
+                    top.update(t for t in targets(m, n) if t.split(".")[0] == "disttrain")
+        edges[m] = top
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for n in ast.walk(fn):
+                    if isinstance(n, (ast.Import, ast.ImportFrom)):
+                        name = n.module if isinstance(n, ast.ImportFrom) else n.names[0].name
+                        deferred.append((os.path.relpath(p, os.path.dirname(root)), name))
+    return edges, deferred
+
+
+def _layer(module: str) -> float:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return len(LAYERS) - 1.5  # the package root: the public API, used by the main job only
+    return next(i for i, layer in enumerate(LAYERS) if parts[1] in layer)
+
+
+def test_imports_point_down_form_no_circle_and_sit_at_the_top():
+    edges, deferred = _library_imports()
+    assert set(deferred) == DEFERRED, f"function-local imports outside the documented ones: {set(deferred) - DEFERRED}"
+    up = sorted(f"{m} -> {t}" for m, ts in edges.items() for t in ts if _layer(t) > _layer(m))
+    assert not up, f"modules importing a layer above their own: {up}"
+    # no circle at all, package __init__ modules included (iterative DFS with colours)
+    state = {}
+    for start in edges:
+        stack = [(start, iter(sorted(edges[start])))]
+        state[start] = state.get(start, 0) or 1
+        if state[start] == 2:
+            continue
+        while stack:
+            v, it = stack[-1]
+            w = next((w for w in it if w in edges), None)
+            if w is None:
+                state[v] = 2
+                stack.pop()
+            elif state.get(w, 0) == 1:
+                raise AssertionError(f"import circle through {w}: {[s for s, _ in stack]}")
+            elif state.get(w, 0) == 0:
+                state[w] = 1
+                stack.append((w, iter(sorted(edges[w]))))

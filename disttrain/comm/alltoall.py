@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import mpi
+
 from .kernels import pack
 from .p2p import TAG_BRUCK_DATA, TAG_BRUCK_SIZE, TAG_PAIRWISE, scratch, waitall
 from .registry import ALLTOALL
@@ -25,8 +27,7 @@ from .registry import ALLTOALL
 def pairwise(comm, send, scounts, sdispls):
     """Every send is posted first (to r+1, r+2, ...); the incoming sizes are then learnt by matched
     probes (MPI_Mprobe) from r-1, r-2, ..., so no separate exchange of counts is needed."""
-    from mpi4py import MPI
-
+    MPI = mpi.MPI
     p, r = comm.Get_size(), comm.Get_rank()
     sends = [comm.Isend(send[sdispls[d]:sdispls[d] + scounts[d]], d, TAG_PAIRWISE)
              for d in ((r + k) % p for k in range(1, p))]

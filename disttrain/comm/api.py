@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import timeline
-from ..runtime import as_group
+from ..groups import as_group
 from .. import stall
 from ..stall import tracked
 from . import validate

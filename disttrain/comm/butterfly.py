@@ -8,12 +8,21 @@ with bit-identical results.
 """
 from __future__ import annotations
 
+import math
+
+from . import cost
 from .kernels import reduce_into
-from .p2p import TAG_XCHG, pow2_allreduce, real_rank, scratch
+from .p2p import TAG_XCHG, pow2_allreduce, pow2_below, real_rank, scratch
 from .registry import ALLREDUCE
 
 
-@ALLREDUCE.register("butterfly")
+def butterfly_cost(c, n: float) -> float:
+    """fold + lg p2 (alpha + n beta + n gamma): the whole vector exchanged and reduced each round."""
+    b, g = cost.bg(c, n)
+    return cost.fold(c, n) + math.log2(pow2_below(c.p)) * (c.alpha + n * b + n * g)
+
+
+@ALLREDUCE.register("butterfly", cost=butterfly_cost, overhead=5e-6)
 def butterfly(comm, buf, op: int) -> None:
     p, n = comm.Get_size(), buf.shape[0]
 

@@ -9,13 +9,21 @@ directions and the per-rank traffic is balanced while the latency stays logarith
 """
 from __future__ import annotations
 
-from . import config
+from . import config, cost
 from .p2p import seg_elems
 from .registry import ALLREDUCE
-from .tree import pipelined_tree_allreduce, tree_links
+from .tree import pipelined_tree_allreduce, tree_links, tree_shape
 
 
-@ALLREDUCE.register("double_tree")
+def double_tree_cost(c, n: float) -> float:
+    """(2h + S - 1)((2k+4) alpha + n/(2S) ((k+2) beta + k gamma)): each tree carries n/2, and a
+    rank is interior in one tree and a leaf (one segment each way) in the other."""
+    (h, k), s, (b, g) = tree_shape(c.p), cost.segments(n / 2), cost.bg(c, n)
+    inner = k + (c.p > 2) + 1  # interior in one tree, plus one segment each way as a leaf of the other
+    return (2 * h + s - 1) * (2 * inner * c.alpha + n / (2 * s) * (inner * b + k * g))
+
+
+@ALLREDUCE.register("double_tree", cost=double_tree_cost, overhead=30e-6)
 def double_tree(comm, buf, op: int) -> None:
     p, r = comm.Get_size(), comm.Get_rank()
     n = buf.shape[0]

@@ -18,6 +18,8 @@ import threading
 import time
 
 from .. import stall, timeline
+from ..groups import thread_level_ok
+from ..log import logger
 from . import config
 
 
@@ -102,12 +104,8 @@ class Engine:
 
     def _threads_allowed(self) -> bool:
         if self._allowed is None:
-            from ..runtime import thread_level_ok
-
             self._allowed = thread_level_ok()
             if not self._allowed:
-                from ..log import logger
-
                 logger.warning("MPI did not grant MPI_THREAD_MULTIPLE: asynchronous collectives run "
                               "synchronously (no overlap). Use an MPI built with thread support.")
         return self._allowed

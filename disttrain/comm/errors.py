@@ -1,10 +1,5 @@
-"""The one exception type of the collectives layer."""
+"""CollectiveError, where the collectives layer has always exported it (defined in disttrain.errors,
+a leaf module, so that the group layer below comm can raise it too)."""
+from ..errors import CollectiveError
 
-
-class CollectiveError(RuntimeError):
-    """Raised on *every* rank of a group when a collective call is inconsistent or invalid.
-
-    Covers mismatched shapes, dtypes, ops, algorithms, roots or splits across ranks, unknown
-    algorithm/op names and bad arguments. The message names the ranks that disagree and what each
-    passed, so the fix is obvious without attaching a debugger to N processes.
-    """
+__all__ = ["CollectiveError"]

@@ -14,6 +14,7 @@ import os
 import numpy as np
 from numba import njit
 
+from ..log import logger
 from .ops import MAX, MIN, PROD, SUM
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
@@ -287,8 +288,6 @@ def first_compile(module_file: str) -> bool:
 def warmup() -> None:
     """Compile (or load from numba's cache) every specialization the collectives use."""
     if first_compile(__file__):
-        from ..log import logger
-
         logger.info("compiling the numba kernels (first run only: cached for later runs)")
     for op in (MIN, MAX):
         for dt in (np.float32, np.float64):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import mpi
+
 SUM, PROD, MIN, MAX, AVG = 0, 1, 2, 3, 4
 OPS = {"sum": SUM, "prod": PROD, "min": MIN, "max": MAX, "avg": AVG}
 
@@ -27,6 +29,5 @@ def kernel_op(op: int) -> int:
 
 def mpi_op(op: int):
     """The MPI.Op that the MPI library applies for `op` (avg = SUM then a division)."""
-    from mpi4py import MPI
-
+    MPI = mpi.MPI
     return {SUM: MPI.SUM, PROD: MPI.PROD, MIN: MPI.MIN, MAX: MPI.MAX, AVG: MPI.SUM}[op]

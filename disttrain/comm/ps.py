@@ -10,7 +10,7 @@ Choose S with ``algorithm="ps:S"`` or ``DISTTRAIN_PS_SERVERS``.
 """
 from __future__ import annotations
 
-from . import config
+from . import config, cost
 from .kernels import reduce_into
 from .p2p import TAG_PS_PULL, TAG_PS_PUSH, blocks, scratch, waitall
 from .registry import ALLREDUCE
@@ -21,7 +21,15 @@ def server_ranks(p: int, servers: int) -> list:
     return [j * p // s for j in range(s)]
 
 
-@ALLREDUCE.register("ps", takes_param=True)
+def ps_cost(c, n: float, servers: int = 0) -> float:
+    """2(p-1) alpha + (p-1) n/S (2 beta + gamma) with S servers: each server receives, reduces and
+    returns its n/S share from p-1 workers."""
+    p, (b, g) = c.p, cost.bg(c, n)
+    s = min(p, servers or config.current().ps_servers or p)
+    return 2 * (p - 1) * c.alpha + (p - 1) * n / s * (2 * b + g)
+
+
+@ALLREDUCE.register("ps", takes_param=True, cost=ps_cost, overhead=20e-6)
 def ps(comm, buf, op: int, param: int | None = None) -> None:
     p, r, n = comm.Get_size(), comm.Get_rank(), buf.shape[0]
     if p == 1 or n == 0:

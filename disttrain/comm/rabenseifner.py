@@ -7,12 +7,22 @@ halving phase a rank keeps the half of its current block range that contains its
 """
 from __future__ import annotations
 
+import math
+
+from . import cost
 from .kernels import reduce_into
-from .p2p import TAG_AG, TAG_RS, blocks, pow2_allreduce, real_rank, scratch
+from .p2p import TAG_AG, TAG_RS, blocks, pow2_allreduce, pow2_below, real_rank, scratch
 from .registry import ALLREDUCE
 
 
-@ALLREDUCE.register("rabenseifner")
+def rabenseifner_cost(c, n: float) -> float:
+    """fold + 2 lg p2 alpha + (p2-1)/p2 n (2 beta + gamma): halving then doubling, each moving
+    half of the previous round's data."""
+    p2, (b, g) = pow2_below(c.p), cost.bg(c, n)
+    return cost.fold(c, n) + 2 * math.log2(p2) * c.alpha + (p2 - 1) / p2 * n * (2 * b + g)
+
+
+@ALLREDUCE.register("rabenseifner", cost=rabenseifner_cost, overhead=15e-6)
 def rabenseifner(comm, buf, op: int) -> None:
     p, n = comm.Get_size(), buf.shape[0]
 

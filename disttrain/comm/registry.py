@@ -1,7 +1,8 @@
 """One registry per collective family, keyed by algorithm name.
 
 Every member of a family has the same signature (documented on the family below), so tests and
-benchmarks loop over ``ALLREDUCE.names()`` and a new algorithm is one decorated function.
+benchmarks loop over ``ALLREDUCE.names()`` and a new algorithm is one decorated function - with its
+cost formula registered beside it (``cost=``), which is all algorithm="auto" needs to consider it.
 A name may carry one parameter after a colon ("ps:2"); it reaches the function as ``param=``.
 """
 from __future__ import annotations
@@ -24,6 +25,15 @@ class Registry(_Registry):
         super().__init__(f"{family} algorithm")
         self.family, self.signature = family, signature
         self._resolved: dict = {}
+        self.costs: dict = {}  # name -> (cost(c, n[, param]) -> seconds, default per-call overhead)
+
+    def register(self, name: str, *, takes_param: bool = False, cost=None, overhead: float = 0.0):
+        """Decorator: add an algorithm; `cost(c: CostParams, nbytes[, param]) -> seconds` is its
+        alpha-beta-gamma formula (comm/cost.py) and `overhead` its per-call software cost until
+        calibrate() measures it - what algorithm="auto" compares."""
+        if cost is not None:
+            self.costs[name] = (cost, overhead)
+        return super().register(name, takes_param=takes_param)
 
     def problem(self, name) -> str | None:
         """Why `name` is not a valid algorithm of this family (None if it is); "auto" is accepted."""

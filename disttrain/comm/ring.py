@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import timeline
-from . import config
+from . import config, cost
 from .kernels import reduce_into
 from .p2p import TAG_AG, TAG_RS, blocks, scratch, seg_elems, segments, waitall
 from .registry import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
@@ -91,7 +91,14 @@ def ring_allgather(comm, buf, counts, displs, seg) -> None:
     waitall(sends)
 
 
-@ALLREDUCE.register("ring")
+def ring_cost(c, n: float) -> float:
+    """2(p-1)(alpha ceil(n/(p seg)) + n/p beta) + (p-1) n/p gamma: 2(p-1) steps of one block each,
+    every segment a message; p-1 of the steps reduce."""
+    p, (b, g) = c.p, cost.bg(c, n)
+    return 2 * (p - 1) * (c.alpha * cost.segments(n / p) + n / p * b) + (p - 1) * n / p * g
+
+
+@ALLREDUCE.register("ring", cost=ring_cost, overhead=25e-6)
 def ring(comm, buf: np.ndarray, op: int) -> None:
     ring_allreduce(comm, buf, op)
 

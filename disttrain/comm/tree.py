@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from . import config
+from . import config, cost
 from .kernels import reduce_into
 from .p2p import TAG_BCAST, TAG_DOWN, TAG_UP, pow2_below, scratch, seg_elems, segments, waitall
 from .registry import ALLREDUCE, BROADCAST
@@ -100,7 +100,31 @@ def pipelined_tree_allreduce(comm, parts, op: int, seg: int) -> None:
     waitall(sends)
 
 
-@ALLREDUCE.register("tree")
+def tree_shape(p: int) -> tuple[int, int]:
+    """(height, most children of any node) of the in-order tree."""
+    parent, children = tree_links(p)
+    h = 0
+    for r in range(p):
+        d, q = 0, r
+        while parent[q] >= 0:
+            q, d = parent[q], d + 1
+        h = max(h, d)
+    return h, max(len(ch) for ch in children)
+
+
+def tree_cost(c, n: float) -> float:
+    """(2h + S - 1)((2k+2) alpha + n/S ((k+1) beta + k gamma)), h the height, k the most children,
+    S the segments. A pipelined reduce-then-broadcast takes 2h + S - 1 segment steps (the last
+    segment reaches the root after h + S - 1, the leaves h steps later); each step is bounded by
+    the busiest node: an interior node receives k segments from below and one from above while
+    sending one up and k down, and a simultaneous send + receive of m bytes costs m beta (how beta
+    is measured), hence (k+1) beta per segment (k when p == 2: no node has a parent and children)."""
+    (h, k), s, (b, g) = tree_shape(c.p), cost.segments(n), cost.bg(c, n)
+    inner = k + (c.p > 2)  # the busiest node's segments in (= out) per step; the root has no parent
+    return (2 * h + s - 1) * (2 * inner * c.alpha + n / s * (inner * b + k * g))
+
+
+@ALLREDUCE.register("tree", cost=tree_cost, overhead=15e-6)
 def tree(comm, buf, op: int) -> None:
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1 or buf.shape[0] == 0:

@@ -18,16 +18,17 @@ call on it says.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import numpy as np
 
-from .. import stall
+from .. import mpi, stall
+from ..groups import group_of, local_size
 from . import config
 from .errors import CollectiveError
 
 
-_MPI = None  # mpi4py.MPI, bound on first use (importing it starts MPI)
 _hashes: dict = {}  # signature tuple -> 63-bit hash (repr + blake2b costs ~5 us; a lookup ~0.2 us)
 _MASK = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads consecutive sequence numbers over all bits
@@ -65,13 +66,8 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
         if local_error:
             raise CollectiveError(local_error)
         return
-    global _MPI
-    if _MPI is None:
-        from mpi4py import MPI as _MPI
     op = stall.current()
     if op is None:  # a set-up check (new_group, DataParallel, Mesh, Pipeline): track it like a collective
-        from ..runtime import group_of
-
         g = group_of(comm)
         temp = stall.enter(kind, None, group=g, lane="a" if g is not None and comm is g.async_comm else "b")
         try:
@@ -89,7 +85,8 @@ def _check(comm, kind: str, fields: dict, local_error: str | None, op) -> None:
     seq = op.seq if op is not None and op.gkey else 0
     h = _hash(kind, fields) ^ ((seq * _GOLDEN) & _MASK)
     v = np.array((0 if local_error else -1, h, ~h), dtype=np.int64)
-    req = comm.Iallreduce(_MPI.IN_PLACE, v, op=_MPI.BAND)
+    MPI = mpi.MPI
+    req = comm.Iallreduce(MPI.IN_PLACE, v, op=MPI.BAND)
     for _ in range(_FAST_SPINS):  # the usual case: the peers are there; no bookkeeping per spin
         if req.Test():
             break
@@ -109,8 +106,6 @@ def _check(comm, kind: str, fields: dict, local_error: str | None, op) -> None:
 def wait(req, comm, op, kind: str) -> None:
     """Complete `req`, spinning briefly then sleeping in growing steps (a late peer gets the core
     when ranks outnumber cores), and give up with the peer's error if a member can never come."""
-    from ..runtime import group_of
-
     t0 = time.monotonic()
     seen, recheck = -1, 0.0
     g = None
@@ -151,10 +146,6 @@ def _oversubscribed() -> bool:
     """True when this host runs more ranks than it has cores (decided once)."""
     global _over
     if _over is None:
-        import os
-
-        from ..runtime import local_size
-
         _over = local_size() > (os.cpu_count() or 1)
     return _over
 

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from .. import mpi
+
 from ..comm.kernels import float_to_half, half_to_float, reduce_into
 from ..comm.ops import SUM
 from ..comm.p2p import scratch
@@ -131,8 +133,7 @@ class FP16(_SixteenBit):
         return 2.0 ** min(e, _MAX_EXP)
 
     def _global_scale(self, buf, comm) -> float:
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         m = _maxabs(buf)
         # A NaN must not enter the MAX vote: MPI's MAX is a comparison, and a comparison with NaN
         # is false, so whether the NaN survives depends on the order each rank combines the

@@ -87,7 +87,7 @@ def _documentation_text() -> list:
                 if doc:
                     blocks.append(doc)
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # optional (see below): imported only if present
         blocks.extend(topics[k] for k in sorted(topics))
     except ImportError:  # some distributions split pydoc_data out; docstrings alone suffice
         pass

@@ -26,6 +26,8 @@ import socket
 import sys
 import time
 
+from .. import groups
+
 # The ring: stall._Op appends each operation once, at issue (inlined there: it is on every call).
 _buf: collections.deque = collections.deque(maxlen=int(os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "2000")) or 1)
 _on = os.environ.get("DISTTRAIN_FLIGHT_RECORDS", "2000") != "0"
@@ -38,9 +40,8 @@ def records() -> list:
 
 
 def _rank() -> int:
-    from ..runtime import _world
-
-    return _world.rank if _world is not None else int(os.environ.get("PMI_RANK", "0"))
+    w = groups.current()
+    return w.rank if w is not None else int(os.environ.get("PMI_RANK", "0"))
 
 
 def dump(path: str | None = None) -> str:

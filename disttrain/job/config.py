@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import tomllib
 from dataclasses import dataclass, field
 
 
@@ -82,6 +83,9 @@ class TrainConfig:
     samples: int = _opt(200000, "dlrm: synthetic click samples (90% train, 10% test); >= 1")
     alltoall_algorithm: str = _opt("auto", "dlrm: the embedding AllToAll algorithm",
                                    ["auto", "pairwise", "bruck", "mpi"])
+    sparse_embeddings: bool = _opt(True, "dlrm: row-sparse embedding gradients, the optimizer updates only the rows "
+                                         "a step looked up (sgd: lazy momentum, adam/adamw: lazy Adam; lamb refuses) "
+                                         "(--no-sparse-embeddings: dense gradients, every row swept every step)")
 
 
 class ConfigError(ValueError):
@@ -211,8 +215,6 @@ def _read_config_file(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             if path.endswith(".toml"):
-                import tomllib
-
                 d = tomllib.load(f)
             else:
                 d = json.load(f)
@@ -275,6 +277,11 @@ def _validate(c: TrainConfig) -> None:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
+    if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS
+            and not optim.OPTIMIZERS[c.optimizer].sparse):
+        sparse = [n for n in optim.OPTIMIZERS if optim.OPTIMIZERS[n].sparse]
+        problems.append(f"optimizer {c.optimizer} cannot apply row-sparse embedding gradients: use one of {sparse}, "
+                        "or --no-sparse-embeddings")
     if c.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
     if c.micro_batches < 1:

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from .linear import Linear
 from .module import Module, Parameter
 
 
@@ -73,8 +74,6 @@ class MultiHeadAttention(Module):
                  input_grad: bool = True):
         if heads < 1 or d % heads:
             raise ValueError(f"MultiHeadAttention: d={d} is not divisible by heads={heads}")
-        from .linear import Linear
-
         rng = rng if rng is not None else np.random.default_rng(0)
         self.d, self.heads, self.local_heads, self.causal = d, heads, heads, causal
         self.qkv = Linear(d, 3 * d, init="xavier", rng=rng, dtype=dtype, input_grad=input_grad)

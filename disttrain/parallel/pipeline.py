@@ -37,11 +37,11 @@ import time
 import numpy as np
 
 from ..registry import Registry
-from .. import stall
+from .. import mpi, stall
 
 from ..comm import validate
 from ..nn.module import Module, Parameter
-from ..runtime import as_group
+from ..groups import as_group
 
 _FWD, _BWD, _HDR = 11, 12, 8  # message tags; header: ndim + up to 7 dims
 
@@ -169,8 +169,7 @@ class Pipeline:
                     sends += self._send(comm, dx, self.s - 1, _BWD)
                 live -= 1
                 bytes_live -= nbytes
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         op = stall.enter("pipeline send completion", None, group=None)
         MPI.Request.Waitall(sends)
         stall.leave(op)
@@ -183,8 +182,7 @@ class Pipeline:
     def predict(self, x=None):
         """Forward only (evaluation, no activations kept for backward): x on the first stage;
         returns the last stage's output on every stage of the group."""
-        from mpi4py import MPI
-
+        MPI = mpi.MPI
         comm = self.group.comm
         out = self.module.forward(x if self.is_first else self._recv(comm, self.s - 1, _FWD))
         if not self.is_last:
