@@ -46,7 +46,11 @@ def optimizer_shards(opt, buffers=None) -> tuple[list, list]:
         st = opt.state.get(p.name, {})
         for b in (sorted(st) if buffers is None else buffers):
             a = st.get(b)
-            if a is None or a.shape != p.data.shape:
+            if a is not None and a.shape != p.data.shape:
+                # e.g. RowWiseAdagrad's one value per row: no layout says where it sits globally
+                raise ValueError(f"optimizer state {b!r} of {p.name!r} has shape {a.shape}, not the parameter's "
+                                 f"{p.data.shape}: only parameter-shaped optimizer buffers can be checkpointed")
+            if a is None:
                 a = np.zeros_like(p.data)
                 new.append((p.name, b, a))
             out += layout.shards(p, a, prefix=f"{OPT}{b}/")

@@ -205,6 +205,18 @@ def test_every_optimizer_buffer_reshards(comm, where, opt_cls):
             h2.params or [Parameter(np.zeros(1), "x")], lr=1.0))
 
 
+def test_state_not_shaped_like_its_parameter_is_refused_not_written_wrong(comm, where):
+    """RowWiseAdagrad keeps one value per row: without a layout for it, saving must refuse."""
+    h, _ = _model("rows", dt.world())
+    opt = optim.RowWiseAdagrad(h.params, lr=0.1)
+    for q in h.params:
+        q.grad[...] = 0.1
+    opt.step()
+    msg = _same_error_everywhere(comm, lambda: dt.save_checkpoint(os.path.join(where, "rowwise"), 1, model=h,
+                                                                  optimizer=opt), CheckpointError)
+    assert "only parameter-shaped optimizer buffers" in msg and "row_sum" in msg, msg
+
+
 def _same_error_everywhere(comm, fn, cls):
     with pytest.raises(cls) as e:
         fn()
