@@ -277,17 +277,9 @@ def _validate(c: TrainConfig) -> None:
                         f"and transformer; model {c.model} trains data-parallel only")
     if c.seq_len < 1:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
-    if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
-                        "or use --pp 1 --tp 1")
-    if c.model == "dlrm" and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of sharded-embedding runs (model dlrm) are not supported yet")
     if c.shard not in ("none", "optimizer", "gradients", "full"):
         problems.append(f"shard must be one of none, optimizer, gradients, full (got {c.shard!r})")
     elif c.shard != "none":
-        if c.checkpoint_dir or c.resume:
-            problems.append("checkpoints of sharded (--shard) runs are not supported yet; drop --checkpoint-dir or use "
-                            "--shard none")
         if c.pp > 1:
             problems.append("--shard with pipeline parallelism (--pp > 1) is not supported yet; use --pp 1")
         if c.shard != "optimizer" and c.compression != "none":

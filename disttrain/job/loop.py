@@ -117,7 +117,7 @@ def _prepare(cfg: TrainConfig):
     resumed = None
     if cfg.resume:
         try:
-            run.start, resumed = restore(cfg, model, opt, sched, ddp)
+            run.start, resumed = restore(run)
         except ConfigError as e:
             if run.rank0:
                 _err(f"disttrain.train: {e}")
@@ -250,7 +250,7 @@ def _checkpoint_or_stop(run: Run, done: int):
     cfg = run.cfg
     stopping = cfg.stop_after_steps and done - run.start >= cfg.stop_after_steps and done < cfg.steps
     if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
-        err = save_checkpoint(cfg, done, run.model, run.opt, run.ddp, run.iv.progress(run.skipped, run.consecutive))
+        err = save_checkpoint(run, done, run.iv.progress(run.skipped, run.consecutive))
         if checkpoint_failed(cfg, err, done, stopping):
             timeline.stop()
             _close(run)
@@ -271,8 +271,7 @@ def _finish(run: Run) -> int:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
     res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model, final=True)
     if cfg.checkpoint_dir:
-        err = save_checkpoint(cfg, cfg.steps, run.model, run.opt, run.ddp,
-                              run.iv.progress(run.skipped, run.consecutive))
+        err = save_checkpoint(run, cfg.steps, run.iv.progress(run.skipped, run.consecutive))
         if checkpoint_failed(cfg, err, cfg.steps, False):
             _close(run)
             return 4
