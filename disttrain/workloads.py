@@ -55,13 +55,15 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
 
 
 class _FixedBatch:
-    """A workload whose every step is a fixed global batch of samples, shared equally over the
-    data-parallel ranks by a DistributedSampler; subclasses say how samples become arrays (take)."""
+    """A workload whose every step is a fixed global batch of samples, shared over the data-parallel
+    ranks by a DistributedSampler - equally when the ranks divide it, else differing by at most one
+    sample (train_step weights by count), so every dp trains the same model: an elastic restart
+    on another number of ranks continues the same run. Subclasses say how samples become arrays (take)."""
 
     unit = "samples"
 
     def _sample(self, n: int, cfg, rank: int, world: int) -> None:
-        self.sampler = DistributedSampler(n, cfg.global_batch_size, rank, world, seed=cfg.seed)
+        self.sampler = DistributedSampler(n, cfg.global_batch_size, rank, world, seed=cfg.seed, uneven=True)
         self.B = cfg.global_batch_size
 
     def take(self, idx) -> tuple:
