@@ -4,12 +4,15 @@
 
 kills that rank with SIGKILL the 3rd time it reaches ``checkpoint-write`` (after the temporary
 file is written, before it is renamed into place) - the moment a power cut would hurt most.
+``DISTTRAIN_FAULT_ACTION=sleep:S`` makes that rank sleep S seconds at every hit instead (a
+straggler: tests that act from outside at a moment they observe need a run slow enough to see it).
 Unset (the default), ``point`` is one dictionary lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 _hits: dict = {}
 
@@ -20,6 +23,10 @@ def point(name: str) -> None:
     from .runtime import _world
 
     if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != (_world.rank if _world is not None else 0):
+        return
+    action = os.environ.get("DISTTRAIN_FAULT_ACTION", "kill")
+    if action.startswith("sleep:"):
+        time.sleep(float(action[6:]))
         return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(os.environ.get("DISTTRAIN_FAULT_AT", "1")):
