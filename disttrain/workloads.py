@@ -322,6 +322,15 @@ def _gnmt_sizes(spec: str) -> tuple:
     return emb, hidden, layers
 
 
+def dp_invariant(cfg) -> bool:
+    """Whether every step's global batch is the same at any number of data-parallel replicas - what
+    resuming at another dp (an elastic restart on fewer ranks) needs to continue the same run. The
+    fixed-batch workloads share one global batch (unevenly if need be); gnmt only with load_balanced
+    batching of a --global-batch-size: naive and bucketed shard the epoch per rank, and a
+    --max-tokens budget is per rank, so there the batches change with dp."""
+    return cfg.model != "gnmt" or (cfg.batching == "load_balanced" and not cfg.max_tokens)
+
+
 #: --model -> workload class
 
 #: per-model defaults, applied before the config file and the flags (which win)

@@ -19,6 +19,9 @@ import time
 import numpy as np
 import pytest
 
+from disttrain.job.config import parse_config
+from disttrain.job.resume import _check_restore
+from disttrain.workloads import dp_invariant
 from tests._mpirun import OVERSUBSCRIBE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,3 +193,19 @@ def test_a_lost_host_is_dropped_and_an_added_host_is_used(tmp_path):
     assert sorted(launches[:2]) == ["hA", "hB"] and sorted(launches[-2:]) == ["hA", "hC"], launches
     assert "hB" not in launches[2:], launches
     assert sorted(_losses(tmp_path / "m.jsonl")) == list(range(25, STEPS_LONG + 1, 25))
+
+
+def test_resuming_at_another_dp_is_refused_when_the_batches_depend_on_dp():
+    """gnmt's bucketed batching shards the epoch per rank: a checkpoint of dp=2 resumed at dp=1
+    would continue a different run - refused (like another seed) unless --resume-force."""
+    meta = dict(config={}, step=1, mesh=dict(dp=2, pp=1, tp=1), params={})
+    bucketed = parse_config(["--model", "gnmt", "--batching", "bucketed", "--max-tokens", "0"])
+    with pytest.raises(ValueError, match=r"dp=2 \(now 1\), and this workload's batches depend on dp"):
+        _check_restore(bucketed, "ck", meta, {}, {}, print)
+    warned = []
+    _check_restore(parse_config(["--model", "gnmt", "--batching", "bucketed", "--max-tokens", "0",
+                                 "--resume-force"]), "ck", meta, {}, {}, warned.append)
+    assert "dp=2" in warned[0]
+    _check_restore(parse_config(["--model", "mlp"]), "ck", meta, {}, {}, print)  # one global batch at any dp
+    assert dp_invariant(parse_config(["--model", "gnmt", "--batching", "load_balanced", "--max-tokens", "0"]))
+    assert not dp_invariant(parse_config(["--model", "gnmt"]))  # a per-rank --max-tokens budget
