@@ -79,7 +79,9 @@ if [ "${1:-}" = "--rank-wrapper" ]; then
 fi
 
 die() { echo "elastic: $1" >&2; exit "${2:-64}"; }
-posint() { [[ "$2" =~ ^[0-9]+$ ]] && [ "$2" -ge "${3:-1}" ] || die "$1 must be an integer >= ${3:-1} (got '$2')"; }
+posint() {  # $1 = option, $2 = value, $3 = least allowed (default 1)
+  if ! [[ "$2" =~ ^[0-9]+$ ]] || [ "$2" -lt "${3:-1}" ]; then die "$1 must be an integer >= ${3:-1} (got '$2')"; fi
+}
 
 min_ranks=1 max_ranks="" max_restarts=3 hostfile=""
 while [ $# -gt 0 ]; do
@@ -95,8 +97,9 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || die "no program; usage: elastic.sh [options] -- [PYTHON] -m disttrain.train ARGS..."
 if [ "$1" = "-m" ]; then set -- "${PYTHON:-python}" "$@"; fi
-[ $# -ge 3 ] && [ "$2" = "-m" ] && [ "$3" = "disttrain.train" ] \
-  || die "the program must be the main job: [PYTHON] -m disttrain.train ARGS... (got: $*)"
+if [ $# -lt 3 ] || [ "$2" != "-m" ] || [ "$3" != "disttrain.train" ]; then
+  die "the program must be the main job: [PYTHON] -m disttrain.train ARGS... (got: $*)"
+fi
 py=$1
 shift 3
 job_args=("$@")
@@ -111,7 +114,12 @@ read -r granule dp0 ckpt_dir <<< "$plan"
 
 run_dir=$(mktemp -d "${TMPDIR:-/tmp}/elastic.XXXXXX")
 job_pid=""
-stop_job() { [ -z "$job_pid" ] || kill -TERM -- "-$job_pid" 2>/dev/null || true; }
+stop_job() {  # the launcher is stopped: stop the job (its process group) and wait for it, then leave
+  [ -n "$job_pid" ] || return 0
+  kill -TERM -- "-$job_pid" 2>/dev/null || true
+  wait "$job_pid" 2>/dev/null || true
+  kill_leftovers
+}
 trap 'rm -rf "$run_dir"' EXIT
 trap 'stop_job; exit 130' INT
 trap 'stop_job; exit 143' TERM HUP
@@ -161,12 +169,12 @@ choose_world() {  # -> $world, or exit 69 naming what is missing
   local where="on ${hosts[*]:-no hosts}"
   [ -n "$hostfile" ] || where="on this host"
   if [ "$world" -lt "$min_ranks" ] || [ "$world" -lt 1 ]; then
-    die "giving up: $avail usable rank(s) $where (--max-ranks ${max_ranks:-none}, multiples of pp x tp = $granule) give $world, fewer than --min-ranks $min_ranks" 69
+    die "giving up${why:+ after $why}: $avail usable rank(s) $where (--max-ranks ${max_ranks:-none}, multiples of pp x tp = $granule) give $world, fewer than --min-ranks $min_ranks" 69
   fi
 }
 
 attribute() {  # after a failed launch: $why, $failed_hosts (with a hostfile) / $lost_slots; 1 if none
-  local rec f st r sig all_exited=1
+  local rec st r sig all_exited=1
   why="" failed_hosts=() lost_slots=0
   declare -A seen=()
   for ((r = 0; r < world; r++)); do
@@ -178,9 +186,9 @@ attribute() {  # after a failed launch: $why, $failed_hosts (with a hostfile) / 
       seen[$r]="rank $r (host ${rank_host[r]}) killed by signal $sig"
     fi
   done
-  for r in $(grep -oE 'rank [0-9]+ has left the job' "$errlog" 2>/dev/null | awk '{print $2}' | sort -un); do
-    [ -n "${seen[$r]:-}" ] || seen[$r]="rank $r (host ${rank_host[r]:-?}) left the job"
-  done
+  while read -r r; do
+    [ -z "$r" ] || [ -n "${seen[$r]:-}" ] || seen[$r]="rank $r (host ${rank_host[r]:-?}) left the job"
+  done < <(grep -oE 'rank [0-9]+ has left the job' "$errlog" 2>/dev/null | awk '{print $2}' | sort -un)
   while read -r r sig; do
     [ -n "$r" ] && [ -z "${seen[$r]:-}" ] && seen[$r]="rank $r (host ${rank_host[r]:-?}) received $sig"
   done < <(grep -oE 'rank [0-9]+: received SIG[A-Z]+' "$errlog" 2>/dev/null | sed -E 's/rank ([0-9]+): received /\1 /' | sort -un)
@@ -201,22 +209,24 @@ attribute() {  # after a failed launch: $why, $failed_hosts (with a hostfile) / 
 }
 
 kill_leftovers() {  # every process group of the last launch recorded on this host: gone before relaunch
-  local pg t me
-  me=$(hostname)
-  for pg in $(cat "$records"/rank-* 2>/dev/null | awk -v h="$me" '$1 == "start" && $4 == h {print $3}' | sort -u); do
-    [[ "$pg" =~ ^[0-9]+$ ]] && [ "$pg" -gt 1 ] || continue
+  local pg t me mine
+  me=$(hostname) mine=$(ps -o pgid= -p $$ | tr -d ' ')
+  [ -n "${records:-}" ] || return 0
+  while read -r pg; do
+    if ! [[ "$pg" =~ ^[0-9]+$ ]] || [ "$pg" -le 1 ] || [ "$pg" = "$mine" ]; then continue; fi
     kill -KILL -- "-$pg" 2>/dev/null || true
     for ((t = 0; t < 100; t++)); do kill -0 -- "-$pg" 2>/dev/null || break; sleep 0.1; done
-  done
+  done < <(cat "$records"/rank-* 2>/dev/null | awk -v h="$me" '$1 == "start" && $4 == h {print $3}' | sort -u)
 }
 
-restarts=0 old_world="" resume_step=""
+restarts=0 old_world="" resume_step="" records="" why=""
 read_hosts
 if [ "$dp0" -gt 0 ]; then  # an explicit --dp fixes the first size
   world=$((dp0 * granule)) avail=0
   for n in "${slots[@]}"; do avail=$((avail + n)); done
-  [ "$world" -ge "$min_ranks" ] && { [ -z "$max_ranks" ] || [ "$world" -le "$max_ranks" ]; } && [ "$world" -le "$avail" ] \
-    || die "--dp $dp0 x pp x tp ($granule) needs $world ranks: outside [--min-ranks $min_ranks, --max-ranks ${max_ranks:-$avail}] or more than the $avail usable; drop --dp (the job then fits dp to the ranks) or change it"
+  if [ "$world" -lt "$min_ranks" ] || { [ -n "$max_ranks" ] && [ "$world" -gt "$max_ranks" ]; } || [ "$world" -gt "$avail" ]; then
+    die "--dp $dp0 x pp x tp ($granule) needs $world ranks: outside [--min-ranks $min_ranks, --max-ranks ${max_ranks:-$avail}] or more than the $avail usable; drop --dp (the job then fits dp to the ranks) or change it"
+  fi
 else
   choose_world
 fi

@@ -9,4 +9,5 @@ while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done
 host=${1:?}; shift
 dir=${FAKE_SSH_DIR:?}
 if [ -e "$dir/down-$host" ]; then echo "fake_ssh: connect to host $host: No route to host" >&2; exit 255; fi
+# shellcheck disable=SC2016  # expanded by the inner bash, not here
 exec setsid -w bash -c 'echo "launch $0 $$" >> "$1/launches.log"; exec sh -c "$2"' "$host" "$dir" "$*"

@@ -101,12 +101,16 @@ def test_every_step_differs_from_a_wrong_curve(reference):
     assert abs(reference[STEPS] - reference[1]) > 1e3 * RTOL * abs(reference[1])
 
 
-def test_too_few_ranks_left_is_a_clear_failure(tmp_path):
-    env = _env(tmp_path, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_AT="3", DISTTRAIN_FAULT_RANK="1")
+def test_a_departed_rank_is_named_and_too_few_ranks_left_is_a_clear_failure(tmp_path):
+    # rank 1 quits (sys.exit(0)) in its 3rd step while the others wait for it: the job's departure
+    # protocol aborts naming it (issue 14), the launcher attributes the failure from that line
+    env = _env(tmp_path, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_AT="3", DISTTRAIN_FAULT_RANK="1",
+               DISTTRAIN_FAULT_ACTION="exit")
     rc, out, err = _elastic(tmp_path, ["--max-ranks", "4", "--min-ranks", "4"], env)
     assert rc == 69, out + err
     assert RESTART.findall(err) == []
-    assert re.search(r"elastic: giving up: 3 usable rank\(s\) on this host .* fewer than --min-ranks 4", err), err
+    assert re.search(r"elastic: giving up after rank 1 \(host localhost\) left the job: 3 usable rank\(s\) on this "
+                     r"host .* fewer than --min-ranks 4", err), err
 
 
 def test_exhausted_restarts_are_a_clear_failure(tmp_path):
@@ -209,3 +213,24 @@ def test_resuming_at_another_dp_is_refused_when_the_batches_depend_on_dp():
     _check_restore(parse_config(["--model", "mlp"]), "ck", meta, {}, {}, print)  # one global batch at any dp
     assert dp_invariant(parse_config(["--model", "gnmt", "--batching", "load_balanced", "--max-tokens", "0"]))
     assert not dp_invariant(parse_config(["--model", "gnmt"]))  # a per-rank --max-tokens budget
+
+
+def test_stopping_the_launcher_stops_the_job_without_a_restart(tmp_path):
+    env = _env(tmp_path, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_ACTION="sleep:0.05",
+               DISTTRAIN_FAULT_RANK="0")
+
+    def during(proc):
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("elastic.*/launch-0/rank-1")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        records = list(tmp_path.glob("elastic.*/launch-0/rank-*"))
+        during.pgids = [int(ln.split()[2]) for f in records for ln in open(f) if ln.startswith("start")]
+        proc.send_signal(signal.SIGTERM)
+
+    rc, out, err = _elastic(tmp_path, ["--max-ranks", "2"], env, steps=2000, during=during)
+    assert rc == 143 and RESTART.findall(err) == [], out + err
+    assert len(during.pgids) == 2
+    for pg in during.pgids:  # nothing of the job outlives the launcher
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pg, 0)
