@@ -83,8 +83,9 @@ def reference(tmp_path_factory):
 def test_a_killed_rank_restarts_on_fewer_ranks_and_continues_the_loss_curve(tmp_path, reference):
     # rank 2 SIGKILLs itself in its 23rd step (disttrain/faults.py), after the checkpoint of step 20;
     # the relaunched processes count from 1 again and finish (20 steps) before a 23rd
+    # an explicit --dp 4 sets the first launch; the restart passes --dp 3
     env = _env(tmp_path, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_AT="23", DISTTRAIN_FAULT_RANK="2")
-    rc, out, err = _elastic(tmp_path, ["--max-ranks", "4", "--min-ranks", "2"], env)
+    rc, out, err = _elastic(tmp_path, ["--max-ranks", "4", "--min-ranks", "2"], env, extra=["--dp", "4"])
     assert rc == 0, out + err
     lines = RESTART.findall(err)
     assert lines == ["elastic: restart 1/3: rank 2 (host localhost) killed by signal 9; world 4 -> 3; "
