@@ -66,12 +66,14 @@ self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]
 if [ "${1:-}" = "--rank-wrapper" ]; then
   shift
   r=${PMI_RANK:-${OMPI_COMM_WORLD_RANK:-unknown}}
-  rec="${DTELASTIC_RECORDS:?}/rank-$r"
-  echo "start $r $(ps -o pgid= -p $$ | tr -d ' ') $(hostname)" >> "$rec"
+  rec="${DTELASTIC_RECORDS:-/nonexistent}/rank-$r"
   set +e
+  # records are best effort: a rank that cannot write one must still run (the others would wait
+  # for it in MPI_Init forever); the launcher then attributes from abort lines and host probes
+  { echo "start $r $(ps -o pgid= -p $$ | tr -d ' ') $(hostname)" >> "$rec"; } 2>/dev/null
   "$@"
   rc=$?
-  echo "exit $r $rc" >> "$rec"
+  { echo "exit $r $rc" >> "$rec"; } 2>/dev/null
   # died by a signal: die by it too - an exit status of 137 would be an ordinary exit to mpiexec,
   # which would then leave the other ranks waiting for this one instead of ending the job
   if [ "$rc" -gt 128 ]; then kill -s "$((rc - 128))" $$; fi
@@ -271,7 +273,8 @@ while :; do
   old_world=$world
   read_hosts
   choose_world
-  resume_step=$("$py" -m disttrain.elastic newest-step "$ckpt_dir")
+  resume_step=$("$py" -m disttrain.elastic newest-step "$ckpt_dir") \
+    || die "giving up: cannot look for checkpoints in $ckpt_dir (above) after $why" 1
   if [ "$resume_step" = none ]; then
     resume_step="" from="no valid checkpoint yet: starting fresh"
   else
