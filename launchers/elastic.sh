@@ -50,11 +50,17 @@
 # 6. Relaunch with --resume if the checkpoint directory holds a valid checkpoint (the step comes from
 #    python -m disttrain.elastic newest-step, the same choice the job's resume makes), else fresh.
 #    Each restart is ONE line on stderr:
-#      elastic: restart 1/3: rank 2 (host vm) killed by signal 9; world 4 -> 3; resuming from step 35
+#      elastic: restart 1/3: rank 2 (host localhost) killed by signal 9; world 4 -> 3; resuming from step 20
 #
 # The global batch (--global-batch-size) stays the same at every world size: the fixed-batch
 # workloads share it unevenly when the ranks do not divide it and weight the gradients by share, so
-# the run continues the uninterrupted run's model up to the reduction order.
+# the run continues the uninterrupted run's model up to the reduction order. (gnmt's naive / bucketed
+# batching and --max-tokens budgets depend on dp: the job refuses to resume those at another dp.)
+#
+# The records live in a fresh directory under $TMPDIR (removed at exit); on several hosts TMPDIR must
+# be a directory they all see, or only abort lines and host probes attribute failures. Hosts can be
+# emulated on one machine without root: HYDRA_LAUNCHER=ssh HYDRA_LAUNCHER_EXEC=tests/fake_ssh.sh
+# (each "host" a session of its own; tests/test_elastic.py kills one with all its processes).
 #
 # Exit status: the job's (0 on success, its own non-zero status for a failure that is not a rank or
 # host failure); 64 usage or configuration error; 69 fewer than --min-ranks usable ranks; 75 the job
