@@ -47,8 +47,9 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_one(tmp_path, 
 
 
 def test_configuration_errors_end_every_rank_with_a_message(tmp_path):
-    for flags, msg in [(["--global-batch-size", "10"], "not divisible by the 3 ranks"),
-                       (["--steps", "0"], "steps must be positive"),
+    # (a global batch the 3 ranks do not divide is no longer an error: shares differ by one sample,
+    # tests/mpi/test_uneven_batch.py and tests/test_elastic.py check the result against one process)
+    for flags, msg in [(["--steps", "0"], "steps must be positive"),
                        (["--optimizer", "rmsprop"], "optimizer must be"),
                        (["--compression", "gzip"], "unknown compression 'gzip'"),
                        (["--compression", "bf16", "--algorithm", "tree"], "16-bit-wire ring"),
