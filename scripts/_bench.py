@@ -71,3 +71,15 @@ def add_output_args(ap, name: str) -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "results", name), help="results path without extension")
     ap.add_argument("--plot", action="store_true", help="also draw OUT.png (needs matplotlib: the 'plot' extra)")
     ap.add_argument("--from-json", help="reprint (and --plot) a saved OUT.json instead of measuring")
+
+
+def rows_over_procs(a, script: str, worker_flags: list, label: str = "P") -> list[dict]:
+    """The usual driver: one ``mpiexec -n P script --worker FLAGS`` job per P in ``a.procs``
+    (throttled when P exceeds ``a.cores``); returns every job's rows, saved to ``a.out``."""
+    rows = []
+    for P in (int(p) for p in a.procs.split(",")):
+        print(f"{label}={P} ...", file=sys.stderr, flush=True)
+        cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(script), "--worker", *map(str, worker_flags)]
+        rows += run_result(cmd, worker_env(1, P > a.cores), a.timeout)["rows"]
+    save(a.out, {k: v for k, v in vars(a).items() if k != "worker"}, rows)
+    return rows

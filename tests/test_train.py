@@ -146,6 +146,7 @@ def test_mesh_configuration_errors_end_every_rank_with_a_message():
                            "heads 4 is not divisible by the tensor-parallel size 3"),
                           (2, ["--model", "dlrm", "--sharding", "column"], "sharding must be one of"),
                           (2, ["--model", "dlrm", "--tables", "10,x"], "tables: expected rows per table"),
+                          (2, ["--model", "dlrm", "--optimizer", "lamb"], "lamb cannot apply row-sparse embedding"),
                           (2, ["--model", "dlrm", "--checkpoint-dir", "ck"], "checkpoints of sharded-embedding runs")]:
         res, took = train(n, *flags, timeout=60)
         assert res.returncode != 0 and msg in res.stdout, (flags, res.stdout)
@@ -165,6 +166,7 @@ def test_dlrm_sharded_main_job_reproduces_one_process_and_learns(tmp_path):
         got[name] = [r["loss"] for r in recs if "loss" in r]
         if n > 1:
             assert recs[0]["embedding_alltoall_bytes"] > 0
+        assert "sparse updates" in res.stdout  # the default: row-sparse gradients, lazy Adam
         final = recs[-1]
     for name in ("table3", "row2"):
         assert got[name] == pytest.approx(got["one"], rel=1e-9), name

@@ -85,6 +85,9 @@ class TrainConfig:
     samples: int = _opt(200000, "dlrm: synthetic click samples (90% train, 10% test); >= 1")
     alltoall_algorithm: str = _opt("auto", "dlrm: the embedding AllToAll algorithm",
                                    ["auto", "pairwise", "bruck", "mpi"])
+    sparse_embeddings: bool = _opt(True, "dlrm: row-sparse embedding gradients, the optimizer updates only the rows "
+                                         "a step looked up (sgd: lazy momentum, adam/adamw: lazy Adam; lamb refuses) "
+                                         "(--no-sparse-embeddings: dense gradients, every row swept every step)")
 
 
 class ConfigError(ValueError):
@@ -292,6 +295,11 @@ def _validate(c: TrainConfig) -> None:
                             "optimizer with --compression, or --compression none")
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
+    if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS
+            and not optim.OPTIMIZERS[c.optimizer].sparse):
+        sparse = [n for n in optim.OPTIMIZERS if optim.OPTIMIZERS[n].sparse]
+        problems.append(f"optimizer {c.optimizer} cannot apply row-sparse embedding gradients: use one of {sparse}, "
+                        "or --no-sparse-embeddings")
     if c.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
     if c.micro_batches < 1:
