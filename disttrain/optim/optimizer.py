@@ -14,12 +14,12 @@ from ..nn.sparse import RowSparseGrad
 
 
 class Optimizer:
+    #: True when the optimizer can apply row-sparse gradients (``_update_rows``)
+    sparse = False
     #: True when the update of a parameter needs quantities of the whole tensor (LAMB's norms): a
     #: ZeRO-sharded DataParallel, whose ranks each hold a slice, refuses such an optimizer unless it
     #: takes the sums of partial norms through a ``norm_sums`` attribute (as LAMB does).
     whole_tensor_update = False
-    #: True when the optimizer can apply row-sparse gradients (``_update_rows``)
-    sparse = False
 
     def __init__(self, params, lr: float):
         self.params = list(params)
