@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import log
-from ..runtime import as_group
+from ..groups import as_group
 from . import manifest, reader, state, writer
 from .manifest import CheckpointError, CorruptCheckpoint
 

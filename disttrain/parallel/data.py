@@ -36,8 +36,8 @@ from .. import timeline
 from ..comm import kernels as comm_kernels
 from ..comm import lowlevel as L
 from ..nn.module import Module
-from ..runtime import as_group
-from ..runtime import rank as world_rank
+from ..groups import as_group
+from ..groups import rank as world_rank
 from . import zero as ZR
 from .units import Units, top_units, union_and_overlap
 

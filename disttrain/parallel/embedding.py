@@ -51,7 +51,7 @@ from ..nn import kernels as K
 from ..nn.layout import Piece
 from ..nn.module import Module, Parameter
 from ..nn.sparse import RowSparseGrad
-from ..runtime import as_group
+from ..groups import as_group
 from .counters import Counters
 from .embedding_init import seed_from, table_rows
 

@@ -16,7 +16,8 @@ or ranks that disagree about the mesh raise ValueError / CollectiveError everywh
 from __future__ import annotations
 
 from ..comm import validate
-from ..runtime import Group, split, world
+from ..groups import Group, world
+from ..runtime import split
 
 
 class Mesh:

@@ -32,7 +32,7 @@ from ..nn.init import kaiming_uniform, xavier_uniform
 from ..nn.layout import Piece
 from ..nn.linear import affine_backward, affine_forward
 from ..nn.module import Module, Parameter
-from ..runtime import as_group
+from ..groups import as_group
 from .counters import Counters
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import timeline
 from ..comm import lowlevel as L
-from ..runtime import rank as world_rank
+from ..groups import rank as world_rank
 
 
 IN_FLIGHT = 2  # whole gradient buckets allowed to wait for their reduce-scatter at once
