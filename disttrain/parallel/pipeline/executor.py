@@ -21,6 +21,7 @@ plus the transient activations a recomputation re-creates), ``recompute_s``, ``c
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -195,17 +196,14 @@ class Pipeline:
         else:
             dy = self.net.recv(self._neighbour(c, 1)[0], BWD, i, c)
         t = time.perf_counter()
-        if self.recompute == "selective":
-            dx, transient = self._unitwise(chunk, kept, dy)
-        elif self.split:
-            dx = chunk.backward_input(dy)
-        elif self._ddp_last and final:
+        if self._ddp_last and final:
             dx = self.ddp.backward(dy)  # the last one: the dp allreduce of the accumulated grads
-        elif self.ddp is not None:
-            with self.ddp.no_sync():
-                dx = chunk.backward(dy)
         else:
-            dx = chunk.backward(dy)
+            with self._local():
+                if self.recompute == "selective":
+                    dx, transient = self._unitwise(chunk, kept, dy)
+                else:
+                    dx = chunk.backward_input(dy) if self.split else chunk.backward(dy)
         self._times["compute_s"] += time.perf_counter() - t
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
@@ -221,25 +219,20 @@ class Pipeline:
             t = time.perf_counter()
             transient = max(transient, S.recompute(unit, x, rng))
             self._times["recompute_s"] += time.perf_counter() - t
-            if self.split:
-                dy = unit.backward_input(dy)
-            elif self.ddp is not None:
-                with self.ddp.no_sync():
-                    dy = unit.backward(dy)
-            else:
-                dy = unit.backward(dy)
+            dy = unit.backward_input(dy) if self.split else unit.backward(dy)
             if not self.split and unit is not chunk:
                 chunk._grads_ready(unit)
         return dy, transient
+
+    def _local(self):
+        """Gradients accumulate locally (DataParallel's allreduce comes once, after the step)."""
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
 
     def _weight(self, i: int, c: int) -> None:
         saved, _ = self._kept[("W", i, c)]
         S.restore(saved)
         t = time.perf_counter()
-        if self.ddp is not None:
-            with self.ddp.no_sync():
-                self.chunks[c].backward_weight()
-        else:
+        with self._local():
             self.chunks[c].backward_weight()
         self._times["compute_s"] += time.perf_counter() - t
         self._keep(("W", i, c), None, 0)
