@@ -153,3 +153,38 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
     # ranks that disagree (one rank asks for another schedule) raise everywhere, no hang
     with pytest.raises(CollectiveError):
         Pipeline(two, mesh.pp_group, loss, "zb1" if mesh.pp_rank == p - 1 else "1f1b", micro_batches=p)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cache_shapes", [True, False])
+def test_changing_batch_shapes_and_evaluation_between_steps(comm, cache_shapes):
+    """Known-shape steps (no headers, receives posted up front) follow header steps only while the
+    input shape repeats: batches of 120, 120, 60, 60, 120 samples and an evaluation in between give
+    the one-process result."""
+    dp, pp = pipeline_shape(comm.Get_size())
+    mesh = Mesh(dp=dp, pp=pp)
+    sizes = [B, B, B // 2, B // 2, B]
+    data = [batches(1, dp * n, seed=20 + k)[0] for k, n in enumerate(sizes)]
+    schedule, v = ("interleaved", 2) if pp in (2, 4) else ("zb1", 1)
+    pipe, stage, ref = build(mesh, schedule, 4 if pp != 3 else 3, v)
+    pipe.net.cache = cache_shapes
+    model, loss_fn = nn.Sequential(*ref), nn.SoftmaxCrossEntropy()
+    opt_ref, opt = sgd(model.parameters()), sgd(stage.parameters())
+    for k, (x, y) in enumerate(data):
+        n = len(x) // dp
+        want = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        opt_ref.step()
+        opt_ref.zero_grad()
+        rows = slice(mesh.dp_rank * n, (mesh.dp_rank + 1) * n)
+        got = pipe.step(x[rows] if mesh.pp_is_first_stage else None, y[rows] if mesh.pp_is_last_stage else None)
+        opt.step()
+        opt.zero_grad()
+        assert pipe.net.known == (cache_shapes and k in (1, 3)), k
+        if dp == 1:
+            assert got == pytest.approx(want, rel=1e-10)
+        if k == 1:
+            ev = data[0][0][:7]
+            np.testing.assert_allclose(pipe.predict(ev if mesh.pp_is_first_stage else None), model.forward(ev),
+                                       rtol=1e-10)
+    assert_matches(stage, ref, [], [], 2)

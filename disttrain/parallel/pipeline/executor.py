@@ -48,6 +48,9 @@ class Pipeline:
         micro_batches: m; the batch must divide by it (and m by p, interleaved).
         virtual_stages: V, chunks per rank (interleaved only).
         recompute: "none", "full" or "selective" (stash.py).
+        cache_shapes: once a step's input shape repeats, send no shape headers and post every
+            receive up front into reused buffers (p2p.py); False for layers whose output shapes
+            depend on the data, not only on the input shape.
 
     Returns (``step(x, y)``): the mean loss over the batch, on every stage. x is used on the first
     stage, y on the last (others may pass None). Parameter gradients are then the global-batch
@@ -59,7 +62,7 @@ class Pipeline:
     """
 
     def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
-                 virtual_stages: int = 1, recompute: str = "none"):
+                 virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True):
         self.group = as_group(group)
         self.s, self.p = self.group.rank, self.group.size
         self.ddp = stage if hasattr(stage, "no_sync") else None
@@ -85,7 +88,10 @@ class Pipeline:
         self.split = SCHEDULES[schedule].split
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
         ps = self.module.parameters()  # received activations take the stage's dtype
-        self.net = P2P(self.group.comm, ps[0].data.dtype if ps else np.float32, micro_batches)
+        self.net = P2P(self.group.comm, ps[0].data.dtype if ps else np.float32, micro_batches, cache_shapes)
+        self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
+                          for op, i, c in self.ops
+                          if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]
         # DataParallel's overlapped path (the last backward through ddp.backward) needs one whole
         # backward per op; otherwise every backward runs under no_sync and the allreduce follows.
         self._ddp_last = self.ddp is not None and v == 1 and not self.split and recompute != "selective"
@@ -121,7 +127,7 @@ class Pipeline:
         self._losses, self._kept, self._live = np.zeros(m), {}, [0, 0]
         self._peak = [0, 0]
         self._times = dict(compute_s=0.0, recompute_s=0.0)
-        self.net.reset()
+        self.net.begin(tuple(x.shape) if self.is_first else None, self._expected)
         last = max(k for k, (op, _, _) in enumerate(self.ops) if op != "F")
         t0 = time.perf_counter()
         for k, (op, i, c) in enumerate(self.ops):
@@ -136,6 +142,7 @@ class Pipeline:
         op = stall.enter("pipeline send completion", None, group=None)
         mpi.MPI.Request.Waitall(self.net.sends)
         stall.leave(op)
+        self.net.end()
         loss = float(self.group.comm.bcast(self._losses.mean() if self.is_last else None, root=self.p - 1))
         self.stats = dict(self._times, wall_s=time.perf_counter() - t0, peak_live=self._peak[0],
                           peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
@@ -241,6 +248,7 @@ class Pipeline:
         """Forward only (evaluation, no activations kept for backward): x on the first stage;
         returns the last stage's output on every stage of the group."""
         self.net.reset()
+        self.net.forget()  # evaluation batches may have any shape: headers, on every rank
         out = None
         for c, chunk in enumerate(self.chunks):
             inp = x if self._global(c) == 0 else self.net.recv(self._neighbour(c, -1)[0], FWD, 0, c)
