@@ -148,8 +148,14 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
         Pipeline(two, mesh.pp_group, loss, "interleaved", micro_batches=p, virtual_stages=3)
     with pytest.raises(CollectiveError, match="recompute must be one of"):
         Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, recompute="some")
+    pipe = Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=2)
+    first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
+    with pytest.raises(CollectiveError, match="divide into 2 micro-batches"):  # zero samples
+        pipe.step(np.zeros((0, D)) if first else None, np.zeros((0, D)) if last else None)
     if p == 1:
         return
+    with pytest.raises(CollectiveError, match="batch has 4 samples but the last stage's targets 6"):
+        pipe.step(np.zeros((4, D)) if first else None, np.zeros((6, D)) if last else None)
     # ranks that disagree (one rank asks for another schedule) raise everywhere, no hang
     with pytest.raises(CollectiveError):
         Pipeline(two, mesh.pp_group, loss, "zb1" if mesh.pp_rank == p - 1 else "1f1b", micro_batches=p)

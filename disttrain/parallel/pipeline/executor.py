@@ -28,6 +28,7 @@ import numpy as np
 
 from ... import mpi, stall
 from ...comm import validate
+from ...errors import CollectiveError
 from ...groups import as_group
 from ...nn.module import Sequential
 from . import stash as S
@@ -115,19 +116,27 @@ class Pipeline:
     def step(self, x=None, y=None) -> float:
         m = self.m
         err = None
-        if self.is_first and (x is None or len(x) % m):
+        if self.is_first and (x is None or len(x) % m or len(x) < m):
             err = (f"the first stage needs the batch x, and its {len(x) if x is not None else 0} samples must "
-                   f"divide into {m} micro-batches")
-        elif self.is_last and (y is None or len(y) % m):
+                   f"divide into {m} micro-batches (of at least one sample)")
+        elif self.is_last and (y is None or len(y) % m or len(y) < m):
             err = (f"the last stage needs the targets y, and their {len(y) if y is not None else 0} samples "
-                   f"must divide into {m} micro-batches")
+                   f"must divide into {m} micro-batches (of at least one sample)")
         validate.check(self.group.comm, "Pipeline.step", {}, err, always=True)
+        # the first stage's input shape, the last stage's targets and what each rank remembers of the
+        # shapes: the same list on every rank, so the verdicts below are the same everywhere
+        info = self.group.comm.allgather((tuple(x.shape) if self.is_first else None,
+                                          len(y) if self.is_last else None, self.net.cached_for))
+        shape, targets = info[0][0], info[-1][1]
+        if shape[0] != targets:
+            raise CollectiveError(f"Pipeline.step: the first stage's batch has {shape[0]} samples but the last "
+                                  f"stage's targets {targets}: pass the same global batch on every stage")
         self._xs = np.split(x, m) if self.is_first else None
         self._ys = np.split(y, m) if self.is_last else None
         self._losses, self._kept, self._live = np.zeros(m), {}, [0, 0]
         self._peak = [0, 0]
         self._times = dict(compute_s=0.0, recompute_s=0.0)
-        self.net.begin(tuple(x.shape) if self.is_first else None, self._expected)
+        self.net.begin(shape, [i[2] for i in info], self._expected)
         last = max(k for k, (op, _, _) in enumerate(self.ops) if op != "F")
         t0 = time.perf_counter()
         for k, (op, i, c) in enumerate(self.ops):

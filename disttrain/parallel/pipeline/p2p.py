@@ -13,7 +13,8 @@ Two modes per step, agreed by every rank of the pipeline at the step's start (``
 - *headers*: each array goes as a small shape header then the data; the receiver allocates. The
   shapes seen are remembered, keyed by the step's input shape.
 - *known shapes* (the previous step had the same input shape on the first stage, and every rank
-  remembers the shapes of that input - the same verdict everywhere, from one allgather): no headers;
+  remembers the shapes of that input - the same verdict everywhere, from one allgather of the
+  pipeline's step): no headers;
   every receive of the step is posted up front (MPI_Irecv into buffers reused from step to step, so
   data lands where it is read instead of in MPI's unexpected-message queue), and an op's receive is
   a wait. A layer whose output shape depends on the data, not on the input shape, is caught: the
@@ -49,20 +50,21 @@ class P2P:
     def tag(self, direction: int, i: int, chunk: int) -> int:
         return _TAG0 + 2 * (chunk * self.m + i) + direction
 
-    def begin(self, input_key, expected) -> None:
-        """Agree on this step's mode with every rank; in known-shape mode post every receive.
+    def begin(self, input_key, cached: list, expected) -> None:
+        """This step's mode, decided from the same arguments on every rank; in known-shape mode
+        post every receive.
 
         Args:
-            input_key: the first stage's input shape (None on other ranks).
+            input_key: the first stage's input shape this step.
+            cached: every rank's ``cached_for`` (gathered).
             expected: (src, direction, micro-batch, chunk) of every receive this rank makes."""
         self.reset()
         for req in self.posted.values():  # a step that raised left receives posted: withdraw them
             req.Cancel()
             req.Wait()
         self.posted = {}
-        keys = self.comm.allgather((input_key, self.cached_for if self.cache else None))
-        self.input_key = keys[0][0]
-        self.known = self.cache and all(k[1] == self.input_key for k in keys)
+        self.input_key = input_key
+        self.known = self.cache and all(c == input_key for c in cached)
         if not self.known:
             self.forget()
             return
@@ -79,7 +81,7 @@ class P2P:
 
     def end(self) -> None:
         """The step completed: its shapes are known for its input shape."""
-        self.cached_for = self.input_key
+        self.cached_for = self.input_key if self.cache else None
 
     def send(self, a, dest: int, direction: int, i: int, chunk: int) -> None:
         """Send a to rank `dest`, for its chunk `chunk`, micro-batch i."""
