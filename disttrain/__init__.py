@@ -13,6 +13,7 @@ from .comm import (ALLREDUCE_ALGORITHMS, ALLTOALL_ALGORITHMS, CollectiveError, H
 from .parallel import DataParallel, Mesh, Pipeline, broadcast_optimizer_state, broadcast_parameters
 from . import timeline
 from .flight import dump_flight_record
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .nn.gradcheck import gradcheck
 from .stall import set_stall_timeout
 from .runtime import Group, init, install_early_abort_hook, local_rank, local_size, new_group, rank, size, world
@@ -24,6 +25,6 @@ __all__ = ["init", "rank", "size", "local_rank", "local_size", "world", "new_gro
            "allgather", "reduce_scatter", "alltoall", "calibrate", "set_validation", "set_verbose",
            "Handle", "CollectiveError", "ALLREDUCE_ALGORITHMS", "ALLTOALL_ALGORITHMS",
            "DataParallel", "Mesh", "Pipeline", "broadcast_parameters", "broadcast_optimizer_state", "timeline", "set_stall_timeout",
-           "dump_flight_record", "gradcheck"]
+           "dump_flight_record", "gradcheck", "save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 install_early_abort_hook()  # an exception before dt.init() ends the whole job, not only this rank

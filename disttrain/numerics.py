@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .nn.sparse import RowSparseGrad
+
 
 @njit(nogil=True, cache=True)
 def _finite(a):
@@ -20,9 +22,12 @@ def _finite(a):
 
 
 def all_finite(arrays) -> bool:
-    """True when every element of every array (or Parameter's .grad) is finite."""
+    """True when every element of every array (or Parameter's .grad) is finite; a row-sparse
+    gradient's untouched rows are zero, so only its touched rows are looked at."""
     for a in arrays:
         a = getattr(a, "grad", a)
+        if isinstance(a, RowSparseGrad):
+            a = a.values
         flat = np.ascontiguousarray(a).reshape(-1)
         if flat.dtype.kind == "f" and flat.size and not _finite(flat):
             return False

@@ -16,7 +16,7 @@ import time
 import traceback
 
 from . import flight, groups, log, mpi, stall, timeline
-from .comm import config, costmodel, validate
+from .comm import config, costmodel, shm, validate
 from .comm.engine import engine
 from .errors import CollectiveError
 from .groups import (Group, as_group, group_of, local_rank, local_size, rank, size,  # noqa: F401 (re-exported)
@@ -31,8 +31,14 @@ def _release(g: Group) -> None:
     is freed now, the asynchronous one on the communication thread after the work queued on it."""
     comm, acomm = g.comm, g.async_comm
     costmodel.forget(comm, acomm)
+    shm.forget(comm)
     comm.Free()
-    engine.call(acomm.Free, "free group")
+
+    def free_async():  # on the communication thread, after the work queued on the communicator
+        shm.forget(acomm)
+        acomm.Free()
+
+    engine.call(free_async, "free group")
 
 
 def _check_launcher() -> None:

@@ -249,7 +249,9 @@ class ClickPrediction(_FixedBatch):
     """DLRM-style recommender on synthetic power-law click data (data/clicks.py): the MLPs
     data-parallel, the embedding tables sharded over the ranks (`--sharding table | row`) and looked
     up with AllToAll (parallel/embedding.py). `--hidden` is "DIM,BOTTOM,TOP" (embedding width and
-    the bottom / top MLP widths); `--tables` the rows of each table."""
+    the bottom / top MLP widths); `--tables` the rows of each table. `--sparse-embeddings` (default
+    on) gives the tables row-sparse gradients: only the looked-up rows are updated (lazy SGD
+    momentum / lazy Adam, optim/rowwise.py)."""
 
     def __init__(self, cfg, rank: int, world: int, mesh=None):
         DLRM = zoo.model("dlrm")
@@ -262,10 +264,12 @@ class ClickPrediction(_FixedBatch):
         self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
         self.model = DLRM(sizes, dim=dim, dense=8, bottom=(bottom,), top=(top,), sharding=cfg.sharding, group=group,
-                          seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm)
+                          seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm,
+                          sparse=cfg.sparse_embeddings)
         self.loss_fn = nn.BCEWithLogits()
         self.description = (f"dlrm {cfg.hidden} on synthetic clicks ({len(self.train)} train / {len(self.test)} test, "
-                            f"{len(sizes)} tables {sizes}, ids ~ power law) | {cfg.sharding}-wise sharded embeddings | "
+                            f"{len(sizes)} tables {sizes}, ids ~ power law) | {cfg.sharding}-wise sharded embeddings, "
+                            f"{'sparse' if cfg.sparse_embeddings else 'dense'} updates | "
                             f"global batch {cfg.global_batch_size}")
 
     def take(self, idx) -> tuple:

@@ -1,6 +1,8 @@
 """A custom training loop the way a Horovod or PyTorch-DDP user writes it, on disttrain's API:
-sampler with set_epoch-like semantics, LR warm-up + cosine schedule, evaluation, checkpoint save /
-restore of model + optimizer + schedule through public APIs, and a run that resumes exactly.
+sampler with set_epoch-like semantics, LR warm-up + cosine schedule, evaluation, checkpoints of
+model + optimizer + schedule + DataParallel in one call each (dt.save_checkpoint /
+dt.load_checkpoint: every rank writes its shards, any rank count can load them), and a run that
+resumes exactly.
 
     launchers/local.sh 2 examples/custom_loop.py [--epochs 3] [--ckpt DIR]
 """
@@ -11,7 +13,7 @@ import tempfile
 import numpy as np
 
 import disttrain as dt
-from disttrain import checkpoint, nn, optim
+from disttrain import nn, optim
 from disttrain.data import DistributedSampler, load
 from disttrain_zoo.mlp import MLP
 
@@ -21,34 +23,6 @@ def evaluate(model, x, y) -> float:
     acc = float(np.mean(model.forward(x).argmax(axis=1) == y))
     model.train()
     return acc
-
-
-def save(path, model, opt, sched, epoch):
-    """Rank 0 writes model + optimizer state + schedule position (all ranks hold the same)."""
-    if dt.rank() == 0:
-        arrays = {f"param/{p.name}": p.data for p in model.parameters()}
-        arrays.update({f"opt/{k}": v for k, v in opt.state_arrays().items()})
-        checkpoint.save(path, arrays, {"epoch": epoch, "opt_steps": opt.steps, "sched": sched.state_dict()})
-    dt.world().comm.Barrier()
-
-
-def restore(path, model, opt, sched) -> int:
-    """Rank 0 reads; parameters and optimizer state are broadcast; returns the epoch to start at."""
-    meta = None
-    if dt.rank() == 0:
-        arrays, meta = checkpoint.load(path)
-        for p in model.parameters():
-            p.data[...] = arrays[f"param/{p.name}"]
-        for key, v in arrays.items():
-            if key.startswith("opt/"):
-                name, buf = key[4:].rsplit("/", 1)
-                opt.state.setdefault(name, {})[buf] = v.copy()
-        opt.steps = meta["opt_steps"]
-    meta = dt.world().comm.bcast(meta, root=0)
-    dt.broadcast_parameters(model)
-    dt.broadcast_optimizer_state(opt)
-    sched.load_state_dict(meta["sched"])
-    return meta["epoch"] + 1
 
 
 def train(epochs, ckpt, resume=False, stop_after=None):
@@ -62,7 +36,10 @@ def train(epochs, ckpt, resume=False, stop_after=None):
     sched = optim.WarmupCosine(opt, total_steps=epochs * steps_per_epoch, warmup_steps=20)
     loss_fn = nn.SoftmaxCrossEntropy()
     sampler = DistributedSampler(len(data.y_train), batch, dt.rank(), dt.size(), seed=0)
-    start = restore(ckpt, model, opt, sched) if resume else 0
+    start = 0
+    if resume:  # the newest valid checkpoint in the directory; extra is what we saved with it
+        _, extra = dt.load_checkpoint(ckpt, model=model, optimizer=opt, schedule=sched, ddp=ddp)
+        start = extra["epoch"] + 1
     for epoch in range(start, epochs):
         for s in range(steps_per_epoch):
             idx = sampler.indices(epoch * steps_per_epoch + s)  # a function of the step: set_epoch built in
@@ -74,7 +51,8 @@ def train(epochs, ckpt, resume=False, stop_after=None):
         acc = evaluate(model, data.x_test, data.y_test)
         if dt.rank() == 0:
             print(f"epoch {epoch}: loss {loss:.4f} test accuracy {acc:.4f} lr {opt.lr:.4f}", flush=True)
-        save(ckpt, model, opt, sched, epoch)
+        dt.save_checkpoint(ckpt, opt.steps, model=model, optimizer=opt, schedule=sched, ddp=ddp,
+                           extra={"epoch": epoch})
         if stop_after is not None and epoch == stop_after:
             break
     return [p.data.copy() for p in model.parameters()], acc
@@ -87,7 +65,7 @@ def main():
     a = ap.parse_args()
     dt.init()
     d = a.ckpt or dt.world().comm.bcast(tempfile.mkdtemp() if dt.rank() == 0 else None)
-    ckpt = os.path.join(d, "example.npz")
+    ckpt = os.path.join(d, "example")  # a directory of checkpoints (step-NNNNNNNN/)
     full, acc = train(a.epochs, ckpt)
     train(a.epochs, ckpt + ".2", stop_after=0)            # interrupted after the first epoch ...
     resumed, _ = train(a.epochs, ckpt + ".2", resume=True)  # ... and resumed

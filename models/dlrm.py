@@ -10,7 +10,13 @@ Personalization and Recommendation Systems").
 With ``sharding=None`` the tables are ordinary local ones (``LocalEmbeddings``: the one-process
 model). With ``sharding="table" | "row"`` they are ``ShardedEmbeddings`` over `group`, looked up
 with AllToAll, while the MLPs stay replicated for DataParallel over the same group - DLRM's
-hybrid parallelism. The same seed gives the same model either way.
+hybrid parallelism. The same seed gives the same model either way (the tables are drawn by
+counter-based generators keyed by (seed, table, row block): no rank ever draws a whole table).
+
+``sparse=True`` gives the tables row-sparse gradients: the optimizer (SGD, lazy Adam) then updates
+only the rows a step looked up instead of sweeping every row (parallel/embedding.py). It is off by
+default here (the model's numbers do not change silently); the main job turns it on for dlrm
+(``--sparse-embeddings``, default on).
 
 forward((dense, ids)) -> logits (B, 1); backward(dlogits) -> None, reporting the top MLP's and
 then the bottom MLP's gradients ready (DataParallel starts their allreduce while the embedding
@@ -47,15 +53,16 @@ class DotInteraction(nn.Module):
 
 class DLRM(nn.Module):
     """Args: table sizes, embedding dim, dense feature count, bottom / top hidden sizes,
-    sharding (None | "table" | "row"), group (for sharding), seed, dtype, alltoall algorithm."""
+    sharding (None | "table" | "row"), group (for sharding), seed, dtype, alltoall algorithm,
+    sparse (row-sparse embedding gradients: updates of the touched rows only)."""
 
     def __init__(self, sizes, dim: int = 16, dense: int = 8, bottom=(64,), top=(64,), sharding: str | None = None,
-                 group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto"):
+                 group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto", sparse: bool = False):
         from .mlp import MLP
 
-        rng = np.random.default_rng(seed)
-        self.embeddings = (LocalEmbeddings(sizes, dim, rng=rng, dtype=dtype) if sharding is None else
-                           ShardedEmbeddings(sizes, dim, group, sharding, rng=rng, dtype=dtype, algorithm=algorithm))
+        self.embeddings = (LocalEmbeddings(sizes, dim, dtype=dtype, seed=seed, sparse=sparse) if sharding is None else
+                           ShardedEmbeddings(sizes, dim, group, sharding, dtype=dtype, algorithm=algorithm, seed=seed,
+                                             sparse=sparse))
         # the bottom MLP ends in a ReLU, as DLRM's does; it sees the data: no input gradient
         self.bottom = nn.Sequential(*MLP([dense, *bottom, dim], seed=seed + 1, dtype=dtype).layers, nn.ReLU())
         f = len(sizes) + 1

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -49,9 +50,36 @@ def save(out: str, meta: dict, rows: list[dict], tables: dict | None = None) -> 
     print(f"wrote {out}.json, {out}.csv", file=sys.stderr)
 
 
+def timed_steps(world, ddp, opt, loss_fn, x, y, n: int) -> list:
+    """Seconds of each of `n` training steps on (x, y), each timed alone after a barrier of the
+    world communicator `world` (the median is not smeared by a neighbour's stall)."""
+    times = []
+    for _ in range(n):
+        world.Barrier()
+        t = time.perf_counter()
+        loss_fn.forward(ddp.forward(x), y)
+        ddp.backward(loss_fn.backward())
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def add_output_args(ap, name: str) -> None:
     """The options every benchmark driver shares: where results go, plotting, redrawing, time limit."""
     ap.add_argument("--timeout", type=float, default=600, help="seconds per job")
     ap.add_argument("--out", default=os.path.join(ROOT, "results", name), help="results path without extension")
     ap.add_argument("--plot", action="store_true", help="also draw OUT.png (needs matplotlib: the 'plot' extra)")
     ap.add_argument("--from-json", help="reprint (and --plot) a saved OUT.json instead of measuring")
+
+
+def rows_over_procs(a, script: str, worker_flags: list, label: str = "P") -> list[dict]:
+    """The usual driver: one ``mpiexec -n P script --worker FLAGS`` job per P in ``a.procs``
+    (throttled when P exceeds ``a.cores``); returns every job's rows, saved to ``a.out``."""
+    rows = []
+    for P in (int(p) for p in a.procs.split(",")):
+        print(f"{label}={P} ...", file=sys.stderr, flush=True)
+        cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(script), "--worker", *map(str, worker_flags)]
+        rows += run_result(cmd, worker_env(1, P > a.cores), a.timeout)["rows"]
+    save(a.out, {k: v for k, v in vars(a).items() if k != "worker"}, rows)
+    return rows

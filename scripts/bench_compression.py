@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import numpy as np
-from _bench import ROOT, add_output_args, emit, run_result, save, worker_env
+from _bench import ROOT, add_output_args, emit, run_result, save, timed_steps, worker_env
 
 DEFAULT = "none,fp16,bf16,topk:0.01,onebit,powersgd:2"
 LAUNCH = os.path.join(ROOT, "launchers", "emulated_cluster.sh")
@@ -59,15 +59,7 @@ def worker_step(a) -> dict | None:
     ddp = dt.DataParallel(model, compression=a.compression, bucket_mb=a.bucket_mb)
     opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     world = dt.world().comm
-    times = []
-    for i in range(a.warmup + a.steps):
-        world.Barrier()  # each step timed alone: the median is not smeared by a neighbour's stall
-        t = time.perf_counter()
-        loss_fn.forward(ddp.forward(x), y)
-        ddp.backward(loss_fn.backward())
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t)
+    times = timed_steps(world, ddp, opt, loss_fn, x, y, a.warmup + a.steps)
     slowest = np.empty(a.steps)
     world.Allreduce(np.array(times[a.warmup:]), slowest, op=MPI.MAX)
     w = ddp.wire_stats

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from disttrain import checkpoint
+from disttrain.checkpoint import single
 from disttrain.data import DistributedSampler, load_digits
 
 
@@ -47,13 +47,12 @@ def test_digits_dataset():
 
 def test_checkpoint_round_trip_atomic_and_checksummed(tmp_path):
     arrays = {"param/layers.0.weight": np.arange(6.0).reshape(2, 3), "opt/w/momentum": np.ones(3, np.float32)}
-    path = checkpoint.path_for(str(tmp_path), 7)
-    checkpoint.save(path, arrays, {"step": 7})
-    got, meta = checkpoint.load(path)
+    path = str(tmp_path / "one.npz")  # the consolidated single-file format (convert --to single)
+    single.save(path, arrays, {"step": 7})
+    got, meta = single.load(path)
     assert meta == {"step": 7} and set(got) == set(arrays)
     assert all(np.array_equal(got[k], v) and got[k].dtype == v.dtype for k, v in arrays.items())
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temporary left behind
-    assert checkpoint.latest(str(tmp_path)) == path
     good = open(path, "rb").read()
     refused = 0
     for pos in range(len(good)):  # flip each byte: refused, or (zip timestamps, header padding) harmless
@@ -61,7 +60,7 @@ def test_checkpoint_round_trip_atomic_and_checksummed(tmp_path):
         raw[pos] ^= 0xFF
         open(path, "wb").write(bytes(raw))
         try:
-            again, meta2 = checkpoint.load(path)
+            again, meta2 = single.load(path)
         except ValueError as e:
             assert "corrupt" in str(e) or "checksum" in str(e)
             refused += 1
@@ -71,4 +70,4 @@ def test_checkpoint_round_trip_atomic_and_checksummed(tmp_path):
     assert refused > 0.5 * len(good)  # measured: 751 of 959 positions; the rest are zip/npy header bytes
     open(path, "wb").write(good[: len(good) // 2])  # a torn (truncated) file
     with pytest.raises(ValueError, match="corrupt"):
-        checkpoint.load(path)
+        single.load(path)

@@ -132,32 +132,36 @@ def test_sigkill_during_checkpoint_write_loses_one_interval_then_resume_is_exact
     dead = _train(3, *COMMON, "--metrics", str(tmp_path / "b.jsonl"), "--checkpoint-dir", str(ck), env=kill, timeout=60)
     assert dead.returncode not in (0, -9), dead.stdout
     names = sorted(os.listdir(ck))
-    assert "ckpt-00000020.npz" in names and "ckpt-00000040.npz" not in names, names  # the torn one never appears
-    assert any(".tmp-" in n for n in names), names  # its temporary file is what the kill left behind
+    assert "step-00000020" in names and "step-00000040" not in names, names  # the torn one never appears
+    assert any(".tmp-" in n for n in names), names  # its temporary directory is what the kill left behind
     res = _train(3, *COMMON, "--metrics", str(tmp_path / "b.jsonl"), "--checkpoint-dir", str(ck), "--resume")
     assert ref.returncode == res.returncode == 0, res.stdout
-    assert "resumed from" in res.stdout and "ckpt-00000020" in res.stdout
+    assert "resumed from" in res.stdout and "step-00000020" in res.stdout
     want = _losses(tmp_path / "a.jsonl")
     got = [r for r in _losses(tmp_path / "b.jsonl") if r[0] > 20]
     assert got == [r for r in want if r[0] > 20], (got, want)
-    assert not any(".tmp-" in n for n in os.listdir(ck)), "stale temporary file not cleaned up"
+    assert not any(".tmp-" in n for n in os.listdir(ck)), "stale temporary directory not cleaned up"
 
 
 def test_corrupted_newest_checkpoint_is_refused_and_the_previous_one_used(tmp_path):
     ck = tmp_path / "ck"
     first = _train(2, *COMMON, "--checkpoint-dir", str(ck), "--stop-after-steps", "40")
     assert first.returncode == 0, first.stdout
-    newest = ck / "ckpt-00000040.npz"
-    data = bytearray(newest.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped bit-pattern in the middle of the arrays
-    newest.write_bytes(bytes(data))
+    newest = ck / "step-00000040"
+    rec = json.loads((newest / "manifest.json").read_text())
+    e = max(rec["entries"], key=lambda e: e["offset"])  # the last entry of its file, in the middle of its arrays
+    f = newest / e["file"]
+    data = bytearray(f.read_bytes())
+    data[e["offset"] + 8] ^= 0xFF
+    f.write_bytes(bytes(data))
     res = _train(2, *COMMON, "--checkpoint-dir", str(ck), "--resume")
     assert res.returncode == 0, res.stdout
-    assert "skipping checkpoint" in res.stdout and "ckpt-00000040.npz" in res.stdout, res.stdout
-    assert "resumed from" in res.stdout and "ckpt-00000020" in res.stdout
+    assert "skipping checkpoint" in res.stdout and "step-00000040" in res.stdout, res.stdout
+    assert "failed its checksum" in res.stdout, res.stdout
+    assert "resumed from" in res.stdout and "step-00000020" in res.stdout
     ck2 = tmp_path / "ck2"
-    (ck2).mkdir()
-    (ck2 / "ckpt-00000010.npz").write_bytes(b"not a checkpoint")
+    (ck2 / "step-00000010").mkdir(parents=True)
+    (ck2 / "step-00000010" / "manifest.json").write_bytes(b"not a checkpoint")
     res = _train(2, *COMMON, "--checkpoint-dir", str(ck2), "--resume")
     assert res.returncode == 2 and "no valid checkpoint" in res.stdout, res.stdout
 

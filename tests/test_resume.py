@@ -1,13 +1,14 @@
-"""Checkpoint / resume robustness of the main job at 2 ranks (issue 14 and 10): a resume refuses a
-checkpoint that does not fit (array shapes, missing optimizer state, a different run) with a
-message, survives FIFOs and torn metrics lines, continues a logging interval exactly, and a
-checkpoint that cannot be written warns (or stops) on every rank instead of killing the job."""
+"""Checkpoint / resume robustness of the main job at 2 ranks (issue 14 and 10), on the directory
+format of disttrain.checkpoint: a resume refuses a checkpoint that does not fit (array shapes,
+missing optimizer state, a different run) with a message, survives FIFOs and torn metrics lines,
+continues a logging interval exactly, and a checkpoint that cannot be written warns (or stops)
+on every rank instead of killing the job."""
 import json
 import os
 import time
 
 
-from disttrain import checkpoint
+from disttrain.checkpoint import manifest
 
 from ._mpirun import run
 
@@ -45,7 +46,7 @@ def test_resume_off_a_logging_step_with_a_torn_metrics_line_matches_the_uninterr
     with open(m, "a") as f:
         f.write('{"step": 30, "loss": 0.1')  # the run was killed in the middle of a write
     res = _train("--metrics", str(m), "--checkpoint-dir", str(ck), "--resume")
-    assert res.returncode == 0 and "ckpt-00000025" in res.stdout, res.stdout
+    assert res.returncode == 0 and "step-00000025" in res.stdout, res.stdout
     assert "dropped 1 unreadable line" in res.stdout, res.stdout
     # step 30's loss averages steps 21..30, 21..25 of which ran before the interruption: bit for bit
     assert _losses(m) == _losses(tmp_path / "a.jsonl")
@@ -66,60 +67,65 @@ def test_resume_refuses_a_different_run_unless_forced(tmp_path):
 
 
 def _rewrite(path, edit):
-    arrays, meta = checkpoint.load(str(path))
-    edit(arrays, meta)
-    checkpoint.save(str(path), arrays, meta)  # a valid checksum: only the contents are wrong
+    rec = manifest.read(str(path))
+    edit(rec)
+    os.remove(path / manifest.MANIFEST)
+    manifest.write(str(path / manifest.MANIFEST), rec)  # a valid checksum: only the contents are wrong
 
 
 def test_resume_refuses_arrays_that_do_not_fit_and_missing_optimizer_state(tmp_path):
     ck = _stopped_at(tmp_path, 20)
-    good = (ck / "ckpt-00000020.npz").read_bytes()
+    good = (ck / "step-00000020" / manifest.MANIFEST).read_bytes()
     name = "layers.0.weight"
 
-    def small(arrays, meta):
-        arrays[f"param/{name}"] = arrays[f"param/{name}"][:1]  # metadata still says the full shape
+    def small(rec):
+        rec["arrays"][name]["shape"] = [1, 64]
 
-    _rewrite(ck / "ckpt-00000020.npz", small)
+    _rewrite(ck / "step-00000020", small)
     res = _train("--checkpoint-dir", str(ck), "--resume")
     assert res.returncode == 2 and f"parameter '{name}' has shape (1, 64)" in res.stdout, res.stdout
     assert "(64, 64) in the model" in res.stdout and "Traceback" not in res.stdout
-    (ck / "ckpt-00000020.npz").write_bytes(good)
+    (ck / "step-00000020" / manifest.MANIFEST).write_bytes(good)
 
-    def no_momentum(arrays, meta):
-        del arrays[f"opt/{name}/momentum"]
+    def no_momentum(rec):
+        del rec["arrays"][f"optimizer/momentum/{name}"]
+        rec["entries"] = [e for e in rec["entries"] if e["name"] != f"optimizer/momentum/{name}"]
 
-    _rewrite(ck / "ckpt-00000020.npz", no_momentum)
+    _rewrite(ck / "step-00000020", no_momentum)
     res = _train("--checkpoint-dir", str(ck), "--resume")
     assert res.returncode == 2 and f"lacks optimizer state ['{name}/momentum']" in res.stdout, res.stdout
 
 
 def test_unexpected_error_while_reading_reaches_every_rank(tmp_path):
     ck = _stopped_at(tmp_path, 20)
-    _rewrite(ck / "ckpt-00000020.npz", lambda arrays, meta: meta.update(config=None))
+    _rewrite(ck / "step-00000020", lambda rec: rec["extra"].update(config=None))
     res = _train("--checkpoint-dir", str(ck), "--resume")
     assert res.returncode == 2 and "cannot resume" in res.stdout and "Traceback" not in res.stdout, res.stdout
 
 
 def test_fifo_named_like_the_newest_checkpoint_is_skipped_on_resume(tmp_path):
     ck = _stopped_at(tmp_path, 20)
-    os.mkfifo(ck / "ckpt-00000030.npz")
+    os.mkfifo(ck / "step-00000030")
+    (ck / "step-00000025").mkdir()
+    os.mkfifo(ck / "step-00000025" / manifest.MANIFEST)  # a FIFO where the manifest should be
     res = _train("--checkpoint-dir", str(ck), "--resume", timeout=60)
     assert res.returncode == 0, res.stdout
-    assert "ckpt-00000030.npz: not a regular file" in res.stdout and "resumed from" in res.stdout
-    assert "ckpt-00000020" in res.stdout
+    assert "step-00000030: not a directory" in res.stdout and "resumed from" in res.stdout
+    assert "step-00000025/manifest.json is not a regular file" in res.stdout, res.stdout
+    assert "resumed from" in res.stdout and "step-00000020 at step 20" in res.stdout
 
 
 def test_failed_checkpoint_write_warns_on_every_rank_and_training_continues(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
-    (ck / "ckpt-00000010.npz").mkdir()  # in the way of step 10's checkpoint: its rename fails
+    (ck / "step-00000010").write_text("a file in the way of step 10's checkpoint: its rename fails")
     res = _train("--steps", "20", "--checkpoint-dir", str(ck), "--checkpoint-every", "10")
     assert res.returncode == 0, res.stdout
     for r in (0, 1):
         assert f"rank {r}: warning: step 10: checkpoint" in res.stdout, res.stdout
     assert "training continues" in res.stdout and "step     20/20" in res.stdout
     names = sorted(os.listdir(ck))
-    assert names == ["ckpt-00000010.npz", "ckpt-00000020.npz"], names  # no temporary file left behind
+    assert names == ["step-00000010", "step-00000020"], names  # no temporary left behind
     res = _train("--steps", "20", "--checkpoint-dir", str(ck), "--checkpoint-every", "10",
                  "--on-checkpoint-error", "stop")
     assert res.returncode == 4, res.stdout

@@ -37,6 +37,7 @@ class CostParams:
     overhead: dict = field(default_factory=dict)  # algorithm -> o (s per call)
     native: list = field(default_factory=list)  # [(bytes, seconds)] of the library's allreduce
     source: str = "defaults"
+    hosts: int = 1  # nodes the communicator spans: found by costmodel.ensure, never read from a file
 
 
 def interp(c: CostParams, n: float, small: float, large: float) -> float:

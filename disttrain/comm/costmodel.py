@@ -271,8 +271,10 @@ def ensure(comm, *also) -> CostParams:
     # group rank 0's setting decides for everyone: an environment that differs on one host must
     # not send ranks into different collectives below
     spec = comm.bcast(config.current().costmodel_file, root=0)
+    hosts = count_hosts(comm)
     if spec == "measure":
         c = measure(comm)
+        c.hosts = hosts
         install(c, comm, *also)
         return c
     path = spec if spec not in ("", "defaults") else (cache_file(comm) if spec == "" else "")
@@ -283,8 +285,18 @@ def ensure(comm, *also) -> CostParams:
     if msg and comm.Get_rank() == 0:
         logger.warning(msg)
     c = CostParams(**loaded) if loaded else CostParams(comm.Get_size())
+    c.hosts = hosts  # the topology is a fact of this communicator, whatever file the numbers came from
     install(c, comm, *also)
     return c
+
+
+def count_hosts(comm) -> int:
+    """Nodes (shared-memory domains) the communicator spans - the same answer on every rank."""
+    node = comm.Split_type(mpi.MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return comm.allreduce(1 if node.Get_rank() == 0 else 0)
+    finally:
+        node.Free()
 
 
 def choose(family: str, comm, nbytes: int, dtype) -> str:

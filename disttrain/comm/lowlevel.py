@@ -7,6 +7,7 @@ their own (the caller's operation is the record).
     from disttrain.comm import lowlevel as L
     L.allreduce_on(comm, buf, op="avg")                # in place; algorithm="auto" asks the cost model
     L.allgather_on(comm, buf, counts, displs)          # block `rank` filled in; afterwards all are
+    L.reduce_scatter_on(comm, buf, counts, displs)     # -> block `rank` of the reduction
     L.ring_allreduce_on(comm, buf, "sum", codec)       # the ring with a narrow wire format (fp16/bf16)
     L.check(comm, "my hook", {"step": 3}, error=None)  # the cross-rank consistency check
     h = L.submit(fn, "my hook", buf, group)            # run fn() on the communication thread
@@ -20,13 +21,14 @@ import numpy as np
 from . import config, validate
 from .api import _allreduce
 from .costmodel import choose
+from .kernels import divide
 from .engine import Handle, engine
-from .ops import OPS
+from .ops import AVG, OPS, kernel_op
 from .p2p import blocks
-from .registry import ALLGATHER
+from .registry import ALLGATHER, REDUCE_SCATTER
 from .ring import ring_allreduce
 
-__all__ = ["allreduce_on", "allgather_on", "ring_allreduce_on", "check", "submit", "blocks", "validating",
+__all__ = ["allreduce_on", "allgather_on", "reduce_scatter_on", "ring_allreduce_on", "check", "submit", "blocks", "validating",
            "Handle"]
 
 
@@ -40,6 +42,21 @@ def allgather_on(comm, buf: np.ndarray, counts, displs, algorithm: str = "auto")
     elements); afterwards it holds every rank's block. `algorithm`: "auto" or an ALLGATHER name."""
     name = algorithm if algorithm != "auto" else choose("allgather", comm, buf.nbytes, buf.dtype)
     ALLGATHER.resolve(name)(comm, buf, counts, displs)
+
+
+def reduce_scatter_on(comm, buf: np.ndarray, counts, displs, op: str = "sum", algorithm: str = "auto") -> np.ndarray:
+    """Reduce the 1-D float32/float64 `buf` over `comm`; returns block `rank` of the result
+    (counts[rank] elements from displs[rank]: a view of `buf` or a new array). The rest of `buf`
+    is undefined afterwards (the ring reduces in place). `algorithm`: "auto" or a REDUCE_SCATTER name."""
+    if buf.dtype not in (np.float32, np.float64) or buf.ndim != 1 or op not in ("sum", "avg"):
+        raise TypeError(f"reduce_scatter_on sums or averages a 1-D float32/float64 buffer, got {op!r} on "
+                        f"{buf.dtype} {buf.shape}")
+    code = OPS[op]
+    name = algorithm if algorithm != "auto" else choose("reduce_scatter", comm, buf.nbytes, buf.dtype)
+    block = REDUCE_SCATTER.resolve(name)(comm, buf, kernel_op(code), counts, displs)
+    if code == AVG:
+        divide(block, comm.Get_size())
+    return block
 
 
 def ring_allreduce_on(comm, buf: np.ndarray, op: str, codec) -> None:

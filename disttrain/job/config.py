@@ -52,6 +52,8 @@ class TrainConfig:
     algorithm: str = _opt("auto", "gradient allreduce algorithm (auto: the cost model picks)",
                           ["auto", "ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"])
     compression: str = _opt("none", "gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK")
+    shard: str = _opt("none", "ZeRO sharding over the data-parallel ranks: none | optimizer (ZeRO-1) | gradients "
+                      "(ZeRO-2) | full (ZeRO-3 / FSDP)", ["none", "optimizer", "gradients", "full"])
     bucket_mb: float = _opt(25.0, "gradient bucket size in MiB (allreduce granularity); finite, > 0")
     overlap: bool = _opt(True, "overlap gradient allreduces with backward (--no-overlap: after backward)")
     log_every: int = _opt(50, "log a progress line and a metrics record every N steps; >= 1")
@@ -89,6 +91,9 @@ class TrainConfig:
     samples: int = _opt(200000, "dlrm: synthetic click samples (90% train, 10% test); >= 1")
     alltoall_algorithm: str = _opt("auto", "dlrm: the embedding AllToAll algorithm",
                                    ["auto", "pairwise", "bruck", "mpi"])
+    sparse_embeddings: bool = _opt(True, "dlrm: row-sparse embedding gradients, the optimizer updates only the rows "
+                                         "a step looked up (sgd: lazy momentum, adam/adamw: lazy Adam; lamb refuses) "
+                                         "(--no-sparse-embeddings: dense gradients, every row swept every step)")
 
 
 class ConfigError(ValueError):
@@ -278,13 +283,21 @@ def _validate(c: TrainConfig) -> None:
                         f"and transformer; model {c.model} trains data-parallel only")
     if c.seq_len < 1:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
-    if (c.pp > 1 or c.tp > 1) and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of pipeline / tensor-parallel runs are not supported yet; drop --checkpoint-dir "
-                        "or use --pp 1 --tp 1")
-    if c.model == "dlrm" and (c.checkpoint_dir or c.resume):
-        problems.append("checkpoints of sharded-embedding runs (model dlrm) are not supported yet")
+    if c.shard not in ("none", "optimizer", "gradients", "full"):
+        problems.append(f"shard must be one of none, optimizer, gradients, full (got {c.shard!r})")
+    elif c.shard != "none":
+        if c.pp > 1:
+            problems.append("--shard with pipeline parallelism (--pp > 1) is not supported yet; use --pp 1")
+        if c.shard != "optimizer" and c.compression != "none":
+            problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
+                            "optimizer with --compression, or --compression none")
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
+    if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS
+            and not optim.OPTIMIZERS[c.optimizer].sparse):
+        sparse = [n for n in optim.OPTIMIZERS if optim.OPTIMIZERS[n].sparse]
+        problems.append(f"optimizer {c.optimizer} cannot apply row-sparse embedding gradients: use one of {sparse}, "
+                        "or --no-sparse-embeddings")
     if c.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
     if c.micro_batches < 1:

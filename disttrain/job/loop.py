@@ -103,10 +103,10 @@ def _prepare(cfg: TrainConfig):
         if dt.rank() == 0:  # the same verdict on every rank, so all stop
             _err(f"disttrain.train: configuration error: {e}")
         return 2
-    opt, sched = build(cfg, model)  # model: this rank's stage (all layers unless pipelined)
     dt.broadcast_parameters(model, group=mesh.dp_group)  # replicas of the same shard agree
     ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
-                          overlap=cfg.overlap, group=mesh.dp_group)
+                          overlap=cfg.overlap, group=mesh.dp_group, shard=cfg.shard)
+    opt, sched = build(cfg, ddp)  # over this rank's stage (all layers unless pipelined), or its ZeRO shards
     pipe = None
     if mesh.pp > 1:
         pipe = dt.Pipeline(ddp, mesh.pp_group, work.loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
@@ -117,7 +117,7 @@ def _prepare(cfg: TrainConfig):
     resumed = None
     if cfg.resume:
         try:
-            run.start, resumed = restore(cfg, model, opt, sched, ddp)
+            run.start, resumed = restore(run)
         except ConfigError as e:
             if run.rank0:
                 _err(f"disttrain.train: {e}")
@@ -152,8 +152,9 @@ def _train_step(run: Run, step: int) -> bool:
         wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
         run.iv.add(loss, batch, time.perf_counter() - t - wait, wait)
         # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
-        if run.model_parallel:  # different parameters per rank: they vote
-            finite = numerics.all_finite(run.model.parameters())
+        sharded = run.cfg.shard != "none"
+        if run.model_parallel or sharded:  # different parameters (or ZeRO slices) per rank: they vote
+            finite = numerics.all_finite(run.opt.params if sharded else run.model.parameters())
             finite = bool(dt.allreduce(np.array([int(finite)]), op="min", algorithm="mpi")[0])
         else:
             finite = numerics.all_finite(ddp.parameters())
@@ -249,7 +250,7 @@ def _checkpoint_or_stop(run: Run, done: int):
     cfg = run.cfg
     stopping = cfg.stop_after_steps and done - run.start >= cfg.stop_after_steps and done < cfg.steps
     if cfg.checkpoint_dir and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping):
-        err = save_checkpoint(cfg, done, run.model, run.opt, run.ddp, run.iv.progress(run.skipped, run.consecutive))
+        err = save_checkpoint(run, done, run.iv.progress(run.skipped, run.consecutive))
         if checkpoint_failed(cfg, err, done, stopping):
             timeline.stop()
             _close(run)
@@ -270,8 +271,7 @@ def _finish(run: Run) -> int:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
     res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model, final=True)
     if cfg.checkpoint_dir:
-        err = save_checkpoint(cfg, cfg.steps, run.model, run.opt, run.ddp,
-                              run.iv.progress(run.skipped, run.consecutive))
+        err = save_checkpoint(run, cfg.steps, run.iv.progress(run.skipped, run.consecutive))
         if checkpoint_failed(cfg, err, cfg.steps, False):
             _close(run)
             return 4

@@ -1,13 +1,12 @@
 """Checkpoints of the main job: what is saved (parameters, optimizer state, compressor state,
-the partial logging interval), what must match to resume, and what to do when a write fails."""
+the partial logging interval) through ``disttrain.checkpoint``, what must match to resume (the
+model and the run, not the layout), and what to do when a write fails."""
 
 
 import dataclasses
 import json
 import os
 import sys
-
-import numpy as np
 
 import disttrain as dt
 from disttrain import checkpoint, stall
@@ -20,55 +19,55 @@ _ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer", "vocab_size")
 # What the run is: a different seed, batch, schedule, step count or data setting would silently
 # continue a different run than the one checkpointed. Refused unless --resume-force.
 _RUN_KEYS = ("seed", "global_batch_size", "steps", "lr", "warmup_steps", "momentum", "weight_decay", "batching",
-             "max_tokens", "seq_len", "tables", "samples", "sharding")
+             "max_tokens", "seq_len", "tables", "samples")
+# (--dp/--pp/--tp and --sharding are the layout: a checkpoint reshards to any of them)
 
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written and --on-checkpoint-error is stop."""
 
 
-def save_checkpoint(cfg, step, model, opt, ddp, progress=None) -> str | None:
-    """Collective: rank 0 writes the checkpoint, with every rank's compressor state gathered into
-    it (error-feedback residuals differ per rank and are training state: a resume without them
-    would drop gradient mass). `progress` (each rank's partial logging interval: loss sum and count
-    since the last logged step, plus the skipped-step counters) makes a resume between two logging
-    steps write the same first record as the uninterrupted run.
+def _layout(cfg, mesh) -> dict:
+    """What decides which rank holds which region: compressor state only survives an identical one."""
+    lay = dict(dp=mesh.dp, pp=mesh.pp, tp=mesh.tp, shard=cfg.shard)
+    if cfg.model == "dlrm":
+        lay["sharding"] = cfg.sharding
+    return lay
 
-    Returns None, or the error message of a failed write - on EVERY rank (rank 0 decides and
-    broadcasts), so that all ranks warn, or all stop, together."""
-    comm = dt.world().comm
-    zstates = comm.gather(ddp.compressor.state_dict(), root=0)
+
+def save_checkpoint(run, step, progress=None) -> str | None:
+    """Collective: every rank writes its shards of the parameters, optimizer state and compressor
+    state (``disttrain.checkpoint``, any mode: data, tensor, pipeline, sharded embeddings, hybrid
+    meshes); the manifest keeps the configuration, the data position (the step: every workload's
+    batch is a function of the step) and the partial logging interval. `progress`: this rank's
+    loss sum and count since the last logged step plus the skipped-step counters, so that a resume
+    between two logging steps writes the same first record as the uninterrupted run.
+
+    Returns None, or the error message of a failed write - the same on EVERY rank, so that all
+    ranks warn, or all stop, together."""
+    cfg, mesh = run.cfg, run.mesh
     progress = progress or {}
-    partial = comm.gather([progress.get("loss_sum", 0.0), progress.get("count", 0.0)], root=0)
-    err = None
-    if dt.rank() == 0:
-        arrays = {f"param/{p.name}": p.data for p in model.parameters()}
-        opt_arrays = opt.state_arrays()
-        arrays.update({f"opt/{k}": v for k, v in opt_arrays.items()})
-        for r, st in enumerate(zstates):
-            arrays.update({f"zstate/{r}/{k}": v for k, v in st.items()})
-        arrays["progress/interval"] = np.array(partial, np.float64)  # (world, 2): loss sum, count per rank
-        path = checkpoint.path_for(cfg.checkpoint_dir, step)
-        try:
-            checkpoint.save(path, arrays,
-                            dict(step=step, opt_steps=opt.steps, world_size=dt.size(),
-                                 mesh=dict(dp=dt.size(), pp=1, tp=1), data_position=dict(step=step, epoch_size=None),
-                                 rng=dict(seed=cfg.seed),
-                                 params={p.name: list(p.data.shape) for p in model.parameters()},
-                                 opt_state=sorted(opt_arrays),  # every buffer must come back on resume
-                                 progress=dict(interval_start=progress.get("interval_start", step),
-                                               skipped=progress.get("skipped", 0),
-                                               consecutive_skipped=progress.get("consecutive", 0)),
-                                 config=dataclasses.asdict(cfg)))
-        except OSError as e:  # full disk, read-only directory, a directory in the way, ...
-            err = f"checkpoint {path} could not be written: {type(e).__name__}: {e}"
-    return comm.bcast(err, root=0)
+    try:
+        checkpoint.save(cfg.checkpoint_dir, step, model=run.model, optimizer=run.opt, schedule=run.sched, ddp=run.ddp,
+                        layout=_layout(cfg, mesh),
+                        per_rank=dict(loss_sum=progress.get("loss_sum", 0.0), count=progress.get("count", 0.0)),
+                        extra=dict(config=dataclasses.asdict(cfg), data_position=dict(step=step),
+                                   progress=dict(interval_start=progress.get("interval_start", step),
+                                                 skipped=progress.get("skipped", 0),
+                                                 consecutive_skipped=progress.get("consecutive", 0),
+                                                 replication=mesh.pp * mesh.tp)))
+    except checkpoint.CheckpointError as e:  # full disk, read-only directory, something in the way, ...
+        return str(e)
+    return None
 
 
-def _check_restore(cfg, path, meta, arrays, params, warn) -> None:
-    """Raise ValueError (naming fields, parameters, arrays and shapes) for a checkpoint that does
-    not fit this run; the run-defining differences only warn with --resume-force."""
-    saved = meta["config"]
+def _check_restore(cfg, model_arrays, path, rec, warn) -> None:
+    """Raise ValueError (naming fields, parameters and shapes) for a checkpoint that does not fit
+    this run; the run-defining differences only warn with --resume-force. `model_arrays`: {global
+    name: shape} of the whole model as every rank now holds it."""
+    saved = rec.get("extra", {}).get("config")
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot resume from checkpoint {path}: it holds no configuration of the main job")
     diff = [k for k in _ARCH_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if diff:
         raise ValueError(f"checkpoint {path} was written for a different model: "
@@ -81,122 +80,70 @@ def _check_restore(cfg, path, meta, arrays, params, warn) -> None:
             raise ValueError(f"checkpoint {path} belongs to a different run: {what}. Resuming would not continue "
                              "that run; use the same settings, or --resume-force to resume anyway")
         warn(f"[disttrain] warning: --resume-force: resuming {path} although the run differs: {what}")
-    if meta["step"] > cfg.steps:
-        raise ValueError(f"checkpoint {path} is at step {meta['step']}, past --steps {cfg.steps}")
-    want = {k: list(p.data.shape) for k, p in params.items()}
-    if meta.get("params", want) != want:
-        raise ValueError(f"checkpoint {path} holds a different model: parameters "
-                         f"{meta['params']} but this model has {want}")
-    # The arrays themselves, not only the metadata: NumPy would broadcast a (1, 256) array into a
-    # (64, 256) parameter without a word.
-    for name, p in params.items():
-        a = arrays.get(f"param/{name}")
-        if a is None:
-            raise ValueError(f"checkpoint {path} has no array for parameter {name!r}")
-        if a.shape != p.data.shape:
-            raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {a.shape} in the checkpoint but "
-                             f"{p.data.shape} in the model")
-    opt_keys = {k[4:] for k in arrays if k.startswith("opt/")}
-    missing = sorted(set(meta.get("opt_state", [])) - opt_keys)
-    # a parameter without a buffer that the others have would restart from zero momentum silently
-    bufs = {k.rsplit("/", 1)[1] for k in opt_keys}
-    missing += sorted(f"{n}/{b}" for n in params for b in bufs if f"{n}/{b}" not in opt_keys
-                      and f"{n}/{b}" not in missing)
+    if rec["step"] > cfg.steps:
+        raise ValueError(f"checkpoint {path} is at step {rec['step']}, past --steps {cfg.steps}")
+    held = {k: tuple(v["shape"]) for k, v in rec["arrays"].items() if "/" not in k}  # parameters, not state
+    if sorted(held) != sorted(model_arrays):
+        raise ValueError(f"checkpoint {path} holds a different model: parameters {sorted(held)} but this model "
+                         f"has {sorted(model_arrays)}")
+    for name, shape in sorted(model_arrays.items()):
+        if held[name] != shape:
+            raise ValueError(f"checkpoint {path}: parameter {name!r} has shape {held[name]} in the checkpoint but "
+                             f"{shape} in the model")
+    bufs = rec.get("optimizer", {}).get("buffers", [])
+    missing = [f"{n}/{b}" for n in sorted(model_arrays) for b in bufs if f"optimizer/{b}/{n}" not in rec["arrays"]]
     if missing:
         raise ValueError(f"checkpoint {path} lacks optimizer state {missing}: resuming would restart it from zero")
-    for k in sorted(opt_keys):
-        name = k.rsplit("/", 1)[0]
-        if name not in params:
-            raise ValueError(f"checkpoint {path} has optimizer state {k!r} for a parameter the model does not have")
-        if arrays[f"opt/{k}"].shape != params[name].data.shape:
-            raise ValueError(f"checkpoint {path}: optimizer state {k!r} has shape {arrays[f'opt/{k}'].shape} but "
-                             f"parameter {name!r} has {params[name].data.shape}")
 
 
-def restore(cfg, model, opt, sched, ddp) -> tuple[int, dict]:
-    """Load the newest valid checkpoint on rank 0, check it fits, broadcast it; return the step to
-    resume at and this rank's saved progress (partial logging interval, skipped-step counters).
+def restore(run) -> tuple[int, dict]:
+    """Load the newest valid checkpoint into this run, whatever the number of ranks and layout it
+    was written under (``disttrain.checkpoint`` reshards); return the step to resume at and this
+    rank's saved progress (partial logging interval, skipped-step counters).
 
-    Rank 0 alone reads and decides; its verdict - including any unexpected error while reading -
-    is broadcast, so every rank raises ConfigError together or resumes together, never waits."""
-    comm = dt.world().comm
-    err, step, zstates, progress = None, 0, None, {}
-    if dt.rank() == 0:
-        def warn(m):
+    Every rank reaches the same verdict: a damaged newest checkpoint is skipped with a warning (the
+    previous one is used), one that does not fit raises ConfigError on every rank."""
+    cfg, comm = run.cfg, dt.world().comm
+
+    def warn(m):
+        if dt.rank() == 0:
             print(m, file=sys.stderr, flush=True)
 
-        try:
-            path, arrays, meta = checkpoint.latest_valid(cfg.checkpoint_dir, warn=warn)
-            if path is None:
-                raise ValueError(f"--resume: no valid checkpoint in {cfg.checkpoint_dir}")
-            params = {p.name: p for p in model.parameters()}
-            _check_restore(cfg, path, meta, arrays, params, warn)
-            for name, p in params.items():
-                p.data[...] = arrays[f"param/{name}"]
-            for key, v in arrays.items():
-                if key.startswith("opt/"):
-                    pname, buf = key[4:].rsplit("/", 1)
-                    opt.state.setdefault(pname, {})[buf] = v.copy()
-            opt.steps, step = meta["opt_steps"], meta["step"]
-            zstates = _compressor_states(arrays, meta["config"], meta, cfg)
-            progress = _saved_progress(arrays, meta)
-            print(f"[disttrain] resumed from {path} at step {step}", flush=True)
-        except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, not strand them
-            err = str(e) if isinstance(e, (ValueError, KeyError)) else f"{type(e).__name__}: {e}"
-            err = err if "checkpoint" in err else f"cannot resume from {cfg.checkpoint_dir}: {err}"
-    # tracked: ranks waiting here while rank 0 reads (a slow or hung file system) show up in the
-    # stall report and the flight record as waiting for the resume decision
-    op = stall.enter("resume decision (broadcast from rank 0)", None, group=dt.world())
-    err, step = comm.bcast((err, step), root=0)
-    stall.leave(op)
-    if err:
-        raise ConfigError(err)
-    mine = comm.scatter(zstates, root=0) if comm.bcast(zstates is not None, root=0) else None
-    if mine is not None:
-        ddp.compressor.load_state_dict(mine)
-    progress = comm.scatter(progress if dt.rank() == 0 else None, root=0)
-    dt.broadcast_parameters(model)
-    dt.broadcast_optimizer_state(opt)
-    sched.t = step
-    sched._apply()
-    return step, progress
+    # the whole model's global arrays, as all ranks hold them now (stages and shards differ per rank)
+    mine = {s.name: tuple(s.shape) for s in run.ddp.parameter_shards()}
+    model_arrays = {k: v for part in comm.allgather(mine) for k, v in part.items()}
+    # tracked: ranks waiting here while others read (a slow or hung file system) show up in the
+    # stall report and the flight record as waiting for the resume
+    op = stall.enter("resume (checkpoint load)", None, group=dt.world())
+    try:
+        got = checkpoint.load(cfg.checkpoint_dir, model=run.model, optimizer=run.opt, schedule=run.sched,
+                              ddp=run.ddp, layout=_layout(cfg, run.mesh), warn=warn,
+                              check=lambda path, rec: _check_restore(cfg, model_arrays, path, rec, warn))
+    except checkpoint.CheckpointError as e:
+        msg = str(e)
+        raise ConfigError(msg if "checkpoint" in msg else f"cannot resume from {cfg.checkpoint_dir}: {msg}") from e
+    finally:
+        stall.leave(op)
+    if dt.rank() == 0:
+        print(f"[disttrain] resumed from {got.path} at step {got.step}", flush=True)
+    return got.step, _saved_progress(got, _layout(cfg, run.mesh), run.mesh)
 
 
-def _saved_progress(arrays, meta) -> list:
-    """Per-rank progress from a checkpoint (rank 0): each rank gets back its own partial loss sum
-    and count (bit for bit, so the first record matches the uninterrupted run); at another world
-    size rank 0 takes the totals (the same loss up to summation order)."""
-    p = meta.get("progress") or {}
-    base = dict(interval_start=p.get("interval_start", meta["step"]), skipped=p.get("skipped", 0),
-                consecutive=p.get("consecutive_skipped", 0), loss_sum=0.0, count=0.0)
-    out = [dict(base) for _ in range(dt.size())]
-    part = arrays.get("progress/interval")
-    if part is None or part.ndim != 2 or part.shape[1] != 2:  # older checkpoint: the interval starts here
-        for o in out:
-            o["interval_start"] = meta["step"]
-        return out
-    if part.shape[0] == dt.size():
-        for o, (s, c) in zip(out, part):
-            o.update(loss_sum=float(s), count=float(c))
-    else:
-        out[0].update(loss_sum=float(part[:, 0].sum()), count=float(part[:, 1].sum()))
+def _saved_progress(got, layout: dict, mesh) -> dict:
+    """This rank's progress: under the same world size and layout each rank gets back its own
+    partial loss sum and count (bit for bit, so the first record matches the uninterrupted run);
+    otherwise rank 0 takes the interval's totals, rescaled from the saved run's replication
+    (every tensor / pipeline rank of a replica counts its samples) to this one's."""
+    p = got.extra.get("progress") or {}
+    out = dict(interval_start=p.get("interval_start", got.step), skipped=p.get("skipped", 0),
+               consecutive=p.get("consecutive_skipped", 0), loss_sum=0.0, count=0.0)
+    parts = got.per_rank
+    if len(parts) == dt.size() and got.record.get("layout") == dict(layout, world_size=dt.size(), dp=mesh.dp):
+        out.update(loss_sum=parts[dt.rank()]["loss_sum"], count=parts[dt.rank()]["count"])
+    elif dt.rank() == 0:
+        scale = mesh.pp * mesh.tp / p.get("replication", 1)
+        out.update(loss_sum=sum(x["loss_sum"] for x in parts) * scale, count=sum(x["count"] for x in parts) * scale)
     return out
-
-
-def _compressor_states(arrays, saved, meta, cfg):
-    """Per-rank compressor states from a checkpoint (rank 0), or None with a warning when they do not fit."""
-    per_rank = {}
-    for key, v in arrays.items():
-        if key.startswith("zstate/"):
-            r, name = key[7:].split("/", 1)
-            per_rank.setdefault(int(r), {})[name] = v
-    if saved.get("compression", "none") != cfg.compression or meta["world_size"] != dt.size():
-        if per_rank:
-            print(f"[disttrain] warning: the checkpoint's compressor state ({saved.get('compression')!r} on "
-                  f"{meta['world_size']} ranks) does not fit this run ({cfg.compression!r} on {dt.size()} ranks); "
-                  "error-feedback residuals start from zero", file=sys.stderr, flush=True)
-        return None
-    return [per_rank.get(r, {}) for r in range(dt.size())]
 
 
 def truncate_metrics(path: str, step: int, warn=None) -> None:

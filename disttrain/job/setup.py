@@ -12,10 +12,10 @@ from disttrain.workloads import WORKLOADS
 from .config import TrainConfig
 
 
-def build(cfg: TrainConfig, model):
-    """The optimizer and learning-rate schedule for the model."""
+def build(cfg: TrainConfig, ddp):
+    """The optimizer (over what this rank owns: ``ddp.make_optimizer``) and learning-rate schedule."""
     options = dict(weight_decay=cfg.weight_decay, **({"momentum": cfg.momentum} if cfg.optimizer == "sgd" else {}))
-    opt = optim.OPTIMIZERS[cfg.optimizer](model.parameters(), cfg.lr, **options)
+    opt = ddp.make_optimizer(optim.OPTIMIZERS[cfg.optimizer], lr=cfg.lr, **options)
     return opt, optim.WarmupCosine(opt, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
 
 

@@ -89,7 +89,7 @@ def shards(p, array: np.ndarray | None = None, prefix: str = "") -> list:
             view = part.reshape(-1)
         else:
             view = part.reshape(tuple(b - s for s, b in pc.box))
-        if not np.shares_memory(view, a):  # a copy would take a checkpoint's values and drop them
+        if view.size and not np.shares_memory(view, a):  # a copy would drop a checkpoint's values (empty: nothing)
             raise ValueError(f"parameter {p.name!r}: its array is not contiguous, so a piece cannot be a view")
         if view.size != pc.size:
             raise ValueError(f"parameter {p.name!r}: piece {pc} needs {pc.size} values but holds {view.size}")

@@ -119,7 +119,8 @@ class Module:
 
     def zero_grad(self) -> None:
         for p in self.parameters():
-            p.grad[...] = 0  # in place: DataParallel's bucket views must survive
+            if p.grad.flags.writeable:  # a sharded DataParallel's freed gradient is a read-only stand-in
+                p.grad[...] = 0  # in place: DataParallel's bucket views must survive
 
     def train(self, mode: bool = True):
         self.training = mode

@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules."""
+from .adagrad import RowWiseAdagrad
 from .adam import Adam, AdamW
 from .lamb import LAMB
 from .optimizer import Optimizer
@@ -11,5 +12,5 @@ OPTIMIZERS = Registry("optimizer")
 for _name, _cls in (("sgd", SGD), ("adam", Adam), ("adamw", AdamW), ("lamb", LAMB)):
     OPTIMIZERS.register(_name)(_cls)
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LAMB", "OPTIMIZERS", "Schedule", "WarmupCosine", "WarmupStep",
-           "linear_scaling"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "LAMB", "RowWiseAdagrad", "OPTIMIZERS", "Schedule", "WarmupCosine",
+           "WarmupStep", "linear_scaling"]

@@ -17,10 +17,14 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
   communication thread, so they overlap backward just like the plain allreduce. A bucket's
   stable name ("b<i>:<first param>..<last param>") keys the compressor's state (error feedback,
   warm start), and the bucket's parameter layout lets compressors work per tensor.
+- With ``shard=`` the buckets are ZeRO-sharded over the ranks (Rajbhandari et al. 2020): see
+  parallel/zero.py (who owns what, the optimizer over the owned slices) and parallel/units.py (the
+  per-unit gathers and reduce-scatters of shard="gradients" / "full").
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import numpy as np
@@ -34,6 +38,8 @@ from ..comm import lowlevel as L
 from ..nn.module import Module
 from ..runtime import as_group
 from ..runtime import rank as world_rank
+from . import zero as ZR
+from .units import Units, top_units, union_and_overlap
 
 FIRST_BUCKET_BYTES = 1 << 20
 
@@ -42,10 +48,11 @@ class _Bucket(Z.Bucket):
     """DataParallel's bucket: the public Bucket handed to the communication hook, plus what the
     step needs (parameters still pending, the in-flight handle, the .grad views handed out)."""
 
-    __slots__ = ("pending", "handle", "views")
+    __slots__ = ("pending", "handle", "views", "size")
 
     def __init__(self, params, dtype, index):
-        super().__init__(np.zeros(sum(p.data.size for p in params), dtype),
+        self.size = sum(p.data.size for p in params)  # the buffer's length, also while it is freed (shard modes)
+        super().__init__(np.zeros(self.size, dtype),
                          f"b{index}:{params[0].name}..{params[-1].name}",  # stable across runs: state key
                          [], index, params)
         self.pending, self.handle = set(), None
@@ -63,23 +70,32 @@ class DataParallel:
         algorithm: the allreduce algorithm for the buckets ("auto" asks the cost model).
         overlap: start each bucket's allreduce during backward (True) or all after it (False).
         group: a Group from ``dt.new_group`` (default: the world).
+        shard: "none" (every rank holds everything), "optimizer" (ZeRO-1: each rank updates and keeps
+            optimizer state for a 1/P slice of every bucket), "gradients" (ZeRO-2: also keeps only
+            its slice of the averaged gradients) or "full" (ZeRO-3 / FSDP: also of the parameters,
+            gathered per unit for its forward and backward). Sharded modes broadcast the parameters
+            from the group's rank 0 at construction, need float32/float64 parameters, and take their
+            optimizer from ``make_optimizer``; after ``backward`` the averaged gradients are in the
+            optimizer's parameters (``opt.params``), not in the model's. "gradients" and "full" use
+            one bucket per unit (parallel/units.py), not ``bucket_mb``. See docs/ARCHITECTURE.md.
 
     Example:
         >>> ddp = dt.DataParallel(model)
         >>> logits = ddp.forward(x); loss = loss_fn.forward(logits, y)
         >>> ddp.backward(loss_fn.backward())   # grads are now averaged over ranks
         >>> opt.step(); opt.zero_grad()
+        >>> ddp = dt.DataParallel(model, shard="full"); opt = ddp.make_optimizer(optim.Adam, lr=1e-3)
     """
 
     def __init__(self, model: Module, bucket_mb: float = 25, compression=None, algorithm: str = "auto",
-                 overlap: bool = True, group=None):
+                 overlap: bool = True, group=None, shard: str = "none"):
         self.compressor = Z.make(compression)
         problem = self.compressor.check_algorithm(algorithm)
         if problem:
             raise ValueError(f"DataParallel: {problem}")
         if bucket_mb <= 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
-        self.model, self.algorithm, self.overlap = model, algorithm, overlap
+        self.model, self.algorithm, self.overlap, self.shard = model, algorithm, overlap, shard
         self.group = as_group(group)
         # Shards of model-parallel layers (Parameter.replicated False) complete their own gradients.
         self.params = [p for p in model.parameters() if p.replicated]
@@ -92,15 +108,34 @@ class DataParallel:
         if self.compressor.name != "none" and dtype not in (np.float32, np.float64):
             raise ValueError(f"DataParallel: compression {self.compressor.spec!r} needs float32 or float64 "
                              f"parameters, got {dtype}")
-        self.buckets = self._make_buckets(bucket_mb * (1 << 20), dtype)
+        # a bad shard request is agreed below, so that every rank raises it (not a local ValueError)
+        problem = ZR.problems(shard, self.params, dtype, self.compressor, algorithm) if isinstance(shard, str) else (
+            f"DataParallel: shard must be one of {list(ZR.SHARD_MODES)}, got {shard!r}")
+        units = top_units(model) if shard in ("gradients", "full") else []
+        if any(isinstance(vars(u).get("backward"), functools.partial) for u in units):
+            problem = problem or ("DataParallel: this model's units are already driven by another sharded "
+                                  "DataParallel; build a new model (or keep using that DataParallel)")
+        if units:  # one bucket per unit, in backward order (FSDP's flat parameter per wrapped module)
+            groups = [[p for p in reversed(u.parameters()) if p.replicated] for u in reversed(units)]
+        else:
+            groups = self._size_groups(bucket_mb * (1 << 20))
+        self.buckets = self._make_buckets(groups, dtype)
         comm_kernels.warmup()  # load the compiled kernels now (~0.1 s from numba's cache), not in step 1
         if self.compressor.name != "none":
             compression_kernels.warmup()
         # Every rank must bucket and compress alike, or the collectives would pair wrong messages:
         # one check at construction turns a mismatch into an error on every rank, not a hang.
         L.check(self.group.comm, "DataParallel", {
-            "compression": self.compressor.spec, "algorithm": algorithm,
-            "buckets": tuple((b.key, b.buffer.size) for b in self.buckets)}, None, always=True)
+            "compression": self.compressor.spec, "algorithm": algorithm, "shard": str(shard),
+            "buckets": tuple((b.key, b.size) for b in self.buckets)}, problem, always=True)
+        self._zero = self._units = self._optimizer = None
+        if shard != "none":  # every rank shards the same values: rank 0's
+            broadcast_parameters(self.params, root=0, group=self.group)
+            self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype, algorithm)
+        if units:
+            for b in self.buckets:
+                self._release_grads(b)
+            self._units = Units(self, units)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._sync, self._next = True, 0  # _next: the first bucket not launched yet
         # Step fingerprint, checked with every bucket (validation on): the number of synchronised
@@ -122,7 +157,8 @@ class DataParallel:
             m._grad_hook = self._on_ready
 
     # --------------------------------------------------------------------------- buckets
-    def _make_buckets(self, cap: float, dtype) -> list:
+    def _size_groups(self, cap: float) -> list:
+        """The parameters in backward order, cut into buckets of about `cap` bytes."""
         buckets, cur, size, limit = [], [], 0, min(cap, FIRST_BUCKET_BYTES)
         for p in reversed(self.params):  # backward order
             cur.append(p)
@@ -132,30 +168,50 @@ class DataParallel:
                 cur, size, limit = [], 0, cap
         if cur:
             buckets.append(cur)
+        return buckets
+
+    def _make_buckets(self, groups, dtype) -> list:
         out = []
-        for i, ps in enumerate(buckets):
+        for i, ps in enumerate(groups):
             b = _Bucket(ps, dtype, i)
             off = 0
-            for p in ps:  # .grad becomes a view into the bucket: accumulate in place, reduce in place
-                view = b.buffer[off:off + p.data.size].reshape(p.data.shape)
-                view[...] = p.grad
-                p.grad = view
-                b.views.append(view)
+            for p in ps:
+                b.buffer[off:off + p.data.size] = p.grad.reshape(-1)
                 b.layout.append((off, p.data.shape))
                 off += p.data.size
+            self._attach_grads(b)
             out.append(b)
         return out
 
+    def _attach_grads(self, b: _Bucket) -> None:
+        """Each .grad becomes a view into the bucket: accumulate in place, reduce in place."""
+        b.views = []
+        for p, (off, shape) in zip(b.params, b.layout):
+            view = b.buffer[off:off + p.data.size].reshape(shape)
+            p.grad = view
+            b.views.append(view)
+
+    def _release_grads(self, b: _Bucket) -> None:
+        """Drop a bucket's whole gradients (shard="gradients"/"full": the owned slice was kept)."""
+        if b.buffer is None:
+            return
+        for p in b.params:
+            p.grad = ZR.freed(p.data.shape, b.buffer.dtype, 0)
+        b.buffer, b.views = None, []
+
+    @staticmethod
+    def _direct_backward_message(params) -> str:
+        name = next(iter(params)).name if params else "?"
+        return (f"DataParallel: gradients of {name!r} were produced by model.backward() called directly; "
+                "call ddp.backward(dy) so that they are averaged over the ranks (or wrap the call in "
+                "ddp.no_sync() to accumulate locally)")
+
     def _on_ready(self, params) -> None:
         if not self._in_backward:
-            if self._sync:
-                name = next(iter(params)).name if params else "?"
-                raise RuntimeError(
-                    f"DataParallel: gradients of {name!r} were produced by model.backward() called directly; "
-                    "call ddp.backward(dy) so that they are averaged over the ranks (or wrap the call in "
-                    "ddp.no_sync() to accumulate locally)")
+            if self._sync and self._units is None:
+                raise RuntimeError(self._direct_backward_message(params))
             return
-        if not (self._sync and self.overlap) or self.group.size == 1:
+        if not (self._sync and self.overlap) or self.group.size == 1 or self._units is not None:
             return
         for p in params:
             b = self._bucket_of.get(id(p))
@@ -192,9 +248,13 @@ class DataParallel:
                   "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
+        zero = self._zero
+
         def job():
             if validating:
                 L.check(comm, "DataParallel bucket", fields, error)
+            if zero is not None:  # shard="optimizer": keep the owned slice of the average
+                return zero.reduce(b, comm, algorithm, z)
             return z.reduce_(b, comm, algorithm)
 
         b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
@@ -202,7 +262,15 @@ class DataParallel:
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
-        y = self.model.forward(x)
+        try:
+            y = self.model.forward(x)
+        except BaseException as e:
+            # shard="full": a layer outside the units raised mid-plan (a unit's own failure was
+            # handled in its wrapper): the rest of the step carries the error to the peers
+            if self._units is not None and self._units.phase == "forward":
+                self._units.fail(f"rank {world_rank()}: the model's forward raised {type(e).__name__}: {e}",
+                                 then_backward=self.model.training)
+            raise
         if self.model.training:  # counted once it returned: a forward that raised left nothing to match
             self._forwards += 1
         return y
@@ -215,6 +283,13 @@ class DataParallel:
         If the model's backward raises, the buckets not yet launched are launched carrying the
         error, so every other rank's backward raises CollectiveError instead of waiting for them;
         in-flight work is drained on every exit path, and the exception propagates here."""
+        if self._zero is not None and self._optimizer is None and self._sync:
+            # the averaged gradients would reach only make_optimizer's parameters: an optimizer over
+            # model.parameters() would step on nothing, silently - refuse, on every rank
+            self._refuse_step("DataParallel(shard=%r): call ddp.make_optimizer(...) before training; the averaged "
+                              "gradients go to the owned shards it optimizes, not to model.parameters()" % self.shard)
+        if self._units is not None:
+            return self._units.run_backward(dy)
         for b in self.buckets:
             b.pending = {id(p) for p in b.params}
             b.handle = None
@@ -236,15 +311,32 @@ class DataParallel:
         samples in this step (uneven batching, data/bucketing.py). Its ``.grad`` - zero after
         ``opt.zero_grad()`` - enters the average like every other rank's; on return every .grad
         holds the average, as after ``backward``."""
+        if self._units is not None:  # the gathers its peers' forward and backward make, then the reductions
+            if self.shard == "full":
+                self._units.start("forward")
+                self._units.finish(release_grads=False)
+            self._units.start("backward")
+            self._units.end_step()
+            return
         for b in self.buckets:
             b.pending, b.handle = set(), None
         self._next = 0
         self._finish()
 
+    def _refuse_step(self, why: str) -> None:
+        """Raise `why` here and carry it to every peer through this step's collectives."""
+        if self._units is not None:
+            self._units.start("backward")
+            self._units.fail(why)
+        else:
+            self._next = 0
+            self._fail_step(why)
+        raise RuntimeError(why)
+
     def _fail_step(self, why: str) -> None:
         """Launch the remaining buckets with `why` as their local error, wait for every bucket,
         and forget the step (the peers' buckets all raise CollectiveError)."""
-        if self._sync and self.group.size > 1:
+        if self._sync and (self.group.size > 1 or self._zero is not None):
             for b in self.buckets[self._next:]:
                 self._launch(b, error=why)
             self._next = len(self.buckets)
@@ -260,7 +352,7 @@ class DataParallel:
 
     def _finish(self) -> None:
         """Launch the buckets the hooks did not, wait for all, account the time."""
-        if not self._sync or self.group.size == 1:  # one rank: its grads already are the average
+        if not self._sync or (self.group.size == 1 and self._zero is None):  # one rank: grads are the average
             return
         t = time.perf_counter()
         for b in self.buckets[self._next:]:  # launch what the hooks did not (no overlap, non-reporting models)
@@ -289,6 +381,67 @@ class DataParallel:
         if late is not None:
             raise RuntimeError(late)
 
+    # -------------------------------------------------------------------------- sharding
+    def make_optimizer(self, cls, **options):
+        """An optimizer of class `cls` over exactly what this rank owns; ``opt.step()`` leaves the
+        model ready for the next forward on every rank.
+
+        Args:
+            cls: a disttrain optimizer class (``optim.SGD``, ``optim.Adam``, ...); one whose update
+                needs whole tensors (LAMB) is refused with shard != "none".
+            **options: its arguments (``lr=...``, ``momentum=...``).
+
+        Returns:
+            shard="none": ``cls(model.parameters(), **options)``. Otherwise ``cls`` over the owned
+            shard Parameters (one per global parameter, views of the owned slice, named globally,
+            ``layout=[Piece(None, shape, box, flat=(a, b))]``) and the model's non-replicated
+            parameters (sharded embeddings); its post-step hook regathers the parameters
+            (optimizer/gradients; "full" gathers at every forward anyway).
+
+        Example:
+            >>> opt = ddp.make_optimizer(optim.Adam, lr=1e-3)
+        """
+        self._optimizer = ZR.make_optimizer(self, cls, options)
+        return self._optimizer
+
+    def full_state_dict(self) -> dict:
+        """{parameter name: the whole array} on every rank, for every shard mode (collective with
+        shard="full": call it on every rank). Tensor-parallel blocks and sharded-embedding rows are
+        this rank's (gathered over the data-parallel group only).
+
+        Returns:
+            A dict of copies, in ``model.parameters()`` order.
+        """
+        return ZR.full_state_dict(self)
+
+    def memory(self, optimizer=None) -> dict:
+        """This rank's bytes, between steps, of what DataParallel and the optimizer keep.
+
+        Args:
+            optimizer: whose state to count (default: the one from ``make_optimizer``).
+
+        Returns:
+            {"parameters": the replicated parameters this rank stores (full: its owned slices),
+            "gradients": gradient storage kept between steps (none: the buckets; optimizer: the
+            buckets and the owned slices; gradients/full: the owned slices), "optimizer": bytes of
+            the optimizer's state arrays (0 before its first step), "transient": whole unit
+            parameters / gradients held right now beyond that, "peak_transient": the most of those
+            held at once so far (gradients/full: about two units)}. Non-replicated parameters
+            (sharded embeddings) are not counted.
+        """
+        return ZR.memory(self, optimizer if optimizer is not None else self._optimizer)
+
+    def parameter_shards(self) -> list:
+        """The model parameters this rank holds authoritatively, as ``nn.layout.Shard`` live views:
+        the whole replicated parameters (shard none/optimizer/gradients) or the owned flat ranges
+        (full), plus the model's non-replicated parameters (sharded embeddings) - what a checkpoint
+        writes (a region several ranks hold, once) and fills in place on load.
+
+        Example:
+            >>> [(s.name, s.box, s.flat) for s in ddp.parameter_shards()]
+        """
+        return ZR.parameter_shards(self)
+
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally (gradient accumulation); the next synced backward averages
@@ -304,26 +457,20 @@ class DataParallel:
 
     @property
     def wire_stats(self) -> dict:
-        """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio."""
-        return self.compressor.stats.as_dict()
+        """Gradient bytes of this rank so far: raw, compressed payload, sent on the wire, and the ratio;
+        sharded modes add the bytes their reduce-scatters and parameter allgathers sent (ring volumes)
+        to ``sent_bytes`` and report them as ``reduce_scatter_sent_bytes`` / ``allgather_sent_bytes``."""
+        out = self.compressor.stats.as_dict()
+        if self._zero is not None:
+            for k, v in self._zero.sent.items():
+                out[f"{k}_sent_bytes"] = v
+                out["sent_bytes"] += v
+        return out
 
 
 def _union_and_overlap(spans, w0: float, w1: float) -> tuple[float, float]:
     """(length of the union of the intervals `spans`, length of that union inside [w0, w1])."""
-    total = inside = 0.0
-    cur0 = cur1 = None
-    for a, b in sorted(spans) + [(float("inf"), float("inf"))]:
-        if cur1 is not None and a > cur1:
-            total += cur1 - cur0
-            inside += max(0.0, min(cur1, w1) - max(cur0, w0))
-            cur0 = cur1 = None
-        if a == float("inf"):
-            break
-        if cur1 is None:
-            cur0, cur1 = a, b
-        else:
-            cur1 = max(cur1, b)
-    return total, inside
+    return union_and_overlap(spans, [(w0, w1)])
 
 
 def broadcast_parameters(model, root: int = 0, group=None) -> None:

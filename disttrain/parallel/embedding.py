@@ -29,9 +29,16 @@ Both are one mechanism: a placement maps (table, id) to (owner rank, row of the 
 each rank keeps its rows of every table in one ``Parameter`` (``shard``) marked
 ``replicated=False``: DataParallel and ``broadcast_parameters`` leave it alone, because the
 AllToAll backward already delivers the complete global-batch gradient (scaled by 1 / group size,
-matching DataParallel's average over ranks of per-rank mean losses). Full tables are drawn exactly
-as ``LocalEmbeddings`` draws them from the same generator, so a sharded model equals the one-process
-model - the oracle in tests.
+matching DataParallel's average over ranks of per-rank mean losses).
+
+Initialisation never materialises a table: each rank draws only its own rows, from counter-based
+generators keyed by (seed, table, block of rows) (``embedding_init.py``), which ``LocalEmbeddings``
+uses too - so a sharded model equals the one-process model, the oracle in tests.
+
+Sparse updates (``sparse=True``, opt-in): the shard's ``.grad`` is a ``RowSparseGrad`` - the rows
+this step's lookups touched, de-duplicated, and their gradients - and the optimizer updates only
+those rows (lazy semantics: ``optim.SGD``, ``optim.Adam``). Without it the gradient is a dense
+array of the shard's shape, mostly zeros, and every optimizer step sweeps the whole shard.
 """
 from __future__ import annotations
 
@@ -43,13 +50,21 @@ from ..comm import validate
 from ..nn import kernels as K
 from ..nn.layout import Piece
 from ..nn.module import Module, Parameter
+from ..nn.sparse import RowSparseGrad
 from ..runtime import as_group
 from .counters import Counters
+from .embedding_init import seed_from, table_rows
 
 
-def init_tables(sizes, dim: int, rng, dtype=np.float32) -> list:
-    """The full tables, each uniform in +-1/sqrt(rows) (DLRM's initialisation), drawn in order."""
-    return [rng.uniform(-1 / np.sqrt(n), 1 / np.sqrt(n), (n, dim)).astype(dtype) for n in sizes]
+def _table_parameter(data, sparse: bool, **kw) -> Parameter:
+    """A table (or shard) parameter; with `sparse` its gradient is row-sparse."""
+    if not sparse:
+        return Parameter(data, **kw)
+    # built on an empty placeholder: Parameter would allocate (and touch) a dense gradient of the
+    # shard's size that the row-sparse one replaces at once - a transient copy of the whole shard
+    p = Parameter(data[:0], **kw)
+    p.data, p.grad = np.ascontiguousarray(data), RowSparseGrad(data.shape, data.dtype)
+    return p
 
 
 def _check_ids(ids, sizes) -> str | None:
@@ -67,13 +82,29 @@ def _check_ids(ids, sizes) -> str | None:
 
 
 class LocalEmbeddings(Module):
-    """The one-process reference: every table on this rank. forward(ids (B, T)) -> (B, T, dim)."""
+    """The one-process reference: every table on this rank. forward(ids (B, T)) -> (B, T, dim).
 
-    def __init__(self, sizes, dim: int, rng=None, dtype=np.float32):
-        rng = rng if rng is not None else np.random.default_rng(0)
-        self.sizes, self.dim = [int(n) for n in sizes], dim
-        for t, w in enumerate(init_tables(self.sizes, dim, rng, dtype)):
-            setattr(self, f"table{t}", Parameter(w))
+    Args:
+        sizes: rows of each table.
+        dim: embedding width.
+        rng: a Generator; one draw from it is the tables' seed (used when `seed` is None).
+        dtype: the tables' dtype.
+        seed: the tables' seed (``embedding_init.py``: the same seed gives the same tables here and
+            in ``ShardedEmbeddings`` at any number of ranks).
+        sparse: row-sparse gradients (``RowSparseGrad``), for optimizers that update only the
+            touched rows.
+
+    Example:
+        >>> emb = LocalEmbeddings([10, 5], 4, seed=0)
+        >>> emb.forward(np.array([[1, 2]])).shape
+        (1, 2, 4)
+    """
+
+    def __init__(self, sizes, dim: int, rng=None, dtype=np.float32, *, seed: int | None = None, sparse: bool = False):
+        self.sizes, self.dim, self.sparse = [int(n) for n in sizes], dim, bool(sparse)
+        seed = seed_from(seed, rng)
+        for t, n in enumerate(self.sizes):
+            setattr(self, f"table{t}", _table_parameter(table_rows(seed, t, n, 0, n, dim, dtype), self.sparse))
 
     def tables(self) -> list:
         return [getattr(self, f"table{t}") for t in range(len(self.sizes))]
@@ -88,7 +119,11 @@ class LocalEmbeddings(Module):
 
     def backward(self, dy):
         for t, w in enumerate(self.tables()):
-            K.embedding_bwd(self._ids[:, t].astype(np.int64), np.ascontiguousarray(dy[:, t]), w.grad, -1)
+            ids, d = self._ids[:, t].astype(np.int64), np.ascontiguousarray(dy[:, t])
+            if isinstance(w.grad, RowSparseGrad):  # the gradient's type decides (gradcheck swaps in a dense one)
+                w.grad.add_(ids, d)
+            else:
+                K.embedding_bwd(ids, d, w.grad, -1)
         return None
 
 
@@ -135,36 +170,50 @@ class ShardedEmbeddings(Module):
         group: the Group the tables are sharded over (default: the world) - also the group the
             dense layers are data-parallel over.
         sharding: "table" or "row" (``SHARDINGS``).
-        rng: draws the full tables as ``LocalEmbeddings`` would; each rank keeps its rows.
+        rng: a Generator; one draw from it is the tables' seed (used when `seed` is None).
+        dtype: the tables' dtype.
         algorithm: the AllToAll algorithm ("auto", "pairwise", "bruck", "mpi").
+        seed: the tables' seed; each rank draws only its own rows, the values ``LocalEmbeddings``
+            with the same seed holds (``embedding_init.py``). Must agree on every rank.
+        sparse: the shard's gradient is row-sparse (``RowSparseGrad``) and optimizers update only
+            the rows a step touched (lazy semantics, see ``optim.SGD`` / ``optim.Adam``); the same
+            on every rank.
+
+    Example:
+        >>> emb = ShardedEmbeddings([1000, 50], 8, sharding="row", seed=0, sparse=True)
+        >>> opt = optim.Adam(emb.parameters(), lr=1e-3)   # lazy Adam on the shard
     """
 
     def __init__(self, sizes, dim: int, group=None, sharding: str = "table", rng=None, dtype=np.float32,
-                 algorithm: str = "auto"):
+                 algorithm: str = "auto", *, seed: int | None = None, sparse: bool = False):
         self.group = as_group(group)
         self.sizes, self.dim, self.sharding, self.algorithm = [int(n) for n in sizes], int(dim), sharding, algorithm
-        err = None
+        self.sparse, err = bool(sparse), None
         if sharding not in SHARDINGS:
             err = f"unknown sharding {sharding!r}; choose one of {list(SHARDINGS)}"
         elif not self.sizes or min(self.sizes) < 1 or self.dim < 1:
             err = f"tables need at least one row and dim >= 1, got sizes {self.sizes} and dim {dim}"
+        try:  # a bad seed on one rank must stop every rank, in the check below
+            seed = seed_from(seed, rng)
+        except ValueError as e:
+            seed, err = None, err or str(e)
+        # a rank with another seed or sparse setting would silently train a different model
         validate.check(self.group.comm, "ShardedEmbeddings", dict(sizes=tuple(self.sizes), dim=self.dim,
-                                                                   sharding=sharding, dtype=np.dtype(dtype).str), err,
-                       always=True)
+                                                                   sharding=sharding, dtype=np.dtype(dtype).str,
+                                                                   seed=seed, sparse=self.sparse), err, always=True)
         p, me = self.group.size, self.group.rank
         self.placement = SHARDINGS[sharding](self.sizes, self.dim, p)
-        rng = rng if rng is not None else np.random.default_rng(0)
         shard = np.empty((self.owned_rows(me), self.dim), dtype)
-        for t, full in enumerate(init_tables(self.sizes, self.dim, rng, dtype)):
-            for r, lo, hi, off in self.placement[t]:
+        for t, blocks in enumerate(self.placement):  # only this rank's rows are ever drawn
+            for r, lo, hi, off in blocks:
                 if r == me:
-                    shard[off:off + hi - lo] = full[lo:hi]
+                    table_rows(seed, t, self.sizes[t], lo, hi, self.dim, dtype, out=shard[off:off + hi - lo])
         # each block of this rank's rows is rows lo:hi of global table t, named "<path>.table<t>"
         # like LocalEmbeddings' tables: checkpoints reshard table-wise <-> row-wise <-> one process
         layout = [Piece(f"table{t}", (n, self.dim), ((lo, hi), (0, self.dim)), rows=(off, off + hi - lo))
                   for t, (n, blocks) in enumerate(zip(self.sizes, self.placement))
                   for r, lo, hi, off in blocks if r == me and hi > lo]
-        self.shard = Parameter(shard, replicated=False, layout=layout)
+        self.shard = _table_parameter(shard, self.sparse, replicated=False, layout=layout)
         # Vectorised lookup of (owner, shard row) for global row g = table_offset[t] + id.
         self._table_offset = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         starts, owners, shard_offsets = [], [], []
@@ -227,7 +276,11 @@ class ShardedEmbeddings(Module):
         d_req, _ = C.alltoall(d_uniq, splits, algorithm=self.algorithm, group=self.group)
         # average over the group, as DataParallel averages the dense layers' gradients
         d_req *= d_req.dtype.type(1.0 / self.group.size)
-        K.embedding_bwd(req.astype(np.int64, copy=False), d_req, self.shard.grad, -1)
+        req = req.astype(np.int64, copy=False)
+        if isinstance(self.shard.grad, RowSparseGrad):  # rows several ranks asked for are summed once here
+            self.shard.grad.add_(req, d_req)
+        else:
+            K.embedding_bwd(req, d_req, self.shard.grad, -1)
         self.stats.bwd_bytes += d_uniq.nbytes
         self.stats.alltoalls += 1
         return None

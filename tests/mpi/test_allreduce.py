@@ -84,7 +84,7 @@ def test_many_pipeline_segments(comm, algorithm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("algorithm", ["ring", "butterfly", "double_tree", "mpi"])
+@pytest.mark.parametrize("algorithm", ["ring", "butterfly", "double_tree", "mpi", "shm"])
 def test_shapes_inplace_and_noncontiguous(comm, algorithm):
     rng = rank_rng(comm, 4)
     for shape in [(), (3, 4), (2, 0, 5), (5, 3, 2)]:
@@ -111,7 +111,7 @@ def test_python_lists_and_scalars(comm):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "rabenseifner", "butterfly", "mpi"])
+@pytest.mark.parametrize("algorithm", ["ring", "tree", "rabenseifner", "butterfly", "mpi", "shm"])
 def test_groups(comm, algorithm):
     p, r = comm.Get_size(), comm.Get_rank()
     evens = dt.new_group(range(0, p, 2))
@@ -127,3 +127,50 @@ def test_groups(comm, algorithm):
     assert np.array_equal(got, np.full(5, sum(q + 1 for q in mine.ranks)))
     assert np.array_equal(dt.allreduce(x, algorithm=algorithm, group=reverse), oracle(comm, x, "sum"))
     assert dt.allgather(np.array([r]), group=reverse).tolist() == list(reversed(range(p)))
+
+
+@pytest.mark.mpi
+def test_shm_many_chunks_and_rounds_blocking_and_async_at_once(comm, monkeypatch):
+    """Tiny chunks: many fence rounds through both halves of the window, odd sizes, every op; an
+    asynchronous shm allreduce (its own window, on the communication thread) in flight meanwhile."""
+    from disttrain.comm import shm
+
+    monkeypatch.setattr(shm, "CHUNK_BYTES", 40)  # 5 float64 / 10 float32 per chunk and rank
+    rng = rank_rng(comm, 7)
+    for rnd in range(30):
+        n = int(rng.integers(0, 60)) if rnd else 0
+        n = comm.bcast(n, root=0)
+        a = rng.integers(-9, 10, 3 * n + 1).astype(np.float32)
+        h = dt.allreduce_async(a, op="max", algorithm="shm")
+        for dtype in (np.float64, np.int32):
+            for op in ("sum", "min", "prod"):
+                x = integer_data(rng, n, dtype, op)
+                assert np.array_equal(dt.allreduce(x, op=op, algorithm="shm"), oracle(comm, x, op)), (rnd, dtype, op)
+        assert np.array_equal(h.wait(), oracle(comm, a, "max")), rnd
+
+
+@pytest.mark.mpi
+def test_shm_across_nodes_is_refused_on_every_rank(comm, monkeypatch):
+    """A group spanning nodes cannot use shm: every rank sees it and raises the same error (the
+    predicate - node size vs group size - is a fact every rank shares; faked here on every rank)."""
+    from disttrain.comm import shm
+    from disttrain.comm.errors import CollectiveError
+
+    if comm.Get_size() == 1:
+        pytest.skip("one rank never enters the algorithm")
+    g = dt.new_group(range(comm.Get_size()))
+    def spans_nodes(self, c):
+        self.node, self.single = c, False
+
+    monkeypatch.setattr(shm._Node, "__init__", spans_nodes)
+    try:
+        with pytest.raises(CollectiveError, match="one node"):
+            dt.allreduce(np.ones(8), algorithm="shm", group=g)
+    finally:
+        shm._state.pop(g.comm.handle, None)
+        g.free()
+    # auto never picks it across hosts
+    from disttrain.comm import costmodel
+
+    c = costmodel.CostParams(4, hosts=2)
+    assert costmodel.predict(c, "shm", 1 << 20) == float("inf")

@@ -1,5 +1,9 @@
 """Sharded embeddings over AllToAll + data-parallel dense layers reproduce ONE process trained on
-the global batch (DLRM, table-wise and row-wise), at every suite size (1, 2, 3, 4, 5, 8 ranks)."""
+the global batch (DLRM, table-wise and row-wise), at every suite size (1, 2, 3, 4, 5, 8 ranks) -
+with dense gradients, and with row-sparse gradients under every sparse optimizer (the one process
+runs the same sparse optimizer). Initialisation draws only each rank's own rows."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -7,17 +11,32 @@ import disttrain as dt
 from disttrain import nn, optim
 from disttrain.comm.errors import CollectiveError
 from disttrain.data.clicks import synthetic_clicks
+from disttrain.nn.layout import shards
+from disttrain.nn.sparse import RowSparseGrad
+from disttrain.parallel import embedding
 from disttrain.parallel.embedding import SHARDINGS, ShardedEmbeddings
+from disttrain.parallel.embedding_init import BLOCK_ROWS
 from disttrain.workloads import Batch, train_step
 from disttrain_zoo.dlrm import DLRM
 
 SIZES = (40, 23, 7, 3, 11)  # more tables than some suites' ranks, fewer than others; tiny ones too
 STEPS = 4
+SPARSE_OPTIMIZERS = {  # row-sparse gradients: each optimizer's lazy update (optim/rowwise.py)
+    "sgd": lambda ps: optim.SGD(ps, lr=0.5),
+    "sgd_momentum": lambda ps: optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=0.01),
+    "lazy_adam": lambda ps: optim.Adam(ps, lr=0.05),
+    "lazy_adamw": lambda ps: optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+    "rowwise_adagrad": lambda ps: optim.RowWiseAdagrad(ps, lr=0.2),
+}
 
 
-def model(sharding, group=None):
+def model(sharding, group=None, sparse=False):
     return DLRM(SIZES, dim=4, dense=5, bottom=(8,), top=(8,), sharding=sharding, group=group, seed=3,
-                dtype=np.float64)
+                dtype=np.float64, sparse=sparse)
+
+
+def momentum_sgd(ps):
+    return optim.SGD(ps, lr=0.5, momentum=0.9)
 
 
 def shares(n, p):
@@ -26,32 +45,32 @@ def shares(n, p):
     return [slice(bounds[r], bounds[r + 1]) for r in range(p)]
 
 
-def train_one_process(data, batch_slices):
-    ref = model(None)
-    loss_fn, opt = nn.BCEWithLogits(), optim.SGD(ref.parameters(), lr=0.5, momentum=0.9)
+def train_one_process(data, batch_slices, make_opt=momentum_sgd, sparse=False):
+    ref = model(None, sparse=sparse)
+    loss_fn, opt = nn.BCEWithLogits(), make_opt(ref.parameters())
     losses = []
     for s in batch_slices:
         losses.append(loss_fn.forward(ref.forward((data.dense[s], data.ids[s])), data.clicks[s]))
         ref.backward(loss_fn.backward())
         opt.step()
         opt.zero_grad()
-    return ref, losses
+    return ref, losses, opt
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("sharding", sorted(SHARDINGS))
-@pytest.mark.parametrize("global_batch", ["divisible", "uneven", "empty"])
-def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
+def train_sharded(comm, sharding, global_batch, make_opt=momentum_sgd, sparse=False):
+    """Train sharded on each rank's share and check every step's loss and the final model against
+    the one process trained on the global batch; returns (sharded model, its optimizer, the one
+    process's optimizer)."""
     p, r = comm.Get_size(), comm.Get_rank()
     # uneven: one rank gets more; "empty": the last rank gets no samples at all (p > 1)
     n = {"divisible": 8 * p, "uneven": 6 * p + (1 if p > 1 else 0), "empty": 5 * (p - 1) or 5}[global_batch]
     data = synthetic_clicks(n * STEPS, sizes=SIZES, dense=5, alpha=1.2, seed=5, dtype=np.float64)
     steps = [slice(i * n, (i + 1) * n) for i in range(STEPS)]
-    ref, want = train_one_process(data, steps)
+    ref, want, ref_opt = train_one_process(data, steps, make_opt, sparse)
 
-    m = model(sharding)
+    m = model(sharding, sparse=sparse)
     ddp = dt.DataParallel(m, bucket_mb=0.001)
-    loss_fn, opt = nn.BCEWithLogits(), optim.SGD(m.parameters(), lr=0.5, momentum=0.9)
+    loss_fn, opt = nn.BCEWithLogits(), make_opt(m.parameters())
     for i, s in enumerate(steps):
         mine = shares(n, p)[r] if global_batch != "empty" else (shares(n, p - 1) + [slice(n, n)])[r] if p > 1 \
             else slice(0, n)
@@ -70,6 +89,74 @@ def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
             np.testing.assert_allclose(q.data, dense[q.name], rtol=1e-10, atol=1e-13)
     # every row lives on exactly one rank
     assert comm.allreduce(m.embeddings.shard.data.shape[0]) == sum(SIZES)
+    return m, opt, ref_opt
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sharding", sorted(SHARDINGS))
+@pytest.mark.parametrize("global_batch", ["divisible", "uneven", "empty"])
+def test_dlrm_sharded_matches_one_process(comm, sharding, global_batch):
+    train_sharded(comm, sharding, global_batch)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sharding", sorted(SHARDINGS))
+@pytest.mark.parametrize("opt", sorted(SPARSE_OPTIMIZERS))
+def test_dlrm_sparse_updates_match_one_process_with_the_same_optimizer(comm, sharding, opt):
+    m, o, ref_o = train_sharded(comm, sharding, "empty" if opt == "lazy_adam" else "uneven", SPARSE_OPTIMIZERS[opt],
+                                True)
+    assert isinstance(m.embeddings.shard.grad, RowSparseGrad)
+    # lazy state ("momentum", "m", "v") is shard-shaped: through the shard's layout it is the one
+    # process's state of every table (what resharding checkpoints save and load)
+    shard = m.embeddings.shard
+    for buf, state in o.state[shard.name].items():
+        if state.shape != shard.data.shape:
+            assert opt == "rowwise_adagrad"  # one value per row: not a layout-shaped buffer
+            continue
+        seen = 0
+        for part in comm.allgather([(x.name, x.box, x.data.copy()) for x in shards(shard, state)]):
+            for name, box, got in part:
+                want = ref_o.state[name][buf][tuple(slice(a, b) for a, b in box)]
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+                seen += got.size
+        assert seen == sum(SIZES) * 4  # every row of every table, once
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sharding", sorted(SHARDINGS))
+def test_plain_sgd_is_bit_identical_sparse_or_dense(comm, sharding):
+    dense = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], False)[0].embeddings.shard.data
+    sparse = train_sharded(comm, sharding, "uneven", SPARSE_OPTIMIZERS["sgd"], True)[0].embeddings.shard.data
+    np.testing.assert_array_equal(sparse, dense)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("sharding", sorted(SHARDINGS))
+def test_each_rank_draws_only_its_own_rows(comm, sharding, monkeypatch):
+    """By construction (every row range drawn is one of this rank's blocks) and by measurement (the
+    memory allocated while building is this rank's shard plus one block of temporaries)."""
+    p = comm.Get_size()
+    sizes, dim = (8 * BLOCK_ROWS + 3, BLOCK_ROWS + 1, 5), 4  # one table dominates: a rank holds part of it
+    drawn, draw = [], embedding.table_rows
+    monkeypatch.setattr(embedding, "table_rows", lambda seed, t, n, lo, hi, *a, **k: (
+        drawn.append((t, lo, hi)), draw(seed, t, n, lo, hi, *a, **k))[1])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        emb = ShardedEmbeddings(sizes, dim, sharding=sharding, seed=9, dtype=np.float64, sparse=True)
+        extra = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    mine = sorted((t, lo, hi) for t, blocks in enumerate(emb.placement) for r, lo, hi, _ in blocks
+                  if r == comm.Get_rank() and hi > lo)
+    assert sorted(d for d in drawn if d[2] > d[1]) == mine
+    assert extra <= emb.shard.data.nbytes + BLOCK_ROWS * dim * 8 + 64 * 1024, (extra, emb.shard.data.nbytes)
+    if sharding == "row" and p > 1:  # no rank ever held a whole table
+        assert extra < sizes[0] * dim * 8
+    ref = embedding.LocalEmbeddings(sizes, dim, seed=9, dtype=np.float64)
+    for got, want in zip(emb.full_tables(), ref.tables()):
+        np.testing.assert_array_equal(got, want.data)
 
 
 @pytest.mark.mpi
@@ -117,3 +204,9 @@ def test_ranks_disagreeing_about_tables_raise(comm):
         ShardedEmbeddings([5, 9 + (r == 1)], 3)
     with pytest.raises(CollectiveError, match="unknown sharding"):
         ShardedEmbeddings([5, 9], 3, sharding="column" if r == 0 else "row")
+    with pytest.raises(CollectiveError, match="ShardedEmbeddings"):  # other rows: silently another model
+        ShardedEmbeddings([5, 9], 3, seed=r)
+    with pytest.raises(CollectiveError, match="ShardedEmbeddings"):  # sparse on some ranks only
+        ShardedEmbeddings([5, 9], 3, sparse=r == 0)
+    with pytest.raises(CollectiveError, match="non-negative integer, got -1"):  # a bad seed on one rank only
+        ShardedEmbeddings([5, 9], 3, seed=-1 if r == p - 1 else 0)
