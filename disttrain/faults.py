@@ -4,12 +4,18 @@
 
 kills that rank with SIGKILL the 3rd time it reaches ``checkpoint-write`` (after the temporary
 file is written, before it is renamed into place) - the moment a power cut would hurt most.
+``DISTTRAIN_FAULT_ACTION=sleep:S`` makes that rank sleep S seconds at every hit instead (a
+straggler: tests that act from outside at a moment they observe need a run slow enough to see it);
+``exit`` makes it leave at the k-th hit with ``sys.exit(0)`` (a rank that quits while the others
+still need it: the departure protocol of runtime.py must end the job naming it).
 Unset (the default), ``point`` is one dictionary lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 
 from . import groups
 
@@ -22,6 +28,12 @@ def point(name: str) -> None:
     w = groups.current()
     if int(os.environ.get("DISTTRAIN_FAULT_RANK", "0")) != (w.rank if w is not None else 0):
         return
+    action = os.environ.get("DISTTRAIN_FAULT_ACTION", "kill")
+    if action.startswith("sleep:"):
+        time.sleep(float(action[6:]))
+        return
     _hits[name] = _hits.get(name, 0) + 1
     if _hits[name] == int(os.environ.get("DISTTRAIN_FAULT_AT", "1")):
+        if action == "exit":
+            sys.exit(0)
         os.kill(os.getpid(), signal.SIGKILL)

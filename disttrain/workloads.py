@@ -55,13 +55,15 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
 
 
 class _FixedBatch:
-    """A workload whose every step is a fixed global batch of samples, shared equally over the
-    data-parallel ranks by a DistributedSampler; subclasses say how samples become arrays (take)."""
+    """A workload whose every step is a fixed global batch of samples, shared over the data-parallel
+    ranks by a DistributedSampler - equally when the ranks divide it, else differing by at most one
+    sample (train_step weights by count), so every dp trains the same model: an elastic restart
+    on another number of ranks continues the same run. Subclasses say how samples become arrays (take)."""
 
     unit = "samples"
 
     def _sample(self, n: int, cfg, rank: int, world: int) -> None:
-        self.sampler = DistributedSampler(n, cfg.global_batch_size, rank, world, seed=cfg.seed)
+        self.sampler = DistributedSampler(n, cfg.global_batch_size, rank, world, seed=cfg.seed, uneven=True)
         self.B = cfg.global_batch_size
 
     def take(self, idx) -> tuple:
@@ -319,6 +321,15 @@ def _gnmt_sizes(spec: str) -> tuple:
     if min(emb, hidden, layers) < 1:
         raise ValueError(f"gnmt sizes must be positive, got {spec!r}")
     return emb, hidden, layers
+
+
+def dp_invariant(cfg) -> bool:
+    """Whether every step's global batch is the same at any number of data-parallel replicas - what
+    resuming at another dp (an elastic restart on fewer ranks) needs to continue the same run. The
+    fixed-batch workloads share one global batch (unevenly if need be); gnmt only with load_balanced
+    batching of a --global-batch-size: naive and bucketed shard the epoch per rank, and a
+    --max-tokens budget is per rank, so there the batches change with dp."""
+    return cfg.model != "gnmt" or (cfg.batching == "load_balanced" and not cfg.max_tokens)
 
 
 #: --model -> workload class

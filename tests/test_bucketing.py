@@ -63,3 +63,17 @@ def test_fewer_samples_than_ranks_gives_empty_batches_not_missing_steps():
     plan = Batcher(np.array([4, 9, 2]), "load_balanced", 5, global_batch=5).plan(0)
     assert len(plan) == 1 and sum(len(i) for i in plan.steps[0]) == 3
     assert plan.step_stats(0)["padded_tokens"].tolist().count(0) == 2
+
+
+@pytest.mark.parametrize("p", [2, 3, 5])
+def test_load_balanced_global_batches_are_the_same_at_any_world(p):
+    """An elastic restart on another number of ranks continues the same run: with a global batch
+    (divisible by p or not) every step trains the same samples as one process."""
+    lengths = np.random.default_rng(4).integers(1, 30, 103)
+    one = Batcher(lengths, "load_balanced", 1, global_batch=16, seed=2).plan(0)
+    many = Batcher(lengths, "load_balanced", p, global_batch=16, seed=2).plan(0)
+    assert len(one) == len(many)
+    for s in range(len(one)):
+        shares = many.steps[s]
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        assert sorted(np.concatenate(shares).tolist()) == sorted(one.steps[s][0].tolist())

@@ -254,3 +254,11 @@ def test_single_file_checkpoints_of_earlier_versions_are_refused_with_a_message(
         api._where(Group(), str(tmp_path), None, print)
     path = _write(tmp_path, 12)
     assert api._where(Group(), str(tmp_path), None, print) == [path]
+
+
+def test_a_relative_checkpoint_directory_that_does_not_exist_yet_is_created(tmp_path, monkeypatch):
+    """--checkpoint-dir ck (relative, new): its parent is the working directory, not '' - the first
+    checkpoint of such a run used to fail with FileNotFoundError on every rank."""
+    monkeypatch.chdir(tmp_path)
+    path = _write("ck/sub", 3)
+    np.testing.assert_array_equal(_read(path), np.arange(6.0).reshape(2, 3) + 3)

@@ -31,6 +31,18 @@ def test_sampler_shards_are_disjoint_and_cover_the_global_batch(n, B, P, remaind
     assert not np.array_equal(samplers[0].global_batch(0), samplers[0].global_batch(spe)) or n == B
 
 
+@pytest.mark.parametrize("B,P", [(16, 3), (7, 5), (3, 5), (10, 4), (12, 3)])
+def test_uneven_sampler_shares_the_same_global_batch_at_any_world(B, P):
+    """uneven=True: the P shares are array_split blocks of the one global batch that every world
+    size trains on (an elastic restart on fewer ranks continues the same run)."""
+    one = DistributedSampler(100, B, 0, 1, seed=5, uneven=True)
+    samplers = [DistributedSampler(100, B, r, P, seed=5, uneven=True) for r in range(P)]
+    for s in (0, 3, one.steps_per_epoch + 1):
+        shards = [smp.indices(s) for smp in samplers]
+        assert [len(x) for x in shards] == [len(x) for x in np.array_split(np.arange(B), P)]
+        assert np.array_equal(np.concatenate(shards), one.indices(s))
+
+
 def test_sampler_rejects_bad_batches():
     with pytest.raises(ValueError, match="divisible"):
         DistributedSampler(100, 10, 0, 3)

@@ -230,3 +230,21 @@ def test_embedding_negative_padding_idx_counts_from_the_end(padding_idx, row):
 def test_embedding_padding_idx_out_of_range_is_explained(padding_idx, err):
     with pytest.raises(err, match="padding_idx"):
         nn.Embedding(6, 3, padding_idx=padding_idx)
+
+
+def test_module_zero_grad_clears_row_sparse_and_skips_freed_stand_ins():
+    """model.zero_grad() clears a row-sparse gradient (it has no .flags) and leaves a sharded
+    DataParallel's read-only freed gradient alone."""
+    from disttrain.nn.module import Parameter
+    from disttrain.nn.sparse import RowSparseGrad
+
+    class Two(nn.Module):
+        def __init__(self):
+            self.table, self.freed = Parameter(np.ones((4, 2))), Parameter(np.ones(3))
+
+    m = Two()
+    m.table.grad = RowSparseGrad((4, 2), np.float64)
+    m.table.grad.add_(np.array([1]), np.ones((1, 2)))
+    m.freed.grad = np.broadcast_to(np.zeros(()), (3,))  # read-only, as parallel/zero.freed makes it
+    m.zero_grad()
+    assert m.table.grad.rows.size == 0

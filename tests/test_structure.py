@@ -188,7 +188,7 @@ def test_every_compressor_has_one_compress_signature_and_one_algorithm_rule():
 # above (docs/ARCHITECTURE.md); the package root (the public API) sits just below the main job.
 LAYERS = [{"errors", "log", "registry", "mpi"}, {"groups"}, {"faults", "flight", "timeline"}, {"stall"},
           {"comm"}, {"runtime"}, {"nn", "optim", "data", "compression", "numerics"}, {"parallel", "checkpoint"},
-          {"zoo", "workloads"}, {"job", "train"}]
+          {"zoo", "workloads"}, {"job", "train", "elastic"}]
 # the only deferred imports, each documented where it is: mpi4py.MPI starts MPI (disttrain/mpi.py),
 # pydoc_data is optional in some Python distributions (data/text.py)
 DEFERRED = {("disttrain/mpi.py", "mpi4py"), ("disttrain/data/text.py", "pydoc_data.topics")}

@@ -15,5 +15,7 @@ checkpoints), ``state`` (what a training run saves), ``files`` (atomicity and fi
 """
 from .api import Loaded, load, load_checkpoint, save, save_checkpoint
 from .manifest import CheckpointError, CorruptCheckpoint
+from .reader import newest_valid, verify
 
-__all__ = ["save_checkpoint", "load_checkpoint", "save", "load", "Loaded", "CheckpointError", "CorruptCheckpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "save", "load", "Loaded", "CheckpointError", "CorruptCheckpoint",
+           "newest_valid", "verify"]

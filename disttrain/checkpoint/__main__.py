@@ -76,21 +76,6 @@ def inspect(path: str, out=None) -> None:
         f"{n} ({_human(f['bytes'])})" for n, f in sorted(rec["files"].items())), file=out)
 
 
-def verify(path: str) -> None:
-    rec = manifest.read(path)
-    entries, digests = reader.Entries(path, rec), {}
-    for e in rec["entries"]:
-        try:
-            entries.array(e)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
-        digests.setdefault(e["file"], []).append(e)
-    for f, info in rec["files"].items():
-        es = sorted(digests.get(f, []), key=lambda e: e["offset"])
-        if manifest.file_digest([e["sha256"] for e in es], os.path.getsize(os.path.join(path, f))) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {os.path.join(path, f)} failed its checksum")
-
-
 def convert(path: str, out: str) -> int:
     rec = manifest.read(path)
     entries = reader.Entries(path, rec)
@@ -121,7 +106,7 @@ def main(argv=None) -> int:
             else:
                 inspect(path)
         elif a.cmd == "verify":
-            verify(path)
+            reader.verify(path)
             print(f"{path}: every file and entry matches its checksum")
         else:
             n = convert(path, a.out)

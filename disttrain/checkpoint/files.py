@@ -41,7 +41,9 @@ def fsync_dir(d: str) -> None:
 
 def makedirs_durable(d: str) -> None:
     """os.makedirs, then fsync the parent of every directory it created (a new directory entry
-    is only durable once its parent directory is synced)."""
+    is only durable once its parent directory is synced). `d` may be relative ("ck"): its
+    parent is then the working directory, not the empty name."""
+    d = os.path.abspath(d)
     missing = []
     p = d
     while not os.path.isdir(p):

@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from ..nn.layout import Shard, whole
-from . import files, regions
+from . import files, manifest, regions
 from .manifest import CheckpointError, CorruptCheckpoint
 
 
@@ -118,3 +118,34 @@ def fill(comm, ckpt: str, record: dict, shards: list) -> None:
     agree(comm, err)
     for s, b in zip(shards, bufs):
         s.data[...] = b
+
+
+def verify(path: str) -> dict:
+    """The manifest of checkpoint directory `path` after checking every entry and file against
+    its checksum (one process, no MPI); CheckpointError naming the first damage."""
+    rec = manifest.read(path)
+    entries, digests = Entries(path, rec), {}
+    for e in rec["entries"]:
+        try:
+            entries.array(e)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        digests.setdefault(e["file"], []).append(e)
+    for f, info in rec["files"].items():
+        es = sorted(digests.get(f, []), key=lambda e: e["offset"])
+        if manifest.file_digest([e["sha256"] for e in es], os.path.getsize(os.path.join(path, f))) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {os.path.join(path, f)} failed its checksum")
+    return rec
+
+
+def newest_valid(directory: str, warn=None) -> tuple:
+    """(path, manifest) of the newest checkpoint in `directory` that verifies - the one a resume
+    loads, since a resume skips damaged ones the same way - or (None, None). One process, no MPI
+    (the elastic launcher asks it between launches)."""
+    for path in manifest.candidates(directory, warn):
+        try:
+            return path, verify(path)
+        except CheckpointError as e:
+            if warn:
+                warn(f"[disttrain] skipping {e}")
+    return None, None

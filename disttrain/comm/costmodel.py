@@ -322,12 +322,17 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         margin = SWITCH_MARGIN if nbytes < LATENCY_BOUND else 1.0
         return best if predict(c, best, nbytes) * margin < predict(c, "mpi", nbytes) else "mpi"
     b, g = bg(c, nbytes)
-    if family == "reduce_scatter":  # half a ring allreduce vs half the library's allreduce
-        native = ALLREDUCE.costs["mpi"][0]
-        return "ring" if predict(c, "ring", nbytes) / 2 < native(c, nbytes) / 2 else "mpi"
+    if family in ("reduce_scatter", "allgather"):
+        # Measured side by side (MPICH 4 wheel, this 2-core host, 2 and 4 ranks, lowlevel
+        # reduce_scatter_on / in-place allgather_on): the library's MPI_Reduce_scatter and in-place
+        # MPI_Allgatherv take 3-12x our ring's time from 1 MiB on (16 MiB, p=4: 29 vs 12 ms and
+        # 1168 vs 13 ms), while below ~64 KiB its latency wins. Half a ring allreduce vs half the
+        # library's *allreduce* (the model before) picked the library there, so ZeRO's buckets ran
+        # slow. Until calibrate() measures these two families, the bandwidth-bound rule is ring.
+        return "ring" if nbytes >= LATENCY_BOUND else "mpi"
     if family == "alltoall":  # Bruck: lg p rounds of ~n/2 bytes (+ a size header); pairwise: p-1 of n/p
         lg = math.ceil(math.log2(c.p))
         bruck = lg * (_A2A_OVERHEAD["bruck_round"] + 2 * c.alpha + nbytes / 2 * b)
         pairwise = _A2A_OVERHEAD["pairwise"] + (c.p - 1) * (c.alpha + nbytes / c.p * b)
         return "bruck" if bruck < pairwise else "pairwise"
-    return "mpi"  # broadcast / allgather: the library's versions are at least as good here
+    return "mpi"  # broadcast: the library's version is at least as good here

@@ -75,7 +75,7 @@ class Batcher:
         lengths: tokens per sample (what determines its padded size).
         strategy: "naive", "bucketed" or "load_balanced".
         world: number of data-parallel ranks.
-        global_batch: samples per step over all ranks (must divide by world), or
+        global_batch: samples per step over all ranks (naive, bucketed: must divide by world), or
         max_tokens: padded tokens per rank per step (a sample longer than this is an error).
         seed: shuffling seed; epoch e reshuffles with (seed, e).
 
@@ -100,8 +100,9 @@ class Batcher:
             raise ValueError("; ".join(problems + [f"world must be a positive int, got {world!r}"]))
         if (global_batch is None) == (max_tokens is None):
             problems.append("give exactly one of global_batch (samples per step) and max_tokens (per rank)")
-        elif global_batch is not None and (global_batch <= 0 or global_batch % world):
-            problems.append(f"global_batch {global_batch} must be positive and divisible by the {world} ranks")
+        elif global_batch is not None and (global_batch <= 0 or (global_batch % world and strategy != "load_balanced")):
+            problems.append(f"global_batch {global_batch} must be positive and divisible by the {world} ranks "
+                            "(load_balanced takes any: its global batches are cut before they are shared)")
         elif max_tokens is not None and not problems and max_tokens < self.lengths.max():
             problems.append(f"max_tokens {max_tokens} is smaller than the longest sample "
                             f"({int(self.lengths.max())} tokens, sample {int(self.lengths.argmax())})")
@@ -120,8 +121,8 @@ class Batcher:
     def _chunks(self, idx: np.ndarray, ranks: int) -> list:
         """Cut idx (in order) into consecutive batches for `ranks` ranks together: global_batch /
         world * ranks samples each, or as many as fit max_tokens per rank."""
-        if self.global_batch is not None:
-            size = self.global_batch // self.world * ranks
+        if self.global_batch is not None:  # all ranks together: the whole global batch, divisible or not
+            size = self.global_batch if ranks == self.world else self.global_batch // self.world * ranks
             return [idx[i:i + size] for i in range(0, len(idx), size)]
         out, start, longest = [], 0, 0
         lens = self.lengths[idx]

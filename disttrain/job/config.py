@@ -41,7 +41,9 @@ class TrainConfig:
     vocab_size: int = _opt(1000, "gnmt, transformer: vocabulary size (the rest is UNK); >= 2")
     seq_len: int = _opt(32, "transformer: tokens per training window; >= 1")
     steps: int = _opt(600, "optimizer steps of the whole run (also the cosine schedule's length); >= 1")
-    global_batch_size: int = _opt(64, "samples per step over all data-parallel ranks; >= 1, divisible by dp")
+    global_batch_size: int = _opt(64, "samples per step over all data-parallel ranks, the same at any dp (ranks' shares differ by "
+                                 "at most one when dp does not divide it; pipelines and gnmt's naive / bucketed batching "
+                                 "need a multiple of dp); >= 1")
     optimizer: str = _opt("sgd", "update rule", list(optim.OPTIMIZERS))
     lr: float = _opt(0.05, "peak learning rate (after warm-up, then cosine decay to 0); finite, > 0")
     momentum: float = _opt(0.9, "SGD momentum; 0 <= momentum < 1")

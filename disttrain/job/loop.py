@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import disttrain as dt
-from disttrain import numerics, timeline
+from disttrain import faults, numerics, timeline
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.embedding import ShardedEmbeddings
 from disttrain.workloads import train_step
@@ -149,6 +149,7 @@ def _train_step(run: Run, step: int) -> bool:
                                  batch.targets if mesh.pp_is_last_stage else None)
         else:
             loss = train_step(ddp, run.work.loss_fn, batch, mesh.dp)
+        faults.point("train-step")  # tests: a rank dies mid-training (after its backward, before the update)
         wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
         run.iv.add(loss, batch, time.perf_counter() - t - wait, wait)
         # Averaged grads are identical on every replica, so this verdict is too (numerics.py).

@@ -10,6 +10,7 @@ import sys
 
 import disttrain as dt
 from disttrain import checkpoint, stall
+from disttrain.workloads import dp_invariant
 from .config import ConfigError
 
 
@@ -74,8 +75,13 @@ def _check_restore(cfg, model_arrays, path, rec, warn) -> None:
                          + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
     run_diff = [k for k in _RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)
                 and not (k == "momentum" and cfg.optimizer != "sgd")]  # only SGD uses momentum
-    if run_diff:
-        what = ", ".join(f"{k.replace('_', '-')}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in run_diff)
+    what = ", ".join(f"{k.replace('_', '-')}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in run_diff)
+    saved_dp = (rec.get("layout") or {}).get("dp")
+    dp = cfg.dp or max(1, dt.size() // (cfg.pp * cfg.tp))  # as setup() picks it
+    if saved_dp and saved_dp != dp and not dp_invariant(cfg):  # e.g. an elastic restart on fewer ranks
+        what += (", " if what else "") + (f"dp={saved_dp} (now {dp}), and this workload's batches depend on dp "
+                                          f"(--batching {cfg.batching}{' with --max-tokens' if cfg.max_tokens else ''})")
+    if what:
         if not cfg.resume_force:
             raise ValueError(f"checkpoint {path} belongs to a different run: {what}. Resuming would not continue "
                              "that run; use the same settings, or --resume-force to resume anyway")

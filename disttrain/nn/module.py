@@ -119,7 +119,8 @@ class Module:
 
     def zero_grad(self) -> None:
         for p in self.parameters():
-            if p.grad.flags.writeable:  # a sharded DataParallel's freed gradient is a read-only stand-in
+            flags = getattr(p.grad, "flags", None)  # (a row-sparse gradient has none and clears itself)
+            if flags is None or flags.writeable:  # a sharded DataParallel's freed gradient is a read-only stand-in
                 p.grad[...] = 0  # in place: DataParallel's bucket views must survive
 
     def train(self, mode: bool = True):
