@@ -48,6 +48,17 @@ class Block(nn.Module):
         self._grads_ready(self.ln1)
         return dx
 
+    def backward_input(self, dy):
+        """B of the block (zero-bubble pipelines): the sub-layers' B in backward order."""
+        dh = dy + self.ln2.backward_input(self.mlp.backward_input(dy))
+        return dh + self.ln1.backward_input(self.attn.backward_input(dh))
+
+    def backward_weight(self) -> None:
+        """W of the block: the sub-layers' W, each reported ready as it returns."""
+        for m in (self.mlp, self.ln2, self.attn, self.ln1):
+            m.backward_weight()
+            self._grads_ready(m)
+
 
 class TokenPositionEmbedding(nn.Module):
     """ids (B, S) -> token embedding + learned position embedding (B, S, d)."""
@@ -82,6 +93,14 @@ class LMHead(nn.Module):
 
     def backward(self, dy):
         return self.ln_f.backward(self.proj.backward(dy))
+
+    def backward_input(self, dy):
+        return self.ln_f.backward_input(self.proj.backward_input(dy))
+
+    def backward_weight(self) -> None:
+        for m in (self.proj, self.ln_f):
+            m.backward_weight()
+            self._grads_ready(m)
 
 
 class Transformer(nn.Sequential):

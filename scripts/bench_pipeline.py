@@ -1,17 +1,25 @@
-"""Pipeline and tensor-parallel benchmark: bubble fraction, live activations, communication volume.
+"""Pipeline and tensor-parallel benchmark: bubble per schedule against its formula, live
+activations with and without recomputation, communication volume.
 
-    python scripts/bench_pipeline.py --plot           # pp = 2 and 4, both schedules, m = 1..16
+    python scripts/bench_pipeline.py --plot           # pp = 2 and 4, every schedule, m = 1..16
     python scripts/bench_pipeline.py --from-json results/bench_pipeline.json --plot
 
-Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Three parts:
+Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Parts:
 
 1. bubble: every stage is a layer whose forward waits --fwd-ms and whose backward 2x that (a timed
-   wait, not arithmetic: stage times are then exactly equal, as the (p-1)/(m+p-1) formula assumes,
-   and pp = 4 stages on this 2-core machine do not steal each other's cores - the figure measures
-   the *schedule* and its point-to-point traffic). Measured bubble per stage = 1 - busy / wall of
-   a step; the table reports the mean over stages (median over --steps steps) next to theory.
-2. a real pipeline: an MLP (8 Linear+ReLU layers of width --width) split by measured layer cost,
-   pp = 2 (one rank per core): bubble, step time, activation bytes.
+   wait, not arithmetic: stage times are then exactly equal, as the formulas assume, and pp = 4
+   stages on this 2-core machine do not steal each other's cores - the figure measures the
+   *schedule* and its point-to-point traffic). Each schedule in SCHEDULES: gpipe, 1f1b,
+   interleaved (--virtual-stages V chunks per rank, each waiting 1/V of the stage's time) and zb1
+   (the backward split into B and W, --fwd-ms each). Measured bubble per stage = 1 - busy / wall of
+   a step; the table reports the mean over stages (median over --steps steps) next to the
+   schedule's formula (``SCHEDULES[name].bubble``: (p-1)/(m+p-1) for GPipe/1F1B, (p-1)/(Vm+p-1)
+   interleaved, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) ZB-H1) and the bubble the op lists have when
+   played with the same op times (``schedules.simulate``: equal to the formula except ZB-H1 at m < p).
+2. a real pipeline: an MLP (8 Linear+ReLU units of width --width) split by measured unit cost,
+   pp = 2 (one rank per core): bubble, step time, activation bytes per schedule; then at the largest
+   m every schedule with --recompute none / full / selective: the runtime's own peak of kept
+   activation bytes (``Pipeline.stats``) and the seconds spent recomputing.
 3. communication per step: pipeline point-to-point bytes per stage (measured by the runtime), and
    for a tensor-parallel MLP block (tp = pp) the allreduce bytes per step (counted by
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
@@ -23,7 +31,7 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Thre
    would move without de-duplication and against the obvious alternative - replicating the tables
    and allreducing their dense gradient every step.
 
-Peak live activations (micro-batches alive at once, and bytes) are the runtime's own accounting
+Peak live activations (micro-batch chunks kept at once, and bytes) are the runtime's own accounting
 (Pipeline.stats), per stage.
 """
 from __future__ import annotations
@@ -49,21 +57,19 @@ def worker(a) -> None:
     from disttrain.parallel import tensor
     from disttrain.parallel.embedding import ShardedEmbeddings
     from disttrain.parallel.mesh import Mesh
-    from disttrain.parallel.pipeline import (
-        Pipeline,
-        bubble_fraction,
-        measure_layer_costs,
-        partition,
-    )
+    from disttrain.parallel.pipeline import SCHEDULES, Pipeline, assign, measure_layer_costs, simulate
+    from disttrain.parallel.pipeline.schedules import problem
 
     dt.init()
     P = dt.size()
     mesh = Mesh(pp=P)
     comm = mesh.pp_group.comm
     rows = []
+    schedules = a.schedules.split(",")
 
     class Timed(Module):
-        """A stage with fixed forward/backward times (a wait) and a real activation to pass on."""
+        """A stage (or chunk) with fixed op times (a wait) and a real activation to pass on: forward
+        f, backward 2f - split, B f and W f."""
 
         def __init__(self, f):
             self.f = f
@@ -77,6 +83,13 @@ def worker(a) -> None:
             time.sleep(2 * self.f)
             return dy
 
+        def backward_input(self, dy):
+            time.sleep(self.f)
+            return dy
+
+        def backward_weight(self):
+            time.sleep(self.f)
+
     def run(pipe, x, y, steps):
         walls, busys, stats = [], [], None
         for _ in range(a.warmup + steps):
@@ -88,44 +101,80 @@ def worker(a) -> None:
         w, b = np.array(walls[a.warmup:]), np.array(busys[a.warmup:])
         mine = dict(bubble=float(np.median(1 - b / w)), wall_ms=1e3 * float(np.median(w)),
                     peak_live=stats["peak_live"], peak_activation_bytes=stats["peak_activation_bytes"],
-                    p2p_bytes=stats["sent_bytes"])
+                    p2p_bytes=stats["sent_bytes"], recompute_ms=1e3 * stats["recompute_s"])
         return comm.gather(mine, root=0)
 
-    def record(part, schedule, m, per) -> None:
+    def chunks_of(name):
+        return a.virtual_stages if name == "interleaved" else 1
+
+    def record(part, schedule, m, per, recompute="none") -> None:
         """One table row from every stage's measurements (rank 0 holds them)."""
         if dt.rank() == 0:
-            rows.append(dict(part=part, pp=P, schedule=schedule, m=m, bubble=float(np.mean([s["bubble"] for s in per])),
-                             theory=bubble_fraction(P, m), step_ms=max(s["wall_ms"] for s in per),
-                             **{k: [s[k] for s in per] for k in ("peak_live", "peak_activation_bytes", "p2p_bytes")}))
+            v, fn = chunks_of(schedule), SCHEDULES[schedule]
+            f, b, w = (1.0, 1.0, 1.0) if fn.split else (1.0, 2.0, 0.0)
+            rows.append(dict(part=part, pp=P, schedule=schedule, V=v, recompute=recompute, m=m,
+                             bubble=float(np.mean([s["bubble"] for s in per])),
+                             theory=fn.bubble(P, m, v, f, b, w),
+                             simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
+                             step_ms=max(s["wall_ms"] for s in per),
+                             **{k: [s[k] for s in per] for k in ("peak_live", "peak_activation_bytes", "p2p_bytes",
+                                                                  "recompute_ms")}))
+
+    def runnable(schedule, m):
+        return problem(schedule, P, m, chunks_of(schedule)) is None
 
     # 1. schedule bubble with equal, timed stages
-    for schedule in ("gpipe", "1f1b"):
-        for m in a.micro_batches:
+    for schedule in schedules:
+        v = chunks_of(schedule)
+        for m in (m for m in a.micro_batches if runnable(schedule, m)):
             batch = m * a.mb
             x, y = np.ones((batch, a.width), np.float32), np.zeros((batch, a.width), np.float32)
-            pipe = Pipeline(Timed(a.fwd_ms / 1e3), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
-                            schedule=schedule, micro_batches=m)
+            f = a.fwd_ms / 1e3 / v
+            stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
+            pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+                            schedule=schedule, micro_batches=m, virtual_stages=v)
             record("timed", schedule, m, run(pipe, x, y, a.steps))
 
-    # 2. a real MLP split by measured layer cost (meaningful without oversubscription: pp <= cores)
+    # 1b. runtime work per micro-batch: stages that compute nothing (a 0 ms wait), m = the largest,
+    # shape headers on every message (the runtime before known shapes) vs known shapes (no headers,
+    # receives posted up front into reused buffers), side by side in one job
+    m = max(a.micro_batches)
+    x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
+    for cache in (False, True):
+        for schedule in ("1f1b", "zb1"):
+            pipe = Pipeline(Timed(0.0), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+                            schedule=schedule, micro_batches=m, cache_shapes=cache)
+            per = run(pipe, x, y, 3 * a.steps)
+            if dt.rank() == 0:
+                rows.append(dict(part="overhead", pp=P, schedule=schedule, m=m, cache_shapes=cache,
+                                 us_per_microbatch=1e6 * max(s["wall_ms"] for s in per) / 1e3 / m))
+
+    # 2. a real MLP split by measured unit cost (meaningful without oversubscription: pp <= cores)
     if P <= a.cores:
         rng = np.random.default_rng(0)
-        layers = []
-        for i in range(8):
-            layers += [nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()]
-        layers.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
+        units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
+        units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
         sample = np.random.default_rng(1).standard_normal((a.mb, a.width)).astype(np.float32)
-        costs = comm.bcast(measure_layer_costs(layers, sample) if mesh.pp_rank == 0 else None, root=0)
-        lo, hi = partition(costs, P)[mesh.pp_rank]
-        stage = nn.Sequential(*layers[lo:hi])
-        for schedule in ("gpipe", "1f1b"):
-            for m in a.micro_batches:
-                x = np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32)
-                y = np.zeros(m * a.mb, np.int64)
-                pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
-                                schedule=schedule, micro_batches=m)
-                record("mlp", schedule, m, run(pipe, x, y, max(3, a.steps // 2)))
-                stage.zero_grad()
+        costs = comm.bcast(measure_layer_costs(units, sample) if mesh.pp_rank == 0 else None, root=0)
+
+        def mlp(schedule, m, recompute="none", steps=max(3, a.steps // 2)):
+            v = chunks_of(schedule)
+            chunks = [nn.Sequential(*units[lo:hi]) for lo, hi in assign(costs, P, v)[mesh.pp_rank]]
+            stage = chunks[0] if v == 1 else nn.Sequential(*chunks)
+            x = np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32)
+            y = np.zeros(m * a.mb, np.int64)
+            pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
+                            schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
+            record("mlp", schedule, m, run(pipe, x, y, steps), recompute)
+            stage.zero_grad()
+
+        for schedule in schedules:
+            for m in (m for m in a.micro_batches if runnable(schedule, m)):
+                mlp(schedule, m)
+        m = max(a.micro_batches)
+        for schedule in (s for s in schedules if runnable(s, m)):
+            for recompute in ("full", "selective"):
+                mlp(schedule, m, recompute)
 
     # 3. tensor-parallel MLP and attention blocks: allreduce bytes per step, counted
     blocks = [("mlp", tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0)),
@@ -177,16 +226,32 @@ def worker(a) -> None:
 
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
-    print(f"\n{'part':<6} {'pp':>2} {'schedule':<6} {'m':>3} {'bubble':>7} {'theory':>7} {'diff':>6} {'step':>8} "
-          f"{'peak live / stage':>18} {'peak act. KiB / stage':>24} {'p2p KiB / stage':>20}")
+    print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
+          f"{'diff':>6} {'played':>7} {'step':>8} {'peak live / stage':>18} {'peak act. KiB / stage':>24} "
+          f"{'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
-        if r["part"] in ("tp", "emb"):
+        if r["part"] in ("tp", "emb", "overhead"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
-        print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<6} {r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} "
-              f"{rel:>+6.0%} {r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} "
+        print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
+              f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {r.get('simulated', r['theory']):>7.3f} "
+              f"{r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
-              f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>20}")
+              f"{[round(t) for t in r.get('recompute_ms', [])]!s:>14} "
+              f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>18}")
+    over = [r for r in rows if r["part"] == "overhead"]
+    for r in (r for r in over if r["cache_shapes"]):
+        base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])
+        print(f"runtime work, pp={r['pp']} {r['schedule']} m={r['m']}, stages computing nothing: "
+              f"{base['us_per_microbatch']:.0f} us per micro-batch with shape headers, {r['us_per_microbatch']:.0f} us "
+              f"with known shapes (receives posted up front): {r['us_per_microbatch'] / base['us_per_microbatch']:.2f}x")
+    timed = [r for r in rows if r["part"] == "timed"]
+    for pp in sorted({r["pp"] for r in timed}):
+        for m in sorted({r["m"] for r in timed if r["pp"] == pp}):
+            got = {r["schedule"]: r["bubble"] for r in timed if r["pp"] == pp and r["m"] == m}
+            if "zb1" in got and "1f1b" in got and got["1f1b"] > 0:
+                print(f"pp={pp} m={m}: zb1 / 1f1b measured bubble {got['zb1'] / got['1f1b']:.2f} "
+                      f"(formula {SCHEDULE_RATIO(pp, m):.2f}; idle time 1/3)")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -208,25 +273,31 @@ def report(rows) -> None:
                   f"{r['step_ms']:>5.1f} ms")
 
 
+def SCHEDULE_RATIO(p: int, m: int) -> float:
+    """ZB-H1 over 1F1B bubble fraction by the formulas, equal F, B, W: (m + p - 1) / (3m + p - 1)."""
+    return (m + p - 1) / (3 * m + p - 1)
+
+
 def plot(rows, out) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    timed = [r for r in rows if r["part"] == "timed"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for pp in sorted({r["pp"] for r in rows if r["part"] == "timed"}):
-        for sched, mark in (("gpipe", "o"), ("1f1b", "s")):
-            rs = [r for r in rows if r["part"] == "timed" and r["pp"] == pp and r["schedule"] == sched]
-            axes[0].plot([r["m"] for r in rs], [r["bubble"] for r in rs], mark + "-", label=f"{sched} pp={pp}")
-            axes[1].plot([r["m"] for r in rs], [max(r["peak_live"]) for r in rs], mark + "-",
+    marks = dict(gpipe="o", zb1="^", interleaved="D")
+    for pp in sorted({r["pp"] for r in timed}):
+        for sched in dict.fromkeys(r["schedule"] for r in timed):
+            rs = [r for r in timed if r["pp"] == pp and r["schedule"] == sched]
+            line = axes[0].plot([r["m"] for r in rs], [r["bubble"] for r in rs], marks.get(sched, "s") + "-",
+                                label=f"{sched} pp={pp}")[0]
+            axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], ":", lw=1, color=line.get_color())
+            axes[1].plot([r["m"] for r in rs], [max(r["peak_live"]) for r in rs], marks.get(sched, "s") + "-",
                          label=f"{sched} pp={pp}")
-        rs = [r for r in rows if r["part"] == "timed" and r["pp"] == pp and r["schedule"] == "gpipe"]
-        axes[0].plot([r["m"] for r in rs], [r["theory"] for r in rs], "k:", lw=1,
-                     label=f"(p-1)/(m+p-1), p={pp}")
     axes[0].set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction",
-                title="pipeline bubble: measured (lines) vs theory (dotted)")
-    axes[1].set(xscale="log", xlabel="micro-batches m", ylabel="peak live micro-batches (max stage)",
+                title=f"pipeline bubble, timed equal stages: measured (lines) vs formula (dotted)")
+    axes[1].set(xscale="log", xlabel="micro-batches m", ylabel="peak live micro-batch chunks (max stage)",
                 title="activation memory")
     for ax in axes:
         ax.legend(fontsize=7)
@@ -239,6 +310,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
+    ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
     ap.add_argument("--micro-batches", default="1,2,4,8,16")
     ap.add_argument("--mb", type=int, default=32, help="samples per micro-batch")
     ap.add_argument("--width", type=int, default=256)
@@ -263,7 +336,8 @@ def main() -> int:
         for P in (int(p) for p in a.procs.split(",")):
             print(f"pp={P} ...", file=sys.stderr, flush=True)
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
-                   "--micro-batches", ",".join(map(str, a.micro_batches)), "--mb", str(a.mb), "--width", str(a.width),
+                   "--micro-batches", ",".join(map(str, a.micro_batches)),
+                   "--schedules", a.schedules, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=worker_env(1, P > a.cores), capture_output=True, text=True,

@@ -99,7 +99,10 @@ def test_hybrid_meshes_reproduce_the_one_process_run(tmp_path):
     common = ["--steps", "30", "--log-every", "10", "--dtype", "float64", "--hidden", "64,48,32"]
     runs = {"one": (1, []), "dp2xpp2": (4, ["--dp", "2", "--pp", "2", "--micro-batches", "4"]),
             "pp2xtp2": (4, ["--pp", "2", "--tp", "2", "--schedule", "gpipe", "--micro-batches", "8"]),
-            "tp2": (2, ["--tp", "2"])}
+            "tp2": (2, ["--tp", "2"]),
+            "interleaved": (2, ["--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2",
+                                "--micro-batches", "4", "--recompute", "selective"]),
+            "zb1": (2, ["--pp", "2", "--schedule", "zb1", "--recompute", "full", "--micro-batches", "4"])}
     got = {}
     for name, (n, flags) in runs.items():
         res, _ = train(n, *common, *flags, "--metrics", str(tmp_path / f"{name}.jsonl"))
@@ -140,6 +143,9 @@ def test_mesh_configuration_errors_end_every_rank_with_a_message():
                           (4, ["--pp", "4", "--hidden", "64"], "2 layers cannot fill 4 pipeline stages"),
                           (2, ["--tp", "2", "--hidden", "255,256"], "not divisible by the tensor-parallel size 2"),
                           (2, ["--pp", "2", "--schedule", "zigzag"], "schedule must be one of"),
+                          (2, ["--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2",
+                               "--micro-batches", "3"], "must be a multiple of 2"),
+                          (1, ["--recompute", "full"], "use them with --pp > 1"),
                           (2, ["--model", "gnmt", "--tp", "2"], "model gnmt trains data-parallel only"),
                           (3, ["--model", "transformer", "--tp", "3", "--hidden", "32,4,2"],
                            "heads 4 is not divisible by the tensor-parallel size 3"),
@@ -178,11 +184,12 @@ def test_transformer_meshes_reproduce_the_one_process_run(tmp_path):
               "--hidden", "32,4,3", "--seq-len", "16"]
     got = {}
     for name, n, flags in [("one", 1, []), ("tp2", 2, ["--tp", "2"]),
-                           ("pp2xtp2", 4, ["--pp", "2", "--tp", "2", "--schedule", "gpipe"])]:
+                           ("pp2xtp2", 4, ["--pp", "2", "--tp", "2", "--schedule", "gpipe"]),
+                           ("pp2zb1", 2, ["--pp", "2", "--schedule", "zb1", "--recompute", "selective"])]:
         res, _ = train(n, *common, *flags, "--metrics", str(tmp_path / f"{name}.jsonl"))
         assert res.returncode == 0, res.stdout
         recs = [json.loads(ln) for ln in open(tmp_path / f"{name}.jsonl")]
         got[name] = ([r["loss"] for r in recs if "loss" in r], recs[-1]["test_loss"])
-    for name in ("tp2", "pp2xtp2"):
+    for name in ("tp2", "pp2xtp2", "pp2zb1"):
         assert got[name][0] == pytest.approx(got["one"][0], rel=1e-9), name
         assert got[name][1] == pytest.approx(got["one"][1], rel=1e-9), name

@@ -16,7 +16,8 @@ from disttrain import compression
 from disttrain import optim
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
-from disttrain.parallel.pipeline import SCHEDULES
+from disttrain.parallel.pipeline import RECOMPUTE, SCHEDULES
+from disttrain.parallel.pipeline.schedules import problem as schedule_problem
 from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes
 
 
@@ -82,6 +83,11 @@ class TrainConfig:
     tp: int = _opt(1, "tensor-parallel ranks per layer (mlp: Linear pairs; transformer: heads and MLP columns); >= 1")
     schedule: str = _opt("1f1b", "pipeline schedule", list(SCHEDULES))
     micro_batches: int = _opt(4, "micro-batches per pipeline step; must divide the per-replica batch; >= 1")
+    virtual_stages: int = _opt(1, "model chunks per pipeline rank (--schedule interleaved: >= 2, assigned "
+                               "round-robin; micro-batches a multiple of --pp); >= 1")
+    recompute: str = _opt("none", "pipeline activations: keep them (none), keep only each chunk's input "
+                          "(full) or each unit's input (selective) and recompute the forward before the backward",
+                          list(RECOMPUTE))
     sharding: str = _opt("row", "dlrm: embedding tables sharded table- or row-wise over the ranks", list(SHARDINGS))
     tables: str = _opt("100000,20000,5000,1000,200,50", "dlrm: rows per embedding table, comma-separated")
     samples: int = _opt(200000, "dlrm: synthetic click samples (90% train, 10% test); >= 1")
@@ -298,6 +304,14 @@ def _validate(c: TrainConfig) -> None:
         problems.append(f"schedule must be one of {list(SCHEDULES)} (got {c.schedule!r})")
     if c.micro_batches < 1:
         problems.append(f"micro-batches must be >= 1 (got {c.micro_batches})")
+    elif c.schedule in SCHEDULES and min(c.pp, c.tp) >= 1:
+        bad = schedule_problem(c.schedule, c.pp, c.micro_batches, c.virtual_stages)
+        if bad and (c.pp > 1 or c.virtual_stages != 1):
+            problems.append(bad)
+    if c.pp == 1 and (c.virtual_stages != 1 or c.recompute != "none"):
+        problems.append("--virtual-stages and --recompute shape a pipeline: use them with --pp > 1")
+    if c.recompute not in RECOMPUTE:
+        problems.append(f"recompute must be one of {list(RECOMPUTE)} (got {c.recompute!r})")
     if c.on_nonfinite not in ("skip", "stop"):
         problems.append(f"on-nonfinite must be 'skip' or 'stop' (got {c.on_nonfinite!r})")
     if c.on_checkpoint_error not in ("warn", "stop"):

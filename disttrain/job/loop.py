@@ -110,7 +110,7 @@ def _prepare(cfg: TrainConfig):
     pipe = None
     if mesh.pp > 1:
         pipe = dt.Pipeline(ddp, mesh.pp_group, work.loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
-                           cfg.micro_batches)
+                           cfg.micro_batches, virtual_stages=cfg.virtual_stages, recompute=cfg.recompute)
     # stages, tensor shards and embedding shards hold different parameters on different ranks
     model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
     run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel)

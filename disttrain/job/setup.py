@@ -7,7 +7,7 @@ optimizer and schedule, and evaluation through a pipeline."""
 import disttrain as dt
 from disttrain import optim
 from disttrain import nn
-from disttrain.parallel.pipeline import measure_layer_costs, partition
+from disttrain.parallel.pipeline import assign, measure_layer_costs
 from disttrain.workloads import WORKLOADS
 from .config import TrainConfig
 
@@ -39,8 +39,9 @@ def setup(cfg: TrainConfig):
         # every rank measures (tensor-parallel layers communicate), rank 0's numbers decide: stage
         # boundaries must be identical everywhere
         costs = dt.world().comm.bcast(measure_layer_costs(units, sample), root=0)
-        a, b = partition(costs, cfg.pp)[mesh.pp_rank]
-        model = nn.Sequential(*units[a:b])
+        chunks = [nn.Sequential(*units[a:b]) for a, b in assign(costs, cfg.pp, cfg.virtual_stages)[mesh.pp_rank]]
+        # interleaved: this rank's V chunks (global chunks s, s + p, ...) in one Sequential
+        model = chunks[0] if cfg.virtual_stages == 1 else nn.Sequential(*chunks)
     return mesh, work, model
 
 

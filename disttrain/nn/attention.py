@@ -95,16 +95,32 @@ class MultiHeadAttention(Module):
         return self.proj.forward(ctx)
 
     def backward(self, dy):
+        return self._backward(dy, split=False)
+
+    def backward_input(self, dy):
+        """B: the input gradient; the projections' weight gradients wait for backward_weight."""
+        return self._backward(dy, split=True)
+
+    def backward_weight(self) -> None:
+        for lin in (self.proj, self.qkv):
+            lin.backward_weight()
+            self._grads_ready(lin)
+
+    def _backward(self, dy, split: bool):
         q, k, v, a = self._cache
         B, h, S, dh = q.shape
-        dctx = self.proj.backward(dy).reshape(B, S, h, dh).transpose(0, 2, 1, 3)
-        self._grads_ready(self.proj)
+        dctx = (self.proj.backward_input(dy) if split else self.proj.backward(dy))
+        dctx = dctx.reshape(B, S, h, dh).transpose(0, 2, 1, 3)
+        if not split:
+            self._grads_ready(self.proj)
         da = dctx @ v.transpose(0, 1, 3, 2)
         dv = a.transpose(0, 1, 3, 2) @ dctx
         ds = a * (da - (da * a).sum(axis=-1, keepdims=True))  # softmax backward; masked: a = 0
         ds *= ds.dtype.type(1 / math.sqrt(dh))
         dq, dk = ds @ k, ds.transpose(0, 1, 3, 2) @ q
         dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(B, S, 3 * h * dh)
+        if split:
+            return self.qkv.backward_input(dqkv)
         dx = self.qkv.backward(dqkv)
         self._grads_ready(self.qkv)
         return dx

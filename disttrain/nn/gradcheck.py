@@ -50,8 +50,17 @@ def numeric_grad(loss, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return num
 
 
+def _backward(module, dy, split: bool):
+    """The module's backward, whole or as B (``backward_input``) then W (``backward_weight``)."""
+    if not split:
+        return module.backward(dy)
+    dx = module.backward_input(dy)
+    module.backward_weight()
+    return dx
+
+
 def gradcheck(module, x, eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e-7, seed: int = 0,
-              check_input: bool = True) -> GradcheckReport:
+              check_input: bool = True, split: bool = False) -> GradcheckReport:
     """Compare `module`'s backward with central finite differences in float64.
 
     Args:
@@ -61,6 +70,9 @@ def gradcheck(module, x, eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e
         eps, rtol, atol: step and tolerances (|analytic - numeric| <= atol + rtol * |numeric|).
         check_input: also check the gradient with respect to x (layers that skip it, e.g.
             ``Linear(input_grad=False)``, return None and are not checked).
+        split: check the zero-bubble protocol instead of ``backward``: the input gradient from
+            ``backward_input`` (B) and the parameter gradients after ``backward_weight`` (W), each
+            against finite differences.
 
     Returns:
         A GradcheckReport; ``report.ok`` is True when every gradient matches.
@@ -84,11 +96,11 @@ def gradcheck(module, x, eps: float = 1e-6, rtol: float = 1e-5, atol: float = 1e
             return float(np.sum(module.forward(xf) * w))
 
         module.forward(xf)
-        dx = module.backward(w.copy())
+        dx = _backward(module, w.copy(), split)
         analytic = {p.name: p.grad.copy() for p in params}
         # the protocol: a second backward accumulates
         module.forward(xf)
-        module.backward(w.copy())
+        _backward(module, w.copy(), split)
         for p in params:
             if not np.allclose(p.grad, 2 * analytic[p.name], rtol=1e-9, atol=1e-12):
                 rep.problems.append(f"backward does not accumulate into {p.name!r}.grad (assign with += or "

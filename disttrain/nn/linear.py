@@ -19,11 +19,16 @@ def affine_backward(x, dy, weight, bias, input_grad: bool = True):
     """Accumulate dW = x^T dy and db = sum dy (leading dimensions flattened) into the parameters'
     .grad; return dx = dy W^T, or None when the input needs no gradient. Shared by Linear and the
     tensor-parallel linears (parallel/tensor.py), which only add their communication around it."""
+    affine_weight_grad(x, dy, weight, bias)
+    return dy @ weight.data.T if input_grad else None
+
+
+def affine_weight_grad(x, dy, weight, bias) -> None:
+    """W of an affine layer: dW += x^T dy, db += sum dy (leading dimensions flattened)."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     weight.grad += x2.T @ dy2
     if bias is not None:
         bias.grad += dy2.sum(axis=0)
-    return dy @ weight.data.T if input_grad else None
 
 
 class Linear(Module):
@@ -38,6 +43,8 @@ class Linear(Module):
             that do not require grad). backward then returns None.
     """
 
+    weight_state = ("_x", "_dy")
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: str = "kaiming",
                  rng=None, dtype=np.float32, input_grad: bool = True):
         rng = rng if rng is not None else np.random.default_rng(0)
@@ -46,7 +53,7 @@ class Linear(Module):
              else xavier_uniform(rng, in_features, out_features, shape, dtype))
         self.weight = Parameter(w)
         self.bias = Parameter(np.zeros(out_features, dtype)) if bias else None
-        self._x = None
+        self._x = self._dy = None  # _dy: kept by backward_input for backward_weight
         self.input_grad = input_grad
 
     def forward(self, x):
@@ -55,3 +62,14 @@ class Linear(Module):
 
     def backward(self, dy):
         return affine_backward(self._x, dy, self.weight, self.bias, self.input_grad)
+
+    def backward_input(self, dy):
+        """B: dx = dy W^T now; dW and db wait for ``backward_weight`` (which keeps x and dy)."""
+        self._dy = dy
+        return dy @ self.weight.data.T if self.input_grad else None
+
+    def backward_weight(self) -> None:
+        """W: dW += x^T dy, db += sum dy for the last ``backward_input``."""
+        dy, self._dy = self._dy, None
+        if dy is not None:
+            affine_weight_grad(self._x, dy, self.weight, self.bias)

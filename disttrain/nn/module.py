@@ -4,6 +4,15 @@
     dx = m.backward(dy)     # accumulates parameter grads (+=), returns the input grad
     m.parameters()          # [Parameter] in a stable order, each with .data, .grad, .name
 
+    dx = m.backward_input(dy)   # B: the input gradient only (zero-bubble pipelines)
+    m.backward_weight()         # W: then the parameter gradients of that same backward
+
+``backward`` is B then W. The split (Qi et al. 2023, "Zero Bubble Pipeline Parallelism") lets a
+pipeline send dx upstream as soon as B is done and run W later, in what would be idle time. A layer
+that does not split keeps the defaults: ``backward_input`` runs the whole ``backward`` (parameter
+gradients included) and ``backward_weight`` does nothing - correct for every layer, only less
+schedulable. Splitting layers keep what W needs (their input and dy) between the two calls.
+
 Names are attribute paths ("layers.0.weight"), assigned when ``parameters()`` is first called, so
 they are stable across runs and ranks - what checkpoints and error-feedback state key on.
 Containers report each child's gradients as ready the moment its backward returns (the hook
@@ -46,6 +55,7 @@ class Module:
     """Base class. Subclasses implement forward and backward; parameters are found by attribute."""
 
     training = True
+    weight_state: tuple = ()  # attributes backward_weight reads (kept by a pipeline between B and W)
     _grad_hook = None  # callable(list[Parameter]) set by DataParallel on containers
 
     def forward(self, x):
@@ -53,6 +63,26 @@ class Module:
 
     def backward(self, dy):
         raise NotImplementedError
+
+    def backward_input(self, dy):
+        """B: the input gradient of a backward whose parameter gradients ``backward_weight`` adds.
+
+        Args:
+            dy: the gradient of the loss w.r.t. this module's last forward output.
+
+        Returns:
+            dx, as ``backward`` returns it. The default runs the whole ``backward`` (parameter
+            gradients included), so layers that do not split stay correct.
+
+        Example:
+            >>> dx = layer.backward_input(dy); send(dx); layer.backward_weight()
+        """
+        return self.backward(dy)
+
+    def backward_weight(self) -> None:
+        """W: accumulate the parameter gradients of the last ``backward_input`` (default: nothing
+        left to do - ``backward_input`` ran the whole backward)."""
+        return None
 
     def __call__(self, x):
         return self.forward(x)
@@ -149,6 +179,25 @@ class Sequential(Module):
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
                                  "the first layer; only the first layer may skip it (input_grad=False)")
         return dy
+
+    def backward_input(self, dy):
+        """B of every layer in reverse order (each splitting layer keeps its W for later)."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            m = self.layers[i]
+            with _span(m, "bwd-input", i):
+                dy = m.backward_input(dy)
+            if dy is None and i > 0:
+                raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
+                                 "the first layer; only the first layer may skip it (input_grad=False)")
+        return dy
+
+    def backward_weight(self) -> None:
+        """W of every layer; each child's gradients are reported ready as its W returns."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            m = self.layers[i]
+            with _span(m, "bwd-weight", i):
+                m.backward_weight()
+            self._grads_ready(m)
 
     def __getitem__(self, i):
         return self.layers[i]

@@ -1,0 +1,269 @@
+"""The pipeline runtime: one rank's stage (V chunks of it when interleaved) running a schedule's ops.
+
+Each rank of a pipeline group holds one stage - or, interleaved, V chunks: global chunk g = c p + s
+lives on rank s as its chunk c (Narayanan et al. 2021's round-robin assignment). A global batch is
+cut into m micro-batches; chunk g receives micro-batch i's activation from chunk g - 1, runs its
+forward, sends the result to g + 1; backward runs the other way with the activation gradients. All
+micro-batches' parameter gradients accumulate before the one optimizer step, so the update is
+exactly synchronous SGD on the global batch (no stale weights, unlike PipeDream's async mode) -
+whatever the schedule (schedules.py), split backward (zero bubble) and recomputation included.
+
+Communication is point-to-point on the pipeline group's private communicator (p2p.py): every
+message's tag names the micro-batch, the receiving chunk and the direction, so a receive matches
+its message whatever else is in flight; sends are MPI_Isend (two neighbours sending to each other
+at the same time cannot deadlock) and every schedule's per-rank order is checked deadlock-free by
+``schedules.simulate`` (tests/test_pipeline_schedules.py).
+
+The runtime's own accounting (``stats``): ``peak_live`` (micro-batch chunks whose activations are
+kept at once), ``peak_activation_bytes`` (the bytes of what it keeps - stash, kept inputs, W state -
+plus the transient activations a recomputation re-creates), ``recompute_s``, ``compute_s``,
+``wall_s``, ``sent_bytes``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+from ... import mpi, stall
+from ...comm import validate
+from ...errors import CollectiveError
+from ...groups import as_group
+from ...nn.module import Sequential
+from . import stash as S
+from .p2p import BWD, FWD, P2P
+from .schedules import SCHEDULES, problem
+
+
+class Pipeline:
+    """This rank's stage of a synchronous pipeline.
+
+    Args:
+        stage: the Module with this rank's layers; interleaved (``virtual_stages`` V > 1): an
+            ``nn.Sequential`` of this rank's V chunks (chunk c = global chunk c p + s); or a
+            DataParallel wrapping either (hybrid dp x pp: the gradient allreduce runs once per step).
+        group: the pipeline Group (``mesh.pp_group``); group rank = stage index.
+        loss_fn: the loss on the last stage (mean over its batch, e.g. SoftmaxCrossEntropy).
+        schedule: a name in ``SCHEDULES``: "gpipe", "1f1b", "interleaved" or "zb1".
+        micro_batches: m; the batch must divide by it (and m by p, interleaved).
+        virtual_stages: V, chunks per rank (interleaved only).
+        recompute: "none", "full" or "selective" (stash.py).
+        cache_shapes: once a step's input shape repeats, send no shape headers and post every
+            receive up front into reused buffers (p2p.py); False for layers whose output shapes
+            depend on the data, not only on the input shape.
+
+    Returns (``step(x, y)``): the mean loss over the batch, on every stage. x is used on the first
+    stage, y on the last (others may pass None). Parameter gradients are then the global-batch
+    gradients of this stage's layers; call the optimizer as usual.
+
+    Example:
+        >>> pipe = Pipeline(stage, mesh.pp_group, loss_fn, "zb1", micro_batches=8)
+        >>> loss = pipe.step(x, y); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
+                 virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True):
+        self.group = as_group(group)
+        self.s, self.p = self.group.rank, self.group.size
+        self.ddp = stage if hasattr(stage, "no_sync") else None
+        self.module = stage.model if self.ddp else stage
+        v = virtual_stages
+        err = None
+        if not isinstance(micro_batches, int) or micro_batches < 1:
+            err = f"micro_batches must be a positive int, got {micro_batches!r}"
+        elif recompute not in S.RECOMPUTE:
+            err = f"recompute must be one of {list(S.RECOMPUTE)}, got {recompute!r}"
+        else:
+            err = problem(schedule, self.p, micro_batches, v)
+        if err is None and v > 1 and not (isinstance(self.module, Sequential) and len(self.module) == v):
+            err = f"virtual_stages={v}: the stage must be an nn.Sequential of this rank's {v} chunks"
+        if err is None and 2 * v * micro_batches >= P2P.max_messages:
+            err = f"{micro_batches} micro-batches x {v} chunks exceed the pipeline's message tags"
+        if err is None and self.s == self.p - 1 and loss_fn is None:
+            err = "the last pipeline stage needs a loss_fn"
+        validate.check(self.group.comm, "Pipeline", dict(schedule=schedule, micro_batches=micro_batches,
+                       virtual_stages=v, recompute=recompute), err, always=True)
+        self.loss_fn, self.schedule, self.m, self.v, self.recompute = loss_fn, schedule, micro_batches, v, recompute
+        self.chunks = list(self.module.layers) if v > 1 else [self.module]
+        self.split = SCHEDULES[schedule].split
+        self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
+        ps = self.module.parameters()  # received activations take the stage's dtype
+        self.net = P2P(self.group.comm, ps[0].data.dtype if ps else np.float32, micro_batches, cache_shapes)
+        self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
+                          for op, i, c in self.ops
+                          if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]
+        # DataParallel's overlapped path (the last backward through ddp.backward) needs one whole
+        # backward per op; otherwise every backward runs under no_sync and the allreduce follows.
+        self._ddp_last = self.ddp is not None and v == 1 and not self.split and recompute != "selective"
+        self.stats = {}
+
+    @property
+    def is_first(self) -> bool:
+        return self.s == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.s == self.p - 1
+
+    def _global(self, c: int) -> int:
+        return c * self.p + self.s
+
+    def _neighbour(self, c: int, step: int) -> tuple:
+        """(rank, chunk) of global chunk g + step."""
+        return divmod(self._global(c) + step, self.p)[::-1]
+
+    def step(self, x=None, y=None) -> float:
+        m = self.m
+        err = None
+        if self.is_first and (x is None or len(x) % m or len(x) < m):
+            err = (f"the first stage needs the batch x, and its {len(x) if x is not None else 0} samples must "
+                   f"divide into {m} micro-batches (of at least one sample)")
+        elif self.is_last and (y is None or len(y) % m or len(y) < m):
+            err = (f"the last stage needs the targets y, and their {len(y) if y is not None else 0} samples "
+                   f"must divide into {m} micro-batches (of at least one sample)")
+        validate.check(self.group.comm, "Pipeline.step", {}, err, always=True)
+        # the first stage's input shape, the last stage's targets and what each rank remembers of the
+        # shapes: the same list on every rank, so the verdicts below are the same everywhere
+        info = self.group.comm.allgather((tuple(x.shape) if self.is_first else None,
+                                          len(y) if self.is_last else None, self.net.cached_for))
+        shape, targets = info[0][0], info[-1][1]
+        if shape[0] != targets:
+            raise CollectiveError(f"Pipeline.step: the first stage's batch has {shape[0]} samples but the last "
+                                  f"stage's targets {targets}: pass the same global batch on every stage")
+        self._xs = np.split(x, m) if self.is_first else None
+        self._ys = np.split(y, m) if self.is_last else None
+        self._losses, self._kept, self._live = np.zeros(m), {}, [0, 0]
+        self._peak = [0, 0]
+        self._times = dict(compute_s=0.0, recompute_s=0.0)
+        self.net.begin(shape, [i[2] for i in info], self._expected)
+        last = max(k for k, (op, _, _) in enumerate(self.ops) if op != "F")
+        t0 = time.perf_counter()
+        for k, (op, i, c) in enumerate(self.ops):
+            if op == "F":
+                self._forward(i, c)
+            elif op == "B":
+                self._backward(i, c, final=k == last)
+            else:
+                self._weight(i, c)
+        if self.ddp is not None and not self._ddp_last:
+            self.ddp.synchronize()  # every backward ran under no_sync: now the one dp allreduce
+        op = stall.enter("pipeline send completion", None, group=None)
+        mpi.MPI.Request.Waitall(self.net.sends)
+        stall.leave(op)
+        self.net.end()
+        loss = float(self.group.comm.bcast(self._losses.mean() if self.is_last else None, root=self.p - 1))
+        self.stats = dict(self._times, wall_s=time.perf_counter() - t0, peak_live=self._peak[0],
+                          peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
+        return loss
+
+    # ------------------------------------------------------------------ the three ops
+    def _keep(self, key, what, nbytes: int, transient: int = 0) -> None:
+        """Account what is kept for (i, c) (None: released) and the peak, transient included."""
+        if what is None:
+            self._live[0] -= 1
+            self._live[1] -= self._kept.pop(key)[1]
+        else:
+            self._kept[key] = (what, nbytes)
+            self._live[0] += 1
+            self._live[1] += nbytes
+        self._peak[0] = max(self._peak[0], self._live[0])
+        self._peak[1] = max(self._peak[1], self._live[1] + transient)
+
+    def _is_end(self, c: int) -> bool:
+        return self._global(c) == self.p * self.v - 1
+
+    def _forward(self, i: int, c: int) -> None:
+        chunk = self.chunks[c]
+        if self._global(c) == 0:
+            inp = self._xs[i]
+        else:
+            inp = self.net.recv(self._neighbour(c, -1)[0], FWD, i, c)
+        t = time.perf_counter()
+        out, kept = S.forward(chunk, inp, self.recompute)
+        end = self._is_end(c)
+        if end:
+            self._losses[i] = self.loss_fn.forward(out, self._ys[i])
+        self._times["compute_s"] += time.perf_counter() - t
+        if not end:
+            rank, nc = self._neighbour(c, 1)
+            self.net.send(out, rank, FWD, i, nc)
+        loss_state = S.state([self.loss_fn]) if end else ([], 0)
+        if kept is None:
+            saved, nbytes = S.state(chunk.modules())
+            self._keep(("A", i, c), (saved + loss_state[0], None), nbytes + loss_state[1])
+        else:
+            self._keep(("A", i, c), (loss_state[0], kept), S.kept_bytes(kept) + loss_state[1])
+
+    def _backward(self, i: int, c: int, final: bool) -> None:
+        chunk, end = self.chunks[c], self._is_end(c)
+        (saved, kept), nbytes = self._kept[("A", i, c)]
+        S.restore(saved)
+        transient = 0
+        if kept is not None and self.recompute == "full":
+            t = time.perf_counter()
+            transient = S.recompute(*kept[0])
+            self._times["recompute_s"] += time.perf_counter() - t
+        if end:
+            t = time.perf_counter()
+            dy = self.loss_fn.backward()
+            dy *= dy.dtype.type(1.0 / self.m)  # mean over micro-batches = mean over the global batch
+            self._times["compute_s"] += time.perf_counter() - t
+        else:
+            dy = self.net.recv(self._neighbour(c, 1)[0], BWD, i, c)
+        t = time.perf_counter()
+        if self._ddp_last and final:
+            dx = self.ddp.backward(dy)  # the last one: the dp allreduce of the accumulated grads
+        else:
+            with self._local():
+                if self.recompute == "selective":
+                    dx, transient = self._unitwise(chunk, kept, dy)
+                else:
+                    dx = chunk.backward_input(dy) if self.split else chunk.backward(dy)
+        self._times["compute_s"] += time.perf_counter() - t
+        self._keep(("A", i, c), None, 0, transient)
+        if self.split:
+            self._keep(("W", i, c), *S.weight_state(chunk.modules()))
+        if self._global(c) > 0:
+            rank, pc = self._neighbour(c, -1)
+            self.net.send(dx, rank, BWD, i, pc)
+
+    def _unitwise(self, chunk, kept, dy) -> tuple:
+        """Selective recomputation: each unit's forward again, then its backward (B if split)."""
+        transient = 0
+        for unit, x, rng in reversed(kept):
+            t = time.perf_counter()
+            transient = max(transient, S.recompute(unit, x, rng))
+            self._times["recompute_s"] += time.perf_counter() - t
+            dy = unit.backward_input(dy) if self.split else unit.backward(dy)
+            if not self.split and unit is not chunk:
+                chunk._grads_ready(unit)
+        return dy, transient
+
+    def _local(self):
+        """Gradients accumulate locally (DataParallel's allreduce comes once, after the step)."""
+        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+
+    def _weight(self, i: int, c: int) -> None:
+        saved, _ = self._kept[("W", i, c)]
+        S.restore(saved)
+        t = time.perf_counter()
+        with self._local():
+            self.chunks[c].backward_weight()
+        self._times["compute_s"] += time.perf_counter() - t
+        self._keep(("W", i, c), None, 0)
+
+    def predict(self, x=None):
+        """Forward only (evaluation, no activations kept for backward): x on the first stage;
+        returns the last stage's output on every stage of the group."""
+        self.net.reset()
+        self.net.forget()  # evaluation batches may have any shape: headers, on every rank
+        out = None
+        for c, chunk in enumerate(self.chunks):
+            inp = x if self._global(c) == 0 else self.net.recv(self._neighbour(c, -1)[0], FWD, 0, c)
+            out = chunk.forward(inp)
+            if not self._is_end(c):
+                rank, nc = self._neighbour(c, 1)
+                self.net.send(out, rank, FWD, 0, nc)
+        mpi.MPI.Request.Waitall(self.net.sends)
+        return self.group.comm.bcast(out if self.is_last else None, root=self.p - 1)

@@ -1,0 +1,179 @@
+"""Pipeline schedules: which forward (F), backward (B) and weight-gradient (W) op each stage runs,
+in which order. One function per schedule, all with one signature, in the ``SCHEDULES`` registry:
+
+    fn(stage, stages, micro_batches, chunks) -> [(kind, micro_batch, chunk), ...]
+
+``kind`` is "F", "B" or "W"; ``chunk`` is this rank's virtual stage (0 unless interleaved: rank s
+holds the global chunks s, s + p, s + 2p, ... - Narayanan et al. 2021's round-robin assignment).
+In a schedule without "W" ops, "B" is the whole backward; in a split schedule (``fn.split``) "B" is
+the input gradient only (``Module.backward_input``) and each "W" (``backward_weight``) comes later.
+Each function also carries ``fn.rule(stages, m, chunks)`` (None, or why the sizes do not fit it) and
+``fn.bubble(stages, m, chunks, f, b, w)``: the idle share of a step by the paper's formula for op
+times f, b, w (b, w: the input and weight parts of a backward).
+
+``simulate`` runs the per-stage op lists against each other with the data dependencies (stage s's
+F of a micro-batch needs the previous virtual stage's F, its B the next one's B, its W its own B)
+and fixed op times: it finds a deadlock (an order that would hang), and gives the bubble a
+schedule has in theory, which the benchmark compares with what it measures.
+"""
+from __future__ import annotations
+
+from ...registry import Registry
+
+SCHEDULES = Registry("pipeline schedule")
+
+
+def _schedule(name: str, *, split: bool = False, rule=None, bubble=None):
+    """Register `fn` under `name` with its divisibility rule and bubble formula."""
+    def deco(fn):
+        fn.split = split
+        fn.rule = rule or _one_chunk
+        fn.bubble = bubble or _flush_bubble
+        return SCHEDULES.register(name)(fn)
+
+    return deco
+
+
+def _one_chunk(stages: int, m: int, chunks: int) -> str | None:
+    if chunks != 1:
+        return f"virtual stages (chunks) > 1 need the interleaved schedule; got {chunks} chunks"
+    return None
+
+
+def _flush_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 2.0, w: float = 0.0) -> float:
+    """GPipe / 1F1B (Huang et al. 2019; Narayanan et al. 2021): (p - 1) / (m + p - 1)."""
+    return (p - 1) / (m + p - 1)
+
+
+@_schedule("gpipe")
+def gpipe(stage: int, stages: int, m: int, chunks: int = 1) -> list:
+    """All m forwards, then all m backwards (Huang et al. 2019): m micro-batches alive at the peak."""
+    return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
+
+
+@_schedule("1f1b")
+def one_f_one_b(stage: int, stages: int, m: int, chunks: int = 1) -> list:
+    """PipeDream-flush (Narayanan et al. 2021): p - s - 1 warm-up forwards, then one forward and one
+    backward alternately, then the remaining backwards: at most p - s micro-batches alive."""
+    warm = min(stages - stage - 1, m)
+    ops = [("F", i, 0) for i in range(warm)]
+    f, b = warm, 0
+    while f < m:  # steady state: one forward, one backward
+        ops += [("F", f, 0), ("B", b, 0)]
+        f, b = f + 1, b + 1
+    return ops + [("B", i, 0) for i in range(b, m)]  # cool-down
+
+
+def _interleaved_rule(stages: int, m: int, chunks: int) -> str | None:
+    if chunks < 2:
+        return f"the interleaved schedule needs --virtual-stages >= 2 (got {chunks}); use 1f1b for one chunk"
+    if m % stages:
+        return (f"the interleaved schedule runs micro-batches in groups of the {stages} stages: micro-batches "
+                f"({m}) must be a multiple of {stages} (Narayanan et al. 2021)")
+    return None
+
+
+def _interleaved_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 2.0, w: float = 0.0) -> float:
+    """Narayanan et al. 2021, section 2.2.2: the bubble shrinks V-fold to (p - 1)/V of a micro-batch's
+    full-model time, against m of them of work: (p - 1) / (V m + p - 1) of the step."""
+    return (p - 1) / (v * m + p - 1)
+
+
+@_schedule("interleaved", rule=_interleaved_rule, bubble=_interleaved_bubble)
+def interleaved(stage: int, stages: int, m: int, chunks: int = 2) -> list:
+    """Interleaved 1F1B (Narayanan et al. 2021; Megatron-LM's forward_backward_pipelining_with_
+    interleaving): forward ops go through the chunks p micro-batches at a time (k-th forward: chunk
+    (k // p) % V, micro-batch (k // pV) p + k % p), backwards the same with the chunks reversed;
+    2 (p - s - 1) + (V - 1) p warm-up forwards (all of them if m == p), then 1F1B, then cool-down."""
+    p, v, total = stages, chunks, m * chunks
+
+    def op(kind: str, k: int) -> tuple:
+        c = (k % (p * v)) // p
+        return kind, (k // (p * v)) * p + k % p, c if kind == "F" else v - 1 - c
+
+    warm = total if m == p else min(2 * (p - stage - 1) + (v - 1) * p, total)
+    ops = [op("F", k) for k in range(warm)]
+    for k in range(total - warm):
+        ops += [op("F", warm + k), op("B", k)]
+    return ops + [op("B", k) for k in range(total - warm, total)]
+
+
+def _zb_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 1.0, w: float = 1.0) -> float:
+    """ZB-H1 (Qi et al. 2023, section 3.1): (p - 1)(T_F + T_B - T_W) idle per stage against
+    m (T_F + T_B + T_W) of work - a third of 1F1B's bubble when the three are equal."""
+    idle = (p - 1) * (f + b - w)
+    return idle / (m * (f + b + w) + idle)
+
+
+@_schedule("zb1", split=True, bubble=_zb_bubble)
+def zb_h1(stage: int, stages: int, m: int, chunks: int = 1) -> list:
+    """ZB-H1 (Qi et al. 2023, figure 3): 1F1B's order of F and B, with stage s's W lagging s
+    backwards behind its B - in steady state stage s runs the W of micro-batch i - s after the B of
+    micro-batch i, and the s W it still owes fill the cool-down. The B chain then returns faster
+    (a stage sends dx without waiting for W), and a stage holds at most (p - s) + s = p micro-batches
+    whose W has not run: the peak memory of 1F1B's first stage, the maximum over stages."""
+    lag = min(stage, m)
+    ops, w = [], 0
+    for kind, i, c in one_f_one_b(stage, stages, m):
+        ops.append((kind, i, c))
+        if kind == "B" and i >= lag:  # the W of the micro-batch `lag` backwards ago
+            ops.append(("W", w, 0))
+            w += 1
+    return ops + [("W", i, 0) for i in range(w, m)]
+
+
+def problem(name: str, stages: int, m: int, chunks: int) -> str | None:
+    """Why schedule `name` cannot run p = `stages`, m, V = `chunks` (None if it can)."""
+    bad = SCHEDULES.problem(name)
+    if bad:
+        return bad
+    if not isinstance(chunks, int) or chunks < 1:
+        return f"virtual stages must be a positive int, got {chunks!r}"
+    return SCHEDULES[name].rule(stages, m, chunks)
+
+
+def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: float = 2.0,
+             w: float = 0.0) -> dict:
+    """Play schedule `name` (or a function of the schedule signature) with op times f (forward), b (backward, or its input part when split), w
+    (the weight part; in an unsplit schedule "B" costs b + w). Raises RuntimeError on a deadlock.
+
+    Returns:
+        dict(makespan, bubble (idle share over the stages), ops: {stage: [(kind, mb, chunk, start)]}).
+    """
+    fn = SCHEDULES[name] if isinstance(name, str) else name
+    cost = {"F": f, "B": b if fn.split else b + w, "W": w}
+    lists = {s: fn(s, stages, m, chunks) for s in range(stages)}
+    last = stages * chunks - 1
+    done, pos, free = {}, dict.fromkeys(range(stages), 0), dict.fromkeys(range(stages), 0.0)
+    timed = {s: [] for s in range(stages)}
+
+    def ready(s, kind, i, c):
+        g = c * stages + s  # the global virtual stage
+        if kind == "F":
+            return 0.0 if g == 0 else done.get(("F", i, g - 1))
+        if kind == "B":
+            mine = done.get(("F", i, g))
+            nxt = mine if g == last else done.get(("B", i, g + 1))
+            return None if mine is None or nxt is None else max(mine, nxt)
+        return done.get(("B", i, g))
+
+    progress = True
+    while progress:
+        progress = False
+        for s in range(stages):
+            while pos[s] < len(lists[s]):
+                kind, i, c = lists[s][pos[s]]
+                t = ready(s, kind, i, c)
+                if t is None:
+                    break
+                start = max(t, free[s])
+                free[s] = done[(kind, i, c * stages + s)] = start + cost[kind]
+                timed[s].append((kind, i, c, start))
+                pos[s] += 1
+                progress = True
+    stuck = {s: lists[s][pos[s]] for s in range(stages) if pos[s] < len(lists[s])}
+    if stuck:
+        raise RuntimeError(f"schedule {name!r} deadlocks at p={stages} m={m} V={chunks}: waiting ops {stuck}")
+    span = max(free.values())
+    busy = [sum(cost[k] for k, *_ in lists[s]) for s in range(stages)]
+    return dict(makespan=span, bubble=1 - sum(busy) / (stages * span) if span else 0.0, ops=timed)

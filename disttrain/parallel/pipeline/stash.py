@@ -1,0 +1,111 @@
+"""What a pipeline stage keeps of a micro-batch between its forward and its backward, and the
+activation recomputation that trades that memory for a second forward.
+
+Layers keep what backward needs in their own attributes (``self._x`` ...); with several
+micro-batches in flight the runtime *stashes* those attributes after each forward and puts them
+back before that micro-batch's backward (``state``/``restore``). Between a split backward's B and
+its W only what W reads is kept (``weight_state``: each layer's ``Module.weight_state`` names).
+
+Recomputation (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"; Korthikanti et al.
+2022 for pipelines) keeps only inputs and runs the forward again just before the backward:
+
+- ``full``: only the chunk's input per micro-batch; the whole chunk is recomputed at once before
+  its backward (transient: one micro-batch's activations of the whole chunk).
+- ``selective``: the input of every unit (each layer of the chunk's Sequential: an MLP block, a
+  transformer block); the backward runs unit by unit, each recomputed just before its own backward
+  (transient: one unit's activations; kept: the unit boundaries).
+
+Random layers (Dropout) must draw the same mask again: the NumPy Generators found in the modules'
+attributes are rewound to their state at the original forward and put forward again afterwards,
+so the result is bit-identical to no recomputation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...nn.module import Module, Parameter, Sequential
+
+RECOMPUTE = ("none", "full", "selective")
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, np.ndarray):
+        return v.nbytes
+    if isinstance(v, (tuple, list)):
+        return sum(a.nbytes for a in v if isinstance(a, np.ndarray))
+    return 0
+
+
+def state(modules) -> tuple:
+    """(saved, bytes): every non-parameter, non-module attribute of each module - the activations
+    the module keeps for its backward."""
+    saved, nbytes = [], 0
+    for m in modules:
+        kept = {k: v for k, v in vars(m).items()
+                if not isinstance(v, (Parameter, Module)) and not k.startswith("__")
+                and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], Module))}
+        nbytes += sum(_nbytes(v) for v in kept.values())
+        saved.append((m, kept))
+    return saved, nbytes
+
+
+def weight_state(modules) -> tuple:
+    """(saved, bytes): only the attributes each module's backward_weight reads (after its B)."""
+    saved, nbytes = [], 0
+    for m in modules:
+        if m.weight_state:
+            kept = {k: getattr(m, k) for k in m.weight_state}
+            nbytes += sum(_nbytes(v) for v in kept.values())
+            saved.append((m, kept))
+    return saved, nbytes
+
+
+def restore(saved) -> None:
+    for m, kept in saved:
+        vars(m).update(kept)
+
+
+def units(chunk: Module) -> list:
+    """The recomputation units of a chunk: its Sequential's layers, or the chunk as one unit."""
+    return list(chunk.layers) if isinstance(chunk, Sequential) else [chunk]
+
+
+def rng_state(module: Module) -> list:
+    """The (Generator, state) of every NumPy Generator in the module's layers (Dropout's rng)."""
+    return [(v, v.bit_generator.state) for m in module.modules() for v in vars(m).values()
+            if isinstance(v, np.random.Generator)]
+
+
+def rewind(states) -> list:
+    """Set each Generator to its saved state; return their current states (to put back)."""
+    now = [(g, g.bit_generator.state) for g, _ in states]
+    for g, st in states:
+        g.bit_generator.state = st
+    return now
+
+
+def forward(chunk: Module, x, mode: str) -> tuple:
+    """Forward the chunk; returns (y, what to keep for recomputation: None for "none")."""
+    if mode == "none":
+        return chunk.forward(x), None
+    if mode == "full":
+        rng = rng_state(chunk)
+        return chunk.forward(x), [(chunk, x, rng)]
+    kept = []
+    for u in units(chunk):
+        kept.append((u, x, rng_state(u)))
+        x = u.forward(x)
+    return x, kept
+
+
+def kept_bytes(kept) -> int:
+    return sum(_nbytes(x) for _, x, _ in kept)
+
+
+def recompute(unit: Module, x, rng) -> int:
+    """Run the unit's forward again on its kept input with the original random draws; returns the
+    bytes of activations it re-created (the transient cost of recomputation)."""
+    later = rewind(rng)
+    unit.forward(x)
+    rewind(later)
+    return state(unit.modules())[1]

@@ -1,0 +1,196 @@
+"""Interleaved, zero-bubble and recomputing pipelines reproduce ONE process trained on the global
+batch (float64), at every pipeline depth the suite runs; bad sizes raise on every rank."""
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn
+from disttrain.comm.errors import CollectiveError
+from disttrain.parallel.mesh import Mesh
+from disttrain.parallel.pipeline import SCHEDULES, Pipeline, assign
+from disttrain.parallel.pipeline.schedules import problem
+
+from .test_model_parallel import CLASSES, D, batches, pipeline_shape, sgd, train_reference
+
+STEPS, B = 2, 120  # B: samples per replica, divisible by every m below (1..6, 8, 10)
+
+
+def units(n, rng, dropout=False):
+    """n pipeline units of uneven widths (Linear + activation [+ dropout]) and a Linear head."""
+    acts = [nn.ReLU, nn.Tanh, nn.GELU]
+    sizes = [D] + [7 + (5 * i) % 11 for i in range(n - 1)] + [CLASSES]
+    out = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b, rng=rng, dtype=np.float64, input_grad=i > 0, init="xavier" if i == n - 1 else "kaiming")
+        if i == n - 1:
+            out.append(lin)
+            continue
+        extra = [nn.Dropout(0.3, rng=np.random.default_rng(50 + i))] if dropout else []
+        out.append(nn.Sequential(lin, acts[i % 3](), *extra))
+    return out
+
+
+def build(mesh, schedule, m, v, recompute="none", dropout=False, n=None):
+    """(pipeline, this rank's parameters in global order, the reference units) for the mesh."""
+    pp = mesh.pp
+    n = n or pp * v + 1
+    ref = units(n, np.random.default_rng(2), dropout)
+    mine = units(n, np.random.default_rng(2), dropout)
+    nn.Sequential(*mine).parameters()  # global names before the cut
+    chunks = [nn.Sequential(*mine[a:b]) for a, b in assign([1.0] * n, pp, v)[mesh.pp_rank]]
+    stage = nn.Sequential(*chunks) if v > 1 else chunks[0]
+    mod = dt.DataParallel(stage, group=mesh.dp_group, bucket_mb=0.001) if mesh.dp > 1 else stage
+    pipe = Pipeline(mod, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
+                    schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
+    return pipe, stage, ref
+
+
+def train_pipe(pipe, stage, mesh, data):
+    opt, got = sgd(stage.parameters()), []
+    rows = slice(mesh.dp_rank * B, (mesh.dp_rank + 1) * B)
+    for x, y in data:
+        got.append(pipe.step(x[rows] if mesh.pp_is_first_stage else None, y[rows] if mesh.pp_is_last_stage else None))
+        opt.step()
+        opt.zero_grad()
+    return got
+
+
+def assert_matches(stage, ref, got, want, dp):
+    if dp == 1:
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    ref_p = {q.name: q.data for q in nn.Sequential(*ref).parameters()}
+    for q in stage.parameters():
+        np.testing.assert_allclose(q.data, ref_p[q.name], rtol=1e-10, atol=1e-12, err_msg=q.name)
+
+
+def live_from_ops(ops, split):
+    """Micro-batch chunks kept at once, counted from the schedule itself (the runtime's oracle)."""
+    live = peak = 0
+    for kind, _, _ in ops:
+        live += 1 if kind == "F" else (0 if split and kind == "B" else -1)
+        peak = max(peak, live)
+    return peak
+
+
+M = {"1": lambda p: 1, "4": lambda p: 4, "8": lambda p: 8, "p": lambda p: p, "2p": lambda p: 2 * p}
+CASES = [("interleaved", v, m) for v in (2, 3) for m in M] + [("zb1", 1, m) for m in ("1", "4", "8", "2p")]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule,v,m_", CASES)
+def test_schedule_matches_one_process(comm, schedule, v, m_):
+    """Pure pipelines over all ranks (dp2 x pp4 at 8), m = 1, 4, 8, p, 2p; sizes the schedule refuses
+    (or that repeat another case) are skipped here - the refusals are tested below."""
+    dp, pp = pipeline_shape(comm.Get_size())
+    m = M[m_](pp)
+    if m_ in ("p", "2p") and m in (1, 4, 8):
+        pytest.skip(f"m = {m} is already a case")
+    if problem(schedule, pp, m, v):
+        pytest.skip(problem(schedule, pp, m, v))
+    mesh = Mesh(dp=dp, pp=pp)
+    data = batches(STEPS, dp * B)
+    pipe, stage, ref = build(mesh, schedule, m, v)
+    want = train_reference(nn.Sequential(*ref), data)
+    got = train_pipe(pipe, stage, mesh, data)
+    assert_matches(stage, ref, got, want, dp)
+    assert pipe.stats["peak_live"] == live_from_ops(pipe.ops, SCHEDULES[schedule].split), pipe.stats
+    if schedule == "zb1":  # at most p micro-batches whose W has not run, on every stage
+        assert pipe.stats["peak_live"] <= min(m, pp)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved", 2), ("zb1", 1)])
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_recompute_is_exact_and_keeps_less(comm, schedule, v, recompute):
+    """With dropout (the masks must be drawn again identically): recomputation gives the same bits
+    as keeping the activations, and keeps fewer bytes (the runtime's own accounting)."""
+    dp, pp = pipeline_shape(comm.Get_size())
+    m = 2 * pp
+    mesh = Mesh(dp=dp, pp=pp)
+    data = batches(STEPS, dp * B)
+    runs = {}
+    for mode in ("none", recompute):
+        pipe, stage, _ = build(mesh, schedule, m, v, mode, dropout=True, n=2 * pp * v)
+        train_pipe(pipe, stage, mesh, data)
+        runs[mode] = (pipe.stats, [q.data.copy() for q in stage.parameters()])
+    for a, b in zip(runs["none"][1], runs[recompute][1]):
+        np.testing.assert_array_equal(a, b)
+    kept, plain = runs[recompute][0], runs["none"][0]
+    assert kept["peak_activation_bytes"] < plain["peak_activation_bytes"], (kept, plain)
+    assert kept["recompute_s"] > 0 and plain["recompute_s"] == 0
+
+
+@pytest.mark.mpi
+def test_hybrid_dp_x_interleaved_and_zb1(comm):
+    """dp2 x pp2 at 4 ranks: every backward under no_sync, then one dp allreduce per step."""
+    if comm.Get_size() != 4:
+        pytest.skip("dp2 x pp2 needs 4 ranks (run by the 4-rank suite)")
+    mesh = Mesh(dp=2, pp=2)
+    data = batches(STEPS, 2 * B)
+    for schedule, v, recompute in (("interleaved", 2, "selective"), ("zb1", 1, "full")):
+        pipe, stage, ref = build(mesh, schedule, 4, v, recompute)
+        train_reference(nn.Sequential(*ref), data)
+        assert_matches(stage, ref, train_pipe(pipe, stage, mesh, data), None, 2)
+
+
+@pytest.mark.mpi
+def test_bad_schedule_sizes_raise_on_every_rank(comm):
+    p = comm.Get_size()
+    mesh = Mesh(pp=p)
+    two = nn.Sequential(nn.Linear(D, D, dtype=np.float64), nn.Linear(D, D, dtype=np.float64))
+    loss = nn.MSE() if mesh.pp_is_last_stage else None
+    if p > 1:
+        with pytest.raises(CollectiveError, match=f"must be a multiple of {p}"):
+            Pipeline(two, mesh.pp_group, loss, "interleaved", micro_batches=p + 1, virtual_stages=2)
+    with pytest.raises(CollectiveError, match="need the interleaved schedule"):
+        Pipeline(two, mesh.pp_group, loss, "1f1b", micro_batches=p, virtual_stages=2)
+    with pytest.raises(CollectiveError, match="nn.Sequential of this rank's 3 chunks"):
+        Pipeline(two, mesh.pp_group, loss, "interleaved", micro_batches=p, virtual_stages=3)
+    with pytest.raises(CollectiveError, match="recompute must be one of"):
+        Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, recompute="some")
+    pipe = Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=2)
+    first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
+    with pytest.raises(CollectiveError, match="divide into 2 micro-batches"):  # zero samples
+        pipe.step(np.zeros((0, D)) if first else None, np.zeros((0, D)) if last else None)
+    if p == 1:
+        return
+    with pytest.raises(CollectiveError, match="batch has 4 samples but the last stage's targets 6"):
+        pipe.step(np.zeros((4, D)) if first else None, np.zeros((6, D)) if last else None)
+    # ranks that disagree (one rank asks for another schedule) raise everywhere, no hang
+    with pytest.raises(CollectiveError):
+        Pipeline(two, mesh.pp_group, loss, "zb1" if mesh.pp_rank == p - 1 else "1f1b", micro_batches=p)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("cache_shapes", [True, False])
+def test_changing_batch_shapes_and_evaluation_between_steps(comm, cache_shapes):
+    """Known-shape steps (no headers, receives posted up front) follow header steps only while the
+    input shape repeats: batches of 120, 120, 60, 60, 120 samples and an evaluation in between give
+    the one-process result."""
+    dp, pp = pipeline_shape(comm.Get_size())
+    mesh = Mesh(dp=dp, pp=pp)
+    sizes = [B, B, B // 2, B // 2, B]
+    data = [batches(1, dp * n, seed=20 + k)[0] for k, n in enumerate(sizes)]
+    schedule, v = ("interleaved", 2) if pp in (2, 4) else ("zb1", 1)
+    pipe, stage, ref = build(mesh, schedule, 4 if pp != 3 else 3, v)
+    pipe.net.cache = cache_shapes
+    model, loss_fn = nn.Sequential(*ref), nn.SoftmaxCrossEntropy()
+    opt_ref, opt = sgd(model.parameters()), sgd(stage.parameters())
+    for k, (x, y) in enumerate(data):
+        n = len(x) // dp
+        want = loss_fn.forward(model.forward(x), y)
+        model.backward(loss_fn.backward())
+        opt_ref.step()
+        opt_ref.zero_grad()
+        rows = slice(mesh.dp_rank * n, (mesh.dp_rank + 1) * n)
+        got = pipe.step(x[rows] if mesh.pp_is_first_stage else None, y[rows] if mesh.pp_is_last_stage else None)
+        opt.step()
+        opt.zero_grad()
+        assert pipe.net.known == (cache_shapes and k in (1, 3)), k
+        if dp == 1:
+            assert got == pytest.approx(want, rel=1e-10)
+        if k == 1:
+            ev = data[0][0][:7]
+            np.testing.assert_allclose(pipe.predict(ev if mesh.pp_is_first_stage else None), model.forward(ev),
+                                       rtol=1e-10)
+    assert_matches(stage, ref, [], [], 2)

@@ -1,0 +1,118 @@
+"""Pipeline schedules (one process): every order is complete and deadlock-free, its simulated bubble
+is the paper's formula, the rules refuse what a schedule cannot run; the B/W split of the layers
+against finite differences, B and W separately."""
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn
+from disttrain.parallel.pipeline import SCHEDULES, assign, simulate
+from disttrain.parallel.pipeline.schedules import one_f_one_b, problem
+from disttrain_zoo.transformer import Block, LMHead
+
+CASES = [(name, p, m, v) for name in SCHEDULES for p in range(1, 7) for m in range(1, 13) for v in (1, 2, 3, 4)
+         if problem(name, p, m, v) is None]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_op_once_in_dependency_order_and_no_deadlock(name):
+    cases = [c for c in CASES if c[0] == name]
+    assert cases
+    for _, p, m, v in cases:
+        for s in range(p):
+            ops = SCHEDULES[name](s, p, m, v)
+            kinds = "FBW" if SCHEDULES[name].split else "FB"
+            want = sorted((k, i, c) for k in kinds for i in range(m) for c in range(v))
+            assert sorted(ops) == want, (name, p, m, v, s)
+            pos = {op: n for n, op in enumerate(ops)}
+            assert all(pos[("F", i, c)] < pos[("B", i, c)] for i in range(m) for c in range(v))
+            if "W" in kinds:
+                assert all(pos[("B", i, c)] < pos[("W", i, c)] for i in range(m) for c in range(v))
+        simulate(name, p, m, v)  # raises on a deadlock
+
+
+def test_simulator_finds_a_deadlock():
+    def backwards_first(stage, stages, m, chunks=1):  # the last stage's B before any F
+        ops = one_f_one_b(stage, stages, m)
+        return ops[::-1] if stage == stages - 1 else ops
+
+    backwards_first.split = False
+    with pytest.raises(RuntimeError, match="deadlocks"):
+        simulate(backwards_first, 3, 4)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 5])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+def test_simulated_bubble_is_the_formula(p, m):
+    """Equal stage times: 1F1B and GPipe (p-1)/(m+p-1); interleaved (p-1)/(Vm+p-1) with chunks 1/V
+    of a stage; ZB-H1 (p-1)(F+B-W) of idle per stage for m >= p - a third of 1F1B's idle time."""
+    for name in ("gpipe", "1f1b"):
+        assert simulate(name, p, m, 1, 1, 2)["bubble"] == pytest.approx(SCHEDULES[name].bubble(p, m, 1))
+    for v in (2, 3):
+        if problem("interleaved", p, m, v) is None:
+            got = simulate("interleaved", p, m, v, 1 / v, 2 / v)["bubble"]
+            assert got == pytest.approx(SCHEDULES["interleaved"].bubble(p, m, v))
+            assert got < SCHEDULES["1f1b"].bubble(p, m, 1)
+    zb, flush = simulate("zb1", p, m, 1, 1, 1, 1), simulate("1f1b", p, m, 1, 1, 1, 1)
+    if m >= p:
+        assert zb["bubble"] == pytest.approx(SCHEDULES["zb1"].bubble(p, m, 1, 1, 1, 1))
+        idle = zb["makespan"] - 3 * m
+        assert idle == pytest.approx((flush["makespan"] - 3 * m) / 3)
+    assert zb["makespan"] <= flush["makespan"]
+
+
+def test_rules_refuse_clearly():
+    assert "multiple of 3" in problem("interleaved", 3, 4, 2)
+    assert "--virtual-stages >= 2" in problem("interleaved", 2, 4, 1)
+    assert "need the interleaved schedule" in problem("1f1b", 2, 4, 2)
+    assert "unknown pipeline schedule" in problem("zigzag", 2, 4, 1)
+    assert "positive int" in problem("zb1", 2, 4, 0)
+    assert problem("interleaved", 3, 6, 3) is None and problem("zb1", 5, 1, 1) is None
+
+
+def test_assign_is_round_robin_over_stages_times_chunks():
+    got = assign([1.0] * 12, 3, 2)
+    assert got == [[(0, 2), (6, 8)], [(2, 4), (8, 10)], [(4, 6), (10, 12)]]
+    assert assign([1, 1, 1, 1], 2) == [[(0, 2)], [(2, 4)]]
+    with pytest.raises(ValueError, match="cannot fill"):
+        assign([1.0] * 5, 3, 2)
+
+
+RNG = np.random.default_rng(3)
+SPLIT_LAYERS = [
+    (lambda: nn.Linear(5, 4, dtype=np.float64), (3, 5)),
+    (lambda: nn.Linear(5, 4, bias=False, dtype=np.float64), (2, 3, 5)),
+    (lambda: nn.Sequential(nn.Linear(4, 7, dtype=np.float64), nn.GELU(), nn.LayerNorm(7, dtype=np.float64),
+                           nn.Linear(7, 3, dtype=np.float64)), (5, 4)),
+    (lambda: nn.MultiHeadAttention(8, 2, rng=np.random.default_rng(1), dtype=np.float64), (2, 3, 8)),
+    (lambda: Block(8, 2, 16, rng=np.random.default_rng(1), dtype=np.float64), (2, 3, 8)),
+    (lambda: LMHead(8, 11, np.random.default_rng(1), np.float64), (2, 3, 8)),
+    (lambda: nn.Tanh(), (3, 4)),  # a layer that does not split: the defaults
+]
+
+
+@pytest.mark.parametrize("make,shape", SPLIT_LAYERS)
+def test_split_backward_b_and_w_each_match_finite_differences(make, shape):
+    """B's input gradient and W's parameter gradients against central differences (float64), and
+    W really deferred: after B alone, the split Linears' gradients are still zero."""
+    m = make()
+    x = RNG.standard_normal(shape)
+    rep = dt.gradcheck(m, x, split=True)
+    assert rep.ok, rep
+    y = m.forward(x)
+    dy = RNG.standard_normal(y.shape)
+    dx_full = m.backward(dy.copy())
+    full = [q.grad.copy() for q in m.parameters()]
+    m.zero_grad()
+    m.forward(x)
+    dx = m.backward_input(dy.copy())
+    np.testing.assert_allclose(dx, dx_full, rtol=1e-12, atol=1e-14)
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear):
+            assert not mod.weight.grad.any(), "W ran inside B"
+    m.backward_weight()
+    for q, want in zip(m.parameters(), full):
+        np.testing.assert_allclose(q.grad, want, rtol=1e-12, atol=1e-14, err_msg=q.name)
+    m.backward_weight()  # a second W without a B adds nothing
+    for q, want in zip(m.parameters(), full):
+        np.testing.assert_allclose(q.grad, want, rtol=1e-12, atol=1e-14, err_msg=q.name)
