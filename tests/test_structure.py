@@ -265,3 +265,17 @@ def test_imports_point_down_form_no_circle_and_sit_at_the_top():
             elif state.get(w, 0) == 0:
                 state[w] = 1
                 stack.append((w, iter(sorted(edges[w]))))
+
+
+def test_every_library_package_is_installed():
+    """pyproject lists packages explicitly (so that `models/` installs only as disttrain_zoo): a new
+    subpackage missing from that list works in an editable install and is absent from `pip install .`
+    - the fresh-clone quickstart would fail on import."""
+    import tomllib
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, here).replace(os.sep, ".") for d, _, fs in os.walk(os.path.join(here, "disttrain"))
+             if "__init__.py" in fs}
+    assert found <= listed, f"packages missing from pyproject.toml's [tool.setuptools] packages: {sorted(found - listed)}"
