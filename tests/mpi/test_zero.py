@@ -383,3 +383,21 @@ def test_a_model_sharded_twice_is_refused(comm):
     dt.DataParallel(model, shard="full")
     with pytest.raises(CollectiveError, match="already driven"):
         dt.DataParallel(model, shard="gradients")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_ranks_that_build_different_optimizers_all_raise(comm, mode):
+    """Rank 0 asks for LAMB, the others for Adam (or the same class with another lr): "none"
+    would drift apart silently, "full" would hang in LAMB's norm allreduce - every rank raises."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    model = MLP(SIZES, dtype=np.float64)
+    ddp = dt.DataParallel(model, shard=mode)
+    with pytest.raises(CollectiveError, match="make_optimizer.*differ"):
+        ddp.make_optimizer(optim.LAMB if comm.Get_rank() == 0 else optim.Adam, lr=1e-2)
+    with pytest.raises(CollectiveError, match="make_optimizer.*differ"):
+        ddp.make_optimizer(optim.Adam, lr=1e-2 if comm.Get_rank() == comm.Get_size() - 1 else 1e-3)
+    ddp.make_optimizer(optim.Adam, lr=1e-2)  # agreeing ranks still get their optimizer
+    comm.Barrier()
+
