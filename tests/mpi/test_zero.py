@@ -4,6 +4,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn, optim
+from disttrain.checkpoint import CheckpointError
 from disttrain.comm import CollectiveError
 from disttrain.parallel.units import IN_FLIGHT
 from disttrain_zoo.mlp import MLP
@@ -401,3 +402,24 @@ def test_ranks_that_build_different_optimizers_all_raise(comm, mode):
     ddp.make_optimizer(optim.Adam, lr=1e-2)  # agreeing ranks still get their optimizer
     comm.Barrier()
 
+
+@pytest.mark.mpi
+def test_checkpoint_of_a_full_sharded_model_without_ddp_is_refused_not_nan(comm, tmp_path_factory):
+    """shard="full" leaves NaN stand-ins in the model: save_checkpoint(model=...) without ddp=
+    wrote them as the weights (a checkpoint of NaN, silently). Every rank refuses instead; with
+    ddp= the whole, finite parameters come back."""
+    d = comm.bcast(str(tmp_path_factory.mktemp("ck")) if comm.Get_rank() == 0 else None)
+    model = MLP(SIZES, dtype=np.float64)
+    ddp = dt.DataParallel(model, shard="full")
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1)
+    with pytest.raises(CheckpointError, match="read-only"):
+        dt.save_checkpoint(d, 1, model=model, optimizer=opt)
+    dt.save_checkpoint(d, 2, ddp=ddp, optimizer=opt)
+    with pytest.raises(CheckpointError, match="read-only"):
+        dt.load_checkpoint(d, model=model)  # a stand-in cannot be filled: refused before anything is read
+    fresh = MLP(SIZES, dtype=np.float64, seed=5)
+    dt.load_checkpoint(d, model=fresh)
+    want = ddp.full_state_dict()
+    for q in fresh.parameters():
+        np.testing.assert_array_equal(q.data, want[q.name])
+    comm.Barrier()
