@@ -423,3 +423,26 @@ def test_checkpoint_of_a_full_sharded_model_without_ddp_is_refused_not_nan(comm,
     for q in fresh.parameters():
         np.testing.assert_array_equal(q.data, want[q.name])
     comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_a_rank_that_skips_its_optimizer_step_makes_every_rank_raise(comm, mode):
+    """Rank 0 skips opt.step() once (a local non-finite check on its own slice, say). shard="full"
+    has no collective in the step, so its slices stayed one step behind while the others moved on
+    and training went on silently (the gathered model a mix of two steps); "none" drifted apart.
+    The next step's collectives now compare the optimizer's step counts: every rank raises."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, shard=mode)
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1)
+    x, y = data(LOCAL_BATCH)
+    with pytest.raises(CollectiveError, match="optimizer_steps"):
+        for s in range(3):
+            loss.forward(ddp.forward(x[s, 0]), y[s, 0])
+            ddp.backward(loss.backward())
+            if not (s == 1 and comm.Get_rank() == 0):
+                opt.step()
+            opt.zero_grad()
+    comm.Barrier()
