@@ -395,7 +395,8 @@ class DataParallel:
         Args:
             cls: a disttrain optimizer class (``optim.SGD``, ``optim.Adam``, ...); one whose update
                 needs whole tensors (LAMB) is refused with shard != "none".
-            **options: its arguments (``lr=...``, ``momentum=...``).
+            **options: its arguments (``lr=...``, ``momentum=...``). Collective: every rank must pass
+                the same class and options (compared by ``repr``), else every rank raises CollectiveError.
 
         Returns:
             shard="none": ``cls(model.parameters(), **options)``. Otherwise ``cls`` over the owned
