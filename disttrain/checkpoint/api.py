@@ -49,10 +49,20 @@ def _collect(g, model, optimizer, schedule, ddp, extra, layout) -> tuple[list, d
     return shards, rec
 
 
+def _agree_step(g, step, what: str) -> None:
+    """Raise the same CheckpointError on every rank if the ranks name different steps: rank 0's
+    step names the directory and picks the checkpoint, so a rank whose step counter drifted would
+    otherwise have its state written under, or read from, another step than the one it asked for."""
+    steps = g.comm.allgather(step)
+    if len(set(steps)) > 1:
+        raise CheckpointError(f"{what}: the ranks name different steps (by rank: {steps})")
+
+
 def save(directory: str, step: int, *, model=None, optimizer=None, schedule=None, ddp=None, extra=None,
          layout=None, per_rank=None, group=None) -> str:
     """:func:`save_checkpoint` plus `per_rank` (this rank's JSON record, kept per writer rank)."""
     g = as_group(group)
+    _agree_step(g, step, f"a checkpoint in {directory} could not be written")
     shards, rec, err = [], {}, None
     try:  # a local mistake (no model, a layout that is not a view, ...) must raise on every rank
         shards, rec = _collect(g, model, optimizer, schedule, ddp, extra, layout)
@@ -179,6 +189,7 @@ def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None,
     checkpoint before anything is read into the live state; `warn` gets the fallback and
     compressor warnings (default: disttrain's log, rank 0)."""
     g = as_group(group)
+    _agree_step(g, step, f"cannot load from {directory}")
     warn = warn or log.logger.warning
     for path in _where(g, directory, step, warn):
         try:

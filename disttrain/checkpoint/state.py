@@ -29,6 +29,12 @@ def model_shards(model=None, ddp=None) -> list:
     if model is None:
         raise ValueError("a checkpoint needs model= or ddp=")
     params = model.parameters() if hasattr(model, "parameters") else list(model)
+    for p in params:
+        if p.data.size and not p.data.flags.writeable:
+            # DataParallel(shard="full") leaves read-only NaN stand-ins in the model: saving them
+            # would write NaN as the weights, and a load could not fill them - its shards are ddp's
+            raise ValueError(f"parameter {p.name!r} is read-only (a stand-in freed by DataParallel(shard='full')?): "
+                             "pass ddp= so that the shards each rank owns are saved and loaded")
     return [s for p in params for s in layout.shards(p)]
 
 

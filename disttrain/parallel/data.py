@@ -244,7 +244,7 @@ class DataParallel:
             self._late_error = self._late_error or error  # raised after the step, whose collectives go on
             error = None
         z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
-        fields = {"step": self._steps,
+        fields = {"step": self._steps, "optimizer_steps": self._optimizer_steps(),
                   "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
@@ -259,6 +259,12 @@ class DataParallel:
 
         b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
                                  self.group)
+
+    def _optimizer_steps(self) -> int | None:
+        """Steps taken by make_optimizer's optimizer (None without one), checked with every bucket
+        and gather: a rank that skipped ``opt.step()`` (a local non-finite check on its own ZeRO
+        slice) would otherwise train on silently - with shard="full" no collective tells."""
+        return None if self._optimizer is None else self._optimizer.steps
 
     # ------------------------------------------------------------------------- training
     def forward(self, x):
@@ -389,7 +395,8 @@ class DataParallel:
         Args:
             cls: a disttrain optimizer class (``optim.SGD``, ``optim.Adam``, ...); one whose update
                 needs whole tensors (LAMB) is refused with shard != "none".
-            **options: its arguments (``lr=...``, ``momentum=...``).
+            **options: its arguments (``lr=...``, ``momentum=...``). Collective: every rank must pass
+                the same class and options (compared by ``repr``), else every rank raises CollectiveError.
 
         Returns:
             shard="none": ``cls(model.parameters(), **options)``. Otherwise ``cls`` over the owned

@@ -203,7 +203,8 @@ class Units:
         if error is not None and not validating:
             ddp._late_error = ddp._late_error or error  # raised after the step, whose collectives go on
             error = None
-        comm, fields = ddp.group.async_comm, {"step": ddp._steps, "phase": self.phase, "op": kind, "unit": i,
+        comm, fields = ddp.group.async_comm, {"step": ddp._steps, "optimizer_steps": ddp._optimizer_steps(),
+                                               "phase": self.phase, "op": kind, "unit": i,
                                                "bucket": b.index, "key": b.key, "size": b.size}
         if kind == "G":
             if s.pbuf is None:

@@ -191,6 +191,12 @@ class Sharder:
 # --------------------------------------------------------------- DataParallel's sharding API
 def make_optimizer(ddp, cls, options: dict):
     """DataParallel.make_optimizer."""
+    # Every rank must build the same optimizer: with different classes or options the replicas
+    # drift apart silently (shard="none") or one rank waits in LAMB's norm allreduce that its
+    # peers never make (a hang) - agreed once here, like DataParallel's own construction check.
+    L.check(ddp.group.comm, "DataParallel.make_optimizer",
+            {"optimizer": f"{cls.__module__}.{cls.__qualname__}", "options": repr(sorted(options.items()))},
+            always=True)
     exact = hasattr(cls, "norm_sums")  # whole-tensor norms from partial sums (LAMB)
     if ddp.shard != "none" and getattr(cls, "whole_tensor_update", False) and not exact:
         raise ValueError(f"DataParallel.make_optimizer: {cls.__name__} needs whole-tensor quantities and takes no "

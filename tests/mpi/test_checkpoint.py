@@ -320,3 +320,24 @@ def test_command_line_inspect_verify_convert(comm, saved, where, capsys):
         assert cli(["verify", bad]) == 1
         assert "failed its checksum" in capsys.readouterr().err
     comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_ranks_that_name_different_steps_raise_everywhere(comm, where):
+    """Rank 0's step names the directory written and picks the one read: a rank whose step
+    counter drifted had its state saved under rank 0's step, or loaded another step than it asked
+    for, silently. Every rank now raises the same error and nothing is written."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    d = os.path.join(where, "steps")
+    params = [Parameter(np.arange(6.0), name="w")]
+    last = comm.Get_size() - 1
+    with pytest.raises(CheckpointError, match=r"different steps \(by rank: \[3, "):
+        dt.save_checkpoint(d, 3 if comm.Get_rank() != last else 4, model=params)
+    assert not any(os.path.isdir(os.path.join(d, f"step-0000000{n}")) for n in (3, 4))  # nothing written
+    dt.save_checkpoint(d, 5, model=params)
+    dt.save_checkpoint(d, 6, model=params)
+    with pytest.raises(CheckpointError, match="different steps"):
+        dt.load_checkpoint(d, model=params, step=6 if comm.Get_rank() != last else 5)
+    assert dt.load_checkpoint(d, model=params, step=5)[0] == 5
+    comm.Barrier()

@@ -4,6 +4,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn, optim
+from disttrain.checkpoint import CheckpointError
 from disttrain.comm import CollectiveError
 from disttrain.parallel.units import IN_FLIGHT
 from disttrain_zoo.mlp import MLP
@@ -383,3 +384,65 @@ def test_a_model_sharded_twice_is_refused(comm):
     dt.DataParallel(model, shard="full")
     with pytest.raises(CollectiveError, match="already driven"):
         dt.DataParallel(model, shard="gradients")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_ranks_that_build_different_optimizers_all_raise(comm, mode):
+    """Rank 0 asks for LAMB, the others for Adam (or the same class with another lr): "none"
+    would drift apart silently, "full" would hang in LAMB's norm allreduce - every rank raises."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    model = MLP(SIZES, dtype=np.float64)
+    ddp = dt.DataParallel(model, shard=mode)
+    with pytest.raises(CollectiveError, match="make_optimizer.*differ"):
+        ddp.make_optimizer(optim.LAMB if comm.Get_rank() == 0 else optim.Adam, lr=1e-2)
+    with pytest.raises(CollectiveError, match="make_optimizer.*differ"):
+        ddp.make_optimizer(optim.Adam, lr=1e-2 if comm.Get_rank() == comm.Get_size() - 1 else 1e-3)
+    ddp.make_optimizer(optim.Adam, lr=1e-2)  # agreeing ranks still get their optimizer
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_checkpoint_of_a_full_sharded_model_without_ddp_is_refused_not_nan(comm, tmp_path_factory):
+    """shard="full" leaves NaN stand-ins in the model: save_checkpoint(model=...) without ddp=
+    wrote them as the weights (a checkpoint of NaN, silently). Every rank refuses instead; with
+    ddp= the whole, finite parameters come back."""
+    d = comm.bcast(str(tmp_path_factory.mktemp("ck")) if comm.Get_rank() == 0 else None)
+    model = MLP(SIZES, dtype=np.float64)
+    ddp = dt.DataParallel(model, shard="full")
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1)
+    with pytest.raises(CheckpointError, match="read-only"):
+        dt.save_checkpoint(d, 1, model=model, optimizer=opt)
+    dt.save_checkpoint(d, 2, ddp=ddp, optimizer=opt)
+    with pytest.raises(CheckpointError, match="read-only"):
+        dt.load_checkpoint(d, model=model)  # a stand-in cannot be filled: refused before anything is read
+    fresh = MLP(SIZES, dtype=np.float64, seed=5)
+    dt.load_checkpoint(d, model=fresh)
+    want = ddp.full_state_dict()
+    for q in fresh.parameters():
+        np.testing.assert_array_equal(q.data, want[q.name])
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["none", "full"])
+def test_a_rank_that_skips_its_optimizer_step_makes_every_rank_raise(comm, mode):
+    """Rank 0 skips opt.step() once (a local non-finite check on its own slice, say). shard="full"
+    has no collective in the step, so its slices stayed one step behind while the others moved on
+    and training went on silently (the gathered model a mix of two steps); "none" drifted apart.
+    The next step's collectives now compare the optimizer's step counts: every rank raises."""
+    if comm.Get_size() == 1:
+        pytest.skip("one rank cannot disagree with itself")
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, shard=mode)
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1)
+    x, y = data(LOCAL_BATCH)
+    with pytest.raises(CollectiveError, match="optimizer_steps"):
+        for s in range(3):
+            loss.forward(ddp.forward(x[s, 0]), y[s, 0])
+            ddp.backward(loss.backward())
+            if not (s == 1 and comm.Get_rank() == 0):
+                opt.step()
+            opt.zero_grad()
+    comm.Barrier()
