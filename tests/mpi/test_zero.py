@@ -65,6 +65,13 @@ def assert_same_everywhere(comm, state):
             np.testing.assert_array_equal(a, b, err_msg=f"{name} differs between ranks")
 
 
+def assert_state_is(ddp, want: dict, mode: str) -> None:
+    """The gathered parameters equal the one-process run's (float64, rtol 1e-10)."""
+    got = ddp.full_state_dict()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("cls,kw", OPTIMIZERS, ids=["adam", "sgd", "lamb"])  # LAMB: norms from partial sums
 @pytest.mark.parametrize("mode", MODES[1:])  # "none" is test_data_parallel.py's
@@ -97,9 +104,7 @@ def test_ring_reduce_scatter_and_allgather(comm, mode):
     want = reference(LOCAL_BATCH * comm.Get_size(), cls, kw)
     ddp, _ = train(comm, mode, cls, kw, algorithm="ring", bucket_mb=0.0003)
     assert ddp._zero.gather_algorithm == "ring"
-    got = ddp.full_state_dict()
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+    assert_state_is(ddp, want, mode)
 
 
 @pytest.mark.mpi
@@ -108,9 +113,7 @@ def test_no_sync_accumulates_micro_batches(comm, mode):
     cls, kw = OPTIMIZERS[1]
     want = reference(LOCAL_BATCH * comm.Get_size(), cls, kw, micro=2)
     ddp, _ = train(comm, mode, cls, kw, micro=2)
-    got = ddp.full_state_dict()
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+    assert_state_is(ddp, want, mode)
 
 
 @pytest.mark.mpi
@@ -325,9 +328,7 @@ def test_a_rank_without_samples_synchronizes(comm, mode):
             ddp.backward(loss.backward())
         opt.step()
         opt.zero_grad()
-    got = ddp.full_state_dict()
-    for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-13, err_msg=f"{mode} {name}")
+    assert_state_is(ddp, want, mode)
 
 
 @pytest.mark.mpi
