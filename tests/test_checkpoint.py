@@ -262,3 +262,31 @@ def test_a_relative_checkpoint_directory_that_does_not_exist_yet_is_created(tmp_
     monkeypatch.chdir(tmp_path)
     path = _write("ck/sub", 3)
     np.testing.assert_array_equal(_read(path), np.arange(6.0).reshape(2, 3) + 3)
+
+
+def test_a_crash_between_the_renames_of_a_rewritten_step_keeps_that_step(tmp_path, monkeypatch):
+    """The same step written again (end of run) moves the old directory aside, then renames the new
+    one in; a crash in between left the step only as .old-/.tmp- directories that no reader
+    trusted and that the next save deleted. Now the moved-aside checkpoint stands in for the step
+    (readers list it) and the next writer renames it back."""
+    _write(tmp_path, 1)
+    _write(tmp_path, 2)
+    real = os.rename
+
+    def crash_on_second(src, dst):
+        if ".tmp-" in src and dst.endswith("step-00000002"):
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(writer.os, "rename", crash_on_second)
+    with pytest.raises(BaseException):
+        _write(tmp_path, 2, np.full((2, 3), 9.0))
+    monkeypatch.setattr(writer.os, "rename", real)
+    assert "step-00000002" not in _names(tmp_path)
+    newest = manifest.candidates(str(tmp_path))[0]
+    assert ".old-" in newest
+    np.testing.assert_array_equal(_read(newest), np.arange(6.0).reshape(2, 3) + 2)  # the step-2 values
+    monkeypatch.setattr(files, "writer_dead", lambda m, full, now: True)  # as after the crashed writer's exit
+    _write(tmp_path, 3)
+    assert {"step-00000001", "step-00000002", "step-00000003"} <= set(_names(tmp_path))
+    np.testing.assert_array_equal(_read(str(tmp_path / "step-00000002")), np.arange(6.0).reshape(2, 3) + 2)

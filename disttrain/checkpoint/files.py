@@ -80,31 +80,37 @@ def remove_quietly(path: str) -> None:
         pass
 
 
+def writer_dead(m, full: str, now: float) -> bool:
+    """Whether the writer named in a temporary's name (match `m` with groups ``host`` and ``pid``)
+    is dead: on this host when its process no longer exists (never this process); from another
+    host only when the entry is older than STALE_TMP_SECONDS. FileNotFoundError if it is gone."""
+    if m["host"] == host():
+        pid = int(m["pid"])
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+            return False  # its writer is alive
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # someone else's live process
+    return now - os.lstat(full).st_mtime >= STALE_TMP_SECONDS
+
+
 def remove_stale(directory: str, pattern, now: float | None = None) -> None:
     """Delete the entries of `directory` whose names match `pattern` (a compiled regex with groups
     ``host`` and ``pid``, optionally ``legacy_pid``) and whose writer is dead: on this host when its
     process no longer exists; from another host (or of unknown host) only when older than
     STALE_TMP_SECONDS."""
     now = time.time() if now is None else now
-    here = host()
     for f in os.listdir(directory):
         m = pattern.fullmatch(f)
         if not m:
             continue
         full = os.path.join(directory, f)
         try:
-            if m["host"] == here:
-                pid = int(m["pid"])
-                if pid == os.getpid():
-                    continue
-                try:
-                    os.kill(pid, 0)
-                    continue  # its writer is alive
-                except ProcessLookupError:
-                    pass
-                except PermissionError:
-                    continue  # someone else's live process
-            elif now - os.lstat(full).st_mtime < STALE_TMP_SECONDS:
+            if not writer_dead(m, full, now):
                 continue
             if os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full)

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+import time
 
 from . import files
 
@@ -30,6 +31,8 @@ MANIFEST = "manifest.json"
 NAME = re.compile(r"step-(\d{8})")
 # temporaries of the writer (the checkpoint being written) and of a replaced checkpoint (moved aside)
 TMP = re.compile(r"step-\d{8}\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
+# a checkpoint moved aside while the same step was written again (see orphans)
+OLD = re.compile(r"(?P<final>step-\d{8})\.old-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]{8}")
 LEGACY = re.compile(r"ckpt-\d{8}\.npz")  # the single-file checkpoints of earlier versions
 ALIGN = 64  # entries start at multiples of this offset: aligned memory maps for every dtype
 
@@ -88,12 +91,18 @@ def read(ckpt: str) -> dict:
 
 
 def candidates(directory: str, warn=None) -> list:
-    """Checkpoint directories (step-NNNNNNNN) in `directory`, newest step first. Anything else
-    with such a name (a FIFO, a file, a dangling link) is reported through `warn` and skipped."""
+    """Checkpoint directories (step-NNNNNNNN, and orphans standing in for a missing one) in
+    `directory`, newest step first. Anything else with such a name (a FIFO, a file, a dangling
+    link) is reported through `warn` and skipped."""
     if not os.path.isdir(directory):
         return []
     out = []
-    for f in sorted(os.listdir(directory), reverse=True):
+    names = sorted(os.listdir(directory) + [final for final, _ in orphans(directory)], reverse=True)
+    stand_in = dict(orphans(directory))
+    for f in names:
+        if f in stand_in:
+            out.append(stand_in[f])
+            continue
         if not NAME.fullmatch(f):
             continue
         p = os.path.join(directory, f)
@@ -118,3 +127,23 @@ def legacy_files(directory: str) -> list:
 def is_checkpoint(path: str) -> bool:
     """Whether `path` itself is one checkpoint directory (it holds a manifest entry)."""
     return os.path.lexists(os.path.join(path, MANIFEST))
+
+
+def orphans(directory: str, dead_only: bool = False) -> list:
+    """Complete checkpoints moved aside (``step-N.old-...``) whose ``step-N`` is missing: the
+    writer of the same step died between its two renames (writer._publish). They are valid
+    checkpoints - readers list them (`candidates`), and the next writer renames them back
+    (`dead_only`: only those whose writer is dead, so a live writer's rename is never raced)."""
+    if not os.path.isdir(directory):
+        return []
+    now, out = time.time(), []
+    for f in os.listdir(directory):
+        m = OLD.fullmatch(f)
+        p = os.path.join(directory, f)
+        try:
+            if m and not os.path.lexists(os.path.join(directory, m["final"])) and is_checkpoint(p) \
+                    and (not dead_only or files.writer_dead(m, p, now)):
+                out.append((m["final"], p))
+        except FileNotFoundError:
+            pass
+    return sorted(out)

@@ -89,6 +89,8 @@ def _write_shards(tmp: str, rank: int, shards: list) -> tuple[list, dict | None]
 
 def _start(directory: str, step: int) -> str:
     files.makedirs_durable(directory)
+    for final, old in manifest.orphans(directory, dead_only=True):  # before the cleanup below deletes it
+        os.rename(old, os.path.join(directory, final))
     files.remove_stale(directory, manifest.TMP)
     tmp = manifest.dir_for(directory, step) + files.tmp_suffix("tmp")
     os.mkdir(tmp)
