@@ -201,10 +201,10 @@ def forget(*comms) -> None:
     config.update(params=params)
 
 
-def cache_file(comm) -> str:
-    """Per-user cache, keyed by ranks and hosts: 4 ranks on one node and on two are different machines."""
-    MPI = mpi.MPI
-    hosts = len(set(comm.allgather(MPI.Get_processor_name())))
+def cache_file(comm, hosts: int | None = None) -> str:
+    """Per-user cache, keyed by ranks and hosts: 4 ranks on one node and on two are different
+    machines. Collective unless `hosts` (``count_hosts(comm)``) is given."""
+    hosts = count_hosts(comm) if hosts is None else hosts
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     return os.path.join(root, "disttrain", f"costmodel-p{comm.Get_size()}-hosts{hosts}.json")
 
@@ -277,7 +277,7 @@ def ensure(comm, *also) -> CostParams:
         c.hosts = hosts
         install(c, comm, *also)
         return c
-    path = spec if spec not in ("", "defaults") else (cache_file(comm) if spec == "" else "")
+    path = spec if spec not in ("", "defaults") else (cache_file(comm, hosts) if spec == "" else "")
     res = _read(path, comm.Get_size(), explicit=bool(spec)) if (comm.Get_rank() == 0 and path) else (None, None, False)
     loaded, msg, fatal = comm.bcast(res, root=0)
     if fatal:
