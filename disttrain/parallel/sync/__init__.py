@@ -97,3 +97,7 @@ def problems(name: str, cfg) -> list:
         return [f"sync: {problem}"]
     base, param = split(name)
     return SYNC_MODES[base].problems(param, cfg)
+
+
+# the modes of their own modules register themselves (below the registry and the base class they use)
+from . import ps  # noqa: E402,F401  (ssp:S, async: parameter servers)
