@@ -31,6 +31,7 @@ waiting worker, which raises - never a hang.
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import numpy as np
@@ -39,7 +40,7 @@ from ... import faults, groups, mpi, optim, runtime, stall
 from ...comm import lowlevel as L
 from ...comm.p2p import blocks
 from ...errors import CollectiveError
-from . import SYNC_MODES, SyncMode
+from .base import SYNC_MODES, SyncMode
 from .clock import FINAL, Pull
 from .server import FIN, PUSH, TAG_DATA, TAG_HDR, TAG_RDATA, TAG_RHDR, ShardServer
 
@@ -239,6 +240,12 @@ class _ParameterServerMode(SyncMode):
     def start(self, run) -> None:
         self.ps = ParameterServer(run.ddp.parameters(), run.opt, run.sched, self.staleness, run.mesh.dp_group)
         self._last = self.ps.stats()
+        # a killed rank cannot say who it was and the launcher names its pid: map pids to ranks
+        pids = self.ps.comm.gather(os.getpid(), root=0)
+        if self.ps.rank == 0:
+            print(f"[disttrain] --sync {self.flag(self.param)}: a parameter-server thread on every rank, shards of "
+                  f"{self.ps.offsets[-1]} parameters; rank:pid " + " ".join(f"{r}:{q}" for r, q in enumerate(pids)),
+                  flush=True)
 
     def update(self, run, step: int) -> bool:
         finite = self.ps.step(step)

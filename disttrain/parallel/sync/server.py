@@ -82,6 +82,13 @@ class ShardServer(threading.Thread):
     def run(self) -> None:
         """Serve until every worker got its final answer. An exception here ends the whole job
         (runtime's thread excepthook: MPI_Abort with this rank's traceback)."""
+        try:
+            self._serve()
+        except SystemExit as e:  # the excepthook ignores SystemExit in a thread: the workers would hang
+            raise RuntimeError(f"parameter server on rank {self.comm.Get_rank()}: its thread exited ({e!r}) while "
+                               "workers still need its shard") from e
+
+    def _serve(self) -> None:
         MPI = mpi.MPI
         st, hdr = MPI.Status(), np.empty(3, np.int64)
         inbox = np.empty_like(self.param.data)
