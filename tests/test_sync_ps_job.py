@@ -78,3 +78,27 @@ def test_a_dead_worker_or_server_ends_the_job_naming_it(tmp_path, point, action,
         assert f"rank {rank} has left the job" in out, out[-3000:]
     else:
         assert f"parameter server on rank {rank}: its thread exited" in out, out[-3000:]
+
+
+UNEVEN = """
+import numpy as np, disttrain as dt
+from disttrain import optim
+from disttrain.parallel.sync.ps import ParameterServer
+from disttrain_zoo.mlp import MLP
+dt.init()
+model = MLP([3, 4, 2], dtype=np.float64)
+opt = optim.SGD(model.parameters(), lr=0.1)
+ps = ParameterServer(model.parameters(), opt, optim.Schedule(opt), {staleness})
+for t in range(5 if dt.rank() == 1 else 8):  # rank 1 stops early: a bug that must not hang the others
+    ps.step(t)
+ps.finish(opt)
+"""
+
+
+@pytest.mark.parametrize("staleness", ["1", "None"])
+def test_workers_that_finish_after_different_numbers_of_steps_end_the_job(tmp_path, staleness):
+    s = tmp_path / "uneven.py"
+    s.write_text(UNEVEN.format(staleness=staleness))
+    res = run(3, [str(s)], timeout=60, env={"DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV})
+    assert res.returncode not in (0, -9), res.stdout[-3000:]
+    assert "the workers finished after different numbers of steps" in res.stdout, res.stdout[-3000:]

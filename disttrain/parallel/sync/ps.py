@@ -241,7 +241,7 @@ class _ParameterServerMode(SyncMode):
         self.ps = ParameterServer(run.ddp.parameters(), run.opt, run.sched, self.staleness, run.mesh.dp_group)
         self._last = self.ps.stats()
         # a killed rank cannot say who it was and the launcher names its pid: map pids to ranks
-        pids = self.ps.comm.gather(os.getpid(), root=0)
+        pids = run.mesh.dp_group.comm.gather(os.getpid(), root=0)
         if self.ps.rank == 0:
             print(f"[disttrain] --sync {self.flag(self.param)}: a parameter-server thread on every rank, shards of "
                   f"{self.ps.offsets[-1]} parameters; rank:pid " + " ".join(f"{r}:{q}" for r, q in enumerate(pids)),

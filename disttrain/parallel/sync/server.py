@@ -153,9 +153,15 @@ class ShardServer(threading.Thread):
     def _answer(self) -> None:
         """Answer every pull the clock rule now allows (the final ones once all workers finished)."""
         done = len(self._finished) == self.workers
-        if done and len(set(self.clocks.tolist())) > 1:
-            raise RuntimeError(f"parameter server on rank {self.comm.Get_rank()}: the workers finished after "
-                               f"different numbers of steps {self.clocks.tolist()}")
+        if self._finished and (done or self.staleness is not None):
+            # a finished worker's clock never moves again: a pull it holds back waits forever
+            ended = min(int(self.clocks[w]) for w in self._finished)
+            stuck = [w for w, step in self._waiting.items() if step != FINAL and step - self.staleness > ended] \
+                if self.staleness is not None else []
+            if stuck or (done and len(set(self.clocks.tolist())) > 1):
+                raise RuntimeError(f"parameter server on rank {self.comm.Get_rank()}: the workers finished after "
+                                   f"different numbers of steps (steps pushed per worker: {self.clocks.tolist()}, "
+                                   f"finished: {sorted(self._finished)})")
         for w, step in list(self._waiting.items()):
             if (done and step == FINAL) or may_start(step, self.clocks, self.staleness):
                 del self._waiting[w]
