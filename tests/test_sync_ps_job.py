@@ -102,3 +102,16 @@ def test_workers_that_finish_after_different_numbers_of_steps_end_the_job(tmp_pa
     res = run(3, [str(s)], timeout=60, env={"DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV})
     assert res.returncode not in (0, -9), res.stdout[-3000:]
     assert "the workers finished after different numbers of steps" in res.stdout, res.stdout[-3000:]
+
+
+def test_a_stuck_worker_is_named_by_the_stall_inspector(tmp_path):
+    """A rank that never pushes again (stuck in its step): the workers waiting on its clock are
+    tracked like a collective, so the stall report names it and the stall shutdown ends the job."""
+    env = {"DISTTRAIN_FAULT_INJECT": "train-step", "DISTTRAIN_FAULT_ACTION": "sleep:100", "DISTTRAIN_FAULT_RANK": "1",
+           "DISTTRAIN_STALL_SECONDS": "2", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "6",
+           "DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV}
+    res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--steps", "50"], timeout=60, env=env)
+    out = res.stdout
+    assert res.returncode not in (0, -9), out[-3000:]
+    assert "has been waiting in ps pull" in out and "ranks missing from ps pull: [1]" in out, out[-3000:]
+    assert "stall shutdown after 6 s" in out, out[-3000:]

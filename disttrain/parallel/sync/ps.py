@@ -145,7 +145,15 @@ class ParameterServer:
         reqs = [self.comm.Irecv(h, s, TAG_RHDR) for s, h in enumerate(hdrs)]
         reqs += [self.comm.Irecv(self.values[lo:hi], s, TAG_RDATA) for s, (lo, hi) in enumerate(self.bounds)]
         t0 = time.monotonic()
-        self._wait(sends + reqs, "parameter-server pull" if step != FINAL else "parameter-server finish")
+        # tracked like a collective: the stall inspector reports a long wait naming the ranks that
+        # are elsewhere, and the watchdog ends the job if a rank this one waits for has left
+        op = stall.enter("ps pull" if step != FINAL else "ps finish", group=self.group, lane="p")
+        try:
+            self._wait(sends + reqs, op)
+        except BaseException as e:
+            stall.leave(op, e)
+            raise
+        stall.leave(op)
         self.wait_s += time.monotonic() - t0
         for s, h in enumerate(hdrs):
             self.versions[s] = h[0]
@@ -153,17 +161,18 @@ class ParameterServer:
         for p, a, b in zip(self.params, self.offsets, self.offsets[1:]):
             p.data.reshape(-1)[...] = self.values[a:b]
 
-    def _wait(self, reqs: list, what: str) -> None:
+    def _wait(self, reqs: list, op) -> None:
         """Complete `reqs`, sleeping in growing steps (ranks may outnumber cores); raise naming the
-        rank if one that this worker waits for has left the job or failed (stall.py's notices)."""
-        MPI, seen, t0, delay = mpi.MPI, -1, time.monotonic(), 0.0
-        gkey = f"{self.group.uid}:b"
+        rank if one that this worker waits for failed, or left before its `op.seq`-th pull (every
+        worker pulls once per step and once to finish, so a rank that left after the same pull
+        finished its part: stall.py's notices)."""
+        MPI, seen, delay = mpi.MPI, -1, 0.0
         while not MPI.Request.Testall(reqs):
             if stall.alarm != seen:
                 seen = stall.alarm
-                why = stall.peers_problem(self.group.ranks, gkey, None, t0)
-                if why and not MPI.Request.Testall(reqs):  # an answer sent just before its sender left
-                    raise CollectiveError(f"rank {self.rank}: {what}: {why}")
+                why = stall.peers_problem(self.group.ranks, op.gkey, op.seq)
+                if why:
+                    raise CollectiveError(f"rank {self.rank}: {op.name}: {why}")
             delay = min(1e-3, delay * 2 if delay else 1e-5)
             time.sleep(delay)
 
