@@ -27,7 +27,8 @@ def test_main_job_trains_digits_to_95_percent(tmp_path, mode):
     for r in logged:
         assert r["wait_s"] >= 0 and r["staleness_max"] >= r["staleness_mean"] >= 0
         # a push and the answers of this rank's server: 2 (P-1)/P of the float32 model per step
-        assert r["bytes_sent_per_step"] == pytest.approx(2 * 3 / 4 * 85002 * 4, rel=0.05)  # answers may lag a push by S steps
+        # (answers may lag their push by S steps across an interval's edge)
+        assert r["bytes_sent_per_step"] == pytest.approx(2 * 3 / 4 * 85002 * 4, rel=0.05)
         if mode == "ssp:2":
             assert r["staleness_max"] <= 2
     assert (tmp_path / "ck").is_dir()  # the final checkpoint, of the servers' values
@@ -73,7 +74,8 @@ def test_a_dead_worker_or_server_ends_the_job_naming_it(tmp_path, point, action,
         assert any(f"PID {q} " in out for q in pids.values()), out[-3000:]
     elif action == "raise":
         thread = "thread disttrain-ps-server" if point == "ps-serve" else "the main thread"
-        assert f"rank {rank}: uncaught exception in {thread}" in out and "injected fault at " + point in out, out[-3000:]
+        assert f"rank {rank}: uncaught exception in {thread}" in out, out[-3000:]
+        assert "injected fault at " + point in out, out[-3000:]
     elif point == "ps-push":  # it left: a worker waiting for its clock or its shard names it
         assert f"rank {rank} has left the job" in out, out[-3000:]
     else:
