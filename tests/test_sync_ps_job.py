@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from disttrain.job.config import ConfigError, parse_config
+
 from ._mpirun import run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
@@ -36,15 +38,26 @@ def test_main_job_trains_digits_to_95_percent(tmp_path, mode):
 
 @pytest.mark.parametrize("flags,message", [
     (["--sync", "ssp:2", "--checkpoint-dir", "CK", "--checkpoint-every", "10"], "--checkpoint-every is refused"),
+    (["--sync", "async", "--checkpoint-dir", "CK", "--resume"], "--resume is refused"),
     (["--sync", "async", "--optimizer", "lamb"], "optimizer lamb needs whole-tensor norms"),
     (["--sync", "ssp:-1"], "needs the staleness bound S, an integer >= 0"),
+    (["--sync", "async:2"], "takes no parameter"),
     (["--sync", "async", "--shard", "optimizer"], "use --shard none"),
+    (["--sync", "ssp:0", "--compression", "fp16"], "use --compression none"),
+    (["--sync", "ssp:0", "--pp", "2"], "use --pp 1 --tp 1"),
+    (["--sync", "async", "--model", "dlrm", "--dataset", "clicks"], "model dlrm holds sharded embedding tables"),
 ])
-def test_refused_configurations_end_every_rank_with_a_message(tmp_path, flags, message):
+def test_refused_configurations(tmp_path, flags, message):
+    """Decided from the flags alone (parse_config), so every rank reaches the same verdict."""
     flags = [str(tmp_path / "ck") if f == "CK" else f for f in flags]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(flags)
+
+
+def test_a_refused_configuration_ends_every_rank_with_one_message(tmp_path):
     t = time.monotonic()
-    res = run(3, ["-m", "disttrain.train", *flags], timeout=60, env=ENV)
-    assert res.returncode == 2 and message in res.stdout, res.stdout[-2000:]
+    res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--stop-after-steps", "5"], timeout=60, env=ENV)
+    assert res.returncode == 2 and "--stop-after-steps is refused" in res.stdout, res.stdout[-2000:]
     assert res.stdout.count("configuration error") == 1 and time.monotonic() - t < 50
 
 
