@@ -171,3 +171,30 @@ def test_refused_on_every_rank(comm):
         ps.step(3)
     ps.step(0)
     ps.finish()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("staleness", [0, None])
+def test_collectives_between_steps_do_not_meet_the_servers_traffic(comm, staleness):
+    """The servers talk on a communicator of their own: a user's collectives between the steps
+    (blocking and asynchronous, on the world) get their own results, and the servers theirs."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    sizes = [4, 6, 3]
+    ps, model, opt, loss = workers(comm, "plain", 6, sizes, staleness, sched=optim.Schedule)
+    w0 = [q.data.copy() for q in model.parameters()]
+    pushed = [np.zeros_like(q.data) for q in model.parameters()]
+    rng = np.random.default_rng(10 + r)
+    for s in range(5):
+        h = dt.allreduce_async(np.full(1000, r + s, np.float64))
+        local_backward(model, loss, rng.standard_normal((2, sizes[0])), rng.integers(0, sizes[-1], 2), 1, 0)
+        for acc, q in zip(pushed, model.parameters()):
+            acc += q.grad
+        ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+        assert np.array_equal(dt.allreduce(np.full(7, s + 1.0)), np.full(7, p * (s + 1.0)))
+        assert np.array_equal(h.wait(), np.full(1000, p * (p - 1) / 2 + p * s))
+    ps.finish(opt)
+    total = [comm.allreduce(a) for a in pushed]
+    for q, a, t in zip(model.parameters(), w0, total):
+        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=q.name)
