@@ -4,6 +4,8 @@ threads on the workers, the protocol, failure - is in ps.py's docstring and serv
 from __future__ import annotations
 
 import collections
+import os
+import sys
 import time
 
 import numpy as np
@@ -16,6 +18,15 @@ from .clock import FINAL, Pull
 from .server import FIN, PUSH, TAG_DATA, TAG_HDR, TAG_RDATA, TAG_RHDR, ShardServer
 
 RECORDS = 100_000  # pulls kept in ParameterServer.pulls, steps in .trace (the oldest are dropped)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _caller() -> str:
+    """file:line of the nearest caller outside this package (the training loop), for stall reports."""
+    f = sys._getframe(1)
+    while f is not None and os.path.dirname(os.path.abspath(f.f_code.co_filename)) == _HERE:
+        f = f.f_back
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else "?"
 
 
 class ParameterServer:
@@ -118,7 +129,7 @@ class ParameterServer:
         t0 = time.monotonic()
         # tracked like a collective: the stall inspector reports a long wait naming the ranks that
         # are elsewhere, and the watchdog ends the job if a rank this one waits for has left
-        op = stall.enter("ps pull" if step != FINAL else "ps finish", group=self.group, lane="p")
+        op = stall.enter("ps pull" if step != FINAL else "ps finish", site=_caller(), group=self.group, lane="p")
         try:
             self._wait(sends + reqs, op)
         except BaseException as e:
