@@ -164,6 +164,10 @@ def test_refused_on_every_rank(comm):
     if p > 1:
         with pytest.raises(CollectiveError, match="staleness"):  # ranks disagree on S
             ParameterServer(model.parameters(), opt, sched, 1 if r else 2)
+    shard = MLP([3, 4, 2], dtype=np.float64)
+    shard.parameters()[0].replicated = r != 0  # a model-parallel shard on one rank only
+    with pytest.raises(CollectiveError, match="replicated parameters with dense gradients"):
+        ParameterServer(shard.parameters(), optim.SGD(shard.parameters(), lr=0.1), sched, 1)
     with pytest.raises(CollectiveError, match="staleness must be >= 0"):
         ParameterServer(model.parameters(), opt, sched, -1)
     ps = ParameterServer(model.parameters(), opt, sched, None)  # the failures left nothing behind

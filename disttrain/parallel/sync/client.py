@@ -60,6 +60,9 @@ class ParameterServer:
         err = None
         if len(dtypes) > 1:
             err = f"parameter servers need one dtype for all parameters (got {dtypes})"
+        elif not all(p.replicated and isinstance(p.grad, np.ndarray) for p in self.params):
+            err = ("parameter servers hold replicated parameters with dense gradients (got a model-parallel shard "
+                   "or a row-sparse gradient)")
         elif getattr(opt, "whole_tensor_update", False):
             err = f"{type(opt).__name__} needs whole-tensor norms; the servers hold slices: use sgd, adam or adamw"
         elif staleness is not None and staleness < 0:
