@@ -56,7 +56,8 @@ class TrainConfig:
                           ["auto", "ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"])
     compression: str = _opt("none", "gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK")
     sync: str = _opt("sync", "how replicas agree on parameters (parallel/sync.SYNC_MODES, NAME[:PARAM]): "
-                     "sync (gradients averaged every step)")
+                     "sync (gradients averaged every step) | ssp:S (parameter servers, at most S steps ahead of "
+                     "the slowest worker; ssp:0 = sync) | async (parameter servers, no bound)")
     shard: str = _opt("none", "ZeRO sharding over the data-parallel ranks: none | optimizer (ZeRO-1) | gradients "
                       "(ZeRO-2) | full (ZeRO-3 / FSDP)", ["none", "optimizer", "gradients", "full"])
     bucket_mb: float = _opt(25.0, "gradient bucket size in MiB (allreduce granularity); finite, > 0")
