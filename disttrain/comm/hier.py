@@ -1,0 +1,127 @@
+"""Hierarchical (two-level) AllReduce for ranks spread over several nodes.
+
+A flat ring over p ranks on h nodes pushes 2(p-1)/p of the vector through every node's network
+port. Two levels push 2(h-1)/h (Thakur, Rabenseifner & Gropp 2005 on SMP-aware collectives; the
+"2D" / hierarchical allreduce of Horovod and NCCL, Sergeev & Del Balso 2018; Jia et al. 2018):
+
+1. inside each node, reduce-scatter: local rank i ends with block i (1/k of the vector) summed
+   over its node (the node communicator; ring or the library, by the same rule as
+   ``dt.reduce_scatter``'s auto);
+2. across nodes, allreduce among the slices: local rank i of every node reduces block i with its
+   peers of the other nodes - k concurrent allreduces of n/k bytes, so every rank's link carries
+   its share and the port carries 2(h-1)/h n in all (ring / Rabenseifner / the library, chosen by
+   the cost model's inter-node parameters);
+3. inside each node, allgather the k blocks.
+
+Nodes holding different numbers of ranks have no equal slices: then the node leaders carry the
+whole vector (reduce to the leader, allreduce among the leaders, broadcast from it) - the same
+2(h-1)/h n through each port, on one rank per node. Every block is reduced by one process at each
+level and the rest are copies, so every rank ends with the same bits.
+
+The sub-communicators come from comm/topology.py (built when the group was created). A
+communicator disttrain did not create has no recorded topology and a single-node one has no
+second level: there the algorithm runs the inter-node choice on the whole communicator (correct,
+flat). ``auto`` never picks "hier" on one node (its cost is infinite there).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import mpi
+from . import cost, topology
+from .costmodel import choose, params_of
+from .ops import mpi_op
+from .p2p import blocks
+from .rabenseifner import rabenseifner_cost
+from .registry import ALLGATHER, ALLREDUCE, REDUCE_SCATTER
+from .ring import ring_cost
+
+#: inter-node algorithms the second level chooses among (formulas registered with them), and the
+#: size below which the library's latency wins (as costmodel.LATENCY_BOUND for flat algorithms)
+INTER = {"ring": ring_cost, "rabenseifner": rabenseifner_cost}
+INTER_LATENCY_BOUND = 64 << 10
+
+
+def _net_params(c, h: int, k: int):
+    """Cost parameters of one slice: h ranks, one per node, k slices sharing each port."""
+    a, b = cost.net(c)
+    return cost.CostParams(h, alpha=a, beta=b * k, beta_large=b * k, gamma=c.gamma, gamma_large=c.gamma_large)
+
+
+def inter_algorithm(c, n: float) -> str:
+    """The second level's algorithm for an n-byte allreduce (a pure function of agreed values)."""
+    h, k = _shape(c)
+    if n / k < INTER_LATENCY_BOUND or h < 2:
+        return "mpi"
+    cn = _net_params(c, h, k)
+    return min(INTER, key=lambda a: INTER[a](cn, n / k))
+
+
+def _shape(c) -> tuple[int, int]:
+    """(nodes, ranks per node used by the second level: k if uniform, else 1 - the leaders)."""
+    sizes = cost.node_sizes(c)
+    return max(1, c.hosts), (sizes[0] if len(set(sizes)) == 1 else 1)
+
+
+def hier_cost(c, n: float) -> float:
+    """intra reduce-scatter + allgather (ring on k ranks: 2(k-1)(alpha + n/k beta) + (k-1)/k n gamma)
+    + the best inter-node allreduce of n/k bytes among h ranks whose k slices share each port
+    (ring: 2(h-1)/h n beta_net). Uneven nodes: a pipelined reduce + broadcast inside
+    (2 (lg k alpha + n beta) + n gamma) and the leaders' allreduce of n. Infinite on one node: there is no second level."""
+    if c.hosts <= 1:
+        return math.inf
+    h, k = _shape(c)
+    b, g = cost.bg(c, n)
+    cn = _net_params(c, h, k)
+    inter = min(f(cn, n / k) for f in INTER.values())
+    if k > 1:
+        intra = 2 * (k - 1) * (c.alpha + n / k * b) + (k - 1) / k * n * g
+    else:  # leaders: the largest node's reduce and broadcast trees
+        kmax = max(2, *cost.node_sizes(c))
+        intra = 2 * (math.ceil(math.log2(kmax)) * c.alpha + n * b) + n * g
+    return intra + inter
+
+
+@ALLREDUCE.register("hier", cost=hier_cost, overhead=40e-6)
+def hier(comm, buf: np.ndarray, op: int) -> None:
+    p, n = comm.Get_size(), buf.shape[0]
+    if p == 1 or n == 0:
+        return
+    t = topology.of(comm)
+    c = params_of(comm)
+    if t is None or t.nodes == 1:
+        ALLREDUCE.resolve(inter_algorithm(c, buf.nbytes))(comm, buf, op)
+    elif t.uniform:
+        _slices(t, c, buf, op)
+    else:
+        _leaders(t, c, buf, op)
+
+
+def _slices(t, c, buf, op) -> None:
+    """Equal slices: reduce-scatter in the node, allreduce block i among slice i, allgather."""
+    node, k, lr = t.node_comm, t.sizes[0], t.local_rank
+    counts, displs = blocks(buf.shape[0], k)
+    rs = choose("reduce_scatter", node, buf.nbytes, buf.dtype)
+    block = REDUCE_SCATTER.resolve(rs)(node, buf, op, counts, displs)
+    ALLREDUCE.resolve(inter_algorithm(c, buf.nbytes))(t.slice_comm, block, op)
+    lo = displs[lr]
+    if not np.shares_memory(block, buf):
+        buf[lo:lo + counts[lr]] = block
+    ALLGATHER.resolve(choose("allgather", node, buf.nbytes, buf.dtype))(node, buf, counts, displs)
+
+
+def _leaders(t, c, buf, op) -> None:
+    """Uneven nodes: reduce to each node's leader, allreduce among the leaders, broadcast."""
+    MPI = mpi.MPI
+    node = t.node_comm
+    if node.Get_size() > 1:
+        if t.local_rank == 0:
+            node.Reduce(MPI.IN_PLACE, buf, op=mpi_op(op), root=0)
+        else:
+            node.Reduce(buf, None, op=mpi_op(op), root=0)
+    if t.local_rank == 0:
+        ALLREDUCE.resolve(inter_algorithm(c, buf.nbytes))(t.slice_comm, buf, op)
+    if node.Get_size() > 1:
+        node.Bcast(buf, root=0)
