@@ -42,6 +42,8 @@ from .registry import ALLREDUCE
 #: two choices are that close the mature C implementation is the safer bet. Bandwidth-bound
 #: predictions are tighter and switch on any predicted gain.
 SWITCH_MARGIN, LATENCY_BOUND = 1.25, 256 << 10
+#: sizes at which calibrate() times the library's allreduce (its "mpi" cost interpolates them)
+NATIVE_SIZES = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
 #: bytes of the inter-node bandwidth exchange: bandwidth-bound even at 10 Gbit/s, and ~34 ms at 1
 NET_BYTES = 4 << 20
 
@@ -123,7 +125,7 @@ def measure(comm) -> CostParams:
                     if link.Get_size() > 1 else 1e-12)
         comm.Barrier()
         vals.append(timed(reduce(nb), 8 if nb == SMALL else 1) / nb)
-    native_sizes = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+    native_sizes = NATIVE_SIZES
     for nb in native_sizes:
         x = np.ones(nb // 4, np.float32)
         comm.Barrier()

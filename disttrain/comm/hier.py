@@ -26,11 +26,12 @@ flat). ``auto`` never picks "hier" on one node (its cost is infinite there).
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
 from .. import mpi
-from . import cost, topology
+from . import config, cost, topology
 from .costmodel import choose, params_of
 from .ops import mpi_op
 from .p2p import blocks
@@ -42,6 +43,9 @@ from .ring import ring_cost
 #: size below which the library's latency wins (as costmodel.LATENCY_BOUND for flat algorithms)
 INTER = {"ring": ring_cost, "rabenseifner": rabenseifner_cost}
 INTER_LATENCY_BOUND = 64 << 10
+#: chunk of the pipelined slice algorithm (see _slices): small enough that the node phases of one
+#: chunk hide behind the network phase of another, large enough to stay bandwidth-bound
+PIPELINE_BYTES = 4 << 20
 
 
 def _net_params(c, h: int, k: int):
@@ -100,16 +104,89 @@ def hier(comm, buf: np.ndarray, op: int) -> None:
 
 
 def _slices(t, c, buf, op) -> None:
-    """Equal slices: reduce-scatter in the node, allreduce block i among slice i, allgather."""
-    node, k, lr = t.node_comm, t.sizes[0], t.local_rank
-    counts, displs = blocks(buf.shape[0], k)
-    rs = choose("reduce_scatter", node, buf.nbytes, buf.dtype)
-    block = REDUCE_SCATTER.resolve(rs)(node, buf, op, counts, displs)
-    ALLREDUCE.resolve(inter_algorithm(c, buf.nbytes))(t.slice_comm, block, op)
-    lo = displs[lr]
-    if not np.shares_memory(block, buf):
-        buf[lo:lo + counts[lr]] = block
-    ALLGATHER.resolve(choose("allgather", node, buf.nbytes, buf.dtype))(node, buf, counts, displs)
+    """Equal slices: reduce-scatter in the node, allreduce block i among slice i, allgather.
+
+    A vector of at least two PIPELINE_BYTES chunks is pipelined: a helper thread runs the node
+    phases (reduce-scatter of chunk j+1, allgather of chunk j-1) on the node communicator while
+    this thread runs chunk j's slice allreduce on the slice communicator - so the network, the
+    bottleneck, rarely waits for memory. Two threads on two communicators is what
+    MPI_THREAD_MULTIPLE allows; every rank cuts the same chunks, so the orders match."""
+    n, item = buf.shape[0], buf.itemsize
+    per = max(1, PIPELINE_BYTES // item)
+    chunks = [(o, min(per, n - o)) for o in range(0, n, per)]
+    node, k = t.node_comm, t.sizes[0]
+    rs = REDUCE_SCATTER.resolve(choose("reduce_scatter", node, min(n, per) * item, buf.dtype))
+    ag = ALLGATHER.resolve(choose("allgather", node, min(n, per) * item, buf.dtype))
+    inter = [ALLREDUCE.resolve(inter_algorithm(c, m * item)) for _, m in chunks]
+    blocks_of = [blocks(m, k) for _, m in chunks]
+    lr = t.local_rank
+
+    def scatter(j):  # chunk j's block lr, reduced over the node, in place in buf
+        (o, m), (counts, displs) = chunks[j], blocks_of[j]
+        part = buf[o:o + m]
+        block = rs(node, part, op, counts, displs)
+        lo = displs[lr]
+        if not np.shares_memory(block, part):
+            part[lo:lo + counts[lr]] = block
+        return part[lo:lo + counts[lr]]
+
+    def gather(j):
+        (o, m), (counts, displs) = chunks[j], blocks_of[j]
+        ag(node, buf[o:o + m], counts, displs)
+
+    if len(chunks) < 2:
+        block = scatter(0)
+        inter[0](t.slice_comm, block, op)
+        gather(0)
+        return
+    _pipeline(len(chunks), scatter, lambda j, block: inter[j](t.slice_comm, block, op), gather)
+
+
+def _pipeline(nchunks: int, scatter, across, gather) -> None:
+    """scatter(j) -> across(j, block) -> gather(j) for every chunk: the node phases on a helper
+    thread in one fixed order on every rank (s0 s1 g0 s2 g1 s3 g2 ...: at most two chunks ahead
+    of the network), the network phase here. An error on either side ends both and is raised."""
+    snap = config.current()
+    scattered = [threading.Event() for _ in range(nchunks)]
+    crossed = [threading.Event() for _ in range(nchunks)]
+    blocks_ = [None] * nchunks
+    errors: list = []
+
+    def helper():
+        try:
+            with config.bound(snap):  # the caller's settings (segment sizes) on every rank alike
+                for j in range(nchunks + 1):
+                    if j < nchunks:
+                        blocks_[j] = scatter(j)
+                        scattered[j].set()
+                    if j > 0:
+                        crossed[j - 1].wait()
+                        if errors:
+                            return
+                        gather(j - 1)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            errors.append(e)
+        finally:
+            for ev in scattered:
+                ev.set()
+
+    th = threading.Thread(target=helper, name="disttrain-hier", daemon=True)
+    th.start()
+    try:
+        for j in range(nchunks):
+            scattered[j].wait()
+            if errors:
+                break
+            across(j, blocks_[j])
+            crossed[j].set()
+    except BaseException as e:  # noqa: BLE001
+        errors.append(e)
+    finally:
+        for ev in crossed:
+            ev.set()
+        th.join()
+    if errors:
+        raise errors[0]
 
 
 def _leaders(t, c, buf, op) -> None:

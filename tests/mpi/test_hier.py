@@ -86,7 +86,7 @@ def test_hier_exact_on_integer_data_every_layout_dtype_op(comm, monkeypatch):
         with group_with(monkeypatch, spec, range(p)) as g:
             for dtype in DTYPES:
                 for op in OPS:
-                    for n in (0, 1, p - 1, p + 1, 7, 1000):
+                    for n in (0, 1, p + 1, 1000):
                         x = integer_data(rng, n, dtype, op)
                         if not np.array_equal(dt.allreduce(x, op=op, algorithm="hier", group=g), oracle(comm, x, op)):
                             failures.append((spec, np.dtype(dtype).name, op, n))
@@ -103,7 +103,7 @@ def test_hier_random_floats_bit_identical_and_large_paths(comm, monkeypatch):
     for spec in specs(p):
         with group_with(monkeypatch, spec, range(p)) as g:
             for dtype, rtol in TOL.items():
-                for n in (33, 5000, 300_001):
+                for n in (33, 5000, 100_001):
                     x = rng.standard_normal(n).astype(dtype)
                     got = dt.allreduce(x, algorithm="hier", group=g)
                     want = oracle(comm, x, "sum").astype(np.float64)
@@ -152,6 +152,10 @@ def test_auto_picks_hier_across_nodes_uncalibrated_and_never_on_one(comm, monkey
 @pytest.mark.mpi
 def test_calibration_measures_inter_node_parameters_and_keys_the_cache_by_layout(comm, monkeypatch):
     p = comm.Get_size()
+    # lean: small working sets (the measurement's logic, not its accuracy, is under test here)
+    monkeypatch.setattr(costmodel, "LARGE", 4 << 20)
+    monkeypatch.setattr(costmodel, "NET_BYTES", 1 << 20)
+    monkeypatch.setattr(costmodel, "NATIVE_SIZES", (8, 1 << 12, 1 << 16, 1 << 20))
     spec = "2" if p >= 2 else "1"
     with group_with(monkeypatch, spec, range(p)) as g:
         c = dt.calibrate(group=g)
@@ -164,3 +168,24 @@ def test_calibration_measures_inter_node_parameters_and_keys_the_cache_by_layout
             assert c.alpha_inter == 0 and costmodel.cache_file(g.comm).endswith("-p1-hosts1.json")
         x = np.ones(4099, np.float32)
         assert np.all(dt.allreduce(x, group=g) == p)  # whatever auto picks now
+
+
+@pytest.mark.mpi
+def test_pipelined_slices_many_chunks_blocking_and_async_at_once(comm, monkeypatch):
+    """Tiny pipeline chunks: the helper thread's node phases overlap the slice phase chunk after
+    chunk, odd sizes, several ops; an asynchronous hier (its own topology, its own helper) in flight."""
+    from disttrain.comm import hier
+
+    p = comm.Get_size()
+    monkeypatch.setattr(hier, "PIPELINE_BYTES", 256)  # 32 float64 / 64 float32 per chunk
+    rng = rank_rng(comm, 23)
+    with group_with(monkeypatch, "2" if p % 2 == 0 and p >= 2 else str(p), range(p)) as g:
+        for rnd in range(6):
+            n = comm.bcast(int(rng.integers(0, 400)) if rnd else 0, root=0)
+            a = rng.integers(-9, 10, 2 * n + 3).astype(np.float32)
+            h = dt.allreduce_async(a, op="max", algorithm="hier", group=g)
+            for dtype, op in ((np.float64, "sum"), (np.int32, "min"), (np.int64, "prod")):
+                x = integer_data(rng, n, dtype, op)
+                got = dt.allreduce(x, op=op, algorithm="hier", group=g)
+                assert comm.allreduce(int(not np.array_equal(got, oracle(comm, x, op)))) == 0, (rnd, dtype, op)
+            assert np.array_equal(h.wait(), oracle(comm, a, "max")), rnd
