@@ -88,7 +88,7 @@ def hier_cost(c, n: float) -> float:
     return intra + inter
 
 
-@ALLREDUCE.register("hier", cost=hier_cost, overhead=40e-6)
+@ALLREDUCE.register("hier", cost=hier_cost, overhead=150e-6)
 def hier(comm, buf: np.ndarray, op: int) -> None:
     p, n = comm.Get_size(), buf.shape[0]
     if p == 1 or n == 0:

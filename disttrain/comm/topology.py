@@ -130,19 +130,20 @@ def build(comm, like: "Topology | None" = None) -> Topology:
 
 def _discover(comm) -> Topology:
     MPI = mpi.MPI
-    spec = comm.bcast(os.environ.get("DISTTRAIN_FAKE_NODES", "").strip(), root=0)
     shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:  # the real node, named by its lowest world rank (the same name on every member)
         real = shared.allreduce(MPI.COMM_WORLD.Get_rank(), op=MPI.MIN)
     finally:
         shared.Free()
-    fake, err = _fake_key(spec, MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()) if spec else (0, None)
-    keys = comm.allgather((real, fake, err))
-    errs = sorted({e for _, _, e in keys if e})
-    if errs:
-        raise CollectiveError(errs[0])
+    # one allgather: every member's real node and world rank, and group rank 0's fake-node spec
+    # (which decides for everyone: an environment that differs on one host splits nobody apart)
+    keys = comm.allgather((real, MPI.COMM_WORLD.Get_rank(), os.environ.get("DISTTRAIN_FAKE_NODES", "").strip()))
+    spec, wsize = keys[0][2], MPI.COMM_WORLD.Get_size()
+    fake = [_fake_key(spec, w, wsize) if spec else (0, None) for _, w, _ in keys]
+    if fake and fake[0][1]:
+        raise CollectiveError(fake[0][1])
     number: dict = {}
-    node_of = tuple(number.setdefault(k[:2], len(number)) for k in keys)
+    node_of = tuple(number.setdefault((k[0], f[0]), len(number)) for k, f in zip(keys, fake))
     r = comm.Get_rank()
     sizes = tuple(int(s) for s in np.bincount(node_of, minlength=len(number)))
     local = sum(1 for q in range(r) if node_of[q] == node_of[r])
