@@ -196,12 +196,17 @@ for n in (0, 5, 100_003, 9 << 20):  # 36 MiB: the pipelined path (16 MiB chunks)
 ok = comm.allreduce(int(ok), op=MPI.MIN)
 if dt.rank() == 0:
     print("TOPO", t.layout, t.node_of, c.hosts, c.source, picks[1 << 20], picks[16 << 20], "OK" if ok else "BAD", flush=True)
+costmodel.NATIVE_SIZES, costmodel.LARGE = (8, 1 << 16, 1 << 20), 4 << 20  # lean
+m = dt.calibrate()  # across hosts: skips what cannot run there (shm), measures both levels
+if dt.rank() == 0:
+    print("CAL", m.hosts, m.layout, m.alpha_inter > 0, m.beta_inter > 0, "shm" not in m.overhead, flush=True)
 """
 
 
 def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path):
     """Real nodes (separate hosts, a shaped link): the topology sees 2 x 2, the two-level
-    allreduce equals the library's, and "auto" picks it with the built-in defaults (no calibration)."""
+    allreduce equals the library's, "auto" picks it with the built-in defaults (no calibration),
+    and calibrating there measures both levels (and skips shm, which cannot run across hosts)."""
     probe = tmp_path / "hier_probe.py"
     probe.write_text(HIER_PROBE)
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DISTTRAIN_COSTMODEL="defaults")
@@ -210,3 +215,4 @@ def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path
     assert res.returncode == 0, res.stdout + res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("TOPO")).split(maxsplit=1)[1]
     assert line == "2x2 (0, 0, 1, 1) 2 defaults hier hier OK", line
+    assert "CAL 2 2x2 True True True" in res.stdout, res.stdout

@@ -143,7 +143,10 @@ def measure(comm) -> CostParams:
         inter = [a_net if sl.Get_size() > 1 else 0.0, max(1e-13, (tb - a_net) / (nb * share)) if tb else 0.0]
     vals += inter
     tiny = np.ones(2, np.float32)
-    names = list(ALLREDUCE.costs)
+    # not the algorithms this communicator cannot run (infinite cost: shm across nodes) - decided
+    # from the agreed topology, so every rank skips the same ones
+    probe = CostParams(comm.Get_size(), hosts=t.nodes if t is not None else 1, layout=t.layout if t is not None else "")
+    names = [a for a in ALLREDUCE.costs if a == "mpi" or math.isfinite(ALLREDUCE.costs[a][0](probe, 8))]
     for name in names:  # o: the fixed cost of one call with next to no data
         fn = ALLREDUCE.resolve(name)
         comm.Barrier()
