@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -46,6 +45,8 @@ def parse_rate(s: str) -> float:
 
 
 def worker(a) -> None:
+    # imported here: the driver runs as root outside MPI and must not start it (importing
+    # mpi4py.MPI initialises MPI); only the worker ranks under mpiexec need these
     import disttrain as dt
     from disttrain.comm import costmodel, topology
     from mpi4py import MPI
@@ -114,7 +115,9 @@ def main(argv=None) -> None:
                "--reps", str(a.reps)]
         rows += run_result(cmd, env, a.timeout)["rows"]
     load = open("/proc/loadavg").read().split()[:3]
-    save(a.out, dict(rate=a.rate, reps=a.reps, host=platform.node(), loadavg=load, when=time.strftime("%FT%TZ", time.gmtime())), rows)
+    meta = dict(rate=a.rate, reps=a.reps, host=platform.node(), loadavg=load,
+                when=time.strftime("%FT%TZ", time.gmtime()))
+    save(a.out, meta, rows)
     table(rows)
     print(f"load average before saving: {' '.join(load)}")
 

@@ -195,7 +195,8 @@ for n in (0, 5, 100_003, 9 << 20):  # 36 MiB: the pipelined path (16 MiB chunks)
     ok &= bool(np.array_equal(dt.allreduce(x), want))
 ok = comm.allreduce(int(ok), op=MPI.MIN)
 if dt.rank() == 0:
-    print("TOPO", t.layout, t.node_of, c.hosts, c.source, picks[1 << 20], picks[16 << 20], "OK" if ok else "BAD", flush=True)
+    print("TOPO", t.layout, t.node_of, c.hosts, c.source, picks[1 << 20], picks[16 << 20], "OK" if ok else "BAD",
+          flush=True)
 costmodel.NATIVE_SIZES, costmodel.LARGE = (8, 1 << 16, 1 << 20), 4 << 20  # lean
 m = dt.calibrate()  # across hosts: skips what cannot run there (shm), measures both levels
 if dt.rank() == 0:
@@ -209,7 +210,8 @@ def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path
     and calibrating there measures both levels (and skips shm, which cannot run across hosts)."""
     probe = tmp_path / "hier_probe.py"
     probe.write_text(HIER_PROBE)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", DISTTRAIN_COSTMODEL="defaults")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+               DISTTRAIN_COSTMODEL="defaults")
     res = subprocess.run([SCRIPT, "--hosts", "2", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
                          capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -75,7 +75,8 @@ def hier_cost(c, n: float) -> float:
     """intra reduce-scatter + allgather (ring on k ranks: 2(k-1)(alpha + n/k beta) + (k-1)/k n gamma)
     + the best inter-node allreduce of n/k bytes among h ranks whose k slices share each port
     (ring: 2(h-1)/h n beta_net). Uneven nodes: a pipelined reduce + broadcast inside
-    (2 (lg k alpha + n beta) + n gamma) and the leaders' allreduce of n. Infinite on one node: there is no second level."""
+    (2 (lg k alpha + n beta) + n gamma) and the leaders' allreduce of n. Infinite on one node:
+    there is no second level."""
     if c.hosts <= 1:
         return math.inf
     h, k = _shape(c)
