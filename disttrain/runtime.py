@@ -16,7 +16,7 @@ import time
 import traceback
 
 from . import flight, groups, log, mpi, stall, timeline
-from .comm import config, costmodel, shm, validate
+from .comm import config, costmodel, shm, topology, validate
 from .comm.engine import engine
 from .errors import CollectiveError
 from .groups import (Group, as_group, group_of, local_rank, local_size, rank, size,  # noqa: F401 (re-exported)
@@ -32,10 +32,12 @@ def _release(g: Group) -> None:
     comm, acomm = g.comm, g.async_comm
     costmodel.forget(comm, acomm)
     shm.forget(comm)
+    topology.forget(comm)
     comm.Free()
 
     def free_async():  # on the communication thread, after the work queued on the communicator
         shm.forget(acomm)
+        topology.forget(acomm)
         acomm.Free()
 
     engine.call(free_async, "free group")
@@ -87,6 +89,7 @@ def init() -> "Group":
             config.load_from_env()
         except ValueError as e:  # the same environment everywhere: every rank raises the same error
             raise CollectiveError(str(e)) from None
+        _build_topology(w)
         costmodel.ensure(w.comm, w.async_comm)
         _warn_blas_threads(local)
         if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
@@ -146,8 +149,17 @@ def split(parent: Group, color, key: int, ranks) -> Group:
         return Group(ranks, -1, len(ranks), None, None, uid=f"{parent.uid}.{parent._splits}:-", freed=False)
     g = Group(ranks, comm.Get_rank(), comm.Get_size(), comm, acomm, uid=f"{parent.uid}.{parent._splits}:{color}")
     groups.register(g)
+    _build_topology(g)
     costmodel.ensure(comm, acomm)
     return g
+
+
+def _build_topology(g: Group) -> None:
+    """The group's node structure and two-level sub-communicators (comm/topology.py), made here -
+    where the group itself is made, in the caller's thread - and for the asynchronous communicator
+    on the communication thread in queue order, as its split: never lazily inside a collective."""
+    t = topology.build(g.comm)
+    engine.call(lambda: topology.build(g.async_comm, like=t), "topology")
 
 
 def _warn_blas_threads(local) -> None:

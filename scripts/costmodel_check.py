@@ -2,8 +2,11 @@
 
     mpiexec -n 2 python scripts/costmodel_check.py --sizes 8,4K,64K,1M,4M,16M,64M --json results/costmodel_p2.json
 
-Also saves the calibration to the per-user cache (~/.cache/disttrain/costmodel-pP.json), which
-algorithm="auto" loads in later jobs of the same size.
+Also saves the calibration to the per-user cache (~/.cache/disttrain/costmodel-pP-hostsH[-LAYOUT].json),
+which algorithm="auto" loads in later jobs of the same size and layout. On the emulated cluster:
+
+    sudo env PATH=/usr/sbin:$PATH launchers/emulated_cluster.sh --hosts 2 --ranks-per-host 2 --rate 1gbit -- \
+        scripts/costmodel_check.py --sizes 64K,1M,4M,16M --save /tmp/cm-2x2.json
 """
 import argparse
 import json
@@ -38,11 +41,16 @@ def main(argv=None) -> None:
               f"{1 / c.beta_large / 1e9:.2f} (32 MiB) GB/s  1/gamma={1 / c.gamma / 1e9:.2f} / "
               f"{1 / c.gamma_large / 1e9:.2f} GB/s  o[us]=" +
               " ".join(f"{k}:{v * 1e6:.0f}" for k, v in c.overhead.items()))
+        if c.hosts > 1:  # the two levels, measured separately (alpha/beta above: inside a node)
+            print(f"hosts={c.hosts} layout={c.layout} between nodes: alpha={c.alpha_inter * 1e6:.1f} us  "
+                  f"1/beta={1 / c.beta_inter / 1e9:.3f} GB/s through a node's port")
         print(f"{'algorithm':>13} {'bytes':>10} {'predicted_us':>13} {'measured_us':>12} {'error':>7}")
     for s in a.sizes.split(","):
         nb = int(float(s.rstrip("KMkm")) * {"K": 1 << 10, "M": 1 << 20}.get(s[-1].upper(), 1))
         x = np.ones(max(1, nb // 4), np.float32)
         for alg in dt.comm.ALLREDUCE.costs:
+            if not np.isfinite(costmodel.predict(c, alg, x.nbytes)):
+                continue  # this group cannot run it (shm across hosts)
             comm.Barrier()
             t = costmodel.timed(lambda: dt.allreduce_(x, algorithm=alg), a.reps)
             t = comm.allreduce(t, op=MPI.MAX)

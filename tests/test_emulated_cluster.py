@@ -174,3 +174,47 @@ def test_cleanup_finds_every_kind_of_leftover_of_a_dead_run():
         res = subprocess.run([SCRIPT, "--cleanup"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert leftovers() == []
+
+
+HIER_PROBE = """
+import numpy as np
+import disttrain as dt
+from mpi4py import MPI
+from disttrain.comm import costmodel, topology
+dt.init()
+comm = dt.world().comm
+t = topology.of(comm)
+c = costmodel.params_of(comm)
+picks = {nb: costmodel.choose("allreduce", comm, nb, np.dtype(np.float32)) for nb in (1 << 20, 16 << 20)}
+ok = True
+for n in (0, 5, 100_003, 9 << 20):  # 36 MiB: the pipelined path (16 MiB chunks)
+    x = np.random.default_rng(dt.rank() + n).integers(-9, 10, n).astype(np.float32)
+    want = np.empty_like(x)
+    comm.Allreduce(x, want, op=MPI.SUM)
+    ok &= bool(np.array_equal(dt.allreduce(x, algorithm="hier"), want))
+    ok &= bool(np.array_equal(dt.allreduce(x), want))
+ok = comm.allreduce(int(ok), op=MPI.MIN)
+if dt.rank() == 0:
+    print("TOPO", t.layout, t.node_of, c.hosts, c.source, picks[1 << 20], picks[16 << 20], "OK" if ok else "BAD",
+          flush=True)
+costmodel.NATIVE_SIZES, costmodel.LARGE = (8, 1 << 16, 1 << 20), 4 << 20  # lean
+m = dt.calibrate()  # across hosts: skips what cannot run there (shm), measures both levels
+if dt.rank() == 0:
+    print("CAL", m.hosts, m.layout, m.alpha_inter > 0, m.beta_inter > 0, "shm" not in m.overhead, flush=True)
+"""
+
+
+def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path):
+    """Real nodes (separate hosts, a shaped link): the topology sees 2 x 2, the two-level
+    allreduce equals the library's, "auto" picks it with the built-in defaults (no calibration),
+    and calibrating there measures both levels (and skips shm, which cannot run across hosts)."""
+    probe = tmp_path / "hier_probe.py"
+    probe.write_text(HIER_PROBE)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+               DISTTRAIN_COSTMODEL="defaults")
+    res = subprocess.run([SCRIPT, "--hosts", "2", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("TOPO")).split(maxsplit=1)[1]
+    assert line == "2x2 (0, 0, 1, 1) 2 defaults hier hier OK", line
+    assert "CAL 2 2x2 True True True" in res.stdout, res.stdout

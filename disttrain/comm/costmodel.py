@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 
@@ -29,7 +29,8 @@ from ..groups import as_group
 from ..log import logger
 from ..registry import split
 from . import config
-from .cost import LARGE, SMALL, CostParams, bg
+from . import topology
+from .cost import LARGE, SMALL, CostParams, across, bg
 from .kernels import reduce_into
 from .ops import SUM
 from .p2p import TAG_XCHG
@@ -41,28 +42,20 @@ from .registry import ALLREDUCE
 #: two choices are that close the mature C implementation is the safer bet. Bandwidth-bound
 #: predictions are tighter and switch on any predicted gain.
 SWITCH_MARGIN, LATENCY_BOUND = 1.25, 256 << 10
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+#: sizes at which calibrate() times the library's allreduce (its "mpi" cost interpolates them)
+NATIVE_SIZES = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+#: bytes of the inter-node bandwidth exchange: bandwidth-bound even at 10 Gbit/s, and ~34 ms at 1
+NET_BYTES = 4 << 20
 
 
 #: Software overheads of the alltoall algorithms (Python and NumPy bookkeeping), measured with
 #: scripts/bench_collectives.py --collective alltoall at p=2 on the development machine; not yet
 #: part of calibrate().
 _A2A_OVERHEAD = {"bruck_round": 25e-6, "pairwise": 7e-6}
+
+#: Algorithms whose formulas model the nodes themselves (the rest are costed with cost.across on a
+#: multi-node communicator: intra-node alpha/beta replaced by the network's through a shared port).
+NODE_AWARE = ("shm", "hier")
 
 def predict(c: CostParams, algorithm: str, nbytes: int) -> float:
     """Predicted seconds for one allreduce of `nbytes` with `algorithm` ("ps:S" allowed)."""
@@ -71,6 +64,8 @@ def predict(c: CostParams, algorithm: str, nbytes: int) -> float:
     base, param = split(algorithm)
     formula, default_overhead = ALLREDUCE.costs[base]  # registered with the algorithm
     o = c.overhead.get(base, default_overhead) if base != "mpi" or not c.native else 0.0
+    if c.hosts > 1 and base not in NODE_AWARE:  # a flat algorithm: its steps cross node ports
+        c = across(c, ring_order=base == "ring")
     return o + (formula(c, nbytes, int(param)) if param else formula(c, nbytes))
 
 
@@ -94,38 +89,64 @@ def timed(fn, reps: int, rounds: int = 5, stat=np.median) -> float:
 
 def measure(comm) -> CostParams:
     """Measure alpha, beta, gamma, per-algorithm overheads and the library's allreduce on `comm`
-    (collective). Every rank returns identical values: each measurement is reduced with MAX."""
-    MPI = mpi.MPI
-    p, r = comm.Get_size(), comm.Get_rank()
-    right, left = (r + 1) % p, (r - 1) % p
+    (collective). Every rank returns identical values: each measurement is reduced with MAX.
 
-    def xchg(nb):
+    On a communicator spanning several nodes (its recorded topology) alpha and beta are measured
+    inside the nodes (node communicators, all at once) and alpha_inter / beta_inter across them:
+    every slice exchanges at once - as the two-level algorithm's second level does - and
+    beta_inter is seconds per byte through one node's port (k slices share it)."""
+    MPI = mpi.MPI
+    t = topology.of(comm)
+    multi = t is not None and t.nodes > 1
+    link = t.node_comm if multi else comm
+
+    def xchg(c, nb):
+        q, r = c.Get_size(), c.Get_rank()
         s, d = np.ones(max(1, nb // 4), np.float32), np.empty(max(1, nb // 4), np.float32)
-        return lambda: comm.Sendrecv(s, right, TAG_XCHG, d, left, TAG_XCHG)
+        return lambda: c.Sendrecv(s, (r + 1) % q, TAG_XCHG, d, (r - 1) % q, TAG_XCHG)
 
     def reduce(nb):
         a, b = np.ones(nb // 4, np.float32), np.ones(nb // 4, np.float32)
         return lambda: reduce_into(a, b, SUM)
 
-    comm.Barrier()
-    if p > 1:
+    def latency(c):
+        if c.Get_size() == 1:
+            return 1e-6
         for _ in range(200):  # settle: connections, page faults, the partner arriving late
-            xchg(8)()
-    alpha = timed(xchg(8), 100, stat=np.min) if p > 1 else 1e-6
+            xchg(c, 8)()
+        return timed(xchg(c, 8), 100, stat=np.min)
+
+    comm.Barrier()
+    alpha = latency(link)
     vals = [alpha]
     for nb in (SMALL, LARGE):  # beta: bytes moved each way in a simultaneous exchange
         comm.Barrier()
-        vals.append(max(1e-13, (timed(xchg(nb), 8 if nb == SMALL else 1) - alpha) / nb) if p > 1 else 1e-12)
+        vals.append(max(1e-13, (timed(xchg(link, nb), 8 if nb == SMALL else 1) - alpha) / nb)
+                    if link.Get_size() > 1 else 1e-12)
         comm.Barrier()
         vals.append(timed(reduce(nb), 8 if nb == SMALL else 1) / nb)
-    native_sizes = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26)
+    native_sizes = NATIVE_SIZES
     for nb in native_sizes:
         x = np.ones(nb // 4, np.float32)
         comm.Barrier()
         vals.append(timed(lambda: comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM), 20 if nb < 1 << 18 else 1,
                            stat=np.min if nb < 1 << 16 else np.median))
+    inter = [0.0, 0.0]
+    if multi:  # every slice at once (uniform nodes), else the leaders only
+        sl = t.slice_comm if (t.uniform or t.local_rank == 0) else MPI.COMM_SELF
+        comm.Barrier()
+        a_net = latency(sl)
+        comm.Barrier()
+        nb = NET_BYTES
+        tb = timed(xchg(sl, nb), 2) if sl.Get_size() > 1 else 0.0
+        share = t.sizes[0] if t.uniform else 1
+        inter = [a_net if sl.Get_size() > 1 else 0.0, max(1e-13, (tb - a_net) / (nb * share)) if tb else 0.0]
+    vals += inter
     tiny = np.ones(2, np.float32)
-    names = list(ALLREDUCE.costs)
+    # not the algorithms this communicator cannot run (infinite cost: shm across nodes) - decided
+    # from the agreed topology, so every rank skips the same ones
+    probe = CostParams(comm.Get_size(), hosts=t.nodes if t is not None else 1, layout=t.layout if t is not None else "")
+    names = [a for a in ALLREDUCE.costs if a == "mpi" or math.isfinite(ALLREDUCE.costs[a][0](probe, 8))]
     for name in names:  # o: the fixed cost of one call with next to no data
         fn = ALLREDUCE.resolve(name)
         comm.Barrier()
@@ -133,10 +154,15 @@ def measure(comm) -> CostParams:
     v = np.array(vals)
     comm.Allreduce(MPI.IN_PLACE, v, op=MPI.MAX)  # the slowest rank decides a collective's time
     nnat = len(native_sizes)
-    c = CostParams(p, float(v[0]), float(v[1]), float(v[2]), float(v[3]), float(v[4]),
-                   native=[(nb, float(t)) for nb, t in zip(native_sizes, v[5:5 + nnat])], source="measured")
-    base = {name: ALLREDUCE.costs[name][0](c, 8) for name in names if name != "mpi"}
-    c.overhead = {name: max(0.0, float(t) - base.get(name, float(t))) for name, t in zip(names, v[5 + nnat:])}
+    c = CostParams(comm.Get_size(), float(v[0]), float(v[1]), float(v[2]), float(v[3]), float(v[4]),
+                   native=[(nb, float(t)) for nb, t in zip(native_sizes, v[5:5 + nnat])], source="measured",
+                   alpha_inter=float(v[5 + nnat]), beta_inter=float(v[6 + nnat]))
+    if t is not None:
+        c.hosts, c.layout, c.crossings = t.nodes, t.layout, t.crossings
+    o = v[7 + nnat:]
+    base = {name: predict(replace(c, overhead={name: 0.0}), name, 8) for name in names if name != "mpi"}
+    c.overhead = {name: max(0.0, float(t) - base[name]) if math.isfinite(base.get(name, math.inf)) else 0.0
+                  for name, t in zip(names, o)}
     c.overhead["mpi"] = 0.0  # the native table already includes it
     return c
 
@@ -201,12 +227,16 @@ def forget(*comms) -> None:
     config.update(params=params)
 
 
-def cache_file(comm, hosts: int | None = None) -> str:
-    """Per-user cache, keyed by ranks and hosts: 4 ranks on one node and on two are different
-    machines. Collective unless `hosts` (``count_hosts(comm)``) is given."""
-    hosts = count_hosts(comm) if hosts is None else hosts
+def cache_file(comm, hosts: int | None = None, layout: str = "") -> str:
+    """Per-user cache, keyed by ranks, hosts and ranks per host: 4 ranks on one node, on 2 x 2 and
+    on 3 + 1 are different machines. Collective unless `hosts` is given or `comm`'s topology
+    (comm/topology.py) was recorded."""
+    t = topology.of(comm)
+    if hosts is None:
+        hosts, layout = (t.nodes, t.layout) if t is not None else (count_hosts(comm), "")
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(root, "disttrain", f"costmodel-p{comm.Get_size()}-hosts{hosts}.json")
+    tail = f"-{layout}" if layout and hosts > 1 else ""
+    return os.path.join(root, "disttrain", f"costmodel-p{comm.Get_size()}-hosts{hosts}{tail}.json")
 
 
 def _parse(d, p: int) -> CostParams:
@@ -222,6 +252,9 @@ def _parse(d, p: int) -> CostParams:
     nums = [c.alpha, c.beta, c.gamma, c.beta_large, c.gamma_large]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in nums):
         raise ValueError(f"alpha/beta/gamma must be finite positive numbers, got {nums}")
+    inter = [c.alpha_inter, c.beta_inter]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in inter):
+        raise ValueError(f"alpha_inter/beta_inter must be finite non-negative numbers (0: not measured), got {inter}")
     if not isinstance(c.overhead, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
             for k, v in c.overhead.items()):
@@ -271,13 +304,14 @@ def ensure(comm, *also) -> CostParams:
     # group rank 0's setting decides for everyone: an environment that differs on one host must
     # not send ranks into different collectives below
     spec = comm.bcast(config.current().costmodel_file, root=0)
-    hosts = count_hosts(comm)
+    t = topology.of(comm)
+    hosts, layout, crossings = (t.nodes, t.layout, t.crossings) if t is not None else (count_hosts(comm), "", 1)
     if spec == "measure":
         c = measure(comm)
-        c.hosts = hosts
+        c.hosts, c.layout, c.crossings = hosts, layout, crossings
         install(c, comm, *also)
         return c
-    path = spec if spec not in ("", "defaults") else (cache_file(comm, hosts) if spec == "" else "")
+    path = spec if spec not in ("", "defaults") else (cache_file(comm, hosts, layout) if spec == "" else "")
     res = _read(path, comm.Get_size(), explicit=bool(spec)) if (comm.Get_rank() == 0 and path) else (None, None, False)
     loaded, msg, fatal = comm.bcast(res, root=0)
     if fatal:
@@ -285,13 +319,18 @@ def ensure(comm, *also) -> CostParams:
     if msg and comm.Get_rank() == 0:
         logger.warning(msg)
     c = CostParams(**loaded) if loaded else CostParams(comm.Get_size())
-    c.hosts = hosts  # the topology is a fact of this communicator, whatever file the numbers came from
+    # the topology is a fact of this communicator, whatever file the numbers came from
+    c.hosts, c.layout, c.crossings = hosts, layout, crossings
     install(c, comm, *also)
     return c
 
 
 def count_hosts(comm) -> int:
-    """Nodes (shared-memory domains) the communicator spans - the same answer on every rank."""
+    """Nodes (shared-memory domains) the communicator spans - the same answer on every rank
+    (from its recorded topology, which DISTTRAIN_FAKE_NODES may split further; else collective)."""
+    t = topology.of(comm)
+    if t is not None:
+        return t.nodes
     node = comm.Split_type(mpi.MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         return comm.allreduce(1 if node.Get_rank() == 0 else 0)
