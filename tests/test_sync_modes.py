@@ -1,0 +1,49 @@
+"""The main job under --sync local:H / hybrid:G and --straggler (issue 18): each mode trains the
+digits MLP to >= 95% test accuracy, records wait_s and bytes_sent_per_step, and bad settings end
+every rank with one message (exit 2), never a hang."""
+import json
+
+import pytest
+
+from ._mpirun import run
+
+ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
+
+
+@pytest.mark.parametrize("sync", ["local:4", "hybrid:2"])
+def test_mode_trains_digits_to_95_percent(tmp_path, sync):
+    m = tmp_path / "m.jsonl"
+    res = run(4, ["-m", "disttrain.train", "--sync", sync, "--steps", "200", "--log-every", "100",
+                  "--metrics", str(m)], timeout=240, env=ENV)
+    assert res.returncode == 0, res.stdout
+    recs = [json.loads(x) for x in open(m)]
+    final = recs[-1]
+    assert final["final"] and final["test_accuracy"] >= 0.95, final
+    logged = [r for r in recs if "loss" in r]
+    assert len(logged) == 2
+    for r in logged:  # every rank pays for the exchange: params (~84k floats) once per period
+        assert r["wait_s"] >= 0 and r["bytes_sent_per_step"] > 0 and r["sync_period"] == 4, r
+    assert "wait" in res.stdout and "KiB/step" in res.stdout
+
+
+def test_straggler_is_the_slowest_rank(tmp_path):
+    m = tmp_path / "m.jsonl"
+    res = run(3, ["-m", "disttrain.train", "--steps", "20", "--log-every", "20", "--straggler", "1:20",
+                  "--metrics", str(m)], timeout=120, env=ENV)
+    assert res.returncode == 0, res.stdout
+    rec = json.loads(open(m).readline())
+    # the straggler waits for nobody (it is the slowest); the others wait for it at every step
+    w = rec["imbalance_wait_s"]
+    assert w[1] == min(w) and min(w[0], w[2]) > 2 * w[1] + 1e-3, rec
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--straggler", "1:x"], "straggler must be RANK:FACTOR"),
+    (["--straggler", "5:2"], "rank 5 does not exist (the job has 2 ranks)"),
+    (["--sync", "hybrid:3"], "hybrid:3 needs at least 3 data-parallel ranks (dp is 2)"),
+    (["--sync", "local:4", "--checkpoint-dir", "CK", "--checkpoint-every", "6"], "not a multiple of the exchange"),
+])
+def test_bad_settings_stop_every_rank_with_one_message(tmp_path, args, message):
+    args = [str(tmp_path / "ck") if a == "CK" else a for a in args]
+    res = run(2, ["-m", "disttrain.train", "--steps", "5", *args], timeout=60, env=ENV)
+    assert res.returncode == 2 and message in res.stdout and res.stdout.count("configuration error") == 1, res.stdout
