@@ -182,7 +182,8 @@ def test_nonfinite_local_step_is_reported_at_the_exchange_on_every_rank():
 
 
 def test_problems_name_the_flag():
-    assert any("multiple of the exchange period 4" in m for m in problems("local:4", config("local:4", checkpoint_every=6)))
+    assert any("multiple of the exchange period 4" in m
+               for m in problems("local:4", config("local:4", checkpoint_every=6)))
     assert problems("local:4", config("local:4", checkpoint_every=8)) == []
     assert any("hybrid-period" in m for m in problems("hybrid:2", config("hybrid:2", hybrid_period=3,
                                                                            stop_after_steps=4)))
@@ -191,3 +192,7 @@ def test_problems_name_the_flag():
     assert any("--shard none" in m for m in problems("local:2", config("local:2", shard="optimizer")))
     assert any("outer-momentum" in m for m in problems("local:2", config("local:2", outer_momentum=0.9,
                                                                          checkpoint_dir="/tmp/x")))
+    assert any("--eval-every 10 is not a multiple" in m
+               for m in problems("local:4", config("local:4", eval_every=10)))
+    assert any("sends no gradients" in m for m in problems("local:4", config("local:4", compression="fp16")))
+    assert problems("hybrid:2", config("hybrid:2", compression="fp16")) == []

@@ -30,7 +30,7 @@ class HybridGroups(PeriodicAveraging):
     def problems(cls, param: str, cfg) -> list:
         g, out = _positive_int(param, "hybrid:G needs G, the number of groups,")
         if g > MAX_GROUPS:
-            out.append(f"sync: hybrid:{g} asks for more than {MAX_GROUPS} groups (use local:H for one replica per rank)")
+            out.append(f"sync: hybrid:{g} asks for more than {MAX_GROUPS} groups (local:H: one replica per rank)")
         if cfg.hybrid_period < 1:
             out.append(f"hybrid-period must be an integer >= 1 (got {cfg.hybrid_period})")
         out += super().problems(param, cfg)

@@ -72,10 +72,11 @@ class PeriodicAveraging(SyncMode):
     def _landing(period: int, cfg, what: str) -> list:
         """Checkpoints must land where the replicas agree (right after an exchange)."""
         out = []
-        for flag, v in (("checkpoint-every", cfg.checkpoint_every), ("stop-after-steps", cfg.stop_after_steps)):
+        for flag, v in (("checkpoint-every", cfg.checkpoint_every), ("stop-after-steps", cfg.stop_after_steps),
+                        ("eval-every", cfg.eval_every)):
             if v and v % period:
                 out.append(f"sync: --{flag} {v} is not a multiple of the exchange period {period} ({what}): "
-                           "checkpoints are taken where the replicas agree (right after an exchange)")
+                           "checkpoints and evaluations are taken where the replicas agree (right after an exchange)")
         return out
 
     def groups(self, dp: int) -> list:
@@ -145,11 +146,17 @@ class LocalSGD(PeriodicAveraging):
     @classmethod
     def problems(cls, param: str, cfg) -> list:
         h, out = _positive_int(param, "local:H needs H, the local steps between averages,")
-        out += super().problems(param, cfg)
+        out += super().problems(param, cfg) + cls._no_compression(cfg)
         return out + (cls._landing(h, cfg, f"H of --sync {cfg.sync}") if h >= 1 else [])
 
     def groups(self, dp: int) -> list:
         return [[r] for r in range(dp)]
+
+    @classmethod
+    def _no_compression(cls, cfg) -> list:
+        return [] if cfg.compression == "none" else [
+            f"sync: --sync {cfg.sync} sends no gradients (each rank is its own group), so --compression "
+            f"{cfg.compression} would only distort the local steps: use --compression none (or hybrid:G)"]
 
 
 def consecutive_groups(dp: int, g: int) -> list:
