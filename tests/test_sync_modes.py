@@ -47,3 +47,12 @@ def test_bad_settings_stop_every_rank_with_one_message(tmp_path, args, message):
     args = [str(tmp_path / "ck") if a == "CK" else a for a in args]
     res = run(2, ["-m", "disttrain.train", "--steps", "5", *args], timeout=60, env=ENV)
     assert res.returncode == 2 and message in res.stdout and res.stdout.count("configuration error") == 1, res.stdout
+
+
+def test_a_worker_leaving_between_exchanges_ends_the_job_with_its_name():
+    """Rank 2 quits after its 6th step (mid-period): the others meet its absence at the step-8
+    exchange, and the departure protocol (runtime.py) ends the job naming it - no hang."""
+    env = dict(ENV, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_AT="6", DISTTRAIN_FAULT_RANK="2",
+               DISTTRAIN_FAULT_ACTION="exit")
+    res = run(3, ["-m", "disttrain.train", "--sync", "local:4", "--steps", "40"], timeout=120, env=env)
+    assert res.returncode not in (0, -9) and "rank 2 has left the job" in res.stdout, res.stdout

@@ -196,3 +196,7 @@ def test_problems_name_the_flag():
                for m in problems("local:4", config("local:4", eval_every=10)))
     assert any("sends no gradients" in m for m in problems("local:4", config("local:4", compression="fp16")))
     assert problems("hybrid:2", config("hybrid:2", compression="fp16")) == []
+    assert problems("sync", config("sync", outer_lr=0.5)) == ["sync: --outer-lr applies to --sync local:... and "
+                                                               "hybrid:..., not --sync sync"]
+    assert any("--hybrid-period applies to --sync hybrid:..." in m
+               for m in problems("local:2", config("local:2", hybrid_period=2)))

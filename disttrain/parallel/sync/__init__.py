@@ -59,4 +59,4 @@ def problems(name: str, cfg) -> list:
     if problem:
         return [f"sync: {problem}"]
     base, param = split(name)
-    return SYNC_MODES[base].problems(param, cfg)
+    return SYNC_MODES[base].problems(param, cfg) + local.option_problems(cfg)

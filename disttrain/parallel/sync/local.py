@@ -159,6 +159,20 @@ class LocalSGD(PeriodicAveraging):
             f"{cfg.compression} would only distort the local steps: use --compression none (or hybrid:G)"]
 
 
+#: the options of the periodic modes, their defaults and the modes that read them
+_OPTIONS = (("local_average_state", False, ("local", "hybrid")), ("outer_lr", 1.0, ("local", "hybrid")),
+            ("outer_momentum", 0.0, ("local", "hybrid")), ("hybrid_exchange", "average", ("local", "hybrid")),
+            ("hybrid_period", 4, ("hybrid",)))
+
+
+def option_problems(cfg) -> list:
+    """An option of these modes given to a mode that ignores it is a mistake worth naming."""
+    base = cfg.sync.partition(":")[0]
+    return [f"sync: --{k.replace('_', '-')} applies to --sync {' and '.join(f'{m}:...' for m in modes)}, not "
+            f"--sync {cfg.sync}" for k, default, modes in _OPTIONS
+            if base not in modes and getattr(cfg, k) != default]
+
+
 def consecutive_groups(dp: int, g: int) -> list:
     """`g` groups of consecutive ranks 0..dp-1, the first dp % g of them one larger."""
     return [list(map(int, a)) for a in np.array_split(np.arange(dp), g)]
