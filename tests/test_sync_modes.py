@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+from disttrain.job.metrics import merge_sync, sync_summary
+from disttrain.job.straggler import Straggler, parse, problems
+
 from ._mpirun import run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
@@ -56,3 +59,25 @@ def test_a_worker_leaving_between_exchanges_ends_the_job_with_its_name():
                DISTTRAIN_FAULT_ACTION="exit")
     res = run(3, ["-m", "disttrain.train", "--sync", "local:4", "--steps", "40"], timeout=120, env=env)
     assert res.returncode not in (0, -9) and "rank 2 has left the job" in res.stdout, res.stdout
+
+
+def test_straggler_spec_and_sleep():
+    assert parse("1:3") == (1, 3.0) and parse("0:1.5") == (0, 1.5)
+    for bad in ("1", "x:3", "-1:3", "1:0.5", "1:inf", "1:nan", ":"):
+        assert problems(bad) and "RANK:FACTOR" in problems(bad)[0], bad
+    assert problems("") == []
+    s = Straggler("1:3", 1, 2)
+    s.delay(0.01)
+    assert s.active and abs(s.slept - 0.02) < 1e-12
+    other = Straggler("1:3", 0, 2)
+    other.delay(0.01)
+    assert not other.active and other.slept == 0
+    with pytest.raises(ValueError, match="rank 2 does not exist"):
+        Straggler("2:3", 0, 2)
+
+
+def test_mode_metrics_add_to_data_parallel_wait_and_bytes():
+    rec = dict(wait_s=0.01, bytes_sent_per_step=100.0)
+    merge_sync(rec, dict(wait_s=0.02, bytes_sent_per_step=50.0, staleness_mean=1.5, staleness_max=3))
+    assert rec == dict(wait_s=0.03, bytes_sent_per_step=150.0, staleness_mean=1.5, staleness_max=3)
+    assert sync_summary(rec) == "wait 30.0 ms, sent 0 KiB/step, staleness 1.50 (max 3)"
