@@ -73,6 +73,13 @@ def add_output_args(ap, name: str) -> None:
     ap.add_argument("--from-json", help="reprint (and --plot) a saved OUT.json instead of measuring")
 
 
+def saved(a) -> tuple:
+    """(the document saved at ``a.from_json``, the path of its plot when --plot, else None)."""
+    with open(a.from_json) as f:
+        doc = json.load(f)
+    return doc, (os.path.splitext(a.from_json)[0] + ".png") if a.plot else None
+
+
 def rows_over_procs(a, script: str, worker_flags: list, label: str = "P") -> list[dict]:
     """The usual driver: one ``mpiexec -n P script --worker FLAGS`` job per P in ``a.procs``
     (throttled when P exceeds ``a.cores``); returns every job's rows, saved to ``a.out``."""

@@ -17,6 +17,7 @@ from disttrain import optim
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
 from disttrain.parallel.sync import problems as sync_problems
+from .straggler import problems as straggler_problems
 from disttrain.parallel.pipeline import RECOMPUTE, SCHEDULES
 from disttrain.parallel.pipeline.schedules import problem as schedule_problem
 from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes
@@ -56,8 +57,20 @@ class TrainConfig:
                           ["auto", "ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"])
     compression: str = _opt("none", "gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK")
     sync: str = _opt("sync", "how replicas agree on parameters (parallel/sync.SYNC_MODES, NAME[:PARAM]): "
-                     "sync (gradients averaged every step) | ssp:S (parameter servers, at most S steps ahead of "
-                     "the slowest worker; ssp:0 = sync) | async (parameter servers, no bound)")
+                     "sync (gradients averaged every step) | local:H (local SGD: H local steps, then the models are "
+                     "averaged) | hybrid:G (G synchronous groups of consecutive ranks, exchanging every "
+                     "--hybrid-period steps) | ssp:S (parameter servers, at most S steps ahead of the slowest worker; "
+                     "ssp:0 = sync) | async (parameter servers, no bound)")
+    local_average_state: bool = _opt(False, "local/hybrid: average the optimizer state (momentum, Adam moments) with "
+                                     "the parameters at every exchange")
+    outer_lr: float = _opt(1.0, "local/hybrid: outer learning rate on the averaged delta (DiLoCo; 1 with momentum 0: "
+                           "plain averaging); finite, > 0")
+    outer_momentum: float = _opt(0.0, "local/hybrid: outer Nesterov momentum (DiLoCo uses 0.9 with --outer-lr 0.7); "
+                                 "0 <= outer-momentum < 1")
+    hybrid_period: int = _opt(4, "hybrid: steps between the exchanges of the groups; >= 1")
+    hybrid_exchange: str = _opt("average", "local/hybrid: how groups exchange (parallel/sync/exchange.py EXCHANGES)")
+    straggler: str = _opt("", "experiments: RANK:FACTOR slows that rank's compute FACTOR times (it sleeps FACTOR-1 "
+                          "times its measured compute each step); empty: none")
     shard: str = _opt("none", "ZeRO sharding over the data-parallel ranks: none | optimizer (ZeRO-1) | gradients "
                       "(ZeRO-2) | full (ZeRO-3 / FSDP)", ["none", "optimizer", "gradients", "full"])
     bucket_mb: float = _opt(25.0, "gradient bucket size in MiB (allreduce granularity); finite, > 0")
@@ -321,6 +334,7 @@ def _validate(c: TrainConfig) -> None:
     if c.on_checkpoint_error not in ("warn", "stop"):
         problems.append(f"on-checkpoint-error must be 'warn' or 'stop' (got {c.on_checkpoint_error!r})")
     problems += sync_problems(c.sync, c)
+    problems += straggler_problems(c.straggler)
     if problems:
         raise ConfigError("; ".join(problems))
 

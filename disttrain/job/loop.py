@@ -15,9 +15,10 @@ from disttrain.parallel.sync import make as make_sync
 from disttrain.workloads import train_step
 
 from .config import ConfigError, TrainConfig, parse_config
-from .metrics import Interval, comm_summary
+from .metrics import Interval, comm_summary, merge_sync, sync_summary
 from .resume import checkpoint_failed, restore, save_checkpoint, truncate_metrics
 from .setup import PipelineForward, build, setup
+from .straggler import Straggler
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Run:
     eval_s: float = 0.0  # evaluation time, excluded from train_time_s
     warned_comm: bool = False
     sync: object = None  # the --sync mode (parallel/sync)
+    straggler: object = None  # --straggler (job/straggler.py)
 
     @property
     def rank0(self) -> bool:
@@ -104,9 +106,16 @@ def _prepare(cfg: TrainConfig):
             _err(f"disttrain.train: configuration error: {e}")
         return 2
     dt.broadcast_parameters(model, group=mesh.dp_group)  # replicas of the same shard agree
-    sync = make_sync(cfg.sync, cfg)
+    try:  # decided from the configuration and the world size: the same verdict on every rank
+        sync = make_sync(cfg.sync, cfg)
+        group = sync.dp_group(mesh)
+        straggler = Straggler(cfg.straggler, dt.rank(), dt.size())
+    except ValueError as e:
+        if dt.rank() == 0:
+            _err(f"disttrain.train: configuration error: {e}")
+        return 2
     ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
-                          overlap=cfg.overlap, group=sync.dp_group(mesh), shard=cfg.shard)
+                          overlap=cfg.overlap, group=group, shard=cfg.shard)
     opt, sched = build(cfg, ddp)  # over this rank's stage (all layers unless pipelined), or its ZeRO shards
     pipe = None
     if mesh.pp > 1:
@@ -114,7 +123,7 @@ def _prepare(cfg: TrainConfig):
                            cfg.micro_batches, virtual_stages=cfg.virtual_stages, recompute=cfg.recompute)
     # stages, tensor shards and embedding shards hold different parameters on different ranks
     model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
-    run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel, sync=sync)
+    run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel, sync=sync, straggler=straggler)
     sync.start(run)
     resumed = None
     if cfg.resume:
@@ -153,6 +162,7 @@ def _train_step(run: Run, step: int) -> bool:
             loss = train_step(ddp, run.work.loss_fn, batch, mesh.dp)
         faults.point("train-step")  # tests: a rank dies mid-training (after its backward, before the update)
         wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
+        run.straggler.delay(time.perf_counter() - t - wait)  # --straggler: this rank computes FACTOR x slower
         run.iv.add(loss, batch, time.perf_counter() - t - wait, wait)
         finite = run.sync.update(run, step)  # parallel/sync: apply the step as --sync says
     run.sched.step()
@@ -199,7 +209,7 @@ def _log(run: Run, done: int) -> None:
         st = dt.world().comm.allgather(run.pipe.stats)
         rec["pipeline_idle"] = [round(1 - x["compute_s"] / x["wall_s"], 4) for x in st]
         rec["pipeline_peak_live"] = [x["peak_live"] for x in st]
-    rec.update(run.sync.record())
+    merge_sync(rec, run.sync.record())
     rec["train_time_s"] = time.perf_counter() - run.t_start - run.eval_s
     if run.rank0:
         extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
@@ -211,7 +221,7 @@ def _log(run: Run, done: int) -> None:
                  f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
                  "values in *_raw_s) rather than printed contradicting each other")
         print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
-              f"{comm_summary(rec)} | lr {run.opt.lr:.4g}{extra}", flush=True)
+              f"{comm_summary(rec)} | {sync_summary(rec)} | lr {run.opt.lr:.4g}{extra}", flush=True)
         if run.log:
             run.log.write(json.dumps(rec) + "\n")
             run.log.flush()

@@ -88,6 +88,9 @@ class Interval:
         rec.update(lr=opt.lr, skipped_steps=skipped)
         w = ddp.wire_stats  # this rank's gradient bytes; ranks send alike
         rec["sent_bytes"] = (w["sent_bytes"] - self.w0["sent_bytes"]) / n
+        # issue 18's names, for every --sync mode: the mode's own exchange is added (merge_sync)
+        rec["wait_s"] = float(np.mean(self.wait)) if self.wait else 0.0
+        rec["bytes_sent_per_step"] = rec["sent_bytes"]
         rec["compression_ratio"] = w["ratio"]
         # the step's own wait (the exposed counter is measured on the training thread's clock)
         rec["compute_s"] = rec["step_time_s"] - (ddp.exposed_comm_seconds - self.e0 + ddp.handoff_seconds - self.h0
@@ -103,3 +106,24 @@ class Interval:
         rec["peak_rss_mib"] = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, root=0)
         return rec
 
+
+
+#: record() fields of a --sync mode that add to DataParallel's (its exchange waits and sends on top)
+_ADDED = ("wait_s", "bytes_sent_per_step")
+
+
+def merge_sync(rec: dict, extra: dict) -> None:
+    """Merge a --sync mode's record() into the interval's record: ``wait_s`` and
+    ``bytes_sent_per_step`` add to DataParallel's gradient wait and bytes (a mode may do both:
+    hybrid groups allreduce gradients inside a group and exchange between groups); the others
+    (staleness_mean, staleness_max, sync_period, ...) are set as they are."""
+    for k, v in extra.items():
+        rec[k] = rec.get(k, 0.0) + v if k in _ADDED else v
+
+
+def sync_summary(rec: dict) -> str:
+    """The progress line's --sync part: this rank's wait and bytes sent per step (and staleness)."""
+    out = f"wait {1e3 * rec.get('wait_s', 0.0):.1f} ms, sent {rec.get('bytes_sent_per_step', 0.0) / 1024:,.0f} KiB/step"
+    if "staleness_mean" in rec:
+        out += f", staleness {rec['staleness_mean']:.2f} (max {rec.get('staleness_max', 0)})"
+    return out

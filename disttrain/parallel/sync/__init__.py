@@ -20,6 +20,7 @@ from ... import numerics
 from ...comm import api as C
 from ...registry import split
 from .base import SYNC_MODES, SyncMode
+from . import hybrid, local, ps  # noqa: F401  (the modes register themselves in SYNC_MODES)
 
 
 @SYNC_MODES.register("sync")
@@ -58,8 +59,4 @@ def problems(name: str, cfg) -> list:
     if problem:
         return [f"sync: {problem}"]
     base, param = split(name)
-    return SYNC_MODES[base].problems(param, cfg)
-
-
-# the modes of their own modules register themselves (below the registry and the base class they use)
-from . import ps  # noqa: E402,F401  (ssp:S, async: parameter servers)
+    return SYNC_MODES[base].problems(param, cfg) + local.option_problems(cfg)

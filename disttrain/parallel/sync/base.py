@@ -1,6 +1,5 @@
-"""The base of the --sync modes: the registry and the hooks every mode implements (the package
-docstring says how the main job calls them). A module of its own so that the modes' modules,
-which the package imports to register them, import it without an import circle."""
+"""The --sync mode family's registry and base class (parallel/sync/__init__.py describes the hooks);
+a module of its own so that each mode's module imports it without an import circle."""
 from __future__ import annotations
 
 from ...registry import Registry
@@ -41,5 +40,8 @@ class SyncMode:
         """Make the model the one to evaluate and checkpoint (e.g. a final average)."""
 
     def record(self) -> dict:
-        """Metrics of the steps since the last call (e.g. wait_s, staleness, bytes_sent); {} if none."""
+        """Metrics of the steps since the last call; {} if none. ``wait_s`` and ``bytes_sent_per_step``
+        are this mode's own (seconds per step waited in its exchange, payload bytes per step): the
+        main job adds DataParallel's gradient wait and bytes to them (job/metrics.py); others
+        (``staleness_mean``, ``staleness_max``, ...) are recorded as they are."""
         return {}
