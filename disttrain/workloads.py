@@ -47,11 +47,18 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
     # forward and backward instead: the other ranks' lookups need this rank's shard)
     loss = loss_fn.forward(ddp.forward(batch.inputs), batch.targets)
     d = loss_fn.backward()
-    scale = batch.count * world / max(1, batch.global_count)
+    scale = gradient_scale(batch, world)
     if scale != 1.0:  # equal shares (scale exactly 1) stay bit-identical to the unweighted step
         d *= d.dtype.type(scale)
     ddp.backward(d)
     return loss
+
+
+def gradient_scale(batch: Batch, world: int) -> float:
+    """The factor on a replica's mean-loss gradient that makes DataParallel's average over `world`
+    replicas the gradient of the mean over the global batch: count * world / global_count (exactly
+    1 for equal shares). A pipeline applies it on its last stage (``Pipeline.step(weight=)``)."""
+    return batch.count * world / max(1, batch.global_count)
 
 
 class _FixedBatch:
@@ -265,9 +272,10 @@ class ClickPrediction(_FixedBatch):
         self.train, self.test = clicks.split(data, 0.1)
         self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
+        tp = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
         self.model = DLRM(sizes, dim=dim, dense=8, bottom=(bottom,), top=(top,), sharding=cfg.sharding, group=group,
                           seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm,
-                          sparse=cfg.sparse_embeddings)
+                          sparse=cfg.sparse_embeddings, tp_group=tp)
         self.loss_fn = nn.BCEWithLogits()
         self.description = (f"dlrm {cfg.hidden} on synthetic clicks ({len(self.train)} train / {len(self.test)} test, "
                             f"{len(sizes)} tables {sizes}, ids ~ power law) | {cfg.sharding}-wise sharded embeddings, "
