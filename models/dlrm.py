@@ -99,5 +99,10 @@ class DLRM(nn.Sequential):
         return self.layers[0].embeddings
 
     def blocks(self) -> list:
-        """The pipeline units: lookup, bottom MLP blocks, interaction, top MLP blocks."""
-        return list(self.layers)
+        """The pipeline units: the bottom MLP blocks (the first with the lookup before it), the top
+        MLP blocks (the first with the interaction before it) - every unit holds data-parallel
+        parameters, so every stage has gradients to average."""
+        n = len(self.layers)
+        top = next(i for i in range(n) if isinstance(self.layers[i], DotInteraction))
+        return [nn.Sequential(*self.layers[:2]), *self.layers[2:top], nn.Sequential(*self.layers[top:top + 2]),
+                *self.layers[top + 2:]]

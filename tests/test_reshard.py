@@ -78,6 +78,22 @@ def test_dlrm_resumes_table_wise_from_row_wise_and_back(tmp_path):
         _same_curve(_losses(m), want)
 
 
+def test_dlrm_pipeline_checkpoint_resumes_under_another_mesh(tmp_path):
+    """A DLRM checkpoint of pipeline stages with tensor-parallel MLPs (pp2 x tp2 at 4 ranks) resumes
+    as a 3-stage pipeline and as plain data parallelism with row-sharded tables."""
+    _train(1, *DLRM, "--metrics", str(tmp_path / "ref.jsonl"))
+    want = _losses(tmp_path / "ref.jsonl")
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    _train(4, *DLRM, "--pp", "2", "--tp", "2", "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
+    for n, layout in ((3, ["--pp", "3"]), (2, ["--sharding", "row"])):
+        ck2, m2 = tmp_path / f"ck{n}", tmp_path / f"m{n}.jsonl"
+        shutil.copytree(ck, ck2)
+        shutil.copy(m, m2)
+        res = _train(n, *DLRM, *layout, "--checkpoint-dir", str(ck2), "--resume", "--metrics", str(m2))
+        assert "resumed from" in res.stdout, res.stdout
+        _same_curve(_losses(m2), want)
+
+
 def test_rank_killed_between_its_shards_and_the_manifest_leaves_the_previous_checkpoint(tmp_path, oracle):
     ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
     kill = {"DISTTRAIN_FAULT_INJECT": "checkpoint-shards", "DISTTRAIN_FAULT_AT": "2", "DISTTRAIN_FAULT_RANK": "1"}
