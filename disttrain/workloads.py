@@ -21,6 +21,7 @@ import numpy as np
 
 from . import nn, zoo
 from .data import Batcher, DistributedSampler, clicks, load, text
+from .parallel.vocab import VocabParallelCrossEntropy
 from .registry import Registry
 
 
@@ -94,7 +95,7 @@ class Classification(_FixedBatch):
         self.data = load(cfg.dataset)
         self._sample(len(self.data.y_train), cfg, rank, world)
         sizes = [self.data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], self.data.num_classes]
-        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=mesh.tp_group if mesh else None)
+        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=_tp_group(mesh))
         self.loss_fn = nn.SoftmaxCrossEntropy()
         d = self.data
         self.description = (f"{cfg.model} {cfg.hidden} on {d.name} ({len(d.y_train)} train / {len(d.y_test)} test) | "
@@ -141,9 +142,10 @@ class Seq2SeqTranslation:
         self.rank = rank
         self._tgt_len = np.array([len(t) for t in self.train.tgt], np.int64)
         self._plans, self._starts = {}, [0]  # epoch -> plan; first global step of each planned epoch
+        tp = _tp_group(mesh)  # the output layer split by vocabulary, the rest replicated over tp
         self.model = GNMT(len(corpus.vocab), emb=emb, hidden=hidden, layers=layers, seed=cfg.seed,
-                          dtype=np.dtype(cfg.dtype))
-        self.loss_fn = nn.SoftmaxCrossEntropy(ignore_index=text.PAD)
+                          dtype=np.dtype(cfg.dtype), tp_group=tp)
+        self.loss_fn = _cross_entropy(tp, text.PAD)
         size = f"max {cfg.max_tokens} padded tokens/rank" if cfg.max_tokens else f"{cfg.global_batch_size} sentences"
         self.description = (f"gnmt {emb},{hidden},{layers} on pydocs reverse translation ({len(self.train)} train / "
                             f"{len(self.test)} test sentences, vocab {len(corpus.vocab)}) | {cfg.batching} "
@@ -217,10 +219,10 @@ class LanguageModel(_FixedBatch):
         self.x, self.y = _windows(train.src, cfg.seq_len)
         self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
         self._sample(len(self.x), cfg, rank, world)
-        tp = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+        tp = _tp_group(mesh)
         self.model = Transformer(len(corpus.vocab), d=d, heads=heads, layers=layers, max_len=cfg.seq_len, group=tp,
-                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype))
-        self.loss_fn = nn.SoftmaxCrossEntropy()
+                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype), vocab_parallel=True)
+        self.loss_fn = _cross_entropy(tp)
         self.description = (f"transformer {cfg.hidden} (d, heads, layers) LM on pydocs ({len(self.x)} train / "
                             f"{len(self.x_test)} test windows of {cfg.seq_len} tokens, vocab {len(corpus.vocab)}) | "
                             f"global batch {cfg.global_batch_size}")
@@ -242,6 +244,19 @@ class LanguageModel(_FixedBatch):
         model.train()
         n = self.y_test.size
         return dict(test_loss=total / n, test_perplexity=float(np.exp(total / n)), test_token_accuracy=correct / n)
+
+
+def _tp_group(mesh):
+    """The tensor-parallel group of a mesh with tp > 1, else None (the one-process layers)."""
+    return mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+
+
+def _cross_entropy(tp, ignore_index: int = -100):
+    """The training loss over vocabulary logits: Megatron's parallel softmax when the output layer
+    is split over tp (parallel/vocab.py), else the plain one."""
+    if tp is None:
+        return nn.SoftmaxCrossEntropy(ignore_index=ignore_index)
+    return VocabParallelCrossEntropy(tp, ignore_index=ignore_index)
 
 
 def _windows(sentences, seq_len: int) -> tuple:
@@ -272,7 +287,7 @@ class ClickPrediction(_FixedBatch):
         self.train, self.test = clicks.split(data, 0.1)
         self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
-        tp = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+        tp = _tp_group(mesh)
         self.model = DLRM(sizes, dim=dim, dense=8, bottom=(bottom,), top=(top,), sharding=cfg.sharding, group=group,
                           seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm,
                           sparse=cfg.sparse_embeddings, tp_group=tp)

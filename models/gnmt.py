@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from disttrain.nn import LSTM, Attention, Embedding, Linear, Module, Sequential
+from disttrain.parallel.vocab import VocabParallelLinear
 
 
 class SourceEmbedding(Module):
@@ -119,10 +120,12 @@ class AttentionOutput(Module):
 
 
 class GNMT(Sequential):
-    """Args: vocab size, embedding size, hidden size, LSTM layers per side, seed, dtype."""
+    """Args: vocab size, embedding size, hidden size, LSTM layers per side, seed, dtype, tp_group
+    (the output layer split by vocabulary over it - train with ``VocabParallelCrossEntropy``; the
+    rest is replicated over the group)."""
 
     def __init__(self, vocab: int, emb: int = 64, hidden: int = 128, layers: int = 2, seed: int = 0,
-                 dtype=np.float32):
+                 dtype=np.float32, tp_group=None):
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         rng = np.random.default_rng(seed)
@@ -134,7 +137,9 @@ class GNMT(Sequential):
         decoder = [LSTM(emb if i == 0 else hidden, hidden, rng=rng, dtype=dtype) for i in range(layers)]
         head = AttentionOutput(Attention(hidden, hidden, rng=rng, dtype=dtype),
                                Linear(2 * hidden, hidden, init="xavier", rng=rng, dtype=dtype),
-                               Linear(hidden, vocab, init="xavier", rng=rng, dtype=dtype), hidden)
+                               Linear(hidden, vocab, init="xavier", rng=rng, dtype=dtype) if tp_group is None else
+                               VocabParallelLinear(hidden, vocab, tp_group, init="xavier", rng=rng, dtype=dtype),
+                               hidden)
         # In forward order: parameters in reverse registration order are then in the order backward
         # finishes them, so DataParallel's buckets fill (and launch) one by one.
         super().__init__(SourceEmbedding(src_emb), *map(EncoderLayer, encoder), TargetEmbedding(tgt_emb),

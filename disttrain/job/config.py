@@ -81,7 +81,7 @@ class TrainConfig:
     dp: int = _opt(0, "data-parallel replicas (0: world / (pp * tp)); the rank grid is parallel/mesh.py; >= 0")
     pp: int = _opt(1, "pipeline stages (every model: its blocks() partitioned by measured cost); >= 1")
     tp: int = _opt(1, "tensor-parallel ranks per layer (mlp and dlrm's MLPs: Linear pairs; transformer: heads "
-                   "and MLP columns); >= 1")
+                   "and MLP columns; transformer and gnmt: the output layer split by vocabulary); >= 1")
     schedule: str = _opt("1f1b", "pipeline schedule", list(SCHEDULES))
     micro_batches: int = _opt(4, "micro-batches per pipeline step; must divide the per-replica batch; >= 1")
     virtual_stages: int = _opt(1, "model chunks per pipeline rank (--schedule interleaved: >= 2, assigned "
@@ -281,9 +281,7 @@ def _validate(c: TrainConfig) -> None:
         problems.append(str(e))
     if min(c.pp, c.tp) < 1 or c.dp < 0:
         problems.append(f"pp and tp must be >= 1 and dp >= 0 (got dp={c.dp} pp={c.pp} tp={c.tp})")
-    if c.tp > 1 and c.model not in ("mlp", "transformer", "dlrm"):
-        problems.append(f"tensor parallelism (--tp) is wired into the main job for models mlp, transformer and "
-                        f"dlrm (its MLPs); model {c.model} takes --dp and --pp only")
+
     if c.seq_len < 1:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
     if c.shard not in ("none", "optimizer", "gradients", "full"):

@@ -57,8 +57,11 @@ class PipelineForward:
         return self.pipe.predict(x)
 
     def eval(self):
-        return self
+        return self.train(False)
 
     def train(self, mode: bool = True):
+        # this rank's stage switches mode too: dropout off, a vocabulary-parallel output layer
+        # gathering the whole vocabulary's logits for evaluation
+        self.pipe.module.train(mode)
         return self
 
