@@ -99,6 +99,7 @@ class Pipeline:
         self.uneven = uneven
         self.chunks = list(self.module.layers) if v > 1 else [self.module]
         self.split = SCHEDULES[schedule].split
+        self._plans = [S.Plan(chunk) for chunk in self.chunks]  # what each chunk's ops stash, once
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
         self.net = P2P(self.group.comm, micro_batches, cache_shapes)
         self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
@@ -208,7 +209,7 @@ class Pipeline:
             self.net.send(out, rank, FWD, i, nc)
         loss_state = S.state([self.loss_fn]) if end else ([], 0)
         if kept is None:
-            saved, nbytes = S.state(chunk.modules())
+            saved, nbytes = S.state(self._plans[c].modules, self._plans[c])
             self._keep(("A", i, c), (saved + loss_state[0], None), nbytes + loss_state[1])
         else:
             self._keep(("A", i, c), (loss_state[0], kept), S.kept_bytes(kept) + loss_state[1])
@@ -244,7 +245,7 @@ class Pipeline:
         self._times["compute_s"] += time.perf_counter() - t
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
-            self._keep(("W", i, c), *S.weight_state(chunk.modules()))
+            self._keep(("W", i, c), *S.weight_state(self._plans[c].split))
         if self._global(c) > 0:
             rank, pc = self._neighbour(c, -1)
             self.net.send(dx, rank, BWD, i, pc)
