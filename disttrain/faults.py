@@ -7,7 +7,9 @@ file is written, before it is renamed into place) - the moment a power cut would
 ``DISTTRAIN_FAULT_ACTION=sleep:S`` makes that rank sleep S seconds at every hit instead (a
 straggler: tests that act from outside at a moment they observe need a run slow enough to see it);
 ``exit`` makes it leave at the k-th hit with ``sys.exit(0)`` (a rank that quits while the others
-still need it: the departure protocol of runtime.py must end the job naming it).
+still need it: the departure protocol of runtime.py must end the job naming it); ``raise`` raises
+RuntimeError there (an exception on one rank, or in one thread of it: the abort hooks must end the
+job naming it).
 Unset (the default), ``point`` is one dictionary lookup.
 """
 from __future__ import annotations
@@ -36,4 +38,6 @@ def point(name: str) -> None:
     if _hits[name] == int(os.environ.get("DISTTRAIN_FAULT_AT", "1")):
         if action == "exit":
             sys.exit(0)
+        if action == "raise":
+            raise RuntimeError(f"injected fault at {name} (DISTTRAIN_FAULT_ACTION=raise)")
         os.kill(os.getpid(), signal.SIGKILL)

@@ -248,3 +248,18 @@ def test_module_zero_grad_clears_row_sparse_and_skips_freed_stand_ins():
     m.freed.grad = np.broadcast_to(np.zeros(()), (3,))  # read-only, as parallel/zero.freed makes it
     m.zero_grad()
     assert m.table.grad.rows.size == 0
+
+
+@pytest.mark.parametrize("fan_in,fan_out,batch", [(0, 3, 4), (3, 0, 4), (3, 2, 0), (0, 0, 0)])
+def test_linear_with_zero_features_or_samples_is_an_empty_affine_map(fan_in, fan_out, batch):
+    """Zero-size dimensions are legal shapes (a tensor-parallel shard can be empty): y = b, the
+    bias gradient is the sum of dy, every other gradient is empty or zero."""
+    lin = nn.Linear(fan_in, fan_out, dtype=np.float64)
+    lin.bias.data[...] = np.arange(fan_out)
+    x = np.ones((batch, 2, fan_in))
+    y = lin.forward(x)
+    assert y.shape == (batch, 2, fan_out) and np.array_equal(y, np.broadcast_to(lin.bias.data, y.shape))
+    dx = lin.backward(np.full(y.shape, 0.5))
+    assert dx.shape == x.shape and not dx.any()
+    assert lin.weight.grad.shape == (fan_in, fan_out) and not lin.weight.grad.any()
+    np.testing.assert_array_equal(lin.bias.grad, np.full(fan_out, batch * 2 * 0.5))

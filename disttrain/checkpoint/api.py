@@ -49,13 +49,15 @@ def _collect(g, model, optimizer, schedule, ddp, extra, layout) -> tuple[list, d
     return shards, rec
 
 
-def _agree_step(g, step, what: str) -> None:
+def _agree_step(g, step, what: str, strict=None) -> None:
     """Raise the same CheckpointError on every rank if the ranks name different steps: rank 0's
     step names the directory and picks the checkpoint, so a rank whose step counter drifted would
-    otherwise have its state written under, or read from, another step than the one it asked for."""
-    steps = g.comm.allgather(step)
-    if len(set(steps)) > 1:
-        raise CheckpointError(f"{what}: the ranks name different steps (by rank: {steps})")
+    otherwise have its state written under, or read from, another step than the one it asked for.
+    `strict` (load) decides whether every rank takes part in the name check: agreed the same way."""
+    both = g.comm.allgather((step, strict))
+    for i, kind in ((0, "steps"), (1, "strict= values")):
+        if len({b[i] for b in both}) > 1:
+            raise CheckpointError(f"{what}: the ranks name different {kind} (by rank: {[b[i] for b in both]})")
 
 
 def save(directory: str, step: int, *, model=None, optimizer=None, schedule=None, ddp=None, extra=None,
@@ -142,12 +144,28 @@ def _where(g, directory: str, step, warn) -> list:
     return _one_of_rank0(g, listing)
 
 
-def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
+def _unloaded(g, path, rec, names) -> CheckpointError | None:
+    """strict=True: the checkpoint's parameters that no rank's model holds (collective: the union
+    of every rank's names - a pipeline stage or a shard holds only some of them)."""
+    every = g.comm.allgather(names)
+    if any(n is None for n in every):
+        return None  # a rank already failed: its error is the one reported
+    held = set().union(*every)
+    extra = sorted(k for k in rec["arrays"] if "/" not in k and k not in held)  # parameters, not state
+    if extra:
+        return CheckpointError(f"checkpoint {path} holds parameters the model lacks: {extra[:8]}"
+                               f"{f' and {len(extra) - 8} more' if len(extra) > 8 else ''} (a different model? "
+                               "strict=False loads the parameters the model has and ignores the rest)")
+    return None
+
+
+def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn, strict) -> None:
     """Fill the live state from checkpoint `path` (manifest `rec`), or raise on every rank."""
-    err, shards, new, comp = None, [], [], None
+    err, shards, new, comp, names = None, [], [], None, None
     try:
         model = model if model is not None or ddp is None else ddp.model
         shards = state.model_shards(model, ddp)
+        names = sorted({s.name for s in shards})
         if optimizer is not None:
             orec = rec.get("optimizer")
             if orec is None:
@@ -172,6 +190,8 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
                      "residuals start from zero")
     except Exception as e:  # noqa: BLE001 - a manifest without a field, a model without layouts, ...: agreed
         err = e if isinstance(e, CheckpointError) else CheckpointError(f"checkpoint {path}: {type(e).__name__}: {e}")
+    if strict:
+        err = _unloaded(g, path, rec, names) if err is None else (_unloaded(g, path, rec, None) or err)
     reader.agree(g.comm, err)
     reader.fill(g.comm, path, rec, shards)
     if optimizer is not None:
@@ -183,13 +203,13 @@ def _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn) -> None:
 
 
 def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None, step=None, layout=None,
-         group=None, check=None, warn=None) -> Loaded:
+         group=None, check=None, warn=None, strict: bool = True) -> Loaded:
     """:func:`load_checkpoint`, returning everything found (a :class:`Loaded`). `check(path,
     record)` (called on every rank with the verified manifest) may raise ValueError to refuse a
     checkpoint before anything is read into the live state; `warn` gets the fallback and
     compressor warnings (default: disttrain's log, rank 0)."""
     g = as_group(group)
-    _agree_step(g, step, f"cannot load from {directory}")
+    _agree_step(g, step, f"cannot load from {directory}", bool(strict))
     warn = warn or log.logger.warning
     for path in _where(g, directory, step, warn):
         try:
@@ -202,7 +222,7 @@ def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None,
                     err = e if isinstance(e, CheckpointError) else CheckpointError(
                         str(e) if isinstance(e, ValueError) else f"checkpoint {path}: {type(e).__name__}: {e}")
             reader.agree(g.comm, err)
-            _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn)
+            _apply(g, path, rec, model, optimizer, schedule, ddp, layout, warn, bool(strict))
         except CorruptCheckpoint as e:
             if path == directory:
                 raise
@@ -213,7 +233,7 @@ def load(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None,
 
 
 def load_checkpoint(directory: str, *, model=None, optimizer=None, schedule=None, ddp=None, step=None, layout=None,
-                    group=None) -> tuple[int, dict]:
+                    group=None, strict: bool = True) -> tuple[int, dict]:
     """Load a checkpoint into the live model, optimizer, schedule and DataParallel (collective),
     whatever the number of ranks and layout it was written under (resharding).
 
@@ -227,6 +247,9 @@ def load_checkpoint(directory: str, *, model=None, optimizer=None, schedule=None
             skipped with a warning) or one checkpoint directory (``.../step-00000100``).
         model, optimizer, schedule, ddp, layout, group: as for :func:`save_checkpoint`.
         step: load this step's checkpoint instead of the newest.
+        strict: refuse (on every rank) a checkpoint holding parameters that no rank's model has -
+            it belongs to another model. False: load what the model has, ignore the rest
+            (e.g. a backbone's weights into a model without the checkpoint's head).
 
     Returns:
         (step, extra): the checkpoint's step and the user metadata saved with it.
@@ -235,5 +258,5 @@ def load_checkpoint(directory: str, *, model=None, optimizer=None, schedule=None
         >>> step, extra = dt.load_checkpoint("ck", model=model, optimizer=opt, schedule=sched, ddp=ddp)
     """
     got = load(directory, model=model, optimizer=optimizer, schedule=schedule, ddp=ddp, step=step, layout=layout,
-               group=group)
+               group=group, strict=strict)
     return got.step, got.extra

@@ -16,6 +16,7 @@ from disttrain import compression
 from disttrain import optim
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
+from disttrain.parallel.sync import problems as sync_problems
 from disttrain.parallel.pipeline import RECOMPUTE, SCHEDULES
 from disttrain.parallel.pipeline.schedules import problem as schedule_problem
 from disttrain.workloads import MODEL_DEFAULTS, WORKLOADS, _gnmt_sizes
@@ -54,6 +55,9 @@ class TrainConfig:
     algorithm: str = _opt("auto", "gradient allreduce algorithm (auto: the cost model picks)",
                           ["auto", "ring", "tree", "double_tree", "butterfly", "rabenseifner", "ps", "mpi"])
     compression: str = _opt("none", "gradient compressor: none | fp16 | bf16 | topk:RATIO | onebit | powersgd:RANK")
+    sync: str = _opt("sync", "how replicas agree on parameters (parallel/sync.SYNC_MODES, NAME[:PARAM]): "
+                     "sync (gradients averaged every step) | ssp:S (parameter servers, at most S steps ahead of "
+                     "the slowest worker; ssp:0 = sync) | async (parameter servers, no bound)")
     shard: str = _opt("none", "ZeRO sharding over the data-parallel ranks: none | optimizer (ZeRO-1) | gradients "
                       "(ZeRO-2) | full (ZeRO-3 / FSDP)", ["none", "optimizer", "gradients", "full"])
     bucket_mb: float = _opt(25.0, "gradient bucket size in MiB (allreduce granularity); finite, > 0")
@@ -315,6 +319,7 @@ def _validate(c: TrainConfig) -> None:
         problems.append(f"on-nonfinite must be 'skip' or 'stop' (got {c.on_nonfinite!r})")
     if c.on_checkpoint_error not in ("warn", "stop"):
         problems.append(f"on-checkpoint-error must be 'warn' or 'stop' (got {c.on_checkpoint_error!r})")
+    problems += sync_problems(c.sync, c)
     if problems:
         raise ConfigError("; ".join(problems))
 

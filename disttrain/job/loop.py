@@ -7,12 +7,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import disttrain as dt
-from disttrain import faults, numerics, timeline
+from disttrain import faults, timeline
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.embedding import ShardedEmbeddings
+from disttrain.parallel.sync import make as make_sync
 from disttrain.workloads import gradient_scale, train_step
 
 from .config import ConfigError, TrainConfig, parse_config
@@ -42,6 +41,7 @@ class Run:
     t_start: float = field(default_factory=time.perf_counter)
     eval_s: float = 0.0  # evaluation time, excluded from train_time_s
     warned_comm: bool = False
+    sync: object = None  # the --sync mode (parallel/sync)
 
     @property
     def rank0(self) -> bool:
@@ -104,8 +104,9 @@ def _prepare(cfg: TrainConfig):
             _err(f"disttrain.train: configuration error: {e}")
         return 2
     dt.broadcast_parameters(model, group=mesh.dp_group)  # replicas of the same shard agree
+    sync = make_sync(cfg.sync, cfg)
     ddp = dt.DataParallel(model, bucket_mb=cfg.bucket_mb, compression=cfg.compression, algorithm=cfg.algorithm,
-                          overlap=cfg.overlap, group=mesh.dp_group, shard=cfg.shard)
+                          overlap=cfg.overlap, group=sync.dp_group(mesh), shard=cfg.shard)
     opt, sched = build(cfg, ddp)  # over this rank's stage (all layers unless pipelined), or its ZeRO shards
     pipe = None
     if mesh.pp > 1:
@@ -114,7 +115,8 @@ def _prepare(cfg: TrainConfig):
                            uneven=True)  # fixed batches divide (setup checks); sentences under a token budget need not
     # stages, tensor shards and embedding shards hold different parameters on different ranks
     model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
-    run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel)
+    run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel, sync=sync)
+    sync.start(run)
     resumed = None
     if cfg.resume:
         try:
@@ -153,19 +155,7 @@ def _train_step(run: Run, step: int) -> bool:
         faults.point("train-step")  # tests: a rank dies mid-training (after its backward, before the update)
         wait = ddp.exposed_comm_seconds + ddp.handoff_seconds - e
         run.iv.add(loss, batch, time.perf_counter() - t - wait, wait)
-        # Averaged grads are identical on every replica, so this verdict is too (numerics.py).
-        sharded = run.cfg.shard != "none"
-        if run.model_parallel or sharded:  # different parameters (or ZeRO slices) per rank: they vote
-            finite = numerics.all_finite(run.opt.params if sharded else run.model.parameters())
-            finite = bool(dt.allreduce(np.array([int(finite)]), op="min", algorithm="mpi")[0])
-        else:
-            finite = numerics.all_finite(ddp.parameters())
-        if finite:
-            run.opt.step()
-            ddp.compressor.commit()
-        else:  # a skipped step leaves no trace in error-feedback / warm-start state either
-            ddp.compressor.rollback()
-        run.opt.zero_grad()
+        finite = run.sync.update(run, step)  # parallel/sync: apply the step as --sync says
     run.sched.step()
     return finite
 
@@ -210,6 +200,7 @@ def _log(run: Run, done: int) -> None:
         st = dt.world().comm.allgather(run.pipe.stats)
         rec["pipeline_idle"] = [round(1 - x["compute_s"] / x["wall_s"], 4) for x in st]
         rec["pipeline_peak_live"] = [x["peak_live"] for x in st]
+    rec.update(run.sync.record())
     rec["train_time_s"] = time.perf_counter() - run.t_start - run.eval_s
     if run.rank0:
         extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
@@ -269,6 +260,7 @@ def _checkpoint_or_stop(run: Run, done: int):
 def _finish(run: Run) -> int:
     """Timeline, final evaluation, final checkpoint, the closing line and metrics record."""
     cfg = run.cfg
+    run.sync.finish(run)
     if timeline.stop() and run.rank0:
         print(f"[disttrain] timeline written to {cfg.timeline} (open in https://ui.perfetto.dev)", flush=True)
     res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model, final=True)

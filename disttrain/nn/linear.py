@@ -1,6 +1,8 @@
 """Fully connected layer: y = x @ W + b (W is (in, out), so both GEMMs are plain BLAS calls)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .init import kaiming_uniform, xavier_uniform
@@ -25,7 +27,8 @@ def affine_backward(x, dy, weight, bias, input_grad: bool = True):
 
 def affine_weight_grad(x, dy, weight, bias) -> None:
     """W of an affine layer: dW += x^T dy, db += sum dy (leading dimensions flattened)."""
-    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, ...): ambiguous when a size is zero
+    x2, dy2 = x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1])
     weight.grad += x2.T @ dy2
     if bias is not None:
         bias.grad += dy2.sum(axis=0)

@@ -341,3 +341,26 @@ def test_ranks_that_name_different_steps_raise_everywhere(comm, where):
         dt.load_checkpoint(d, model=params, step=6 if comm.Get_rank() != last else 5)
     assert dt.load_checkpoint(d, model=params, step=5)[0] == 5
     comm.Barrier()
+
+
+def test_a_checkpoint_of_a_larger_model_is_refused_unless_strict_false(comm, where):
+    """strict (the default) compares the checkpoint's parameters with the union of every rank's:
+    here the new model lacks "c.e" on every rank; strict=False loads the rest; ranks passing
+    different strict= values raise the same error instead of splitting into two protocols."""
+    h, _ = _model("rows", dt.world())
+    d = os.path.join(where, "strict")
+    dt.save_checkpoint(d, 1, model=h)
+    small = Holder("cols", dt.world())
+    small.params = [q for q in small.params if q.name != "c.e"]
+    before = [q.data.copy() for q in small.params]
+    msg = _same_error_everywhere(comm, lambda: dt.load_checkpoint(d, model=small), CheckpointError)
+    assert "holds parameters the model lacks: ['c.e']" in msg, msg
+    assert all(np.array_equal(a, q.data) for a, q in zip(before, small.params))  # nothing changed
+    dt.load_checkpoint(d, model=small, strict=False)
+    for q in small.params:
+        for s in shards(q):
+            _check(s, 0)
+    if comm.size > 1:
+        msg = _same_error_everywhere(comm, lambda: dt.load_checkpoint(d, model=small, strict=comm.rank == 0),
+                                     CheckpointError)
+        assert "different strict= values" in msg, msg

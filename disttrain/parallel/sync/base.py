@@ -1,0 +1,45 @@
+"""The base of the --sync modes: the registry and the hooks every mode implements (the package
+docstring says how the main job calls them). A module of its own so that the modes' modules,
+which the package imports to register them, import it without an import circle."""
+from __future__ import annotations
+
+from ...registry import Registry
+
+SYNC_MODES = Registry("sync mode")
+
+
+class SyncMode:
+    """One way replicas agree on parameters. Subclasses register under ``SYNC_MODES``.
+
+    Args:
+        param: the text after the colon of ``--sync NAME:PARAM`` ("" when absent).
+        cfg: the job's TrainConfig.
+    """
+
+    def __init__(self, param: str, cfg):
+        self.param, self.cfg = param, cfg
+
+    @classmethod
+    def problems(cls, param: str, cfg) -> list:
+        """What is wrong with this mode under `cfg` (messages naming the flag), [] if nothing.
+        Decided from the configuration alone, so every rank reaches the same verdict."""
+        return []
+
+    def dp_group(self, mesh):
+        """The group DataParallel averages gradients over (default: the mesh's data-parallel group)."""
+        return mesh.dp_group
+
+    def start(self, run) -> None:
+        """Called once the model, DataParallel and optimizer exist (before resuming)."""
+
+    def update(self, run, step: int) -> bool:
+        """Apply one step after this rank's backward; returns whether it was finite (applied).
+        The verdict must be the same on every rank whose later communication depends on it."""
+        raise NotImplementedError
+
+    def finish(self, run) -> None:
+        """Make the model the one to evaluate and checkpoint (e.g. a final average)."""
+
+    def record(self) -> dict:
+        """Metrics of the steps since the last call (e.g. wait_s, staleness, bytes_sent); {} if none."""
+        return {}

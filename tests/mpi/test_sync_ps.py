@@ -1,0 +1,204 @@
+"""Parameter servers (--sync ssp:S / async, parallel/sync/ps.py): ssp:0 reproduces one process on
+the global batch; the SSP bound holds in the recorded clocks and times with a slow rank; every
+pushed gradient is applied exactly once; every rank ends with the servers' values; bad set-ups
+are refused on every rank."""
+import time
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn, optim
+from disttrain.errors import CollectiveError
+from disttrain.parallel.sync.clock import FINAL, lead, violations
+from disttrain.parallel.sync.ps import ParameterServer
+from disttrain_zoo.mlp import MLP
+
+STEPS = 6
+
+
+def data(batch, sizes):
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((STEPS, batch, sizes[0])), rng.integers(0, sizes[-1], (STEPS, batch))
+
+
+def make_opt(kind, params):
+    if kind == "sgd":
+        return optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    if kind == "plain":
+        return optim.SGD(params, lr=0.1)
+    return optim.Adam(params, lr=0.01, weight_decay=1e-3)
+
+
+def local_backward(model, loss, x, y, p, r):
+    """This rank's share of the global batch (np.array_split: uneven, possibly empty), weighted so
+    that the mean over the ranks is the global-batch gradient (workloads.train_step)."""
+    idx = np.array_split(np.arange(len(x)), p)[r]
+    if len(idx):
+        loss.forward(model.forward(x[idx]), y[idx])
+        model.backward(loss.backward() * (len(idx) * p / len(x)))
+
+
+def reference(kind, batch, sizes):
+    """ONE process on the global batch, synchronous: the parameters after every step, the state."""
+    model, loss = MLP(sizes, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    opt = make_opt(kind, model.parameters())
+    sched = optim.WarmupCosine(opt, total_steps=STEPS, warmup_steps=2)
+    x, y = data(batch, sizes)
+    after = []
+    for s in range(STEPS):
+        local_backward(model, loss, x[s], y[s], 1, 0)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        after.append([q.data.copy() for q in model.parameters()])
+    return after, opt
+
+
+def workers(comm, kind, batch, sizes, staleness, slow=0.0, sched=None):
+    """This rank trains through the parameter servers; returns (ps, model, opt)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    model, loss = MLP(sizes, dtype=np.float64, seed=r), nn.SoftmaxCrossEntropy()
+    dt.broadcast_parameters(model, root=0)
+    opt = make_opt(kind, model.parameters())
+    sched = sched(opt) if sched else optim.WarmupCosine(opt, total_steps=STEPS, warmup_steps=2)
+    ps = ParameterServer(model.parameters(), opt, sched, staleness)
+    return ps, model, opt, loss
+
+
+# sizes: uneven parameters; [1, 1, 1] has 4 elements, fewer than 5 ranks (an empty shard).
+# batch 7 does not divide over 2, 3, 4, 5 ranks; batch 3 leaves ranks without samples.
+@pytest.mark.mpi
+@pytest.mark.parametrize("kind,batch,sizes", [("sgd", 7, [6, 9, 4]), ("adam", 7, [6, 9, 4]),
+                                              ("sgd", 3, [1, 1, 1])])
+def test_ssp0_reproduces_one_process_on_the_global_batch(comm, kind, batch, sizes):
+    p, r = comm.Get_size(), comm.Get_rank()
+    want, want_opt = reference(kind, batch, sizes)
+    ps, model, opt, loss = workers(comm, kind, batch, sizes, 0)
+    x, y = data(batch, sizes)
+    for s in range(STEPS):
+        local_backward(model, loss, x[s], y[s], p, r)
+        assert ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+        for q, w in zip(model.parameters(), want[s]):  # every step, on every rank: the synchronous values
+            np.testing.assert_allclose(q.data, w, rtol=1e-10, atol=1e-13, err_msg=f"step {s} {q.name}")
+    ps.finish(opt)
+    for q, w in zip(model.parameters(), want[-1]):
+        np.testing.assert_allclose(q.data, w, rtol=1e-10, atol=1e-13, err_msg=q.name)
+    assert opt.steps == STEPS
+    for name, st in want_opt.state.items():  # the servers' optimizer state, gathered per parameter
+        for key, v in st.items():
+            np.testing.assert_allclose(opt.state[name][key], v, rtol=1e-10, atol=1e-13, err_msg=f"{name}/{key}")
+    assert all(a.applied == a.computed_on for a in ps.server.applied)  # staleness 0 throughout
+    assert len(ps.server.applied) == STEPS * p
+
+
+def _gathered_records(comm, ps):
+    return comm.allgather((list(ps.pulls), list(ps.trace), list(ps.server.applied)))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("staleness", [1, 2, None])
+def test_staleness_bound_holds_with_a_slow_rank(comm, staleness):
+    """The last rank sleeps every step; SSP: no worker starts step t before every worker pushed
+    step t - S - 1 - from the servers' clock vectors AND from the workers' own times; async: the
+    others run ahead. Every pushed gradient is applied exactly once (plain SGD, constant rate:
+    final = initial - lr / P * sum of every gradient pushed)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    steps, sizes = 10, [5, 7, 3]
+    ps, model, opt, loss = workers(comm, "plain", 12, sizes, staleness, sched=optim.Schedule)
+    w0 = [q.data.copy() for q in model.parameters()]
+    pushed = [np.zeros_like(q.data) for q in model.parameters()]
+    rng = np.random.default_rng(r)
+    for s in range(steps):
+        x, y = rng.standard_normal((3, sizes[0])), rng.integers(0, sizes[-1], 3)
+        local_backward(model, loss, x, y, 1, 0)
+        for acc, q in zip(pushed, model.parameters()):
+            acc += q.grad
+        if r == p - 1 and p > 1:
+            time.sleep(0.03)
+        ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+    ps.finish(opt)
+    total = [comm.allreduce(a) for a in pushed]
+    for q, a, t in zip(model.parameters(), w0, total):
+        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=q.name)
+    flat = np.concatenate([q.data.ravel() for q in model.parameters()])
+    assert all(np.array_equal(flat, f) for f in comm.allgather(flat))  # every rank: the servers' values
+
+    recs = _gathered_records(comm, ps)
+    pulls = [x for pl, _, _ in recs for x in pl]
+    assert len(pulls) == p * p * (steps + 1) and sum(x.step == FINAL for x in pulls) == p * p
+    assert all(min(x.clocks) == steps for x in pulls if x.step == FINAL)
+    stale = [a.applied - a.computed_on for _, _, ap in recs for a in ap]
+    assert len(stale) == p * p * steps and min(stale) >= 0  # every server: every push
+    leads = [lead(x) for x in pulls if x.step != FINAL]
+    if staleness is None:
+        if p > 1:  # nobody waited for the slow rank: the fast ones ran ahead of it
+            assert max(leads) > 2, leads
+        return
+    assert violations(pulls, staleness) == []
+    assert max(stale) <= staleness
+    if p > 1:  # the slow rank really held the others back to the bound (the check had work to do)
+        assert max(leads) == staleness, leads
+    # the same bound from the workers' own clocks: start of (w, t) after push of (v, t - S - 1)
+    pushed_at = {(v, t): push for v, (_, tr, _) in enumerate(recs) for t, _, push in tr}
+    for w, (_, tr, _) in enumerate(recs):
+        for t, start, _ in tr:
+            for v in range(p):
+                if t - staleness - 1 >= 0:
+                    assert pushed_at[(v, t - staleness - 1)] < start, (w, t, v)
+
+
+@pytest.mark.mpi
+def test_refused_on_every_rank(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    model = MLP([3, 4, 2], dtype=np.float64)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = optim.Schedule(opt)
+    with pytest.raises(CollectiveError, match="LAMB needs whole-tensor norms"):
+        lamb = optim.LAMB(model.parameters()) if r == p - 1 else opt
+        ParameterServer(model.parameters(), lamb, sched, 1)
+    if p > 1:
+        with pytest.raises(CollectiveError, match="staleness"):  # ranks disagree on S
+            ParameterServer(model.parameters(), opt, sched, 1 if r else 2)
+    shard = MLP([3, 4, 2], dtype=np.float64)
+    shard.parameters()[0].replicated = r != 0  # a model-parallel shard on one rank only
+    with pytest.raises(CollectiveError, match="replicated parameters with dense gradients"):
+        ParameterServer(shard.parameters(), optim.SGD(shard.parameters(), lr=0.1), sched, 1)
+    with pytest.raises(CollectiveError, match="staleness must be >= 0"):
+        ParameterServer(model.parameters(), opt, sched, -1)
+    ps = ParameterServer(model.parameters(), opt, sched, None)  # the failures left nothing behind
+    with pytest.raises(ValueError, match="this worker is at step 0"):
+        ps.step(3)
+    ps.step(0)
+    ps.finish()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("staleness", [0, None])
+def test_collectives_between_steps_do_not_meet_the_servers_traffic(comm, staleness):
+    """The servers talk on a communicator of their own: a user's collectives between the steps
+    (blocking and asynchronous, on the world) get their own results, and the servers theirs."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    sizes = [4, 6, 3]
+    ps, model, opt, loss = workers(comm, "plain", 6, sizes, staleness, sched=optim.Schedule)
+    w0 = [q.data.copy() for q in model.parameters()]
+    pushed = [np.zeros_like(q.data) for q in model.parameters()]
+    rng = np.random.default_rng(10 + r)
+    for s in range(5):
+        h = dt.allreduce_async(np.full(1000, r + s, np.float64))
+        local_backward(model, loss, rng.standard_normal((2, sizes[0])), rng.integers(0, sizes[-1], 2), 1, 0)
+        for acc, q in zip(pushed, model.parameters()):
+            acc += q.grad
+        ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+        assert np.array_equal(dt.allreduce(np.full(7, s + 1.0)), np.full(7, p * (s + 1.0)))
+        assert np.array_equal(h.wait(), np.full(1000, p * (p - 1) / 2 + p * s))
+    ps.finish(opt)
+    total = [comm.allreduce(a) for a in pushed]
+    for q, a, t in zip(model.parameters(), w0, total):
+        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=q.name)
