@@ -21,6 +21,7 @@ import numpy as np
 
 from . import nn, zoo
 from .data import Batcher, DistributedSampler, clicks, load, text
+from .parallel.vocab import VocabParallelCrossEntropy
 from .registry import Registry
 
 
@@ -47,11 +48,18 @@ def train_step(ddp, loss_fn, batch: Batch, world: int) -> float:
     # forward and backward instead: the other ranks' lookups need this rank's shard)
     loss = loss_fn.forward(ddp.forward(batch.inputs), batch.targets)
     d = loss_fn.backward()
-    scale = batch.count * world / max(1, batch.global_count)
+    scale = gradient_scale(batch, world)
     if scale != 1.0:  # equal shares (scale exactly 1) stay bit-identical to the unweighted step
         d *= d.dtype.type(scale)
     ddp.backward(d)
     return loss
+
+
+def gradient_scale(batch: Batch, world: int) -> float:
+    """The factor on a replica's mean-loss gradient that makes DataParallel's average over `world`
+    replicas the gradient of the mean over the global batch: count * world / global_count (exactly
+    1 for equal shares). A pipeline applies it on its last stage (``Pipeline.step(weight=)``)."""
+    return batch.count * world / max(1, batch.global_count)
 
 
 class _FixedBatch:
@@ -87,7 +95,7 @@ class Classification(_FixedBatch):
         self.data = load(cfg.dataset)
         self._sample(len(self.data.y_train), cfg, rank, world)
         sizes = [self.data.x_train.shape[1], *[int(h) for h in cfg.hidden.split(",") if h], self.data.num_classes]
-        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=mesh.tp_group if mesh else None)
+        self.model = MLP(sizes, seed=cfg.seed, dtype=np.dtype(cfg.dtype), tp_group=_tp_group(mesh))
         self.loss_fn = nn.SoftmaxCrossEntropy()
         d = self.data
         self.description = (f"{cfg.model} {cfg.hidden} on {d.name} ({len(d.y_train)} train / {len(d.y_test)} test) | "
@@ -134,9 +142,10 @@ class Seq2SeqTranslation:
         self.rank = rank
         self._tgt_len = np.array([len(t) for t in self.train.tgt], np.int64)
         self._plans, self._starts = {}, [0]  # epoch -> plan; first global step of each planned epoch
+        tp = _tp_group(mesh)  # the output layer split by vocabulary, the rest replicated over tp
         self.model = GNMT(len(corpus.vocab), emb=emb, hidden=hidden, layers=layers, seed=cfg.seed,
-                          dtype=np.dtype(cfg.dtype))
-        self.loss_fn = nn.SoftmaxCrossEntropy(ignore_index=text.PAD)
+                          dtype=np.dtype(cfg.dtype), tp_group=tp)
+        self.loss_fn = _cross_entropy(tp, text.PAD)
         size = f"max {cfg.max_tokens} padded tokens/rank" if cfg.max_tokens else f"{cfg.global_batch_size} sentences"
         self.description = (f"gnmt {emb},{hidden},{layers} on pydocs reverse translation ({len(self.train)} train / "
                             f"{len(self.test)} test sentences, vocab {len(corpus.vocab)}) | {cfg.batching} "
@@ -210,10 +219,10 @@ class LanguageModel(_FixedBatch):
         self.x, self.y = _windows(train.src, cfg.seq_len)
         self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
         self._sample(len(self.x), cfg, rank, world)
-        tp = mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+        tp = _tp_group(mesh)
         self.model = Transformer(len(corpus.vocab), d=d, heads=heads, layers=layers, max_len=cfg.seq_len, group=tp,
-                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype))
-        self.loss_fn = nn.SoftmaxCrossEntropy()
+                                 seed=cfg.seed, dtype=np.dtype(cfg.dtype), vocab_parallel=True)
+        self.loss_fn = _cross_entropy(tp)
         self.description = (f"transformer {cfg.hidden} (d, heads, layers) LM on pydocs ({len(self.x)} train / "
                             f"{len(self.x_test)} test windows of {cfg.seq_len} tokens, vocab {len(corpus.vocab)}) | "
                             f"global batch {cfg.global_batch_size}")
@@ -235,6 +244,19 @@ class LanguageModel(_FixedBatch):
         model.train()
         n = self.y_test.size
         return dict(test_loss=total / n, test_perplexity=float(np.exp(total / n)), test_token_accuracy=correct / n)
+
+
+def _tp_group(mesh):
+    """The tensor-parallel group of a mesh with tp > 1, else None (the one-process layers)."""
+    return mesh.tp_group if mesh is not None and mesh.tp > 1 else None
+
+
+def _cross_entropy(tp, ignore_index: int = -100):
+    """The training loss over vocabulary logits: Megatron's parallel softmax when the output layer
+    is split over tp (parallel/vocab.py), else the plain one."""
+    if tp is None:
+        return nn.SoftmaxCrossEntropy(ignore_index=ignore_index)
+    return VocabParallelCrossEntropy(tp, ignore_index=ignore_index)
 
 
 def _windows(sentences, seq_len: int) -> tuple:
@@ -265,9 +287,10 @@ class ClickPrediction(_FixedBatch):
         self.train, self.test = clicks.split(data, 0.1)
         self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
+        tp = _tp_group(mesh)
         self.model = DLRM(sizes, dim=dim, dense=8, bottom=(bottom,), top=(top,), sharding=cfg.sharding, group=group,
                           seed=cfg.seed, dtype=np.dtype(cfg.dtype), algorithm=cfg.alltoall_algorithm,
-                          sparse=cfg.sparse_embeddings)
+                          sparse=cfg.sparse_embeddings, tp_group=tp)
         self.loss_fn = nn.BCEWithLogits()
         self.description = (f"dlrm {cfg.hidden} on synthetic clicks ({len(self.train)} train / {len(self.test)} test, "
                             f"{len(sizes)} tables {sizes}, ids ~ power law) | {cfg.sharding}-wise sharded embeddings, "

@@ -20,7 +20,9 @@ default here (the model's numbers do not change silently); the main job turns it
 
 forward((dense, ids)) -> logits (B, 1); backward(dlogits) -> None, reporting the top MLP's and
 then the bottom MLP's gradients ready (DataParallel starts their allreduce while the embedding
-gradients are still travelling through the AllToAll).
+gradients are still travelling through the AllToAll). The model is a Sequential of pipeline units
+taking and returning tuples (parallel/pipeline/activations.py): (dense, ids) -> lookup -> (dense,
+e) -> bottom MLP blocks on dense, e carried -> (b, e) -> interaction -> top MLP blocks -> logits.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ import numpy as np
 
 from disttrain import nn
 from disttrain.parallel.embedding import LocalEmbeddings, ShardedEmbeddings
+from disttrain.parallel.pipeline.activations import Carry
+
+from .mlp import MLP
 
 
 class DotInteraction(nn.Module):
@@ -51,36 +56,53 @@ class DotInteraction(nn.Module):
         return dy[:, :d] + dz[:, 0], dz[:, 1:]
 
 
-class DLRM(nn.Module):
-    """Args: table sizes, embedding dim, dense feature count, bottom / top hidden sizes,
-    sharding (None | "table" | "row"), group (for sharding), seed, dtype, alltoall algorithm,
-    sparse (row-sparse embedding gradients: updates of the touched rows only)."""
+class EmbeddingLookup(nn.Module):
+    """(dense, ids) -> (dense, e): the tables' vectors e (B, T, dim) next to the dense features."""
 
-    def __init__(self, sizes, dim: int = 16, dense: int = 8, bottom=(64,), top=(64,), sharding: str | None = None,
-                 group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto", sparse: bool = False):
-        from .mlp import MLP
-
-        self.embeddings = (LocalEmbeddings(sizes, dim, dtype=dtype, seed=seed, sparse=sparse) if sharding is None else
-                           ShardedEmbeddings(sizes, dim, group, sharding, dtype=dtype, algorithm=algorithm, seed=seed,
-                                             sparse=sparse))
-        # the bottom MLP ends in a ReLU, as DLRM's does; it sees the data: no input gradient
-        self.bottom = nn.Sequential(*MLP([dense, *bottom, dim], seed=seed + 1, dtype=dtype).layers, nn.ReLU())
-        f = len(sizes) + 1
-        self.interaction = DotInteraction()
-        self.top = MLP([dim + f * (f - 1) // 2, *top, 1], seed=seed + 2, dtype=dtype, input_grad=True)
+    def __init__(self, embeddings):
+        self.embeddings = embeddings
 
     def forward(self, x):
         dense, ids = x
-        e = self.embeddings.forward(ids)
-        b = self.bottom.forward(dense)
-        return self.top.forward(self.interaction.forward((b, e)))
+        return dense, self.embeddings.forward(ids)
 
-    def backward(self, dy):
-        dz = self.top.backward(dy)
-        self._grads_ready(self.top)
-        db, de = self.interaction.backward(dz)
-        self.bottom.backward(db)
-        self._grads_ready(self.bottom)
-        self.embeddings.backward(de)
-        self._grads_ready(self.embeddings)
-        return None
+    def backward(self, d):
+        self.embeddings.backward(d[1])
+        return None  # the data has no gradient
+
+
+class DLRM(nn.Sequential):
+    """Args: table sizes, embedding dim, dense feature count, bottom / top hidden sizes,
+    sharding (None | "table" | "row"), group (for sharding), seed, dtype, alltoall algorithm,
+    sparse (row-sparse embedding gradients: updates of the touched rows only), tp_group (the MLPs'
+    Linear layers in tensor-parallel pairs, models/mlp.py; the tables and the interaction are then
+    replicated over it)."""
+
+    def __init__(self, sizes, dim: int = 16, dense: int = 8, bottom=(64,), top=(64,), sharding: str | None = None,
+                 group=None, seed: int = 0, dtype=np.float32, algorithm: str = "auto", sparse: bool = False,
+                 tp_group=None):
+        embeddings = (LocalEmbeddings(sizes, dim, dtype=dtype, seed=seed, sparse=sparse) if sharding is None else
+                      ShardedEmbeddings(sizes, dim, group, sharding, dtype=dtype, algorithm=algorithm, seed=seed,
+                                        sparse=sparse))
+        # the bottom MLP ends in a ReLU, as DLRM's does; it sees the data: no input gradient
+        bottom_units = MLP([dense, *bottom, dim], seed=seed + 1, dtype=dtype, tp_group=tp_group).blocks()
+        bottom_units[-1] = nn.Sequential(bottom_units[-1], nn.ReLU())
+        f = len(sizes) + 1
+        top_units = MLP([dim + f * (f - 1) // 2, *top, 1], seed=seed + 2, dtype=dtype, input_grad=True,
+                        tp_group=tp_group).blocks()
+        # pipeline units (blocks()): the bottom MLP's carry the embedding vectors past them
+        super().__init__(EmbeddingLookup(embeddings), *map(Carry, bottom_units), DotInteraction(), *top_units)
+
+    @property
+    def embeddings(self):
+        """The tables (LocalEmbeddings or ShardedEmbeddings)."""
+        return self.layers[0].embeddings
+
+    def blocks(self) -> list:
+        """The pipeline units: the bottom MLP blocks (the first with the lookup before it), the top
+        MLP blocks (the first with the interaction before it) - every unit holds data-parallel
+        parameters, so every stage has gradients to average."""
+        n = len(self.layers)
+        top = next(i for i in range(n) if isinstance(self.layers[i], DotInteraction))
+        return [nn.Sequential(*self.layers[:2]), *self.layers[2:top], nn.Sequential(*self.layers[top:top + 2]),
+                *self.layers[top + 2:]]

@@ -8,8 +8,9 @@ disttrain.nn, optionally tensor-parallel (Megatron-LM, Shoeybi et al. 2019).
 With ``group=None`` every layer is whole (the one-process model). With a tensor-parallel group
 (``mesh.tp_group``) each block's attention heads and MLP columns are split over its ranks
 (``ParallelAttention``, ``ParallelMLP``: two allreduces forward and two backward per block), while
-embeddings, LayerNorms and the output layer are replicated - their inputs and gradients are the
-same on every tp rank. The same seed gives the same model either way.
+embeddings and LayerNorms are replicated - their inputs and gradients are the same on every tp
+rank - and the output layer is replicated or, with ``vocab_parallel``, split by vocabulary
+(parallel/vocab.py). The same seed gives the same model either way.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from disttrain import nn
 from disttrain.parallel.tensor import ParallelAttention, ParallelMLP
+from disttrain.parallel.vocab import VocabParallelLinear
 
 
 class Block(nn.Module):
@@ -82,11 +84,13 @@ class TokenPositionEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Final LayerNorm and the vocabulary projection."""
+    """Final LayerNorm and the vocabulary projection (vocabulary-parallel over `group` when given:
+    training then yields this rank's block of the logits, for ``VocabParallelCrossEntropy``)."""
 
-    def __init__(self, d, vocab, rng, dtype):
+    def __init__(self, d, vocab, rng, dtype, group=None):
         self.ln_f = nn.LayerNorm(d, dtype=dtype)
-        self.proj = nn.Linear(d, vocab, init="xavier", rng=rng, dtype=dtype)
+        self.proj = (nn.Linear(d, vocab, init="xavier", rng=rng, dtype=dtype) if group is None else
+                     VocabParallelLinear(d, vocab, group, init="xavier", rng=rng, dtype=dtype))
 
     def forward(self, x):
         return self.proj.forward(self.ln_f.forward(x))
@@ -105,15 +109,17 @@ class LMHead(nn.Module):
 
 class Transformer(nn.Sequential):
     """Args: vocab, d (model width), heads, layers, ffn (MLP width, default 4d), max_len, group
-    (tensor-parallel Group or None), seed, dtype. forward(ids) -> logits; backward(dlogits) -> None.
+    (tensor-parallel Group or None), seed, dtype, vocab_parallel (with a group: the output layer split
+    by vocabulary - train with ``VocabParallelCrossEntropy``; evaluation mode gathers all logits).
+    forward(ids) -> logits; backward(dlogits) -> None.
     A Sequential of [embedding, blocks..., head]: ``blocks()`` are the pipeline units."""
 
     def __init__(self, vocab: int, d: int = 64, heads: int = 4, layers: int = 2, ffn: int | None = None,
-                 max_len: int = 64, group=None, seed: int = 0, dtype=np.float32):
+                 max_len: int = 64, group=None, seed: int = 0, dtype=np.float32, vocab_parallel: bool = False):
         rng = np.random.default_rng(seed)
         embed = TokenPositionEmbedding(vocab, d, max_len, rng, dtype)
         blocks = [Block(d, heads, ffn or 4 * d, group, rng, dtype) for _ in range(layers)]
-        super().__init__(embed, *blocks, LMHead(d, vocab, rng, dtype))
+        super().__init__(embed, *blocks, LMHead(d, vocab, rng, dtype, group if vocab_parallel else None))
         self.max_len = max_len
 
     def blocks(self) -> list:

@@ -32,7 +32,7 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
    and allreducing their dense gradient every step.
 
 Peak live activations (micro-batch chunks kept at once, and bytes) are the runtime's own accounting
-(Pipeline.stats), per stage.
+(Pipeline.stats), per stage, next to each schedule's closed form (``SCHEDULES[name].live``).
 """
 from __future__ import annotations
 
@@ -116,6 +116,7 @@ def worker(a) -> None:
                              bubble=float(np.mean([s["bubble"] for s in per])),
                              theory=fn.bubble(P, m, v, f, b, w),
                              simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
+                             live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
                              **{k: [s[k] for s in per] for k in ("peak_live", "peak_activation_bytes", "p2p_bytes",
                                                                   "recompute_ms")}))
@@ -227,7 +228,7 @@ def worker(a) -> None:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'step':>8} {'peak live / stage':>18} {'peak act. KiB / stage':>24} "
+          f"{'diff':>6} {'played':>7} {'step':>8} {'peak live / stage':>18} {'formula':>14} {'peak act. KiB / stage':>24} "
           f"{'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
         if r["part"] in ("tp", "emb", "overhead"):
@@ -235,7 +236,7 @@ def report(rows) -> None:
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
               f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {r.get('simulated', r['theory']):>7.3f} "
-              f"{r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} "
+              f"{r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
               f"{[round(t) for t in r.get('recompute_ms', [])]!s:>14} "
               f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>18}")

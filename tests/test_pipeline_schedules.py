@@ -7,7 +7,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn
 from disttrain.parallel.pipeline import SCHEDULES, assign, simulate
-from disttrain.parallel.pipeline.schedules import one_f_one_b, problem
+from disttrain.parallel.pipeline.schedules import kept, one_f_one_b, problem
 from disttrain_zoo.transformer import Block, LMHead
 
 CASES = [(name, p, m, v) for name in SCHEDULES for p in range(1, 7) for m in range(1, 13) for v in (1, 2, 3, 4)
@@ -29,6 +29,16 @@ def test_every_op_once_in_dependency_order_and_no_deadlock(name):
             if "W" in kinds:
                 assert all(pos[("B", i, c)] < pos[("W", i, c)] for i in range(m) for c in range(v))
         simulate(name, p, m, v)  # raises on a deadlock
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_peak_live_formula_is_what_the_op_list_keeps(name):
+    """fn.live (the closed form the README's memory table quotes) against counting the op lists,
+    every stage, p = 1-6, m = 1-12, V = 1-4 where the schedule runs them."""
+    fn = SCHEDULES[name]
+    for _, p, m, v in (c for c in CASES if c[0] == name):
+        for s in range(p):
+            assert fn.live(s, p, m, v) == kept(fn(s, p, m, v), fn.split), (name, p, m, v, s)
 
 
 def test_simulator_finds_a_deadlock():

@@ -58,13 +58,19 @@ def test_checkpoint_of_4_ranks_resumes_at_2_and_3_under_another_layout(tmp_path,
     ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
     res = _train(4, *MLP, *write, "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
     assert "stopped after step 5" in res.stdout, res.stdout
-    for n, layout in ((2, at2), (3, at3)):
+    _resume_each(tmp_path, ck, m, MLP, ((2, at2), (3, at3)), oracle)
+
+
+def _resume_each(tmp_path, ck, m, flags, layouts, want):
+    """Resume copies of checkpoint directory `ck` (and metrics `m`) at each (ranks, layout flags):
+    each continues the curve `want` from step 5."""
+    for n, layout in layouts:
         ck2, m2 = tmp_path / f"ck{n}", tmp_path / f"m{n}.jsonl"
         shutil.copytree(ck, ck2)
         shutil.copy(m, m2)
-        res = _train(n, *MLP, *layout, "--checkpoint-dir", str(ck2), "--resume", "--metrics", str(m2))
+        res = _train(n, *flags, *layout, "--checkpoint-dir", str(ck2), "--resume", "--metrics", str(m2))
         assert "step-00000005 at step 5" in res.stdout, res.stdout
-        _same_curve(_losses(m2), oracle)
+        _same_curve(_losses(m2), want)
 
 
 def test_dlrm_resumes_table_wise_from_row_wise_and_back(tmp_path):
@@ -76,6 +82,16 @@ def test_dlrm_resumes_table_wise_from_row_wise_and_back(tmp_path):
         res = _train(n1, *DLRM, "--sharding", s1, "--checkpoint-dir", str(ck), "--resume", "--metrics", str(m))
         assert "resumed from" in res.stdout, res.stdout
         _same_curve(_losses(m), want)
+
+
+def test_dlrm_pipeline_checkpoint_resumes_under_another_mesh(tmp_path):
+    """A DLRM checkpoint of pipeline stages with tensor-parallel MLPs (pp2 x tp2 at 4 ranks) resumes
+    as a 3-stage pipeline and as plain data parallelism with row-sharded tables."""
+    _train(1, *DLRM, "--metrics", str(tmp_path / "ref.jsonl"))
+    want = _losses(tmp_path / "ref.jsonl")
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    _train(4, *DLRM, "--pp", "2", "--tp", "2", "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
+    _resume_each(tmp_path, ck, m, DLRM, ((3, ["--pp", "3"]), (2, ["--sharding", "row"])), want)
 
 
 def test_rank_killed_between_its_shards_and_the_manifest_leaves_the_previous_checkpoint(tmp_path, oracle):

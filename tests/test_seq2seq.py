@@ -61,13 +61,14 @@ def test_gnmt_reports_every_parameter_ready_during_backward():
     model = GNMT(vocab=7, emb=3, hidden=4, layers=2, seed=0, dtype=np.float64)
     names = sorted(p.name for p in model.parameters())  # named from the root, as DataParallel does
     seen = []
-    model._grad_hook = lambda ps: seen.extend(p.name for p in ps)
+    for m in model.modules():  # as DataParallel hooks every container
+        m._grad_hook = lambda ps: seen.extend(p.name for p in ps if p.name not in seen)
     loss_fn = nn.SoftmaxCrossEntropy(ignore_index=0)
     src, tgt = np.array([[4, 5, 6]]), np.array([[1, 6, 5]])
     loss_fn.forward(model.forward((src, np.array([3]), tgt)), np.array([[6, 5, 2]]))
     model.backward(loss_fn.backward())
     assert sorted(seen) == names
-    assert seen[:2] == ["out.weight", "out.bias"] and seen[-1] == "src_emb.weight"
+    assert seen[:2] == ["layers.6.out.weight", "layers.6.out.bias"] and seen[-1] == "layers.0.emb.weight"
 
 
 def test_reverse_corpus_is_real_text_with_varied_lengths():

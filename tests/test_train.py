@@ -117,6 +117,32 @@ def test_hybrid_meshes_reproduce_the_one_process_run(tmp_path):
         assert acc == want_acc, name
 
 
+def test_gnmt_and_dlrm_pipelines_reproduce_the_one_process_run(tmp_path):
+    """--pp for gnmt (tuples of encoder states and lengths between stages, uneven micro-batches
+    weighted by target tokens; --tp splits its output layer by vocabulary) and dlrm (embedding
+    vectors carried past the bottom MLP; --tp splits its MLPs): the losses and test metrics of one
+    process (float64)."""
+    gnmt = ["--model", "gnmt", "--hidden", "6,8,1", "--vocab-size", "40", "--max-tokens", "0", "--global-batch-size",
+            "10", "--micro-batches", "3", "--steps", "6", "--log-every", "2"]
+    dlrm = ["--model", "dlrm", "--tables", "50,20,7", "--samples", "400", "--hidden", "4,8,8", "--global-batch-size",
+            "24", "--steps", "6", "--log-every", "2"]
+    runs = {"gnmt": {"one": (1, []), "dp2xpp2": (4, ["--pp", "2", "--schedule", "zb1", "--recompute", "full"]),
+                     "pp2xtp2": (4, ["--pp", "2", "--tp", "2"])},  # tp: the vocabulary-parallel output layer
+            "dlrm": {"one": (1, []), "pp2xtp2": (4, ["--pp", "2", "--tp", "2"])}}  # pp3: tests/test_reshard.py
+    for model, flags in (("gnmt", gnmt), ("dlrm", dlrm)):
+        got = {}
+        for name, (n, extra) in runs[model].items():
+            res, _ = train(n, *flags, *extra, "--dtype", "float64", "--metrics", str(tmp_path / f"{model}{name}.jsonl"))
+            assert res.returncode == 0, res.stdout
+            recs = [json.loads(ln) for ln in open(tmp_path / f"{model}{name}.jsonl")]
+            got[name] = ([r["loss"] for r in recs if "loss" in r], {k: v for k, v in recs[-1].items() if "test" in k})
+        want = got.pop("one")
+        assert len(want[0]) == 3 and want[1], want
+        for name, (ls, test) in got.items():
+            assert ls == pytest.approx(want[0], rel=1e-9), (model, name)
+            assert test == pytest.approx(want[1], rel=1e-9), (model, name)
+
+
 def test_sharded_runs_reproduce_the_unsharded_run(tmp_path):
     """--shard optimizer|gradients|full (ZeRO-1/2/3) through the main job: the losses and accuracy of
     --shard none (float64; reduce-scatter + allgather instead of allreduce: summation order only),
@@ -146,7 +172,7 @@ def test_mesh_configuration_errors_end_every_rank_with_a_message():
                           (2, ["--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2",
                                "--micro-batches", "3"], "must be a multiple of 2"),
                           (1, ["--recompute", "full"], "use them with --pp > 1"),
-                          (2, ["--model", "gnmt", "--tp", "2"], "model gnmt trains data-parallel only"),
+                          (3, ["--model", "gnmt", "--tp", "3"], "out_features 200 is not divisible by the tensor-parallel size 3"),
                           (3, ["--model", "transformer", "--tp", "3", "--hidden", "32,4,2"],
                            "heads 4 is not divisible by the tensor-parallel size 3"),
                           (2, ["--model", "dlrm", "--sharding", "column"], "sharding must be one of"),

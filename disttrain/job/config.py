@@ -96,8 +96,9 @@ class TrainConfig:
     stop_after_steps: int = _opt(0, "exit (with a checkpoint) after this many steps of this run, for "
                                  "time-limited allocations; 0: never; >= 0")
     dp: int = _opt(0, "data-parallel replicas (0: world / (pp * tp)); the rank grid is parallel/mesh.py; >= 0")
-    pp: int = _opt(1, "pipeline stages (mlp, transformer): layers partitioned by measured cost; >= 1")
-    tp: int = _opt(1, "tensor-parallel ranks per layer (mlp: Linear pairs; transformer: heads and MLP columns); >= 1")
+    pp: int = _opt(1, "pipeline stages (every model: its blocks() partitioned by measured cost); >= 1")
+    tp: int = _opt(1, "tensor-parallel ranks per layer (mlp and dlrm's MLPs: Linear pairs; transformer: heads "
+                   "and MLP columns; transformer and gnmt: the output layer split by vocabulary); >= 1")
     schedule: str = _opt("1f1b", "pipeline schedule", list(SCHEDULES))
     micro_batches: int = _opt(4, "micro-batches per pipeline step; must divide the per-replica batch; >= 1")
     virtual_stages: int = _opt(1, "model chunks per pipeline rank (--schedule interleaved: >= 2, assigned "
@@ -297,9 +298,7 @@ def _validate(c: TrainConfig) -> None:
         problems.append(str(e))
     if min(c.pp, c.tp) < 1 or c.dp < 0:
         problems.append(f"pp and tp must be >= 1 and dp >= 0 (got dp={c.dp} pp={c.pp} tp={c.tp})")
-    if (c.pp > 1 or c.tp > 1) and c.model not in ("mlp", "transformer"):
-        problems.append(f"pipeline and tensor parallelism (--pp, --tp) are wired into the main job for models mlp "
-                        f"and transformer; model {c.model} trains data-parallel only")
+
     if c.seq_len < 1:
         problems.append(f"seq-len must be >= 1 (got {c.seq_len})")
     if c.shard not in ("none", "optimizer", "gradients", "full"):

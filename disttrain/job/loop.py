@@ -12,7 +12,7 @@ from disttrain import faults, timeline
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.embedding import ShardedEmbeddings
 from disttrain.parallel.sync import make as make_sync
-from disttrain.workloads import train_step
+from disttrain.workloads import gradient_scale, train_step
 
 from .config import ConfigError, TrainConfig, parse_config
 from .metrics import Interval, comm_summary, merge_sync, sync_summary
@@ -120,7 +120,8 @@ def _prepare(cfg: TrainConfig):
     pipe = None
     if mesh.pp > 1:
         pipe = dt.Pipeline(ddp, mesh.pp_group, work.loss_fn if mesh.pp_is_last_stage else None, cfg.schedule,
-                           cfg.micro_batches, virtual_stages=cfg.virtual_stages, recompute=cfg.recompute)
+                           cfg.micro_batches, virtual_stages=cfg.virtual_stages, recompute=cfg.recompute,
+                           uneven=True)  # fixed batches divide (setup checks); sentences under a token budget need not
     # stages, tensor shards and embedding shards hold different parameters on different ranks
     model_parallel = mesh.pp * mesh.tp > 1 or not all(p.replicated for p in model.parameters())
     run = Run(cfg, mesh, work, model, opt, sched, ddp, pipe, model_parallel, sync=sync, straggler=straggler)
@@ -157,7 +158,7 @@ def _train_step(run: Run, step: int) -> bool:
         t, e = time.perf_counter(), ddp.exposed_comm_seconds + ddp.handoff_seconds
         if run.pipe:
             loss = run.pipe.step(batch.inputs if mesh.pp_is_first_stage else None,
-                                 batch.targets if mesh.pp_is_last_stage else None)
+                                 batch.targets if mesh.pp_is_last_stage else None, gradient_scale(batch, mesh.dp))
         else:
             loss = train_step(ddp, run.work.loss_fn, batch, mesh.dp)
         faults.point("train-step")  # tests: a rank dies mid-training (after its backward, before the update)

@@ -7,7 +7,7 @@ optimizer and schedule, and evaluation through a pipeline."""
 import disttrain as dt
 from disttrain import optim
 from disttrain import nn
-from disttrain.parallel.pipeline import assign, measure_layer_costs
+from disttrain.parallel.pipeline import activations, assign, measure_layer_costs
 from disttrain.workloads import WORKLOADS
 from .config import TrainConfig
 
@@ -27,7 +27,8 @@ def setup(cfg: TrainConfig):
     world = dt.size()
     dp = cfg.dp or max(1, world // (cfg.pp * cfg.tp))
     mesh = dt.Mesh(dp, cfg.pp, cfg.tp)
-    if cfg.pp > 1 and (cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batches):
+    fixed = WORKLOADS[cfg.model].unit == "samples"  # gnmt's batches vary: checked per step by the pipeline
+    if cfg.pp > 1 and fixed and (cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batches):
         raise ValueError(f"global batch {cfg.global_batch_size} over dp={dp} replicas must give each replica a "
                          f"batch divisible by {cfg.micro_batches} micro-batches")
     work = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh)
@@ -35,7 +36,8 @@ def setup(cfg: TrainConfig):
     model.parameters()  # names are global paths ("layers.4.weight") before the model is cut into stages
     if cfg.pp > 1:
         units = model.blocks()
-        sample = work.batch(0).inputs[:max(1, cfg.global_batch_size // dp // cfg.micro_batches)]
+        x = work.batch(0).inputs
+        sample = activations.head(x, max(1, activations.rows(x) // cfg.micro_batches))
         # every rank measures (tensor-parallel layers communicate), rank 0's numbers decide: stage
         # boundaries must be identical everywhere
         costs = dt.world().comm.bcast(measure_layer_costs(units, sample), root=0)
@@ -55,8 +57,11 @@ class PipelineForward:
         return self.pipe.predict(x)
 
     def eval(self):
-        return self
+        return self.train(False)
 
     def train(self, mode: bool = True):
+        # this rank's stage switches mode too: dropout off, a vocabulary-parallel output layer
+        # gathering the whole vocabulary's logits for evaluation
+        self.pipe.module.train(mode)
         return self
 

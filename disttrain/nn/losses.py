@@ -1,4 +1,5 @@
-"""Losses: forward(prediction, target) -> scalar; backward() -> d loss / d prediction."""
+"""Losses: forward(prediction, target) -> scalar; backward() -> d loss / d prediction;
+terms(target) -> how many terms the mean is over (a pipeline weights its micro-batches by it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +34,10 @@ class SoftmaxCrossEntropy:
         self._count = K.softmax_xent_fwd(l2, t, self.ignore_index, self._probs, losses)
         return float(losses.sum() / max(1, self._count))
 
+    def terms(self, targets) -> int:
+        """The targets the mean counts (those that are not ignore_index)."""
+        return int((np.asarray(targets) != self.ignore_index).sum())
+
     def backward(self):
         d = np.empty_like(self._probs)
         K.softmax_xent_bwd(self._probs, self._t, self.ignore_index, 1.0 / max(1, self._count), d)
@@ -41,6 +46,9 @@ class SoftmaxCrossEntropy:
 
 class MSE:
     """Mean squared error over all elements."""
+
+    def terms(self, target) -> int:
+        return int(np.asarray(target).size)
 
     def forward(self, pred, target) -> float:
         self._diff = np.asarray(pred) - np.asarray(target)
@@ -53,6 +61,9 @@ class MSE:
 class BCEWithLogits:
     """Mean binary cross-entropy of sigmoid(logits) against 0/1 targets (click prediction),
     computed from the logits in the stable form max(z, 0) - z*y + log(1 + exp(-|z|))."""
+
+    def terms(self, targets) -> int:
+        return int(np.asarray(targets).size)
 
     def forward(self, logits, targets) -> float:
         z = np.asarray(logits)

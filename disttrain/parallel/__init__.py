@@ -6,7 +6,8 @@ from .embedding import SHARDINGS, LocalEmbeddings, ShardedEmbeddings
 from .mesh import Mesh
 from .pipeline import SCHEDULES, Pipeline, bubble_fraction, measure_layer_costs, partition
 from .tensor import ColumnParallelLinear, ParallelAttention, ParallelMLP, RowParallelLinear
+from .vocab import VocabParallelCrossEntropy, VocabParallelLinear
 
 __all__ = ["DataParallel", "broadcast_parameters", "broadcast_optimizer_state", "Mesh", "Pipeline", "SCHEDULES",
            "bubble_fraction", "partition", "measure_layer_costs", "ColumnParallelLinear", "RowParallelLinear",
-           "ParallelMLP", "ParallelAttention", "ShardedEmbeddings", "LocalEmbeddings", "SHARDINGS"]
+           "ParallelMLP", "ParallelAttention", "VocabParallelLinear", "VocabParallelCrossEntropy", "ShardedEmbeddings", "LocalEmbeddings", "SHARDINGS"]

@@ -8,7 +8,7 @@ from disttrain import nn
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.mesh import Mesh
 from disttrain.parallel.pipeline import SCHEDULES, Pipeline, assign
-from disttrain.parallel.pipeline.schedules import problem
+from disttrain.parallel.pipeline.schedules import kept, problem
 
 from .test_model_parallel import CLASSES, D, batches, pipeline_shape, sgd, train_reference
 
@@ -63,15 +63,6 @@ def assert_matches(stage, ref, got, want, dp):
         np.testing.assert_allclose(q.data, ref_p[q.name], rtol=1e-10, atol=1e-12, err_msg=q.name)
 
 
-def live_from_ops(ops, split):
-    """Micro-batch chunks kept at once, counted from the schedule itself (the runtime's oracle)."""
-    live = peak = 0
-    for kind, _, _ in ops:
-        live += 1 if kind == "F" else (0 if split and kind == "B" else -1)
-        peak = max(peak, live)
-    return peak
-
-
 M = {"1": lambda p: 1, "4": lambda p: 4, "8": lambda p: 8, "p": lambda p: p, "2p": lambda p: 2 * p}
 CASES = [("interleaved", v, m) for v in (2, 3) for m in M] + [("zb1", 1, m) for m in ("1", "4", "8", "2p")]
 
@@ -93,7 +84,8 @@ def test_schedule_matches_one_process(comm, schedule, v, m_):
     want = train_reference(nn.Sequential(*ref), data)
     got = train_pipe(pipe, stage, mesh, data)
     assert_matches(stage, ref, got, want, dp)
-    assert pipe.stats["peak_live"] == live_from_ops(pipe.ops, SCHEDULES[schedule].split), pipe.stats
+    fn = SCHEDULES[schedule]  # the runtime's own count = the op list's = the closed form
+    assert pipe.stats["peak_live"] == kept(pipe.ops, fn.split) == fn.live(mesh.pp_rank, pp, m, v), pipe.stats
     if schedule == "zb1":  # at most p micro-batches whose W has not run, on every stage
         assert pipe.stats["peak_live"] <= min(m, pp)
 

@@ -6,8 +6,11 @@ schedules with and without a bubble, activation recomputation.
 - ``executor.py``: ``Pipeline``, the runtime that runs a schedule's ops on this rank's stage;
 - ``stash.py``: what is kept between forward and backward, and recomputation;
 - ``p2p.py``: the point-to-point messages between stages;
+- ``activations.py``: multi-tensor activations (tuples of arrays) between units, ``Carry``;
 - ``partition.py``: contiguous stage (or chunk) boundaries from measured layer costs.
 """
+from . import activations
+from .activations import Carry
 from .executor import Pipeline
 from .partition import assign, measure_layer_costs, partition
 from .schedules import SCHEDULES, simulate
@@ -20,5 +23,5 @@ def bubble_fraction(stages: int, micro_batches: int, schedule: str = "1f1b", chu
     return SCHEDULES[schedule].bubble(stages, micro_batches, chunks)
 
 
-__all__ = ["Pipeline", "SCHEDULES", "RECOMPUTE", "simulate", "bubble_fraction", "partition", "assign",
+__all__ = ["Pipeline", "Carry", "activations", "SCHEDULES", "RECOMPUTE", "simulate", "bubble_fraction", "partition", "assign",
            "measure_layer_costs"]

@@ -31,6 +31,7 @@ from ...comm import validate
 from ...errors import CollectiveError
 from ...groups import as_group
 from ...nn.module import Sequential
+from . import activations as A
 from . import stash as S
 from .p2p import BWD, FWD, P2P
 from .schedules import SCHEDULES, problem
@@ -52,10 +53,19 @@ class Pipeline:
         cache_shapes: once a step's input shape repeats, send no shape headers and post every
             receive up front into reused buffers (p2p.py); False for layers whose output shapes
             depend on the data, not only on the input shape.
+        uneven: allow a batch that m does not divide (``np.array_split`` micro-batches, each of at
+            least one sample): variable-size batches such as sentences under a token budget.
 
-    Returns (``step(x, y)``): the mean loss over the batch, on every stage. x is used on the first
-    stage, y on the last (others may pass None). Parameter gradients are then the global-batch
-    gradients of this stage's layers; call the optimizer as usual.
+    Activations may be tuples of arrays (activations.py): the first stage's x then is a tuple of
+    batch-major arrays, cut into micro-batches part by part. Micro-batch i's loss is weighted by its
+    share of the batch's loss terms (``loss_fn.terms``: the targets a padding-aware loss counts;
+    equal shares 1/m otherwise), so the step's gradient is that of the mean over the whole batch.
+
+    Returns (``step(x, y, weight=1.0)``): the mean loss over the batch, on every stage. x is used on
+    the first stage, y on the last (others may pass None). Parameter gradients are then the
+    global-batch gradients of this stage's layers times ``weight`` (the last stage's factor on its
+    replica's gradient: ``workloads.train_step``'s count x dp / global count when data-parallel
+    replicas hold different numbers of loss terms); call the optimizer as usual.
 
     Example:
         >>> pipe = Pipeline(stage, mesh.pp_group, loss_fn, "zb1", micro_batches=8)
@@ -63,7 +73,8 @@ class Pipeline:
     """
 
     def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
-                 virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True):
+                 virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True,
+                 uneven: bool = False):
         self.group = as_group(group)
         self.s, self.p = self.group.rank, self.group.size
         self.ddp = stage if hasattr(stage, "no_sync") else None
@@ -85,11 +96,12 @@ class Pipeline:
         validate.check(self.group.comm, "Pipeline", dict(schedule=schedule, micro_batches=micro_batches,
                        virtual_stages=v, recompute=recompute), err, always=True)
         self.loss_fn, self.schedule, self.m, self.v, self.recompute = loss_fn, schedule, micro_batches, v, recompute
+        self.uneven = uneven
         self.chunks = list(self.module.layers) if v > 1 else [self.module]
         self.split = SCHEDULES[schedule].split
+        self._plans = [S.Plan(chunk) for chunk in self.chunks]  # what each chunk's ops stash, once
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
-        ps = self.module.parameters()  # received activations take the stage's dtype
-        self.net = P2P(self.group.comm, ps[0].data.dtype if ps else np.float32, micro_batches, cache_shapes)
+        self.net = P2P(self.group.comm, micro_batches, cache_shapes)
         self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
                           for op, i, c in self.ops
                           if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]
@@ -113,30 +125,37 @@ class Pipeline:
         """(rank, chunk) of global chunk g + step."""
         return divmod(self._global(c) + step, self.p)[::-1]
 
-    def step(self, x=None, y=None) -> float:
+    def _bad(self, what: str, a) -> str | None:
+        n = 0 if a is None else A.rows(a)
+        if a is None or n < self.m or (n % self.m and not self.uneven):
+            how = "split into" if self.uneven else "divide into"
+            return f"the {what}, and its {n} samples must {how} {self.m} micro-batches (of at least one sample)"
+        return None
+
+    def step(self, x=None, y=None, weight: float = 1.0) -> float:
         m = self.m
-        err = None
-        if self.is_first and (x is None or len(x) % m or len(x) < m):
-            err = (f"the first stage needs the batch x, and its {len(x) if x is not None else 0} samples must "
-                   f"divide into {m} micro-batches (of at least one sample)")
-        elif self.is_last and (y is None or len(y) % m or len(y) < m):
-            err = (f"the last stage needs the targets y, and their {len(y) if y is not None else 0} samples "
-                   f"must divide into {m} micro-batches (of at least one sample)")
+        err = (self._bad("first stage needs the batch x", x) if self.is_first else None) or \
+              (self._bad("last stage needs the targets y", y) if self.is_last else None)
         validate.check(self.group.comm, "Pipeline.step", {}, err, always=True)
-        # the first stage's input shape, the last stage's targets and what each rank remembers of the
+        # the first stage's input shapes, the last stage's targets and what each rank remembers of the
         # shapes: the same list on every rank, so the verdicts below are the same everywhere
-        info = self.group.comm.allgather((tuple(x.shape) if self.is_first else None,
+        info = self.group.comm.allgather((A.shape_key(x) if self.is_first else None, A.rows(x) if self.is_first else None,
                                           len(y) if self.is_last else None, self.net.cached_for))
-        shape, targets = info[0][0], info[-1][1]
-        if shape[0] != targets:
-            raise CollectiveError(f"Pipeline.step: the first stage's batch has {shape[0]} samples but the last "
+        key, samples, targets = info[0][0], info[0][1], info[-1][2]
+        if samples != targets:
+            raise CollectiveError(f"Pipeline.step: the first stage's batch has {samples} samples but the last "
                                   f"stage's targets {targets}: pass the same global batch on every stage")
-        self._xs = np.split(x, m) if self.is_first else None
-        self._ys = np.split(y, m) if self.is_last else None
+        self._xs = A.split(x, m) if self.is_first else None
+        self._ys = np.array_split(y, m) if self.is_last else None
+        if self.is_last:  # micro-batch i's share of the loss terms (1/m each for equal shares)
+            terms = np.array([self.loss_fn.terms(t) if hasattr(self.loss_fn, "terms") else len(t)
+                              for t in self._ys], np.float64)
+            self._w = terms / max(1.0, terms.sum())
+            self._scale = weight
         self._losses, self._kept, self._live = np.zeros(m), {}, [0, 0]
         self._peak = [0, 0]
         self._times = dict(compute_s=0.0, recompute_s=0.0)
-        self.net.begin(shape, [i[2] for i in info], self._expected)
+        self.net.begin(key, [i[3] for i in info], self._expected)
         last = max(k for k, (op, _, _) in enumerate(self.ops) if op != "F")
         t0 = time.perf_counter()
         for k, (op, i, c) in enumerate(self.ops):
@@ -152,7 +171,7 @@ class Pipeline:
         mpi.MPI.Request.Waitall(self.net.sends)
         stall.leave(op)
         self.net.end()
-        loss = float(self.group.comm.bcast(self._losses.mean() if self.is_last else None, root=self.p - 1))
+        loss = float(self.group.comm.bcast(self._w @ self._losses if self.is_last else None, root=self.p - 1))
         self.stats = dict(self._times, wall_s=time.perf_counter() - t0, peak_live=self._peak[0],
                           peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
         return loss
@@ -190,7 +209,7 @@ class Pipeline:
             self.net.send(out, rank, FWD, i, nc)
         loss_state = S.state([self.loss_fn]) if end else ([], 0)
         if kept is None:
-            saved, nbytes = S.state(chunk.modules())
+            saved, nbytes = S.state(self._plans[c].modules, self._plans[c])
             self._keep(("A", i, c), (saved + loss_state[0], None), nbytes + loss_state[1])
         else:
             self._keep(("A", i, c), (loss_state[0], kept), S.kept_bytes(kept) + loss_state[1])
@@ -207,7 +226,10 @@ class Pipeline:
         if end:
             t = time.perf_counter()
             dy = self.loss_fn.backward()
-            dy *= dy.dtype.type(1.0 / self.m)  # mean over micro-batches = mean over the global batch
+            # the micro-batch's share of the batch's loss terms: the mean over the whole batch
+            w = self._w[i] * self._scale
+            if w != 1.0:
+                dy *= dy.dtype.type(w)
             self._times["compute_s"] += time.perf_counter() - t
         else:
             dy = self.net.recv(self._neighbour(c, 1)[0], BWD, i, c)
@@ -223,7 +245,7 @@ class Pipeline:
         self._times["compute_s"] += time.perf_counter() - t
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
-            self._keep(("W", i, c), *S.weight_state(chunk.modules()))
+            self._keep(("W", i, c), *S.weight_state(self._plans[c].split))
         if self._global(c) > 0:
             rank, pc = self._neighbour(c, -1)
             self.net.send(dx, rank, BWD, i, pc)

@@ -10,8 +10,10 @@ by name, and counts as exposed communication).
 
 Two modes per step, agreed by every rank of the pipeline at the step's start (``begin``):
 
-- *headers*: each array goes as a small shape header then the data; the receiver allocates. The
-  shapes seen are remembered, keyed by the step's input shape.
+- *headers*: each message goes as a small header - its structure: an array or a tuple of them
+  (activations.py), each part's dtype and shape, None parts - then one message per part, same tag
+  (MPI keeps their order); the receiver allocates. The structures seen are remembered, keyed by
+  the step's input shapes.
 - *known shapes* (the previous step had the same input shape on the first stage, and every rank
   remembers the shapes of that input - the same verdict everywhere, from one allgather of the
   pipeline's step): no headers;
@@ -25,21 +27,51 @@ from __future__ import annotations
 import numpy as np
 
 from ... import mpi, stall
+from . import activations as A
 
 FWD, BWD = 0, 1
-_HDR = 8  # header: ndim + up to 7 dims
+_HDR = 64  # header: tuple flag, part count, then per part: dtype code (0: None), ndim, dims
 _TAG0 = 100  # tags below are the old fixed pipeline tags; MPI guarantees tags up to 32767
 
 
+def _signature(a) -> tuple:
+    """(is_tuple, per part (dtype, shape) or None): what a message's header says. Parts travel in
+    their own dtype (a stage without parameters - DLRM's interaction - has no dtype of its own)."""
+    return isinstance(a, tuple), tuple(None if p is None else (p.dtype, p.shape) for p in A.parts(a))
+
+
+def _header(sig) -> np.ndarray:
+    hdr, k = np.zeros(_HDR, np.int64), 2
+    hdr[0], hdr[1] = sig[0], len(sig[1])
+    for part in sig[1]:
+        shape = () if part is None else part[1]
+        if k + 2 + len(shape) > _HDR:
+            raise ValueError(f"pipeline activation too complex for a {_HDR}-entry header: {sig}")
+        hdr[k] = 0 if part is None else ord(part[0].char)
+        hdr[k + 1] = len(shape)
+        hdr[k + 2:k + 2 + len(shape)] = shape
+        k += 2 + len(shape)
+    return hdr
+
+
+def _parse(hdr) -> tuple:
+    out, k = [], 2
+    for _ in range(int(hdr[1])):
+        code, nd = int(hdr[k]), int(hdr[k + 1])
+        out.append(None if code == 0 else (np.dtype(chr(code)), tuple(int(d) for d in hdr[k + 2:k + 2 + nd])))
+        k += 2 + nd
+    return bool(hdr[0]), tuple(out)
+
+
 class P2P:
-    """The pipeline's messages on one communicator, in one dtype, for m micro-batches.
+    """The pipeline's messages on one communicator, for m micro-batches.
 
     ``cache`` False: always headers (the mode before known shapes; a benchmark's baseline)."""
 
     max_messages = 32767 - _TAG0
 
-    def __init__(self, comm, dtype, micro_batches: int, cache: bool = True):
-        self.comm, self.dtype, self.m, self.cache = comm, dtype, micro_batches, cache
+    def __init__(self, comm, micro_batches: int, cache: bool = True):
+        self.comm, self.m, self.cache = comm, micro_batches, cache
         self.shapes, self.sent_shapes, self.cached_for = {}, {}, None
         self.buffers, self.posted, self.known = {}, {}, False
         self.reset()
@@ -55,13 +87,14 @@ class P2P:
         post every receive.
 
         Args:
-            input_key: the first stage's input shape this step.
+            input_key: the first stage's input shapes this step (``activations.shape_key``).
             cached: every rank's ``cached_for`` (gathered).
             expected: (src, direction, micro-batch, chunk) of every receive this rank makes."""
         self.reset()
-        for req in self.posted.values():  # a step that raised left receives posted: withdraw them
-            req.Cancel()
-            req.Wait()
+        for reqs in self.posted.values():  # a step that raised left receives posted: withdraw them
+            for req in reqs:
+                req.Cancel()
+                req.Wait()
         self.posted = {}
         self.input_key = input_key
         self.known = self.cache and all(c == input_key for c in cached)
@@ -69,11 +102,13 @@ class P2P:
             self.forget()
             return
         for src, direction, i, chunk in expected:
-            key = (direction, i, chunk)
-            buf = self.buffers.get(key)
-            if buf is None or buf.shape != self.shapes[key]:
-                buf = self.buffers[key] = np.empty(self.shapes[key], self.dtype)
-            self.posted[key] = self.comm.Irecv(buf, src, self.tag(direction, i, chunk))
+            key, tag = (direction, i, chunk), self.tag(direction, i, chunk)
+            sig = self.shapes[key]
+            bufs = self.buffers.get(key)
+            if bufs is None or bufs[0] != sig:
+                bufs = self.buffers[key] = (sig, [None if p is None else np.empty(p[1], p[0]) for p in sig[1]])
+            # several parts with one tag: MPI matches them in the order they were sent (non-overtaking)
+            self.posted[key] = [self.comm.Irecv(b, src, tag) for b in bufs[1] if b is not None]
 
     def forget(self) -> None:
         """Headers from now on, until a step completes and its shapes are remembered."""
@@ -84,44 +119,49 @@ class P2P:
         self.cached_for = self.input_key if self.cache else None
 
     def send(self, a, dest: int, direction: int, i: int, chunk: int) -> None:
-        """Send a to rank `dest`, for its chunk `chunk`, micro-batch i."""
-        a = np.ascontiguousarray(a, dtype=self.dtype)
+        """Send a (an array or a tuple of arrays / None: activations.py) to rank `dest`, for its
+        chunk `chunk`, micro-batch i."""
         key, tag = (dest, direction, i, chunk), self.tag(direction, i, chunk)
-        self.sent += a.nbytes
+        sig = _signature(a)
+        data = [np.ascontiguousarray(p) for p in A.parts(a) if p is not None]
+        self.sent += sum(d.nbytes for d in data)
         if self.known:
-            if self.sent_shapes.get(key) != a.shape:
+            if self.sent_shapes.get(key) != sig:
                 raise ValueError(f"pipeline: micro-batch {i}'s {'activation' if direction == FWD else 'gradient'} "
-                                 f"has shape {a.shape}, not {self.sent_shapes.get(key)} as in the last step with "
+                                 f"has shapes {sig}, not {self.sent_shapes.get(key)} as in the last step with "
                                  "the same input shape: shapes that depend on the data need Pipeline(cache_shapes=False)")
-            self.sends.append(self.comm.Isend(a, dest, tag))
-            return
-        if a.ndim >= _HDR:
-            raise ValueError(f"pipeline activations must have fewer than {_HDR} dims, got shape {a.shape}")
-        hdr = np.zeros(_HDR, np.int64)
-        hdr[0] = a.ndim
-        hdr[1:1 + a.ndim] = a.shape
-        self.sent_shapes[key] = a.shape
-        self.sends += [self.comm.Isend(hdr, dest, tag), self.comm.Isend(a, dest, tag)]
+        else:
+            self.sent_shapes[key] = sig
+            self.sends.append(self.comm.Isend(_header(sig), dest, tag))
+        self.sends += [self.comm.Isend(d, dest, tag) for d in data]
 
     def recv(self, src: int, direction: int, i: int, chunk: int):
-        """The array rank `src` sent to this rank's chunk `chunk` for micro-batch i."""
+        """What rank `src` sent to this rank's chunk `chunk` for micro-batch i."""
         op = stall.enter(f"pipeline recv from stage {src}", None, group=None)
         key, tag = (direction, i, chunk), self.tag(direction, i, chunk)
         try:
             if self.known:
+                (is_tuple, _), out = self.buffers[key]
                 status = mpi.MPI.Status()
-                self.posted.pop(key).Wait(status)
-                out = self.buffers[key]
-                if status.Get_count(mpi.MPI.BYTE) != out.nbytes:
-                    raise ValueError(f"pipeline: micro-batch {i} from stage {src} has {status.Get_count(mpi.MPI.BYTE)} "
-                                     f"bytes, not {out.nbytes} as in the last step with the same input shape")
+                for req, buf in zip(self.posted.pop(key), [b for b in out if b is not None]):
+                    req.Wait(status)
+                    if status.Get_count(mpi.MPI.BYTE) != buf.nbytes:
+                        raise ValueError(f"pipeline: micro-batch {i} from stage {src} has "
+                                         f"{status.Get_count(mpi.MPI.BYTE)} bytes, not {buf.nbytes} as in the last "
+                                         "step with the same input shape")
             else:
                 hdr = np.empty(_HDR, np.int64)
                 self.comm.Recv(hdr, src, tag)
-                out = np.empty(tuple(hdr[1:1 + hdr[0]]), self.dtype)
-                self.comm.Recv(out, src, tag)
-                self.shapes[key] = out.shape
+                sig = _parse(hdr)
+                is_tuple = sig[0]
+                out = [None if p is None else np.empty(p[1], p[0]) for p in sig[1]]
+                for b in out:
+                    if b is not None:
+                        self.comm.Recv(b, src, tag)
+                self.shapes[key] = sig
         finally:
             stall.leave(op)
-        op.shape, op.dtype = out.shape, out.dtype
-        return out
+        first = next((b for b in out if b is not None), None)
+        if first is not None:
+            op.shape, op.dtype = first.shape, first.dtype
+        return tuple(out) if is_tuple else out[0]

@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from . import activations as A
+
 
 def partition(costs, stages: int) -> list:
     """Contiguous ranges [(start, end), ...] of len(costs) layers over `stages` stages that minimise
@@ -39,7 +41,7 @@ def partition(costs, stages: int) -> list:
 
 def measure_layer_costs(layers, x, repeats: int = 3) -> list:
     """Median forward+backward seconds of each layer in sequence on the sample batch x (the input
-    of layer i is layer i-1's output). Run it on every rank or broadcast rank 0's result: stage
+    of layer i is layer i-1's output; tuples of arrays as activations.py describes). Run it on every rank or broadcast rank 0's result: stage
     boundaries must be identical everywhere."""
     costs = []
     for layer in layers:
@@ -47,7 +49,7 @@ def measure_layer_costs(layers, x, repeats: int = 3) -> list:
         for _ in range(repeats):
             t = time.perf_counter()
             y = layer.forward(x)
-            layer.backward(np.ones_like(y))
+            layer.backward(A.ones_grad(y))
             times.append(time.perf_counter() - t)
         for p in layer.parameters():
             p.grad[...] = 0

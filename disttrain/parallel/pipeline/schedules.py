@@ -7,9 +7,12 @@ in which order. One function per schedule, all with one signature, in the ``SCHE
 holds the global chunks s, s + p, s + 2p, ... - Narayanan et al. 2021's round-robin assignment).
 In a schedule without "W" ops, "B" is the whole backward; in a split schedule (``fn.split``) "B" is
 the input gradient only (``Module.backward_input``) and each "W" (``backward_weight``) comes later.
-Each function also carries ``fn.rule(stages, m, chunks)`` (None, or why the sizes do not fit it) and
+Each function also carries ``fn.rule(stages, m, chunks)`` (None, or why the sizes do not fit it),
 ``fn.bubble(stages, m, chunks, f, b, w)``: the idle share of a step by the paper's formula for op
-times f, b, w (b, w: the input and weight parts of a backward).
+times f, b, w (b, w: the input and weight parts of a backward), and ``fn.live(stage, stages, m,
+chunks)``: the most micro-batch chunks whose activations stage s keeps at once (from F until its B,
+or its W when split) by the schedule's closed form - ``kept`` counts it from the op list, and the
+runtime's own ``Pipeline.stats["peak_live"]`` must equal both (tests).
 
 ``simulate`` runs the per-stage op lists against each other with the data dependencies (stage s's
 F of a micro-batch needs the previous virtual stage's F, its B the next one's B, its W its own B)
@@ -23,12 +26,13 @@ from ...registry import Registry
 SCHEDULES = Registry("pipeline schedule")
 
 
-def _schedule(name: str, *, split: bool = False, rule=None, bubble=None):
-    """Register `fn` under `name` with its divisibility rule and bubble formula."""
+def _schedule(name: str, *, split: bool = False, rule=None, bubble=None, live=None):
+    """Register `fn` under `name` with its divisibility rule, bubble and peak-live formulas."""
     def deco(fn):
         fn.split = split
         fn.rule = rule or _one_chunk
         fn.bubble = bubble or _flush_bubble
+        fn.live = live
         return SCHEDULES.register(name)(fn)
 
     return deco
@@ -45,13 +49,13 @@ def _flush_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 2.0, w: flo
     return (p - 1) / (m + p - 1)
 
 
-@_schedule("gpipe")
+@_schedule("gpipe", live=lambda s, p, m, v: m)
 def gpipe(stage: int, stages: int, m: int, chunks: int = 1) -> list:
     """All m forwards, then all m backwards (Huang et al. 2019): m micro-batches alive at the peak."""
     return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
 
 
-@_schedule("1f1b")
+@_schedule("1f1b", live=lambda s, p, m, v: min(m, p - s))
 def one_f_one_b(stage: int, stages: int, m: int, chunks: int = 1) -> list:
     """PipeDream-flush (Narayanan et al. 2021): p - s - 1 warm-up forwards, then one forward and one
     backward alternately, then the remaining backwards: at most p - s micro-batches alive."""
@@ -79,7 +83,13 @@ def _interleaved_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 2.0, 
     return (p - 1) / (v * m + p - 1)
 
 
-@_schedule("interleaved", rule=_interleaved_rule, bubble=_interleaved_bubble)
+def _interleaved_warm(stage: int, p: int, m: int, v: int) -> int:
+    """Warm-up forwards of the interleaved schedule (Megatron-LM's count)."""
+    return m * v if m == p else min(2 * (p - stage - 1) + (v - 1) * p, m * v)
+
+
+@_schedule("interleaved", rule=_interleaved_rule, bubble=_interleaved_bubble,
+           live=lambda s, p, m, v: min(m * v, _interleaved_warm(s, p, m, v) + 1))
 def interleaved(stage: int, stages: int, m: int, chunks: int = 2) -> list:
     """Interleaved 1F1B (Narayanan et al. 2021; Megatron-LM's forward_backward_pipelining_with_
     interleaving): forward ops go through the chunks p micro-batches at a time (k-th forward: chunk
@@ -91,7 +101,7 @@ def interleaved(stage: int, stages: int, m: int, chunks: int = 2) -> list:
         c = (k % (p * v)) // p
         return kind, (k // (p * v)) * p + k % p, c if kind == "F" else v - 1 - c
 
-    warm = total if m == p else min(2 * (p - stage - 1) + (v - 1) * p, total)
+    warm = _interleaved_warm(stage, p, m, v)
     ops = [op("F", k) for k in range(warm)]
     for k in range(total - warm):
         ops += [op("F", warm + k), op("B", k)]
@@ -105,7 +115,7 @@ def _zb_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 1.0, w: float 
     return idle / (m * (f + b + w) + idle)
 
 
-@_schedule("zb1", split=True, bubble=_zb_bubble)
+@_schedule("zb1", split=True, bubble=_zb_bubble, live=lambda s, p, m, v: min(m, p))
 def zb_h1(stage: int, stages: int, m: int, chunks: int = 1) -> list:
     """ZB-H1 (Qi et al. 2023, figure 3): 1F1B's order of F and B, with stage s's W lagging s
     backwards behind its B - in steady state stage s runs the W of micro-batch i - s after the B of
@@ -120,6 +130,16 @@ def zb_h1(stage: int, stages: int, m: int, chunks: int = 1) -> list:
             ops.append(("W", w, 0))
             w += 1
     return ops + [("W", i, 0) for i in range(w, m)]
+
+
+def kept(ops, split: bool) -> int:
+    """The most micro-batch chunks an op list keeps at once: each F adds one, each B releases one
+    (in a split schedule the W does: B leaves W's inputs)."""
+    live = peak = 0
+    for kind, _, _ in ops:
+        live += 1 if kind == "F" else (0 if split and kind == "B" else -1)
+        peak = max(peak, live)
+    return peak
 
 
 def problem(name: str, stages: int, m: int, chunks: int) -> str | None:

@@ -36,14 +36,41 @@ def _nbytes(v) -> int:
     return 0
 
 
-def state(modules) -> tuple:
+def _structural(v) -> bool:
+    """Whether an attribute is part of the model's structure (never stashed): a parameter, a
+    module, a list of modules, DataParallel's gradient hook."""
+    return (isinstance(v, (Parameter, Module)) or (isinstance(v, (list, tuple)) and bool(v) and
+                                                    isinstance(v[0], Module)) or callable(v))
+
+
+class Plan:
+    """What to stash of a chunk, worked out once instead of per micro-batch (the per-op runtime
+    work of issue 19, item 4): its modules (walking the tree every op cost more than the stash),
+    each module's structural attribute names (recomputed only when a module gains attributes:
+    a first forward creates its caches), and the modules whose W keeps state."""
+
+    def __init__(self, chunk: Module):
+        self.modules = list(chunk.modules())
+        self.split = [m for m in self.modules if m.weight_state]
+        self._skip = {}
+
+    def skip(self, m, d: dict) -> frozenset:
+        known = self._skip.get(id(m))
+        if known is None or known[0] != len(d):
+            known = self._skip[id(m)] = (len(d), frozenset(k for k, v in d.items()
+                                                            if k.startswith("__") or _structural(v)))
+        return known[1]
+
+
+def state(modules, plan: Plan | None = None) -> tuple:
     """(saved, bytes): every non-parameter, non-module attribute of each module - the activations
-    the module keeps for its backward."""
+    the module keeps for its backward (`plan`: the modules' structural attributes, cached)."""
+    plan = plan or Plan(Module())
     saved, nbytes = [], 0
     for m in modules:
-        kept = {k: v for k, v in vars(m).items()
-                if not isinstance(v, (Parameter, Module)) and not k.startswith("__")
-                and not (isinstance(v, (list, tuple)) and v and isinstance(v[0], Module))}
+        d = vars(m)
+        skip = plan.skip(m, d)
+        kept = {k: v for k, v in d.items() if k not in skip}
         nbytes += sum(_nbytes(v) for v in kept.values())
         saved.append((m, kept))
     return saved, nbytes
