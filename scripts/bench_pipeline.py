@@ -297,7 +297,7 @@ def plot(rows, out) -> None:
             axes[1].plot([r["m"] for r in rs], [max(r["peak_live"]) for r in rs], marks.get(sched, "s") + "-",
                          label=f"{sched} pp={pp}")
     axes[0].set(xscale="log", xlabel="micro-batches m", ylabel="bubble fraction",
-                title=f"pipeline bubble, timed equal stages: measured (lines) vs formula (dotted)")
+                title="pipeline bubble, timed equal stages: measured (lines) vs formula (dotted)")
     axes[1].set(xscale="log", xlabel="micro-batches m", ylabel="peak live micro-batch chunks (max stage)",
                 title="activation memory")
     for ax in axes:

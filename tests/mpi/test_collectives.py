@@ -46,7 +46,7 @@ def test_allgather_with_different_first_dims(comm, algorithm):
 @pytest.mark.mpi
 @pytest.mark.parametrize("algorithm", ["tree", "mpi", "auto"])
 def test_broadcast_from_every_root(comm, algorithm):
-    p, r = comm.Get_size(), comm.Get_rank()
+    p = comm.Get_size()
     rng = rank_rng(comm, 12)
     for root in range(p):
         for dtype in DTYPES + [np.bool_, np.complex128]:

@@ -57,7 +57,7 @@ def reference(kind, batch, sizes):
 
 def workers(comm, kind, batch, sizes, staleness, slow=0.0, sched=None):
     """This rank trains through the parameter servers; returns (ps, model, opt)."""
-    p, r = comm.Get_size(), comm.Get_rank()
+    r = comm.Get_rank()
     model, loss = MLP(sizes, dtype=np.float64, seed=r), nn.SoftmaxCrossEntropy()
     dt.broadcast_parameters(model, root=0)
     opt = make_opt(kind, model.parameters())

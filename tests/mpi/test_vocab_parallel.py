@@ -12,7 +12,7 @@ from disttrain.parallel.vocab import VocabParallelCrossEntropy, VocabParallelLin
 from disttrain_zoo.gnmt import GNMT
 from disttrain_zoo.transformer import Transformer
 
-from .test_pipeline_models import RTOL, assert_regions_match, cut, sentences, sgd, shares, step, train_reference
+from .test_pipeline_models import RTOL, assert_regions_match, cut, sentences, sgd, step, train_reference
 
 VOCAB = 120  # divides by 1..6 and 8
 
