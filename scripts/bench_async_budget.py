@@ -78,9 +78,10 @@ def main() -> None:
                     r = one_run(a, net, mode, tmp, rep)
                     rows.append(r)
                     tt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "never"
-                    print(f"{net:4s} {mode:6s} rep {rep}: wall {r['wall_s']:6.1f} s | train {r['train_time_s']:6.1f} s | "
-                          f"to {a.target:.0%} {tt} s (step {r['step_at_target']}) | acc {r['final_test_accuracy']:.4f} | "
-                          f"compute {1e3 * r['compute_s']:.2f} ms/step | steps {r['steps_per_worker']}", flush=True)
+                    print(f"{net:4s} {mode:6s} rep {rep}: wall {r['wall_s']:6.1f} s | train {r['train_time_s']:6.1f} s"
+                          f" | to {a.target:.0%} {tt} s (step {r['step_at_target']}) | acc "
+                          f"{r['final_test_accuracy']:.4f} | compute {1e3 * r['compute_s']:.2f} ms/step | "
+                          f"steps {r['steps_per_worker']}", flush=True)
     ratios = {}
     for net in a.networks.split(","):
         base = {r["repeat"]: r for r in rows if r["network"] == net and r["mode"] == "sync"}

@@ -281,6 +281,7 @@ def _finish(run: Run) -> int:
         else:
             print("[disttrain] done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in res.items()), flush=True)
         if run.log:
-            run.log.write(json.dumps(dict(step=cfg.steps, final=True, **res, **run.sync.summary())) + "\n")
+            final = dict(step=cfg.steps, final=True, **res, **run.sync.summary())
+            run.log.write(json.dumps(final) + "\n")
     _close(run)
     return 0

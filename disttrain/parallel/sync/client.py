@@ -79,8 +79,8 @@ class ParameterServer:
         elif not groups.thread_level_ok():
             err = "parameter servers run a server thread beside the worker: MPI_THREAD_MULTIPLE was not granted"
         L.check(parent.comm, "ParameterServer", {
-            "shapes": [tuple(p.data.shape) for p in self.params], "dtype": dtypes, "staleness": staleness, "budget": budget,
-            "optimizer": type(opt).__name__}, err, always=True)
+            "shapes": [tuple(p.data.shape) for p in self.params], "dtype": dtypes, "staleness": staleness,
+            "budget": budget, "optimizer": type(opt).__name__}, err, always=True)
         self.staleness = staleness
         # a private communicator: pushes and pulls never match a collective's messages
         self.group = runtime.split(parent, 0, parent.rank, parent.ranks)
@@ -146,7 +146,11 @@ class ParameterServer:
         t0 = time.monotonic()
         # tracked like a collective: the stall inspector reports a long wait naming the ranks that
         # are elsewhere, and the watchdog ends the job if a rank this one waits for has left
-        op = stall.enter("ps pull" if step != FINAL else "ps finish", site=_caller(), group=self.group, lane="p")
+        # the final pull on a lane of its own: under an update budget workers do different numbers of
+        # pulls, and a rank that left after ITS final pull finished its part (no false alarm)
+        final = step == FINAL
+        op = stall.enter("ps finish" if final else "ps pull", site=_caller(), group=self.group,
+                         lane="f" if final else "p")
         try:
             self._wait(sends + reqs, op)
         except BaseException as e:
@@ -165,8 +169,8 @@ class ParameterServer:
     def _wait(self, reqs: list, op) -> None:
         """Complete `reqs`, sleeping in growing steps (ranks may outnumber cores); raise naming the
         rank if one that this worker waits for failed, or left before its `op.seq`-th pull (every
-        worker pulls once per step and once to finish, so a rank that left after the same pull
-        finished its part: stall.py's notices)."""
+        worker pulls once per step and, on a lane of its own, once to finish, so a rank that left
+        after the same pull finished its part: stall.py's notices)."""
         MPI, seen, delay = mpi.MPI, -1, 0.0
         while not MPI.Request.Testall(reqs):
             if stall.alarm != seen:
