@@ -58,13 +58,14 @@ def main(argv=None) -> int:
     run = _prepare(cfg)
     if not isinstance(run, Run):
         return run
-    for step in range(run.start, cfg.steps):
+    step = run.start
+    while run.sync.more(run, step):  # --steps, or the servers' global update budget (--sync async)
         finite = _train_step(run, step)
-        done = step + 1
+        done = step = step + 1
         code = _count_nonfinite(run, done, finite)
         if code is not None:
             return code
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or not run.sync.more(run, done):
             _log(run, done)
         if cfg.eval_every and done % cfg.eval_every == 0:
             _evaluate(run, done)
@@ -200,7 +201,7 @@ def _count_nonfinite(run: Run, done: int, finite: bool):
 def _log(run: Run, done: int) -> None:
     """The metrics record and progress line of the interval ending at `done`."""
     cfg, unit = run.cfg, run.work.unit
-    rec = run.iv.record(done, unit, run.opt, run.skipped)
+    rec = run.iv.record(done, unit, run.opt, run.skipped, alone=not run.sync.collective_metrics)
     emb = getattr(run.model, "embeddings", None)
     if isinstance(emb, ShardedEmbeddings):  # this rank's AllToAll bytes per step (ids, rows, grads)
         st = emb.stats
@@ -215,6 +216,7 @@ def _log(run: Run, done: int) -> None:
     if run.rank0:
         extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
                  f"{1e3 * max(rec['sync_wait_s']):.0f} ms" if "padding" in rec else "")
+        servers = f" | servers at step {rec['global_step']}" if "global_step" in rec else ""  # parameter servers
         if "comm_accounting" in rec and not run.warned_comm:
             run.warned_comm = True
             _err(f"[disttrain] warning: DataParallel reported more exposed communication "
@@ -222,7 +224,7 @@ def _log(run: Run, done: int) -> None:
                  f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
                  "values in *_raw_s) rather than printed contradicting each other")
         print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
-              f"{comm_summary(rec)} | {sync_summary(rec)} | lr {run.opt.lr:.4g}{extra}", flush=True)
+              f"{comm_summary(rec)} | {sync_summary(rec)} | lr {rec['lr']:.4g}{extra}{servers}", flush=True)
         if run.log:
             run.log.write(json.dumps(rec) + "\n")
             run.log.flush()
@@ -231,7 +233,11 @@ def _log(run: Run, done: int) -> None:
 
 def _evaluate(run: Run, done: int) -> None:
     """Test metrics every --eval-every steps; every rank evaluates (same model, cheap): none waits
-    for rank 0. The time is excluded from train_time_s and from the interval's rates."""
+    for rank 0. The time is excluded from train_time_s and from the interval's rates. A mode whose
+    workers run at their own pace (not collective_metrics) evaluates on rank 0 only: only its
+    result is logged."""
+    if not (run.sync.collective_metrics or run.rank0):
+        return
     te = time.perf_counter()
     res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model)
     if run.log:
@@ -286,6 +292,7 @@ def _finish(run: Run) -> int:
         else:
             print("[disttrain] done: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in res.items()), flush=True)
         if run.log:
-            run.log.write(json.dumps(dict(step=cfg.steps, final=True, **res)) + "\n")
+            final = dict(step=cfg.steps, final=True, **res, **run.sync.summary())
+            run.log.write(json.dumps(final) + "\n")
     _close(run)
     return 0

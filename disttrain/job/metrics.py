@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import disttrain as dt
-from disttrain import stall
+from disttrain import mpi, stall
 
 
 def comm_fields(comm_total: float, exposed_total: float, steps: int) -> dict:
@@ -70,14 +70,19 @@ class Interval:
         return dict(interval_start=self.start_step, loss_sum=self.loss_sum, count=self.count, skipped=skipped,
                     consecutive=consecutive)
 
-    def record(self, done, unit, opt, skipped) -> dict:
+    def record(self, done, unit, opt, skipped, alone: bool = False) -> dict:
         """The metrics object of the interval ending at step `done`: the loss over all its steps
-        (including those before a resume), times and rates per step over the steps this process ran."""
-        ddp, comm, n = self.ddp, dt.world().comm, max(1, self.steps)
+        (including those before a resume), times and rates per step over the steps this process ran.
+        `alone`: no communication - this rank's own view (loss, rate, per-rank lists of one), for
+        modes whose workers run at their own pace (a collective would make fast ones wait)."""
+        ddp, n = self.ddp, max(1, self.steps)
+        comm = mpi.MPI.COMM_SELF if alone else dt.world().comm
         dt_s = time.perf_counter() - self.t0
-        tot = dt.allreduce(np.array([self.loss_sum, self.count]), algorithm="mpi")
+        own = np.array([self.loss_sum, self.count])
+        tot = own if alone else dt.allreduce(own, algorithm="mpi")
         rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
-        rec[f"{unit}_per_s"] = self.global_count / dt_s  # loss terms (samples or real tokens) per second
+        # loss terms (samples or real tokens) per second: the job's, or alone this rank's
+        rec[f"{unit}_per_s"] = (self.count if alone else self.global_count) / dt_s
         # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
         # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
         # at once: it adds to both.

@@ -202,3 +202,63 @@ def test_collectives_between_steps_do_not_meet_the_servers_traffic(comm, stalene
     total = [comm.allreduce(a) for a in pushed]
     for q, a, t in zip(model.parameters(), w0, total):
         np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=q.name)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("per_rank", [8, 0.5, 0])
+def test_update_budget_is_exact_and_fast_workers_do_more(comm, per_rank):
+    """async with a global update budget (--sync async's --steps x P): the slow last rank does
+    fewer steps than every fast one; the servers apply exactly `budget` pushes in total, each once,
+    with the learning rate of the global step (pushes applied // P) - checked against every
+    worker's recorded gradients, shard by shard; a budget below P (some workers never step) and a
+    budget of 0 end too."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    budget, sizes, warm = int(per_rank * p), [5, 7, 3], 3
+    model, loss = MLP(sizes, dtype=np.float64, seed=r), nn.SoftmaxCrossEntropy()
+    dt.broadcast_parameters(model, root=0)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = optim.Schedule(opt, warmup_steps=warm)  # lr(t) = 0.1 min(1, (t + 1) / 3): the step matters
+    ps = ParameterServer(model.parameters(), opt, sched, None, budget=budget)
+    w0 = np.concatenate([q.data.ravel() for q in model.parameters()])
+    grads, rng = [], np.random.default_rng(r)
+    while ps.more:
+        x, y = rng.standard_normal((3, sizes[0])), rng.integers(0, sizes[-1], 3)
+        local_backward(model, loss, x, y, 1, 0)
+        grads.append(np.concatenate([q.grad.ravel() for q in model.parameters()]))
+        if r == p - 1 and p > 1:
+            time.sleep(0.03)
+        ps.step()
+        for q in model.parameters():
+            q.grad[...] = 0
+    with pytest.raises(ValueError, match="budget .* is spent"):
+        ps.step()
+    ps.finish(opt)
+    steps = comm.allgather(ps.clock)
+    assert sum(steps) == budget, steps
+    applied = comm.allgather(list(ps.server.applied))
+    assert all(len(a) == budget for a in applied)  # every server applied every push, none beyond
+    assert all(sorted((x.worker, x.clock) for x in a) == sorted((w, c) for w in range(p) for c in range(steps[w]))
+               for a in applied)  # each push exactly once
+    if per_rank >= 1 and p > 1:
+        assert steps[-1] < min(steps[:-1]), steps  # the straggler did the fewest: the others did its share
+    everyone = comm.allgather(grads)
+    expect = w0.copy()
+    for s, (lo, hi) in enumerate(ps.bounds):
+        for a in applied[s]:
+            lr = 0.1 * min(1.0, (a.applied // p + 1) / warm)
+            expect[lo:hi] -= lr / p * everyone[a.worker][a.clock][lo:hi]
+    flat = np.concatenate([q.data.ravel() for q in model.parameters()])
+    np.testing.assert_allclose(flat, expect, rtol=1e-12, atol=1e-14)
+    assert all(np.array_equal(flat, f) for f in comm.allgather(flat))  # every rank: the servers' values
+
+
+@pytest.mark.mpi
+def test_update_budget_refused_on_every_rank(comm):
+    p, r = comm.Get_size(), comm.Get_rank()
+    model = MLP([3, 4, 2], dtype=np.float64)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(CollectiveError, match="update budget needs asynchronous servers"):
+        ParameterServer(model.parameters(), opt, optim.Schedule(opt), 1 if r == 0 else None, budget=4)
+    if p > 1:
+        with pytest.raises(CollectiveError, match="budget"):  # ranks disagree on the budget
+            ParameterServer(model.parameters(), opt, optim.Schedule(opt), None, budget=4 + (r == p - 1))

@@ -15,6 +15,10 @@ class SyncMode:
         cfg: the job's TrainConfig.
     """
 
+    # False: the main job's metrics record, progress line and --eval-every must not communicate
+    # (a mode whose workers run at their own pace: a collective there makes fast ones wait)
+    collective_metrics = True
+
     def __init__(self, param: str, cfg):
         self.param, self.cfg = param, cfg
 
@@ -31,6 +35,11 @@ class SyncMode:
     def start(self, run) -> None:
         """Called once the model, DataParallel and optimizer exist (before resuming)."""
 
+    def more(self, run, step: int) -> bool:
+        """Does this rank do step `step` (0-based)? The loop asks before every step and after it
+        (is it the last). Default: ``--steps`` counts this rank's steps. Must not communicate."""
+        return step < run.cfg.steps
+
     def update(self, run, step: int) -> bool:
         """Apply one step after this rank's backward; returns whether it was finite (applied).
         The verdict must be the same on every rank whose later communication depends on it."""
@@ -44,4 +53,8 @@ class SyncMode:
         are this mode's own (seconds per step waited in its exchange, payload bytes per step): the
         main job adds DataParallel's gradient wait and bytes to them (job/metrics.py); others
         (``staleness_mean``, ``staleness_max``, ...) are recorded as they are."""
+        return {}
+
+    def summary(self) -> dict:
+        """Fields for the final metrics record, after finish (e.g. steps per worker); {} if none."""
         return {}

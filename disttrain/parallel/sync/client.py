@@ -42,6 +42,10 @@ class ParameterServer:
         sched: the learning-rate schedule (``optim.Schedule``) the servers follow per step.
         staleness: S (ssp:S), or None (async).
         group: the ranks that are workers and servers (default: the world).
+        budget: async only (staleness None): the total number of steps (pushes) the servers
+            apply, counted by rank 0's server (server.py, "the global update budget"); a worker
+            steps while ``more`` is True, so fast workers do more of them. None: every worker
+            does the steps its loop does (the same number on every worker).
 
     Collective over `group` (set-up checks, the private communicator). Records: ``pulls`` (every
     answer received: clock.Pull), ``trace`` ((step, started, pushed) monotonic times of this
@@ -51,9 +55,12 @@ class ParameterServer:
         >>> ps = ParameterServer(model.parameters(), opt, sched, staleness=0)
         >>> for t in range(steps): train_step(...); ps.step(t)
         >>> ps.finish(opt)
+        >>> ps = ParameterServer(model.parameters(), opt, sched, None, budget=steps * world)
+        >>> while ps.more: train_step(...); ps.step()
+        >>> ps.finish(opt)
     """
 
-    def __init__(self, params, opt, sched, staleness: int | None, group=None):
+    def __init__(self, params, opt, sched, staleness: int | None, group=None, budget: int | None = None):
         self.params = list(params)
         parent = group if group is not None else groups.world()
         dtypes = sorted({str(p.data.dtype) for p in self.params})
@@ -67,11 +74,13 @@ class ParameterServer:
             err = f"{type(opt).__name__} needs whole-tensor norms; the servers hold slices: use sgd, adam or adamw"
         elif staleness is not None and staleness < 0:
             err = f"staleness must be >= 0 (got {staleness})"
+        elif budget is not None and (staleness is not None or budget < 0):
+            err = f"an update budget needs asynchronous servers (staleness None) and budget >= 0 (got {budget})"
         elif not groups.thread_level_ok():
             err = "parameter servers run a server thread beside the worker: MPI_THREAD_MULTIPLE was not granted"
         L.check(parent.comm, "ParameterServer", {
             "shapes": [tuple(p.data.shape) for p in self.params], "dtype": dtypes, "staleness": staleness,
-            "optimizer": type(opt).__name__}, err, always=True)
+            "budget": budget, "optimizer": type(opt).__name__}, err, always=True)
         self.staleness = staleness
         # a private communicator: pushes and pulls never match a collective's messages
         self.group = runtime.split(parent, 0, parent.rank, parent.ranks)
@@ -85,7 +94,10 @@ class ParameterServer:
         self.grads, self.values = np.empty(n, dtype), np.empty(n, dtype)
         self._gather(self.values, "data")
         lo, hi = self.bounds[self.rank]
-        self.server = ShardServer(self.comm, self.values[lo:hi].copy(), opt, sched, staleness)
+        self.server = ShardServer(self.comm, self.values[lo:hi].copy(), opt, sched, staleness, budget)
+        self.budget = budget
+        # may this worker do another step: its first is granted at set-up, the rest by the keeper
+        self.more = budget is None or self.rank < budget
         self.server.start()
         self.clock = 0
         self.versions = np.zeros(self.size, np.int64)  # the shard version each server last sent here
@@ -106,6 +118,8 @@ class ParameterServer:
         pushed as zeros: the clocks move on, the update loses this rank's share)."""
         if t is not None and t != self.clock:
             raise ValueError(f"ParameterServer.step({t}): this worker is at step {self.clock}")
+        if not self.more:
+            raise ValueError(f"ParameterServer.step: the update budget of {self.budget} is spent (more is False)")
         self._gather(self.grads, "grad")
         finite = bool(np.isfinite(self.grads).all())
         if not finite:
@@ -126,13 +140,17 @@ class ParameterServer:
 
     def _pull(self, step: int, sends: list) -> None:
         """Receive every server's answer for `step` into the model (the wait is this rank's only one)."""
-        hdrs = [np.empty(1 + self.size, np.int64) for _ in range(self.size)]
+        hdrs = [np.empty(2 + self.size, np.int64) for _ in range(self.size)]
         reqs = [self.comm.Irecv(h, s, TAG_RHDR) for s, h in enumerate(hdrs)]
         reqs += [self.comm.Irecv(self.values[lo:hi], s, TAG_RDATA) for s, (lo, hi) in enumerate(self.bounds)]
         t0 = time.monotonic()
         # tracked like a collective: the stall inspector reports a long wait naming the ranks that
         # are elsewhere, and the watchdog ends the job if a rank this one waits for has left
-        op = stall.enter("ps pull" if step != FINAL else "ps finish", site=_caller(), group=self.group, lane="p")
+        # the final pull on a lane of its own: under an update budget workers do different numbers of
+        # pulls, and a rank that left after ITS final pull finished its part (no false alarm)
+        final = step == FINAL
+        op = stall.enter("ps finish" if final else "ps pull", site=_caller(), group=self.group,
+                         lane="f" if final else "p")
         try:
             self._wait(sends + reqs, op)
         except BaseException as e:
@@ -142,15 +160,17 @@ class ParameterServer:
         self.wait_s += time.monotonic() - t0
         for s, h in enumerate(hdrs):
             self.versions[s] = h[0]
-            self.pulls.append(Pull(step, s, int(h[0]), h[1:]))
+            self.pulls.append(Pull(step, s, int(h[0]), h[2:]))
+        if self.budget is not None and step != FINAL:
+            self.more = bool(hdrs[0][1])  # rank 0's server keeps the budget
         for p, a, b in zip(self.params, self.offsets, self.offsets[1:]):
             p.data.reshape(-1)[...] = self.values[a:b]
 
     def _wait(self, reqs: list, op) -> None:
         """Complete `reqs`, sleeping in growing steps (ranks may outnumber cores); raise naming the
         rank if one that this worker waits for failed, or left before its `op.seq`-th pull (every
-        worker pulls once per step and once to finish, so a rank that left after the same pull
-        finished its part: stall.py's notices)."""
+        worker pulls once per step and, on a lane of its own, once to finish, so a rank that left
+        after the same pull finished its part: stall.py's notices)."""
         MPI, seen, delay = mpi.MPI, -1, 0.0
         while not MPI.Request.Testall(reqs):
             if stall.alarm != seen:

@@ -78,8 +78,11 @@ class _ParameterServerMode(SyncMode):
         me = mesh.dp_group.rank
         return runtime.split(mesh.dp_group, me, 0, [mesh.dp_group.ranks[me]])
 
+    budget = False  # async: --steps x P pushes in total (Asynchronous)
+
     def start(self, run) -> None:
-        self.ps = ParameterServer(run.ddp.parameters(), run.opt, run.sched, self.staleness, run.mesh.dp_group)
+        total = run.cfg.steps * run.mesh.dp_group.size if self.budget else None
+        self.ps = ParameterServer(run.ddp.parameters(), run.opt, run.sched, self.staleness, run.mesh.dp_group, total)
         self._last = self.ps.stats()
         # a killed rank cannot say who it was and the launcher names its pid: map pids to ranks
         pids = run.mesh.dp_group.comm.gather(os.getpid(), root=0)
@@ -107,7 +110,9 @@ class _ParameterServerMode(SyncMode):
         return {"wait_s": (now["wait_s"] - last["wait_s"]) / steps,
                 "bytes_sent_per_step": (now["bytes"] - last["bytes"]) / steps,
                 "staleness_mean": float(np.mean(stale)) if stale else 0.0,
-                "staleness_max": float(max(stale)) if stale else 0.0}
+                "staleness_max": float(max(stale)) if stale else 0.0,
+                # every shard applies every push: this rank's server counts the servers' global steps
+                "global_step": self.ps.server.version // per}
 
 
 @SYNC_MODES.register("ssp", takes_param=True)
@@ -134,7 +139,38 @@ class StaleSynchronous(_ParameterServerMode):
 @SYNC_MODES.register("async")
 class Asynchronous(_ParameterServerMode):
     """``--sync async``: parameter servers without a bound (Downpour SGD): a worker waits only for
-    the answer to its own pull; each gradient is applied on arrival (server.py)."""
+    the answer to its own pull; each gradient is applied on arrival (server.py).
+
+    ``--steps N`` is a global update budget: the servers apply N x P pushes in total (the gradient
+    evaluations of N synchronous steps) and every worker steps until rank 0's server says the
+    budget is spent, so fast workers do more of them and a straggler no longer sets the job's end
+    (Dean et al. 2012). The learning-rate schedule follows the servers' count. Nothing in the
+    metrics path communicates (``collective_metrics``): rank 0 logs its own interval plus the
+    servers' ``global_step``; the steps every worker did are in the final record (``summary``)."""
+
+    budget = True
+    collective_metrics = False
+
+    def more(self, run, step: int) -> bool:
+        return self.ps.more
+
+    def finish(self, run) -> None:
+        super().finish(run)
+        # the final answer of rank 0's server carries every worker's clock: no gather needed
+        clocks = next(p.clocks for p in reversed(self.ps.pulls) if p.server == 0)
+        self._summary = {"steps_per_worker": list(clocks), "pushes_applied": int(sum(clocks))}
+        if self.ps.rank == 0:
+            print(f"[disttrain] --sync async: {sum(clocks)} pushes applied (budget {self.ps.budget}); "
+                  f"steps per worker {list(clocks)}", flush=True)
+
+    def record(self) -> dict:
+        rec = super().record()
+        # the servers' rate (they apply lr / P per push), not this worker's own schedule position
+        rec["lr"] = self.ps.server.opt.lr * self.ps.size
+        return rec
+
+    def summary(self) -> dict:
+        return self._summary
 
     @classmethod
     def flag(cls, param: str) -> str:

@@ -8,8 +8,10 @@ Messages (on the parameter servers' private communicator, ps.py):
                        TAG_DATA the gradient's slice            worker's step `clock`, computed on
                                                                 shard `version`; FIN: finished
                                                                 after `clock` steps (no data)
-    server -> worker   TAG_RHDR int64 [version, clocks...]      the answer to the pull that every
-                       TAG_RDATA the shard's values             push (and FIN) implies
+    server -> worker   TAG_RHDR int64 [version, more, clocks...] the answer to the pull that every
+                       TAG_RDATA the shard's values              push (and FIN) implies; `more`:
+                                                                 may the worker do another step
+                                                                 (the budget keeper's grant, below)
 
 How updates are applied decides what the modes mean:
 
@@ -25,6 +27,18 @@ How updates are applied decides what the modes mean:
 - **async - per push** (Dean et al. 2012, Downpour): every gradient is applied on arrival as one
   optimizer step with the learning rate divided by the number of workers (a round of pushes then
   moves the model about as far as one synchronous step); the version counts pushes.
+
+**The global update budget (async with ``budget``).** Downpour runs until the servers applied a
+number of updates, not until every worker did a number of steps: fast workers do more of them.
+One server decides - the *budget keeper*, rank 0's, because the shards see pushes in different
+orders and a count per shard would let one worker's push be in the budget on one shard and
+beyond it on another. The keeper grants steps: every worker's first step is granted at set-up
+(worker w < budget), and its answer to each push says whether that worker may do one more
+(``more`` = granted < budget, counting the grant). A granted step is always pushed and every push
+is applied on every shard, so exactly ``budget`` pushes are applied in total - no push beyond it
+exists to discard. Each push is applied with the learning rate of the *global* step (pushes
+applied on this shard // workers), so the schedule follows the servers' count, not a worker's.
+At the end the servers check that the workers' clocks add up to the budget.
 """
 from __future__ import annotations
 
@@ -60,9 +74,11 @@ class ShardServer(threading.Thread):
         values: this shard's initial values (a copy of the flat parameters' range).
         opt, sched: the workers' optimizer and schedule, cloned for the shard.
         staleness: S of ssp:S, or None (async).
+        budget: async only: the total number of pushes the servers apply (None: every worker does
+            its own number of steps).
     """
 
-    def __init__(self, comm, values: np.ndarray, opt, sched, staleness: int | None):
+    def __init__(self, comm, values: np.ndarray, opt, sched, staleness: int | None, budget: int | None = None):
         super().__init__(name="disttrain-ps-server", daemon=True)
         self.comm, self.staleness = comm, staleness
         self.workers = comm.Get_size()
@@ -72,6 +88,9 @@ class ShardServer(threading.Thread):
         self.sched.opt = self.opt
         self.clocks = np.zeros(self.workers, np.int64)
         self.version = 0
+        self.budget = budget
+        self.keeper = budget is not None and comm.Get_rank() == 0  # the one server that grants steps
+        self.granted = min(self.workers, budget) if budget is not None else 0  # the first steps: at set-up
         self._acc: dict = {}  # ssp: clock -> [sum of its gradients, how many, [(worker, computed_on)]]
         self._waiting: dict = {}  # worker -> the step its pending pull is for (FINAL: the last one)
         self._finished: set = set()
@@ -124,7 +143,8 @@ class ShardServer(threading.Thread):
         self._waiting[w] = clock + 1  # every push asks for the parameters of the next step
         if self.staleness is None:  # async: this gradient now, as one step at lr / workers
             self.applied.append(Applied(w, clock, seen, self.version))
-            self._apply(g, clock, 1.0 / self.workers)
+            # the schedule's step: the global count under a budget, else the worker's own step
+            self._apply(g, self.version // self.workers if self.budget is not None else clock, 1.0 / self.workers)
             return
         acc = self._acc.setdefault(clock, [np.zeros_like(g), 0, []])
         acc[0] += g
@@ -158,14 +178,23 @@ class ShardServer(threading.Thread):
             ended = min(int(self.clocks[w]) for w in self._finished)
             stuck = [w for w, step in self._waiting.items() if step != FINAL and step - self.staleness > ended] \
                 if self.staleness is not None else []
-            if stuck or (done and len(set(self.clocks.tolist())) > 1):
+            if self.budget is not None:
+                if done and int(self.clocks.sum()) != self.budget:
+                    raise RuntimeError(f"parameter server on rank {self.comm.Get_rank()}: the workers pushed "
+                                       f"{int(self.clocks.sum())} steps in total, not the budget of {self.budget} "
+                                       f"(steps pushed per worker: {self.clocks.tolist()})")
+            elif stuck or (done and len(set(self.clocks.tolist())) > 1):
                 raise RuntimeError(f"parameter server on rank {self.comm.Get_rank()}: the workers finished after "
                                    f"different numbers of steps (steps pushed per worker: {self.clocks.tolist()}, "
                                    f"finished: {sorted(self._finished)})")
         for w, step in list(self._waiting.items()):
             if (done and step == FINAL) or may_start(step, self.clocks, self.staleness):
                 del self._waiting[w]
-                hdr = np.concatenate([[self.version], self.clocks]).astype(np.int64)
+                more = int(step != FINAL)
+                if self.keeper and more:  # grant one more step while the budget lasts
+                    more = int(self.granted < self.budget)
+                    self.granted += more
+                hdr = np.concatenate([[self.version, more], self.clocks]).astype(np.int64)
                 data = self.param.data.copy()  # the shard changes while the send is in flight
                 self._sends += [(self.comm.Isend(hdr, w, TAG_RHDR), hdr), (self.comm.Isend(data, w, TAG_RDATA), data)]
                 if w != self.comm.Get_rank():
