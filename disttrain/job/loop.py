@@ -216,14 +216,16 @@ def _log(run: Run, done: int) -> None:
     if run.rank0:
         extra = (f" | padding {rec['padding']:.0%} imbalance {rec['imbalance']:.2f} | sync wait "
                  f"{1e3 * max(rec['sync_wait_s']):.0f} ms" if "padding" in rec else "")
-        servers = f" | servers at step {rec['global_step']}" if "global_step" in rec else ""  # parameter servers
+        # parameter servers with a global budget: the servers' step leads, this worker's own follows
+        shown = rec.get("global_step", done)
+        servers = f" | this worker's step {done}" if "global_step" in rec else ""
         if "comm_accounting" in rec and not run.warned_comm:
             run.warned_comm = True
             _err(f"[disttrain] warning: DataParallel reported more exposed communication "
                  f"({rec['exposed_comm_raw_s']:.3g} s/step) than communication in flight "
                  f"({rec['comm_raw_s']:.3g} s/step); comm_s and exposed_comm_s are left out (null, raw "
                  "values in *_raw_s) rather than printed contradicting each other")
-        print(f"step {done:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
+        print(f"step {shown:>6}/{cfg.steps} | loss {rec['loss']:.4f} | {rec[unit + '_per_s']:>9,.0f} {unit}/s | "
               f"{comm_summary(rec)} | {sync_summary(rec)} | lr {rec['lr']:.4g}{extra}{servers}", flush=True)
         if run.log:
             run.log.write(json.dumps(rec) + "\n")
