@@ -26,6 +26,8 @@ some ranks reach.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit, types
 from numba.core import cgutils  # noqa: F401  (numba.extending needs it imported first)
@@ -94,8 +96,10 @@ def _agreed(hdr, p, k, h):
 
 
 class _Round:
-    """Round k as a request: ``Test()`` looks at the counters a few times (validate.wait's loop
-    makes the wait interruptible and yields the core when ranks outnumber cores)."""
+    """Round k as a request: ``Test()`` looks at the counters a few times and, if a peer is still
+    missing, yields the core (sched_yield: a peer waiting for a core gets it at once - what
+    MPICH's progress throttle does; a no-op when the core is free). validate.wait's loop around
+    it makes the wait interruptible and sleeps when ranks outnumber cores."""
 
     __slots__ = ("cnt", "p", "k")
 
@@ -103,7 +107,10 @@ class _Round:
         self.cnt, self.p, self.k = cnt, p, k
 
     def Test(self) -> bool:  # noqa: N802 - the MPI request protocol validate.wait expects
-        return _spin(self.cnt, self.p, self.k, 64)
+        if _spin(self.cnt, self.p, self.k, 64):
+            return True
+        os.sched_yield()
+        return False
 
 
 class Node:
@@ -142,7 +149,7 @@ class Node:
         _arrive(self.cnt, self.r, self.k)
         return self.k
 
-    def done(self, k: int, tries: int = 2000) -> bool:
+    def done(self, k: int, tries: int = 500) -> bool:
         """Whether every rank has arrived at round k (a short spin; the caller's slow path is
         ``validate.wait(self.request(k), ...)``, interruptible and yielding)."""
         return _spin(self.cnt, self.p, k, tries)

@@ -103,14 +103,16 @@ def forget(*comms) -> None:
 
 
 def shm_cost(c, n: float) -> float:
-    """Two flag rounds per chunk (about one intra-node latency each, no software stack) + copy in
-    and the copy out of p-1 slices ((2p-1)/p n beta) + the reduction of this rank's slice over p
-    segments ((p-1) n/p gamma); infinite across hosts."""
+    """Two flag rounds per chunk (a cache line each way, no software stack: alpha / 2 each) + the
+    copy in and the copy out of p - 1 slices ((2p-1)/p n bytes copied once) + the reduction of this
+    rank's slice over p segments ((p-1) n/p gamma); infinite across hosts. beta is the cost of a
+    byte *sent* between ranks - through MPI's shared-memory channel that is two copies (into a
+    cell and out of it) - so one copy in memory costs beta / 2 here."""
     if getattr(c, "hosts", 1) > 1:
         return math.inf
     b, g = cost.bg(c, n)
     chunks = max(1, math.ceil(n / CHUNK_BYTES))
-    return chunks * 2 * c.alpha / 2 + (2 * c.p - 1) / c.p * n * b + (c.p - 1) * n / c.p * g
+    return chunks * c.alpha + (2 * c.p - 1) / c.p * n * b / 2 + (c.p - 1) * n / c.p * g
 
 
 @ALLREDUCE.register("shm", cost=shm_cost, overhead=10e-6)
