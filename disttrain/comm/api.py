@@ -249,7 +249,13 @@ def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) 
         >>> grad_sum = h.wait()
     """
     g = _async_group(group, "allreduce_async", x)
-    xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+    xc = x
+    if isinstance(x, np.ndarray):
+        if x.dtype in REDUCE_DTYPES:  # a recycled buffer: no page faults for a fresh copy
+            xc = pool.empty(x.shape, x.dtype)
+            xc[...] = x
+        else:  # reported as an error on the communication thread, like any bad argument
+            xc = np.array(x, copy=True)
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 
