@@ -17,15 +17,14 @@ from .. import timeline
 from ..groups import as_group
 from .. import stall
 from ..stall import tracked
-from . import config, node, validate
+from . import config, fused, validate
 from .costmodel import choose
 from .engine import Handle, engine
 from .errors import CollectiveError
 from .kernels import divide, float_to_half, from_keys, half_to_float, to_keys
-from .ops import AVG, MAX, MIN, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
+from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
 from .p2p import partition, scratch
 from .pool import pool
-from .shm import fold
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
 
@@ -114,10 +113,10 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if inplace and not err and not x.flags.writeable:
         err = "allreduce: the in-place variant needs a writeable array"
     if config.current().validate:
-        small = _payload(comm, x, acc, kop, algorithm) if err is None else None
+        small = fused.payload(comm, x, acc, kop, algorithm) if err is None else None
         if validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
                                               "algorithm": algorithm}, err, payload=small):
-            return _fused(comm, x, opc, kop, inplace)
+            return fused.finish(comm, x, opc, kop, inplace)
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
@@ -125,7 +124,7 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if op_rec is not None:
         op_rec.algorithm = name
     into = ALLREDUCE.into.get(name)
-    if into is not None and not inplace and acc is x.dtype and not _keyed(kop, acc) and x.size:
+    if into is not None and not inplace and acc is x.dtype and not fused.keyed(kop, acc) and x.size:
         # out of place straight into the (recycled) result: MPI_Allreduce(x, y), no copy of x first
         out = pool.empty(x.shape, x.dtype)
         flat = out.reshape(-1)
@@ -145,47 +144,10 @@ def _allreduce(comm, x, op, algorithm, inplace):
     return x if direct else _from_work(work, x, inplace)
 
 
-def _keyed(kop: int, acc) -> bool:
-    """min/max over floats reduce order keys (see _run_reduce)."""
-    return kop in (MIN, MAX) and acc.kind == "f"
-
-
-def _payload(comm, x, acc, kop, algorithm):
-    """The bytes a small "auto" allreduce carries in its validation round, or None.
-
-    Every condition is a function of what the round itself agrees on (shape, dtype, op,
-    algorithm) and of the communicator (node state exists on all its ranks or none), so every
-    rank takes the fused path or none does. min/max over floats are left to the algorithms
-    (NaN and signed-zero semantics of the order keys, kernels.to_keys)."""
-    nbytes = x.nbytes
-    if (algorithm != "auto" or nbytes > node.SMALL or nbytes == 0 or acc is not x.dtype or _keyed(kop, acc)
-            or node.get(comm) is None):
-        return None
-    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-
-
-def _fused(comm, x, opc, kop, inplace):
-    """Every rank's payload arrived with the validation round: each rank folds all p of them in
-    rank order (the same kernel on the same bytes, so every rank gets the same bits)."""
-    op_rec = stall.current()
-    if op_rec is not None:
-        op_rec.algorithm = "fused"
-    rows = node.get(comm).payloads(x.nbytes).view(x.dtype)
-    out = x if inplace and x.flags.c_contiguous else np.empty(x.shape, x.dtype)
-    flat = out.reshape(-1)
-    fold(rows, flat, kop)
-    if opc == AVG:
-        divide(flat, comm.Get_size())
-    if inplace and out is not x:
-        x[...] = out
-        return x
-    return out
-
-
 def _run_reduce(family: str, fn, comm, work, kop, name, *args):
     """Run a reducing algorithm on the work buffer; min/max over floats reduce order keys
     (kernels.to_keys): NaN propagates and every rank gets the same bits, whatever the algorithm."""
-    keyed = kop in (MIN, MAX) and work.dtype.kind == "f"
+    keyed = fused.keyed(kop, work.dtype)
     buf = to_keys(work, kop) if keyed else work
     if timeline.enabled():
         with timeline.span(f"{family}:{name}", "algo", bytes=work.nbytes):

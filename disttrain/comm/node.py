@@ -30,7 +30,6 @@ import os
 
 import numpy as np
 from numba import njit, types
-from numba.core import cgutils  # noqa: F401  (numba.extending needs it imported first)
 from numba.extending import intrinsic
 
 from .. import mpi

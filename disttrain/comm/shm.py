@@ -87,6 +87,15 @@ def fold(rows: np.ndarray, out: np.ndarray, op: int) -> None:
         _fold(rows, out, op)
 
 
+def fold_ref(rows: np.ndarray, op: int) -> np.ndarray:
+    """NumPy reference for :func:`fold` (min/max keep the earlier rank's value on ties)."""
+    out = rows[0].copy()
+    for row in rows[1:]:
+        out = {SUM: out + row, PROD: out * row, MIN: np.where(row < out, row, out),
+               MAX: np.where(row > out, row, out)}[op].astype(rows.dtype)
+    return out
+
+
 @njit(**_JIT)
 def _fold(rows, out, op):
     p = rows.shape[0]

@@ -7,6 +7,7 @@ from mpi4py import MPI
 
 import disttrain as dt
 from disttrain.comm import node, shm
+from disttrain.comm.ops import MAX, MIN, PROD, SUM
 from disttrain.comm.pool import Pool
 
 from .conftest import rank_rng
@@ -113,6 +114,15 @@ def test_results_are_new_arrays_and_kept_results_are_never_reused(comm):
         assert np.all(y == i * p)
     a = dt.allreduce(np.ones(1 << 15))
     assert not np.shares_memory(a, dt.allreduce(np.ones(1 << 15)))
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64, np.int32, np.int64))
+def test_fold_kernel_against_numpy(dtype):
+    rows = (np.arange(5 * 33).reshape(5, 33) % 11 - 5).astype(dtype)
+    for op in (SUM, PROD, MIN, MAX):
+        out = np.empty(33, dtype)
+        shm.fold(rows, out, op)
+        np.testing.assert_array_equal(out, shm.fold_ref(rows, op))
 
 
 def test_pool_reuses_only_dropped_buffers_and_stays_bounded():
