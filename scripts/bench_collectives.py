@@ -11,6 +11,12 @@ takes the slowest rank's mean, and the reported time is the median over rounds. 
 in place with validation off (the hot-loop configuration; validation costs one extra 24-byte
 allreduce per call, shown separately as "auto+check"), native runs in place (MPI_IN_PLACE).
 
+``--default-path`` (allreduce) measures instead what a user calls first: native is
+``MPI_Allreduce(x, y)`` out of place (y allocated once), ours ``dt.allreduce(x)`` with its defaults
+(a new result array, validation on), as "auto", "shm" and "mpi".
+
+    launchers/local.sh 2 scripts/bench_collectives.py --default-path --min-bytes 64K
+
 Bandwidths follow nccl-tests (PERFORMANCE.md there): algbw = bytes / time; busbw = algbw * 2(p-1)/p
 for allreduce, (p-1)/p for allgather / reduce_scatter / alltoall, 1 for broadcast - the factor that
 makes busbw comparable with link bandwidth whatever p is. ``ratio`` = native time / our time
@@ -37,13 +43,18 @@ def busbw_factor(coll: str, p: int) -> float:
     return {"allreduce": 2 * (p - 1) / p, "broadcast": 1.0}.get(coll, (p - 1) / p) if p > 1 else 1.0
 
 
-def make_calls(coll: str, comm, nbytes: int, dt, MPI):
+def make_calls(coll: str, comm, nbytes: int, dt, MPI, default_path: bool = False):
     """{series name: zero-argument callable} for one message size (float32 data)."""
     p = comm.Get_size()
     n = max(1, nbytes // 4)
     x = np.ones(n, np.float32)
     calls = {}
-    if coll == "allreduce":
+    if coll == "allreduce" and default_path:
+        y = np.empty_like(x)
+        calls["native"] = lambda: comm.Allreduce(x, y, op=MPI.SUM)
+        for a in ("auto", "shm", "mpi"):
+            calls[a] = (lambda a=a: dt.allreduce(x, algorithm=a))
+    elif coll == "allreduce":
         calls["native"] = lambda: comm.Allreduce(MPI.IN_PLACE, x, op=MPI.SUM)
         for a in list(dt.ALLREDUCE_ALGORITHMS) + ["auto"]:
             calls[a] = (lambda a=a: dt.allreduce_(x, algorithm=a))
@@ -97,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--max-bytes", default="64M")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per size (median reported)")
     ap.add_argument("--batch-seconds", type=float, default=0.02, help="target duration of one timed batch")
+    ap.add_argument("--default-path", action="store_true",
+                    help="allreduce: out of place with validation on, vs MPI_Allreduce(x, y)")
     ap.add_argument("--calibrate", action="store_true", help="calibrate the cost model first (for auto)")
     ap.add_argument("--out", default="results", help="directory for the CSV/JSON (and PNG) files")
     ap.add_argument("--plot", action="store_true", help="draw a PNG (needs matplotlib: pip install .[plot])")
@@ -119,7 +132,7 @@ def main(argv=None):
     p, rank = comm.Get_size(), comm.Get_rank()
     if a.calibrate:
         dt.calibrate()
-    dt.set_validation(False)
+    dt.set_validation(a.default_path)
     sizes, s = [], parse_bytes(a.min_bytes)
     while s <= parse_bytes(a.max_bytes):
         sizes.append(s)
@@ -129,7 +142,7 @@ def main(argv=None):
         print(f"# {a.collective}, p={p}, float32, {MPI.Get_library_version().splitlines()[0].strip()}, "
               f"{platform.node()}; time in us (median of {a.rounds} rounds); ratio = native/ours")
     for nbytes in sizes:
-        calls, real = make_calls(a.collective, comm, nbytes, dt, MPI)
+        calls, real = make_calls(a.collective, comm, nbytes, dt, MPI, a.default_path)
         iters = {}
         for name, fn in calls.items():  # warm up (numba, scratch buffers) and size the batches
             t = time_batch(fn, 1, comm, MPI)
@@ -150,7 +163,7 @@ def main(argv=None):
             print(f"{real:>10} B  native {med['native'] * 1e6:10.1f} us  {cells}", flush=True)
     if rank == 0:
         os.makedirs(a.out, exist_ok=True)
-        stem = os.path.join(a.out, f"bench_{a.collective}_p{p}")
+        stem = os.path.join(a.out, f"bench_{a.collective}_p{p}" + ("_default" if a.default_path else ""))
         with open(stem + ".csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()

@@ -77,8 +77,11 @@ def test_cost_model_shapes():
     small, large = 64, 64 << 20
     # every allreduce algorithm registers its formula with itself: "auto" considers them all
     assert set(ALLREDUCE.costs) == set(ALLREDUCE.names())
-    pr = {a: costmodel.predict(c, a, small) for a in ALLREDUCE.costs if a != "mpi"}
-    pl = {a: costmodel.predict(c, a, large) for a in ALLREDUCE.costs if a != "mpi"}
+    # shm moves bytes through memory on one node, not messages: compared separately below
+    pr = {a: costmodel.predict(c, a, small) for a in ALLREDUCE.costs if a not in ("mpi", "shm")}
+    pl = {a: costmodel.predict(c, a, large) for a in ALLREDUCE.costs if a not in ("mpi", "shm")}
+    assert costmodel.predict(c, "shm", large) < min(pl.values())  # each byte copied once, not sent
+    assert costmodel.predict(costmodel.CostParams(8, hosts=2), "shm", large) == math.inf
     assert min(pr, key=pr.get) == "butterfly"  # latency-bound: fewest rounds
     assert min(pl, key=pl.get) in ("ring", "rabenseifner", "ps")  # bandwidth-bound: 2(p-1)/p n
     assert pl["tree"] > pl["double_tree"] > pl["ring"]

@@ -17,14 +17,14 @@ from .. import timeline
 from ..groups import as_group
 from .. import stall
 from ..stall import tracked
-from . import validate
-from . import config
+from . import config, fused, validate
 from .costmodel import choose
 from .engine import Handle, engine
 from .errors import CollectiveError
 from .kernels import divide, float_to_half, from_keys, half_to_float, to_keys
-from .ops import AVG, MAX, MIN, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
+from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
 from .p2p import partition, scratch
+from .pool import pool
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
 
@@ -64,7 +64,9 @@ def _to_work(x: np.ndarray, acc) -> np.ndarray:
         work = scratch(x.size, acc, slot=0)
         half_to_float(np.ascontiguousarray(x).reshape(-1), work)
         return work
-    return np.array(x, order="C", copy=True).reshape(-1)
+    work = pool.empty(x.size, acc)
+    work.reshape(x.shape)[...] = x
+    return work
 
 
 def _from_work(work: np.ndarray, x: np.ndarray, inplace: bool) -> np.ndarray:
@@ -111,14 +113,29 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if inplace and not err and not x.flags.writeable:
         err = "allreduce: the in-place variant needs a writeable array"
     if config.current().validate:
-        validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
-                                           "algorithm": algorithm}, err)
+        small = fused.payload(comm, x, acc, kop, algorithm) if err is None else None
+        if validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
+                                              "algorithm": algorithm}, err, payload=small):
+            return fused.finish(comm, x, opc, kop, inplace)
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
     op_rec = stall.current()
     if op_rec is not None:
         op_rec.algorithm = name
+    into = ALLREDUCE.into.get(name)
+    if into is not None and not inplace and acc is x.dtype and not fused.keyed(kop, acc) and x.size:
+        # out of place straight into the (recycled) result: MPI_Allreduce(x, y), no copy of x first
+        out = pool.empty(x.shape, x.dtype)
+        flat = out.reshape(-1)
+        if timeline.enabled():
+            with timeline.span(f"allreduce:{name}", "algo", bytes=x.nbytes):
+                into(comm, np.ascontiguousarray(x).reshape(-1), flat, kop)
+        else:
+            into(comm, np.ascontiguousarray(x).reshape(-1), flat, kop)
+        if opc == AVG:
+            divide(flat, comm.Get_size())
+        return out
     direct = inplace and acc is x.dtype and x.flags.c_contiguous  # reduce in x itself: DataParallel's buckets
     work = x.reshape(-1) if direct else _to_work(x, acc)
     _run_reduce("allreduce", ALLREDUCE.resolve(name), comm, work, kop, name)
@@ -130,7 +147,7 @@ def _allreduce(comm, x, op, algorithm, inplace):
 def _run_reduce(family: str, fn, comm, work, kop, name, *args):
     """Run a reducing algorithm on the work buffer; min/max over floats reduce order keys
     (kernels.to_keys): NaN propagates and every rank gets the same bits, whatever the algorithm."""
-    keyed = kop in (MIN, MAX) and work.dtype.kind == "f"
+    keyed = fused.keyed(kop, work.dtype)
     buf = to_keys(work, kop) if keyed else work
     if timeline.enabled():
         with timeline.span(f"{family}:{name}", "algo", bytes=work.nbytes):
@@ -194,7 +211,13 @@ def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) 
         >>> grad_sum = h.wait()
     """
     g = _async_group(group, "allreduce_async", x)
-    xc = np.array(x, copy=True) if isinstance(x, np.ndarray) else x
+    xc = x
+    if isinstance(x, np.ndarray):
+        if x.dtype in REDUCE_DTYPES:  # a recycled buffer: no page faults for a fresh copy
+            xc = pool.empty(x.shape, x.dtype)
+            xc[...] = x
+        else:  # reported as an error on the communication thread, like any bad argument
+            xc = np.array(x, copy=True)
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 

@@ -43,6 +43,11 @@ def mpi_allreduce(comm, buf, op: int) -> None:
     comm.Allreduce(mpi.MPI.IN_PLACE, buf, op=_op(op))
 
 
+@ALLREDUCE.out_of_place("mpi")
+def mpi_allreduce_into(comm, src, dst, op: int) -> None:
+    comm.Allreduce(src, dst, op=_op(op))  # MPI_Allreduce(x, y): no copy of x first
+
+
 @REDUCE_SCATTER.register("mpi")
 def mpi_reduce_scatter(comm, buf, op, counts, displs):
     out = np.empty(int(counts[comm.Get_rank()]), buf.dtype)

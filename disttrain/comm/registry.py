@@ -26,6 +26,7 @@ class Registry(_Registry):
         self.family, self.signature = family, signature
         self._resolved: dict = {}
         self.costs: dict = {}  # name -> (cost(c, n[, param]) -> seconds, default per-call overhead)
+        self.into: dict = {}  # name -> fn(comm, src, dst, op): the out-of-place form, where one exists
 
     def register(self, name: str, *, takes_param: bool = False, cost=None, overhead: float = 0.0):
         """Decorator: add an algorithm; `cost(c: CostParams, nbytes[, param]) -> seconds` is its
@@ -34,6 +35,15 @@ class Registry(_Registry):
         if cost is not None:
             self.costs[name] = (cost, overhead)
         return super().register(name, takes_param=takes_param)
+
+    def out_of_place(self, name: str):
+        """Decorator: the out-of-place form ``fn(comm, src, dst, op)`` of algorithm `name` (the
+        family's signature with a separate result buffer), which the out-of-place public call
+        uses to skip copying the input into a work buffer first."""
+        def deco(fn):
+            self.into[name] = fn
+            return fn
+        return deco
 
     def problem(self, name) -> str | None:
         """Why `name` is not a valid algorithm of this family (None if it is); "auto" is accepted."""

@@ -4,7 +4,8 @@ The design of PyTorch DDP (Li et al. 2020, "PyTorch Distributed: Experiences on 
 Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
 
 - Parameters are grouped into buckets in *reverse* registration order - the order backward
-  produces their gradients - with a small first bucket (1 MiB) so that communication starts early.
+  produces their gradients - with a small first bucket (1 MiB, at most half the model) so that
+  communication starts early, even for a small model.
 - Each parameter's ``.grad`` becomes a view into its bucket's flat buffer: no copy before or after
   the allreduce, and the bucket is one large message (cheap per byte, see the benchmarks).
 - Containers report a child's gradients ready the moment its backward returns (Module hook); when
@@ -64,7 +65,7 @@ class DataParallel:
 
     Args:
         model: a Module; its containers' backward must report ready children (Sequential does).
-        bucket_mb: target bucket size in MiB (the first bucket is at most 1 MiB).
+        bucket_mb: target bucket size in MiB (the first bucket is at most 1 MiB and half the model).
         compression: None or "none" (exact), a name from ``disttrain.compression.names()``
             ("fp16", "bf16", "topk:0.01", "onebit", "powersgd:2") or a Compressor instance.
         algorithm: the allreduce algorithm for the buckets ("auto" asks the cost model).
@@ -158,8 +159,11 @@ class DataParallel:
 
     # --------------------------------------------------------------------------- buckets
     def _size_groups(self, cap: float) -> list:
-        """The parameters in backward order, cut into buckets of about `cap` bytes."""
-        buckets, cur, size, limit = [], [], 0, min(cap, FIRST_BUCKET_BYTES)
+        """The parameters in backward order, cut into buckets of about `cap` bytes. The first is
+        at most FIRST_BUCKET_BYTES and at most half the model, so that even a small model has a
+        second bucket whose backward its first bucket's allreduce can overlap (issue 16)."""
+        total = sum(p.data.nbytes for p in self.params)
+        buckets, cur, size, limit = [], [], 0, min(cap, FIRST_BUCKET_BYTES, max(1, total // 2))
         for p in reversed(self.params):  # backward order
             cur.append(p)
             size += p.data.nbytes

@@ -153,21 +153,19 @@ def test_shm_many_chunks_and_rounds_blocking_and_async_at_once(comm, monkeypatch
 def test_shm_across_nodes_is_refused_on_every_rank(comm, monkeypatch):
     """A group spanning nodes cannot use shm: every rank sees it and raises the same error (the
     predicate - node size vs group size - is a fact every rank shares; faked here on every rank)."""
-    from disttrain.comm import shm
+    from disttrain.comm import node
     from disttrain.comm.errors import CollectiveError
 
     if comm.Get_size() == 1:
         pytest.skip("one rank never enters the algorithm")
     g = dt.new_group(range(comm.Get_size()))
-    def spans_nodes(self, c):
-        self.node, self.single = c, False
-
-    monkeypatch.setattr(shm._Node, "__init__", spans_nodes)
+    st = node.prepare(g.comm)  # made at the group's first (agreed) check
+    monkeypatch.setattr(st, "single", False)  # as if its ranks spanned nodes, on every rank
     try:
         with pytest.raises(CollectiveError, match="one node"):
             dt.allreduce(np.ones(8), algorithm="shm", group=g)
     finally:
-        shm._state.pop(g.comm.handle, None)
+        monkeypatch.undo()
         g.free()
     # auto never picks it across hosts
     from disttrain.comm import costmodel
