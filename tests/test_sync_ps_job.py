@@ -3,14 +3,17 @@
 worker or server that dies (SIGKILL, an exception, an early exit) at a named point ends the job
 with a message naming it - never a hang."""
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
 from disttrain.job.config import ConfigError, parse_config
 
-from ._mpirun import run
+from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 
@@ -59,6 +62,27 @@ def test_a_refused_configuration_ends_every_rank_with_one_message(tmp_path):
     res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--stop-after-steps", "5"], timeout=60, env=ENV)
     assert res.returncode == 2 and "--stop-after-steps is refused" in res.stdout, res.stdout[-2000:]
     assert res.stdout.count("configuration error") == 1 and time.monotonic() - t < 50
+
+
+@pytest.mark.parametrize("mine,theirs", [("local:2", "sync"), ("ssp:1", "async")])
+def test_a_configuration_that_differs_on_one_rank_ends_every_rank_with_one_message(mine, theirs):
+    """Valid on every rank but different on one (a --config file that differs on one host; here
+    MPMD flags): rank 0 would split its data-parallel group, the others not - a hang in the first
+    collective (seen: DataParallel's set-up check, until the 90 s timeout) before the ranks agreed
+    on the configuration, not only on its errors."""
+    job = [sys.executable, "-m", "disttrain.train", "--steps", "4", "--sync"]
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV)
+    t = time.monotonic()
+    proc = subprocess.Popen(mpiexec() + ["-n", "1", *job, mine, ":", "-n", "2", *job, theirs], text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # the hang: end the whole job, leave nothing running
+        os.killpg(proc.pid, 9)
+        out = proc.communicate()[0] + "\n*** TIMEOUT (hang) ***"
+    assert proc.returncode == 2 and "configuration differs between ranks" in out, out[-2000:]
+    assert f"sync: rank 0 has {mine!r}, rank 1 has {theirs!r}" in out and out.count("configuration error") == 1
+    assert time.monotonic() - t < 50
 
 
 def _pids(out: str) -> dict:
