@@ -170,3 +170,35 @@ logger.debug("not shown at INFO")
     assert "[disttrain r1] ERROR: an error from every rank" in res.stdout and "not shown" not in res.stdout
     res, _ = job(tmp_path, 2, body, env={"DISTTRAIN_LOG_RANKS": "all", "DISTTRAIN_LOG_LEVEL": "debug"})
     assert "[disttrain r1] WARNING: hello from the log" in res.stdout and "not shown at INFO" in res.stdout
+
+
+def test_an_environment_that_differs_on_one_rank_is_rank_0s_on_every_rank(tmp_path):
+    """DISTTRAIN_VALIDATE=0 on one host only left that rank out of the others' per-collective
+    check: the first collective hung (seen: killed at the timeout). Rank 0's environment decides
+    for every rank, as for DISTTRAIN_FAKE_NODES and the cost model; a bad value in it is an error
+    on every rank."""
+    res, took = job(tmp_path, 3, """
+import os
+if os.environ.get("PMI_RANK") == "1":   # this rank's host sets its own
+    os.environ.update(DISTTRAIN_VALIDATE="0", DISTTRAIN_SEGMENT_BYTES="4096")
+import numpy as np, disttrain as dt
+from disttrain.comm import config
+dt.init()
+got = dt.allreduce(np.full(5, dt.rank() + 1.0), algorithm="ring")
+print("RESULT", dt.rank(), got.tolist(), config.current().validate, config.current().segment_bytes, flush=True)
+""", timeout=40)
+    assert res.returncode == 0, res.stdout[-2000:]
+    lines = sorted(x for x in res.stdout.splitlines() if x.startswith("RESULT"))
+    tails = {x.split(" ", 2)[2] for x in lines}
+    assert len(lines) == 3 and len(tails) == 1, lines  # every rank: the sum, and rank 0's settings
+    assert tails.pop().startswith("[6.0, 6.0, 6.0, 6.0, 6.0] True ") and not lines[1].endswith(" 4096"), lines
+    res, _ = job(tmp_path, 3, """
+import os
+if os.environ.get("PMI_RANK") == "0":
+    os.environ["DISTTRAIN_SEGMENT_BYTES"] = "x"
+import disttrain as dt
+dt.init()
+print("UNREACHABLE", flush=True)
+""", timeout=40)
+    assert res.returncode != 0 and "UNREACHABLE" not in res.stdout
+    assert "DISTTRAIN_SEGMENT_BYTES='x' is not an integer" in res.stdout, res.stdout[-2000:]
