@@ -6,7 +6,9 @@ on every rank (base.SyncMode.update's contract). The parameter-server modes retu
 ``np.isfinite`` check: a NaN on one rank makes only that rank exit 3 while the others keep
 training (they then fail on its departure) - and the skip counters differ per rank.
 
-Not in the suite (tests/mpi is driven at every rank count); repro:
+Not in the suite (tests/mpi is driven at every rank count); the job-level consequence:
+    mpiexec -n 3 python tests/open/nan_on_one_rank_job.py --sync async --steps 8 --on-nonfinite stop
+repro of the verdicts:
     mpiexec -n 3 python tests/mpi/run.py /tmp/attack2-logs -x --no-header -q tests/open/ps_nonfinite_verdict.py
 """
 import dataclasses

@@ -1,0 +1,25 @@
+"""OPEN (attack2): the main job with a NaN gradient on rank 1 only, at its 3rd step (after its
+own backward: with --sync ssp:S / async DataParallel is a one-rank group, so this is what a bad
+sample on one rank does).
+
+    mpiexec -n 3 python tests/open/nan_on_one_rank_job.py --sync async --steps 8 --on-nonfinite stop
+
+Seen: exit status 1, not 3; rank 1 stops alone (its "non-finite gradients" message is printed
+by rank 0 only, so nobody says why) and ranks 0 and 2 abort on "rank 1 has left the job" in the
+metrics allreduce. With --sync sync the same script is not meaningful (the injection comes after
+DataParallel averaged the gradients)."""
+import os, sys
+import numpy as np
+import disttrain.job.loop as loop
+orig, n = loop.train_step, [0]
+def nan_step(ddp, *a, **k):
+    loss = orig(ddp, *a, **k)
+    n[0] += 1
+    import disttrain as dt
+    if dt.rank() == 1 and n[0] == 3:
+        for p in ddp.parameters():
+            p.grad[...] = np.nan
+    return loss
+loop.train_step = nan_step
+from disttrain.train import main
+sys.exit(main(sys.argv[1:]))
