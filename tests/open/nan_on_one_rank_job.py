@@ -8,18 +8,25 @@ Seen: exit status 1, not 3; rank 1 stops alone (its "non-finite gradients" messa
 by rank 0 only, so nobody says why) and ranks 0 and 2 abort on "rank 1 has left the job" in the
 metrics allreduce. With --sync sync the same script is not meaningful (the injection comes after
 DataParallel averaged the gradients)."""
-import os, sys
+import sys
+
 import numpy as np
+
+import disttrain as dt
 import disttrain.job.loop as loop
+from disttrain.train import main
+
 orig, n = loop.train_step, [0]
+
+
 def nan_step(ddp, *a, **k):
     loss = orig(ddp, *a, **k)
     n[0] += 1
-    import disttrain as dt
     if dt.rank() == 1 and n[0] == 3:
         for p in ddp.parameters():
             p.grad[...] = np.nan
     return loss
+
+
 loop.train_step = nan_step
-from disttrain.train import main
 sys.exit(main(sys.argv[1:]))
