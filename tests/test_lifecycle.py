@@ -1,5 +1,6 @@
 """Issue 14: a rank that leaves, raises before init, or finalizes MPI itself never hangs the job;
 the flight recorder names what went wrong. Each test runs a real job under mpiexec."""
+import ast
 import json
 import os
 import time
@@ -185,13 +186,14 @@ import numpy as np, disttrain as dt
 from disttrain.comm import config
 dt.init()
 got = dt.allreduce(np.full(5, dt.rank() + 1.0), algorithm="ring")
-print("RESULT", dt.rank(), got.tolist(), config.current().validate, config.current().segment_bytes, flush=True)
+rows = dt.world().comm.gather((got.tolist(), config.current().validate, config.current().segment_bytes))
+if dt.rank() == 0:   # one line: the ranks' prints would interleave
+    print("RESULT", rows, flush=True)
 """, timeout=40)
     assert res.returncode == 0, res.stdout[-2000:]
-    lines = sorted(x for x in res.stdout.splitlines() if x.startswith("RESULT"))
-    tails = {x.split(" ", 2)[2] for x in lines}
-    assert len(lines) == 3 and len(tails) == 1, lines  # every rank: the sum, and rank 0's settings
-    assert tails.pop().startswith("[6.0, 6.0, 6.0, 6.0, 6.0] True ") and not lines[1].endswith(" 4096"), lines
+    rows = ast.literal_eval(next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert rows[0][:2] == ([6.0] * 5, True) and rows[0][2] != 4096, rows
+    assert rows == [rows[0]] * 3, rows  # every rank: the sum, and rank 0's settings
     res, _ = job(tmp_path, 3, """
 import os
 if os.environ.get("PMI_RANK") == "0":
