@@ -87,8 +87,16 @@ def init() -> "Group":
         _install_abort_hooks()
         try:
             config.load_from_env()
-        except ValueError as e:  # the same environment everywhere: every rank raises the same error
-            raise CollectiveError(str(e)) from None
+            err = None
+        except ValueError as e:
+            err = str(e)
+        # rank 0's environment decides for every rank (as for DISTTRAIN_FAKE_NODES and the cost
+        # model): DISTTRAIN_VALIDATE=0 on one host only left its ranks out of the other ranks'
+        # per-collective check - a hang in the first collective; a bad value is an error everywhere
+        err, values = cw.bcast((err, {k: getattr(config.current(), k) for k in config.ENV_FIELDS}), root=0)
+        if err:
+            raise CollectiveError(err)
+        config.update(**values)
         _build_topology(w)
         costmodel.ensure(w.comm, w.async_comm)
         _warn_blas_threads(local)

@@ -1,5 +1,6 @@
 """Issue 14: a rank that leaves, raises before init, or finalizes MPI itself never hangs the job;
 the flight recorder names what went wrong. Each test runs a real job under mpiexec."""
+import ast
 import json
 import os
 import time
@@ -170,3 +171,36 @@ logger.debug("not shown at INFO")
     assert "[disttrain r1] ERROR: an error from every rank" in res.stdout and "not shown" not in res.stdout
     res, _ = job(tmp_path, 2, body, env={"DISTTRAIN_LOG_RANKS": "all", "DISTTRAIN_LOG_LEVEL": "debug"})
     assert "[disttrain r1] WARNING: hello from the log" in res.stdout and "not shown at INFO" in res.stdout
+
+
+def test_an_environment_that_differs_on_one_rank_is_rank_0s_on_every_rank(tmp_path):
+    """DISTTRAIN_VALIDATE=0 on one host only left that rank out of the others' per-collective
+    check: the first collective hung (seen: killed at the timeout). Rank 0's environment decides
+    for every rank, as for DISTTRAIN_FAKE_NODES and the cost model; a bad value in it is an error
+    on every rank."""
+    res, took = job(tmp_path, 3, """
+import os
+if os.environ.get("PMI_RANK") == "1":   # this rank's host sets its own
+    os.environ.update(DISTTRAIN_VALIDATE="0", DISTTRAIN_SEGMENT_BYTES="4096")
+import numpy as np, disttrain as dt
+from disttrain.comm import config
+dt.init()
+got = dt.allreduce(np.full(5, dt.rank() + 1.0), algorithm="ring")
+rows = dt.world().comm.gather((got.tolist(), config.current().validate, config.current().segment_bytes))
+if dt.rank() == 0:   # one line: the ranks' prints would interleave
+    print("RESULT", rows, flush=True)
+""", timeout=40)
+    assert res.returncode == 0, res.stdout[-2000:]
+    rows = ast.literal_eval(next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert rows[0][:2] == ([6.0] * 5, True) and rows[0][2] != 4096, rows
+    assert rows == [rows[0]] * 3, rows  # every rank: the sum, and rank 0's settings
+    res, _ = job(tmp_path, 3, """
+import os
+if os.environ.get("PMI_RANK") == "0":
+    os.environ["DISTTRAIN_SEGMENT_BYTES"] = "x"
+import disttrain as dt
+dt.init()
+print("UNREACHABLE", flush=True)
+""", timeout=40)
+    assert res.returncode != 0 and "UNREACHABLE" not in res.stdout
+    assert "DISTTRAIN_SEGMENT_BYTES='x' is not an integer" in res.stdout, res.stdout[-2000:]

@@ -3,14 +3,17 @@
 worker or server that dies (SIGKILL, an exception, an early exit) at a named point ends the job
 with a message naming it - never a hang."""
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
 from disttrain.job.config import ConfigError, parse_config
 
-from ._mpirun import run
+from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 
@@ -89,6 +92,27 @@ def test_a_refused_configuration_ends_every_rank_with_one_message(tmp_path):
     res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--stop-after-steps", "5"], timeout=60, env=ENV)
     assert res.returncode == 2 and "--stop-after-steps is refused" in res.stdout, res.stdout[-2000:]
     assert res.stdout.count("configuration error") == 1 and time.monotonic() - t < 50
+
+
+@pytest.mark.parametrize("mine,theirs", [("local:2", "sync"), ("ssp:1", "async")])
+def test_a_configuration_that_differs_on_one_rank_ends_every_rank_with_one_message(mine, theirs):
+    """Valid on every rank but different on one (a --config file that differs on one host; here
+    MPMD flags): rank 0 would split its data-parallel group, the others not - a hang in the first
+    collective (seen: DataParallel's set-up check, until the 90 s timeout) before the ranks agreed
+    on the configuration, not only on its errors."""
+    job = [sys.executable, "-m", "disttrain.train", "--steps", "4", "--sync"]
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV)
+    t = time.monotonic()
+    proc = subprocess.Popen(mpiexec() + ["-n", "1", *job, mine, ":", "-n", "2", *job, theirs], text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # the hang: end the whole job, leave nothing running
+        os.killpg(proc.pid, 9)
+        out = proc.communicate()[0] + "\n*** TIMEOUT (hang) ***"
+    assert proc.returncode == 2 and "configuration differs between ranks" in out, out[-2000:]
+    assert f"sync: rank 0 has {mine!r}, rank 1 has {theirs!r}" in out and out.count("configuration error") == 1
+    assert time.monotonic() - t < 50
 
 
 def _pids(out: str) -> dict:
@@ -185,3 +209,18 @@ def test_a_stuck_worker_is_named_by_the_stall_inspector(tmp_path):
     assert res.returncode not in (0, -9), out[-3000:]
     assert "has been waiting in ps pull" in out and "ranks missing from ps pull: [1]" in out, out[-3000:]
     assert "stall shutdown after 6 s" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp:1"])
+def test_a_nan_on_one_rank_stops_the_job_and_that_rank_says_why(tmp_path, mode):
+    """Under the parameter servers each rank judges its own gradients (no rank knows another's at
+    that step): with --on-nonfinite stop the rank that saw the NaN stops with the reason and its
+    rank, and the others end through the departure protocol - promptly, never a hang."""
+    prog = os.path.join(os.path.dirname(__file__), "nan_on_one_rank_job.py")
+    t = time.monotonic()
+    res = run(3, [prog, "--sync", mode, "--steps", "8", "--on-nonfinite", "stop"], timeout=120,
+              env={"DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV})
+    assert res.returncode != 0, res.stdout[-3000:]
+    assert re.search(rf"step 3: non-finite .*\(rank 1; --sync {mode} judges each rank's gradients", res.stdout), \
+        res.stdout[-3000:]
+    assert time.monotonic() - t < 100

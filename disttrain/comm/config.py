@@ -101,6 +101,10 @@ def _int_env(env, name: str, default: int, minimum: int) -> int:
     return v
 
 
+#: the settings load_from_env reads (runtime.init installs group rank 0's values on every rank)
+ENV_FIELDS = ("validate", "verbose", "segment_bytes", "ps_servers", "costmodel_file")
+
+
 def load_from_env() -> None:
     env = os.environ
     update(validate=env.get("DISTTRAIN_VALIDATE", "1") not in ("0", "false", "no"),

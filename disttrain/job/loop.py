@@ -83,13 +83,21 @@ def _agreed_config(argv):
     """The configuration, or exit status 2 on every rank. Every rank parsed the same flags, but
     files (config, metrics directory) may look different on another host: the ranks agree, so that
     all stop together with one message (rank 0's, or the lowest failing rank's) and nobody proceeds
-    into a collective the others never join."""
+    into a collective the others never join. A configuration valid on every rank but different on
+    one (e.g. --sync local:2 in one host's --config file, sync in another's) is an error too: the
+    ranks would build different groups and hang in their first collective."""
     try:
         cfg, err = parse_config(argv), None
     except ConfigError as e:
         cfg, err = None, str(e)
     dt.init()
-    bad = [(r, e) for r, e in enumerate(dt.world().comm.allgather(err)) if e]
+    every = dt.world().comm.allgather((err, None if cfg is None else vars(cfg)))
+    bad = [(r, e) for r, (e, _) in enumerate(every) if e]
+    if not bad:  # valid everywhere, but the same? (a --config file that differs on one host)
+        bad = [(r, "the configuration differs between ranks (a --config file or flags that differ per host): "
+                   + "; ".join(f"{k}: rank 0 has {v!r}, rank {r} has {c[k]!r}" for k, v in every[0][1].items()
+                               if c[k] != v))
+               for r, (_, c) in enumerate(every) if c != every[0][1]]
     if bad:
         if dt.rank() == 0:
             r, e = bad[0]
@@ -188,11 +196,12 @@ def _count_nonfinite(run: Run, done: int, finite: bool):
                f"(more than --max-skipped-steps {cfg.max_skipped_steps}): the run has diverged; stopping. Lower --lr, "
                "add --warmup-steps or check the data.")
     if why:
-        if run.rank0:
-            _err(why)
+        if run.rank0 or not run.sync.agreed_verdict:  # a verdict of this rank's own: it says why
+            _err(why if run.sync.agreed_verdict else f"{why} (rank {dt.rank()}; --sync {cfg.sync} judges each "
+                 "rank's gradients on their own)")
         timeline.stop()
         return 3
-    if run.rank0:
+    if run.rank0 or not run.sync.agreed_verdict:
         _err(f"[disttrain] warning: step {done}: non-finite (NaN/Inf) gradients; step skipped "
              f"({run.skipped} so far, {run.consecutive} in a row)")
     return None

@@ -262,3 +262,43 @@ def test_update_budget_refused_on_every_rank(comm):
     if p > 1:
         with pytest.raises(CollectiveError, match="budget"):  # ranks disagree on the budget
             ParameterServer(model.parameters(), opt, optim.Schedule(opt), None, budget=4 + (r == p - 1))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("seed", [1, 2, 4, 11])  # S = 1, async, 3, 0
+def test_random_delays_keep_the_bound_and_apply_every_push_once(comm, seed):
+    """Randomized (tests/fuzz_program.py's style: one seed draws the same program on every rank):
+    the staleness, the steps, and a sleep for every (rank, step) - so any rank may be the slow
+    one at any time, not one persistent straggler. From the records: no pull breaks the bound,
+    every server applied every push exactly once (one Applied per (worker, clock)), and plain SGD
+    at a constant rate ends at initial - lr / P * the sum of every pushed gradient."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    rng = np.random.default_rng(seed)
+    staleness = [0, 1, 3, None][int(rng.integers(0, 4))]
+    steps = int(rng.integers(3, 9))
+    sleeps = rng.exponential(0.004, (p, steps)) * (rng.random((p, steps)) < 0.5)
+    sizes = [5, 7, 3]
+    ps, model, opt, loss = workers(comm, "plain", 4, sizes, staleness, sched=optim.Schedule)
+    w0 = [q.data.copy() for q in model.parameters()]
+    pushed = [np.zeros_like(q.data) for q in model.parameters()]
+    mine = np.random.default_rng([seed, r])
+    for s in range(steps):
+        local_backward(model, loss, mine.standard_normal((2, sizes[0])), mine.integers(0, sizes[-1], 2), 1, 0)
+        for acc, q in zip(pushed, model.parameters()):
+            acc += q.grad
+        time.sleep(sleeps[r, s])
+        ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+    ps.finish(opt)
+    total = [comm.allreduce(a) for a in pushed]
+    for q, a, t in zip(model.parameters(), w0, total):
+        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=(seed, q.name))
+    recs = _gathered_records(comm, ps)
+    pulls = [x for pl, _, _ in recs for x in pl]
+    assert len(pulls) == p * p * (steps + 1)
+    applied = [(server, a.worker, a.clock) for server, (_, _, ap) in enumerate(recs) for a in ap]
+    assert sorted(applied) == sorted((s, w, c) for s in range(p) for w in range(p) for c in range(steps)), seed
+    if staleness is not None:
+        assert violations(pulls, staleness) == [], (seed, staleness)
+        assert all(a.applied - a.computed_on <= staleness for _, _, ap in recs for a in ap), (seed, staleness)

@@ -18,6 +18,10 @@ class SyncMode:
     # False: the main job's metrics record, progress line and --eval-every must not communicate
     # (a mode whose workers run at their own pace: a collective there makes fast ones wait)
     collective_metrics = True
+    # False: update()'s verdict is this rank's own (the parameter servers: no rank knows another's
+    # at that step), so a rank that stops on non-finite gradients says why itself - the others
+    # end through the departure protocol ("rank R has left the job")
+    agreed_verdict = True
 
     def __init__(self, param: str, cfg):
         self.param, self.cfg = param, cfg

@@ -44,6 +44,8 @@ __all__ = ["ParameterServer", "StaleSynchronous", "Asynchronous"]
 class _ParameterServerMode(SyncMode):
     """The shared part of ssp:S and async: problems, the one-rank DataParallel group, the hooks."""
 
+    agreed_verdict = False  # a non-finite gradient is pushed as zeros and judged by its own rank
+
     staleness: int | None = None
 
     @classmethod
