@@ -98,6 +98,27 @@ def _gathered_records(comm, ps):
     return comm.allgather((list(ps.pulls), list(ps.trace), list(ps.server.applied)))
 
 
+def _train_plain_sgd_and_check(comm, ps, model, opt, loss, steps, batch, sleep, what):
+    """Push `steps` gradients of this rank's batches (sleeping sleep(s) before each push), then
+    check exactly-once application: plain SGD at a constant rate ends at initial - lr / P * the
+    sum of every gradient pushed by any rank."""
+    w0 = [q.data.copy() for q in model.parameters()]
+    pushed = [np.zeros_like(q.data) for q in model.parameters()]
+    for s in range(steps):
+        x, y = batch(s)
+        local_backward(model, loss, x, y, 1, 0)
+        for acc, q in zip(pushed, model.parameters()):
+            acc += q.grad
+        time.sleep(sleep(s))
+        ps.step(s)
+        for q in model.parameters():
+            q.grad[...] = 0
+    ps.finish(opt)
+    total = [comm.allreduce(a) for a in pushed]
+    for q, a, t in zip(model.parameters(), w0, total):
+        np.testing.assert_allclose(q.data, a - 0.1 / comm.Get_size() * t, rtol=1e-9, atol=1e-12, err_msg=(what, q.name))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("staleness", [1, 2, None])
 def test_staleness_bound_holds_with_a_slow_rank(comm, staleness):
@@ -108,23 +129,10 @@ def test_staleness_bound_holds_with_a_slow_rank(comm, staleness):
     p, r = comm.Get_size(), comm.Get_rank()
     steps, sizes = 10, [5, 7, 3]
     ps, model, opt, loss = workers(comm, "plain", 12, sizes, staleness, sched=optim.Schedule)
-    w0 = [q.data.copy() for q in model.parameters()]
-    pushed = [np.zeros_like(q.data) for q in model.parameters()]
     rng = np.random.default_rng(r)
-    for s in range(steps):
-        x, y = rng.standard_normal((3, sizes[0])), rng.integers(0, sizes[-1], 3)
-        local_backward(model, loss, x, y, 1, 0)
-        for acc, q in zip(pushed, model.parameters()):
-            acc += q.grad
-        if r == p - 1 and p > 1:
-            time.sleep(0.03)
-        ps.step(s)
-        for q in model.parameters():
-            q.grad[...] = 0
-    ps.finish(opt)
-    total = [comm.allreduce(a) for a in pushed]
-    for q, a, t in zip(model.parameters(), w0, total):
-        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=q.name)
+    _train_plain_sgd_and_check(comm, ps, model, opt, loss, steps,
+                               lambda s: (rng.standard_normal((3, sizes[0])), rng.integers(0, sizes[-1], 3)),
+                               lambda s: 0.03 if r == p - 1 and p > 1 else 0.0, "slow last rank")
     flat = np.concatenate([q.data.ravel() for q in model.parameters()])
     assert all(np.array_equal(flat, f) for f in comm.allgather(flat))  # every rank: the servers' values
 
@@ -279,21 +287,10 @@ def test_random_delays_keep_the_bound_and_apply_every_push_once(comm, seed):
     sleeps = rng.exponential(0.004, (p, steps)) * (rng.random((p, steps)) < 0.5)
     sizes = [5, 7, 3]
     ps, model, opt, loss = workers(comm, "plain", 4, sizes, staleness, sched=optim.Schedule)
-    w0 = [q.data.copy() for q in model.parameters()]
-    pushed = [np.zeros_like(q.data) for q in model.parameters()]
     mine = np.random.default_rng([seed, r])
-    for s in range(steps):
-        local_backward(model, loss, mine.standard_normal((2, sizes[0])), mine.integers(0, sizes[-1], 2), 1, 0)
-        for acc, q in zip(pushed, model.parameters()):
-            acc += q.grad
-        time.sleep(sleeps[r, s])
-        ps.step(s)
-        for q in model.parameters():
-            q.grad[...] = 0
-    ps.finish(opt)
-    total = [comm.allreduce(a) for a in pushed]
-    for q, a, t in zip(model.parameters(), w0, total):
-        np.testing.assert_allclose(q.data, a - 0.1 / p * t, rtol=1e-9, atol=1e-12, err_msg=(seed, q.name))
+    _train_plain_sgd_and_check(comm, ps, model, opt, loss, steps,
+                               lambda s: (mine.standard_normal((2, sizes[0])), mine.integers(0, sizes[-1], 2)),
+                               lambda s: sleeps[r, s], f"seed {seed}")
     recs = _gathered_records(comm, ps)
     pulls = [x for pl, _, _ in recs for x in pl]
     assert len(pulls) == p * p * (steps + 1)
