@@ -10,6 +10,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn, optim
 from disttrain.errors import CollectiveError
+from disttrain.parallel.sync import client, server
 from disttrain.parallel.sync.clock import FINAL, lead, violations
 from disttrain.parallel.sync.ps import ParameterServer
 from disttrain_zoo.mlp import MLP
@@ -92,6 +93,26 @@ def test_ssp0_reproduces_one_process_on_the_global_batch(comm, kind, batch, size
             np.testing.assert_allclose(opt.state[name][key], v, rtol=1e-10, atol=1e-13, err_msg=f"{name}/{key}")
     assert all(a.applied == a.computed_on for a in ps.server.applied)  # staleness 0 throughout
     assert len(ps.server.applied) == STEPS * p
+
+
+@pytest.mark.mpi
+def test_records_stay_bounded_and_the_count_stays_exact(comm, monkeypatch):
+    """A long run keeps only the newest RECORDS pulls/steps/applied updates (memory bounded),
+    while the servers' count of applied updates stays exact."""
+    monkeypatch.setattr(server, "RECORDS", 3)
+    monkeypatch.setattr(client, "RECORDS", 3)
+    p, r = comm.Get_size(), comm.Get_rank()
+    ps, model, opt, loss = workers(comm, "plain", 7, [6, 9, 4], 0)
+    x, y = data(7, [6, 9, 4])
+    for s in range(STEPS):
+        local_backward(model, loss, x[s], y[s], p, r)
+        assert ps.step(s)
+        opt.zero_grad()
+    ps.finish(opt)
+    assert ps.server.applied_total == STEPS * p == ps.stats()["applied"]
+    assert len(ps.server.applied) == len(ps.trace) == 3 and len(ps.pulls) <= 3
+    assert [a.clock for a in ps.server.applied] == sorted(a.clock for a in ps.server.applied)  # the newest kept
+    assert ps.server.applied[-1].clock == STEPS - 1
 
 
 def _gathered_records(comm, ps):

@@ -14,10 +14,9 @@ from ... import faults, groups, mpi, runtime, stall
 from ...comm import lowlevel as L
 from ...comm.p2p import blocks
 from ...errors import CollectiveError
-from .clock import FINAL, Pull
+from .clock import FINAL, RECORDS, Pull
 from .server import FIN, PUSH, TAG_DATA, TAG_HDR, TAG_RDATA, TAG_RHDR, ShardServer
 
-RECORDS = 100_000  # pulls kept in ParameterServer.pulls, steps in .trace (the oldest are dropped)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -211,4 +210,4 @@ class ParameterServer:
         """Cumulative counters: this worker's wait and pushed bytes, its server's answer bytes and
         applied updates (the mode's record() takes differences)."""
         return {"wait_s": self.wait_s, "bytes": self.bytes_sent + self.server.bytes_sent, "steps": self.clock,
-                "applied": len(self.server.applied)}
+                "applied": self.server.applied_total}

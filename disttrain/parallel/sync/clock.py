@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+RECORDS = 100_000  # records kept: ParameterServer.pulls/.trace, ShardServer.applied (the oldest dropped)
 FINAL = -1  # a pull that waits for every worker's last step (finish): the servers' final values
 
 

@@ -105,7 +105,8 @@ class _ParameterServerMode(SyncMode):
         now, last = self.ps.stats(), self._last
         self._last = now
         steps = max(1, now["steps"] - last["steps"])
-        applied = self.ps.server.applied[last["applied"]:now["applied"]]
+        new = now["applied"] - last["applied"]  # the records keep the newest RECORDS: at most those
+        applied = list(self.ps.server.applied)[-new:] if new else []
         # in steps: ssp's versions are clocks; async's count pushes, P of them a step's worth
         per = 1 if self.staleness is not None else self.ps.size
         stale = [(a.applied - a.computed_on) / per for a in applied]

@@ -42,6 +42,7 @@ At the end the servers check that the workers' clocks add up to the budget.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import threading
 import time
@@ -50,7 +51,7 @@ import numpy as np
 
 from ... import faults, mpi
 from ...nn.module import Parameter
-from .clock import FINAL, Applied, may_start
+from .clock import FINAL, RECORDS, Applied, may_start
 
 TAG_HDR, TAG_DATA, TAG_RHDR, TAG_RDATA = 41_001, 41_002, 41_003, 41_004
 PUSH, FIN = 0, 1
@@ -95,7 +96,10 @@ class ShardServer(threading.Thread):
         self._waiting: dict = {}  # worker -> the step its pending pull is for (FINAL: the last one)
         self._finished: set = set()
         self._sends: list = []  # (request, buffer): buffers live until their send completed
-        self.applied: list = []  # Applied records (appended here, read by the worker's record())
+        # Applied records (appended here, read by the worker's record()): the newest RECORDS only,
+        # so that a long run's memory stays bounded; applied_total counts every one
+        self.applied: collections.deque = collections.deque(maxlen=RECORDS)
+        self.applied_total = 0
         self.bytes_sent = 0  # payload bytes of answers to other ranks
 
     def run(self) -> None:
@@ -143,6 +147,7 @@ class ShardServer(threading.Thread):
         self._waiting[w] = clock + 1  # every push asks for the parameters of the next step
         if self.staleness is None:  # async: this gradient now, as one step at lr / workers
             self.applied.append(Applied(w, clock, seen, self.version))
+            self.applied_total += 1
             # the schedule's step: the global count under a budget, else the worker's own step
             self._apply(g, self.version // self.workers if self.budget is not None else clock, 1.0 / self.workers)
             return
@@ -154,6 +159,7 @@ class ShardServer(threading.Thread):
             total, _, who = self._acc.pop(self.version)
             total /= self.workers
             self.applied.extend(Applied(u, self.version, s, self.version) for u, s in who)
+            self.applied_total += len(who)
             self._apply(total, self.version, 1.0)
 
     def _apply(self, g: np.ndarray, step: int, lr_scale: float) -> None:
