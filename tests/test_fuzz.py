@@ -15,6 +15,7 @@ from ._mpirun import run
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = int(os.environ.get("DISTTRAIN_FUZZ_SEED", "20261126"))
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
+SUMMARY = re.compile(r"fuzz: (\d+) programs, (\d+) collectives, (\d+) faults, seed (\d+), (\d+) failures")
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5])
@@ -22,12 +23,24 @@ def test_fuzz_programs_agree_with_numpy_and_faults_raise_everywhere(n, tmp_path)
     seed = BASE + n
     res = run(n, [os.path.join(HERE, "fuzz_program.py"), str(seed), "250"], timeout=150,
               env={**ENV, "DISTTRAIN_FLIGHT_DIR": str(tmp_path)})
-    summary = re.search(r"fuzz: (\d+) programs, (\d+) collectives, (\d+) faults, seed (\d+), (\d+) failures",
-                        res.stdout)
+    summary = SUMMARY.search(res.stdout)
     assert res.returncode == 0 and summary, f"seed {seed} at {n} ranks:\n{res.stdout[-6000:]}"
     programs, calls, faults, _, failures = map(int, summary.groups())
     assert failures == 0, res.stdout[-6000:]
     assert programs == 250 and calls > 1000 and faults > 50, summary.group(0)
+
+
+@pytest.mark.parametrize("n,nodes", [(4, "2"), (5, "3,2")])
+def test_fuzz_on_emulated_nodes(n, nodes, tmp_path):
+    """The same programs with the ranks split into emulated nodes (topology.py): the node and slice
+    communicators of every group, the two-level algorithms and their `auto` choice among random,
+    overlapping groups that span parts of nodes."""
+    seed = BASE + 100 * n
+    res = run(n, [os.path.join(HERE, "fuzz_program.py"), str(seed), "120"], timeout=150,
+              env={**ENV, "DISTTRAIN_FLIGHT_DIR": str(tmp_path), "DISTTRAIN_FAKE_NODES": nodes})
+    summary = SUMMARY.search(res.stdout)
+    assert res.returncode == 0 and summary, f"seed {seed} at {n} ranks, nodes {nodes}:\n{res.stdout[-6000:]}"
+    assert int(summary.group(5)) == 0 and int(summary.group(1)) == 120, res.stdout[-6000:]
 
 
 @pytest.mark.parametrize("n,how", [(3, "exit"), (4, "raise"), (5, "exit"), (2, "raise")])
