@@ -36,10 +36,9 @@ _last: dict = {}  # native thread id -> (name, seq, finished at)
 _settings = {"warn": 60.0, "shutdown": 0.0}
 _gseq: dict = {}  # group key -> number of collectives this rank has issued on it (the n-th call)
 _done: dict = {}  # group key -> number of them finished here (sent to peers when this rank leaves)
-_peer_failed: dict = {}  # world rank -> (message, its _done, monotonic time) from its failure notice
+_peer_failed: dict = {}  # world rank -> (message, its _gseq, time, gkey, sig, its groups) from its failure notice
 _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
-_last_done: dict = {}  # group uid -> when this rank last finished a collective on it (either lane)
 
 
 alarm = 0  # bumped whenever a notice arrives: waiting loops re-check only when it changed
@@ -154,8 +153,6 @@ def leave(op: _Op, error: BaseException | None = None) -> None:
     if op.gkey:
         if op.seq > _done.get(op.gkey, 0):
             _done[op.gkey] = op.seq
-        if error is None:
-            _last_done[op.gkey[:-2]] = op.t1  # gkey = uid + ":b" / ":a"
     _last[tid] = (op.name, op.seq, op.t1)
 
 
@@ -232,11 +229,14 @@ def notify_failure(msg: str, gkey: str | None = None, sig: tuple | None = None) 
     w = _watchdog
     if w is None or w.world.size == 1:
         return
-    with _lock:
-        done = dict(_done)
+    # How many calls this rank had ISSUED on each group lane, not finished: the failed call would
+    # have been the next one, also while an earlier asynchronous call of it is still in flight
+    # (its peers wait in call issued + 1; counting finished calls missed them - a hang the
+    # fuzzer found on emulated nodes).
+    issued = dict(_gseq)
     # the groups this rank belongs to now: a notice never concerns a group created after it
     uids = sorted({g.uid for g in groups.registered()})
-    w.notify(("failed", msg, done, gkey, sig, uids))
+    w.notify(("failed", msg, issued, gkey, sig, uids))
 
 
 def _sig_of(name: str, shape, dtype, site: str) -> tuple:
@@ -248,9 +248,12 @@ def _sig_of(name: str, shape, dtype, site: str) -> tuple:
 #: Group at all) interrupts a waiting collective only if it is the same collective, with the same
 #: shape and dtype, called from the same line of the program (SPMD code calls one collective
 #: from one line on every rank; a different line is a different call), and the failed rank had
-#: finished every earlier call of that group. Such a notice is used up by the first wait it
-#: interrupts and forgotten after UNKNOWN_GROUP_TTL seconds; a failed rank that joins a
-#: collective whose peers already gave up on it ends the job (Watchdog._check_broken).
+#: issued every earlier call of that group (the failed call would have been its next). Such a
+#: notice is used up by the first wait it interrupts and forgotten after UNKNOWN_GROUP_TTL
+#: seconds; a failed rank that joins a collective whose peers already gave up on it ends the job
+#: (Watchdog._check_broken). Ambiguous by nature: a member of another group that makes the same
+#: call from the same line next may take the notice for its own call; that job then ends with
+#: the failed rank's message (docs/ARCHITECTURE.md sec. 7), never hangs.
 UNKNOWN_GROUP_TTL = 30.0
 
 
@@ -268,7 +271,7 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
         if f is not None and f[3] is None and now - f[2] > UNKNOWN_GROUP_TTL:
             _peer_failed.pop(r, None)
         elif f is not None and f[3] in (None, gkey) and _uid(gkey) in f[5] and (
-                f[3] is not None or _last_done.get(_uid(gkey), 0.0) < f[2]) and (
+                f[3] is not None or not _went_on(f[1], _uid(gkey))) and (
                 (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
                 f[3] is not None or (sig is not None and f[4] == sig)):
             if f[3] is None:
@@ -279,6 +282,14 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
         if d is not None and (seq is None or d[0].get(gkey, 0) < seq):
             return f"rank {r} has left the job (exited) without taking part in this collective"
     return None
+
+
+def _went_on(issued: dict, uid: str) -> bool:
+    """Has this rank finished a call on group `uid` (either lane) that the failed rank issued
+    only after its failure (`issued`: its counts then)? Then its notice is stale for that group.
+    Sequence numbers, not times: a call issued before the failure may finish after the notice
+    arrived (an asynchronous call whose peers came late)."""
+    return any(_done.get(f"{uid}:{lane}", 0) > issued.get(f"{uid}:{lane}", 0) for lane in "ab")
 
 
 def consume_unknown(ranks) -> None:

@@ -180,13 +180,23 @@ class Fuzzer:
         self.faults += 1
         me_bad = g.rank == bad
         x = np.ones(5 + (me_bad and how == "shape"), np.int64)
-        grp = "not-a-group" if me_bad and how == "group" else g
         op = "bogus" if me_bad and how == "op" else "sum"
         try:
-            if blocking:
-                dt.allreduce(x, op=op, group=grp)
+            if how == "group":
+                # A rank whose group= is not a Group cannot say which group its call was for: its
+                # notice interrupts a wait for the same collective, shape, dtype and line
+                # (stall.UNKNOWN_GROUP_TTL). Called from the line of the shape/op faults, a member
+                # of the NEXT fault's group that skipped this one would take the notice for that
+                # call and the job would end (documented in docs/ARCHITECTURE.md sec. 7): its own line.
+                grp = "not-a-group" if me_bad else g
+                if blocking:
+                    dt.allreduce(x[:4], group=grp)
+                else:
+                    dt.allreduce_async(x[:4], group=grp).wait()
+            elif blocking:
+                dt.allreduce(x, op=op, group=g)
             else:
-                dt.allreduce_async(x, op=op, group=grp).wait()
+                dt.allreduce_async(x, op=op, group=g).wait()
             self.fail(prog, f"fault {how} by group rank {bad} on {g.ranks}: no error on rank {self.r}")
         except dt.CollectiveError:
             pass

@@ -5,6 +5,7 @@ ranks); the ones that need more ranks than the reproducer say so.
 """
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -140,6 +141,25 @@ def test_4_bad_group_on_one_rank_raises_on_every_member(comm, call):
     if not bad:
         with pytest.raises(dt.CollectiveError, match="unusable"):
             dt.allreduce(np.ones(4), group=g)
+    comm.Barrier()
+    assert np.all(dt.allreduce(np.ones(3)) == p)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_4_bad_group_while_an_earlier_async_call_is_still_in_flight(comm):
+    """Rank 1's earlier asynchronous call on the group has not finished (its peers come late) when
+    its next call passes a bad group=: the peers that then wait in that next call must raise, not
+    hang (the failure notice counted finished calls, not issued ones: found by the fuzzer)."""
+    p = comm.Get_size()
+    g = dt.new_group(range(p))
+    bad = comm.Get_rank() == 1
+    if not bad:
+        time.sleep(0.3)  # rank 1's first call stays in flight while it fails the second
+    first = dt.allreduce_async(np.ones(5), group=g)
+    with pytest.raises(dt.CollectiveError) as e:
+        dt.allreduce_async(np.ones(4), group="not a group" if bad else g).wait()
+    assert "rank 1" in str(e.value) and "group must be" in str(e.value), str(e.value)
+    assert np.all(first.wait() == p)
     comm.Barrier()
     assert np.all(dt.allreduce(np.ones(3)) == p)
 
