@@ -164,17 +164,26 @@ class Sequential(Module):
         self.layers = list(layers)
 
     def forward(self, x):
+        if not timeline.enabled():  # no span per layer when nothing records them (per-op cost)
+            for m in self.layers:
+                x = m.forward(x)
+            return x
         for i, m in enumerate(self.layers):
             with _span(m, "fwd", i):
                 x = m.forward(x)
         return x
 
     def backward(self, dy):
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd", i):
+            if spans:
+                with _span(m, "bwd", i):
+                    dy = m.backward(dy)
+            else:  # no span per layer when nothing records them (a pipeline op's own cost)
                 dy = m.backward(dy)
-            self._grads_ready(m)
+            if self._grad_hook is not None:
+                self._grads_ready(m)
             if dy is None and i > 0:  # the layers below would silently keep stale grads
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
                                  "the first layer; only the first layer may skip it (input_grad=False)")
