@@ -91,17 +91,32 @@ def worker(a) -> None:
             time.sleep(self.f)
 
     def run(pipe, x, y, steps):
-        walls, busys, stats = [], [], None
-        for _ in range(a.warmup + steps):
+        """Every stage's measurements over `steps` steps (after --warmup), gathered on rank 0.
+
+        The step's span is the same for every stage: from the earliest stage's first op to the
+        latest stage's last (the stages' perf_counter stamps: one host), because a stage that
+        finishes early still waits for the others before the next step's work reaches it. A
+        stage's bubble is 1 - its busy time (compute + recomputation) / the span; its own wall
+        (first to last op of that stage alone) is kept as ``own_bubble``: that definition, used
+        before, does not count the idle tail of the stages that finish first."""
+        got = []
+        for k in range(a.warmup + steps):
             comm.Barrier()
             pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
-            walls.append(pipe.stats["wall_s"])
-            busys.append(pipe.stats["compute_s"])
-            stats = dict(pipe.stats)
-        w, b = np.array(walls[a.warmup:]), np.array(busys[a.warmup:])
-        mine = dict(bubble=float(np.median(1 - b / w)), wall_ms=1e3 * float(np.median(w)),
-                    peak_live=stats["peak_live"], peak_activation_bytes=stats["peak_activation_bytes"],
-                    p2p_bytes=stats["sent_bytes"], recompute_ms=1e3 * stats["recompute_s"])
+            st = pipe.stats
+            stamps = comm.allgather((st["t0"], st["t1"]))
+            span = max(t1 for _, t1 in stamps) - min(t0 for t0, _ in stamps)
+            busy = st["compute_s"] + st["recompute_s"]
+            if k >= a.warmup:
+                got.append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"]))
+        n = pipe.m
+        mine = dict(bubble=float(np.median([g[0] for g in got])), idle_ms=1e3 * float(np.median([g[1] for g in got])),
+                    wall_ms=1e3 * float(np.median([g[2] for g in got])),
+                    own_bubble=float(np.median([g[3] for g in got])),
+                    op_ms={kind: [1e3 * float(np.mean([g[4][kind][c] for g in got])) / n for c in range(pipe.v)]
+                           for kind in "FBW"},
+                    peak_live=st["peak_live"], peak_activation_bytes=st["peak_activation_bytes"],
+                    p2p_bytes=st["sent_bytes"], recompute_ms=1e3 * st["recompute_s"])
         return comm.gather(mine, root=0)
 
     def chunks_of(name):
@@ -112,10 +127,18 @@ def worker(a) -> None:
         if dt.rank() == 0:
             v, fn = chunks_of(schedule), SCHEDULES[schedule]
             f, b, w = (1.0, 1.0, 1.0) if fn.split else (1.0, 2.0, 0.0)
+            # the op times each global chunk g = c p + s measured (ms per micro-batch): the
+            # schedule played with them is the bubble of *these* stages (unequal when the model's
+            # partition is), against which the runtime's own cost shows
+            mf, mb, mw = ([per[g % P]["op_ms"][kind][g // P] for g in range(P * v)] for kind in "FBW")
             rows.append(dict(part=part, pp=P, schedule=schedule, V=v, recompute=recompute, m=m,
                              bubble=float(np.mean([s["bubble"] for s in per])),
+                             own_bubble=float(np.mean([s["own_bubble"] for s in per])),
+                             idle_ms=float(np.mean([s["idle_ms"] for s in per])),
                              theory=fn.bubble(P, m, v, f, b, w),
                              simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
+                             played=simulate(schedule, P, m, v, mf, mb, mw)["bubble"],
+                             op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
                              **{k: [s[k] for s in per] for k in ("peak_live", "peak_activation_bytes", "p2p_bytes",
@@ -125,7 +148,7 @@ def worker(a) -> None:
         return problem(schedule, P, m, chunks_of(schedule)) is None
 
     # 1. schedule bubble with equal, timed stages
-    for schedule in schedules:
+    for schedule in (schedules if "timed" in a.parts else ()):
         v = chunks_of(schedule)
         for m in (m for m in a.micro_batches if runnable(schedule, m)):
             batch = m * a.mb
@@ -141,7 +164,7 @@ def worker(a) -> None:
     # receives posted up front into reused buffers), side by side in one job
     m = max(a.micro_batches)
     x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
-    for cache in (False, True):
+    for cache in ((False, True) if "overhead" in a.parts else ()):
         for schedule in ("1f1b", "zb1"):
             pipe = Pipeline(Timed(0.0), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, cache_shapes=cache)
@@ -151,7 +174,7 @@ def worker(a) -> None:
                                  us_per_microbatch=1e6 * max(s["wall_ms"] for s in per) / 1e3 / m))
 
     # 2. a real MLP split by measured unit cost (meaningful without oversubscription: pp <= cores)
-    if P <= a.cores:
+    if P <= a.cores and "mlp" in a.parts:
         rng = np.random.default_rng(0)
         units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
         units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
@@ -182,7 +205,7 @@ def worker(a) -> None:
                np.ones((a.mb * 8, a.width), np.float32)),
               ("attention", tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0)),
                np.ones((8, a.mb, a.width), np.float32))]
-    for name, blk, x in blocks:
+    for name, blk, x in (blocks if "tp" in a.parts else ()):
         tensor.stats.reset()
         t = time.perf_counter()
         for _ in range(a.steps):
@@ -196,7 +219,7 @@ def worker(a) -> None:
     # 4. sharded embeddings: AllToAll volume per step
     sizes = [int(v) for v in a.tables.split(",")]
     batch = 8 * a.mb
-    for sharding in ("table", "row"):
+    for sharding in (("table", "row") if "emb" in a.parts else ()):
         emb = ShardedEmbeddings(sizes, a.dim, mesh.pp_group, sharding, rng=np.random.default_rng(0))
         rng = np.random.default_rng(100 + dt.rank())
         perms = [np.random.default_rng(t).permutation(n) for t, n in enumerate(sizes)]
@@ -228,18 +251,25 @@ def worker(a) -> None:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'step':>8} {'peak live / stage':>18} {'formula':>14} {'peak act. KiB / stage':>24} "
-          f"{'recompute ms':>14} {'p2p KiB / stage':>18}")
+          f"{'diff':>6} {'played':>7} {'diff':>6} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
+          f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
         if r["part"] in ("tp", "emb", "overhead"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
+        played = r.get("played", r["theory"])
+        relp = (r["bubble"] - played) / played if played else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
-              f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {r.get('simulated', r['theory']):>7.3f} "
-              f"{r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
+              f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
+              f"{r.get('own_bubble', r['bubble']):>7.3f} {r.get('idle_ms', 0):>5.1f} ms {r['step_ms']:>5.0f} ms "
+              f"{r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
               f"{[round(t) for t in r.get('recompute_ms', [])]!s:>14} "
               f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>18}")
+    print("bubble: 1 - busy / the step's span (earliest first op to latest last op over the stages), mean over "
+          "stages; formula: SCHEDULES[name].bubble for equal stages; played: the op lists played with the op times "
+          "each stage measured (schedules.simulate); old def: 1 - busy / each stage's own first-to-last op; "
+          "idle: span - busy, mean over stages")
     over = [r for r in rows if r["part"] == "overhead"]
     for r in (r for r in over if r["cache_shapes"]):
         base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])
@@ -249,10 +279,12 @@ def report(rows) -> None:
     timed = [r for r in rows if r["part"] == "timed"]
     for pp in sorted({r["pp"] for r in timed}):
         for m in sorted({r["m"] for r in timed if r["pp"] == pp}):
-            got = {r["schedule"]: r["bubble"] for r in timed if r["pp"] == pp and r["m"] == m}
-            if "zb1" in got and "1f1b" in got and got["1f1b"] > 0:
-                print(f"pp={pp} m={m}: zb1 / 1f1b measured bubble {got['zb1'] / got['1f1b']:.2f} "
-                      f"(formula {SCHEDULE_RATIO(pp, m):.2f}; idle time 1/3)")
+            got = {r["schedule"]: r for r in timed if r["pp"] == pp and r["m"] == m}
+            if "zb1" in got and "1f1b" in got and got["1f1b"]["bubble"] > 0:
+                z, o = got["zb1"], got["1f1b"]
+                print(f"pp={pp} m={m}: zb1 / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
+                      f"(Qi et al.'s 1/3: (p-1)(F+B-W) against (p-1)(F+B+W)); as a fraction of the step "
+                      f"{z['bubble'] / o['bubble']:.2f} (formula {SCHEDULE_RATIO(pp, m):.2f})")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -311,6 +343,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
+    ap.add_argument("--parts", default="timed,overhead,mlp,tp,emb",
+                    help="which parts to run: timed (equal timed stages), overhead (stages computing nothing), "
+                         "mlp (real MLP stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
     ap.add_argument("--micro-batches", default="1,2,4,8,16")
@@ -338,7 +373,7 @@ def main() -> int:
             print(f"pp={P} ...", file=sys.stderr, flush=True)
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
-                   "--schedules", a.schedules, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
+                   "--schedules", a.schedules, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=worker_env(1, P > a.cores), capture_output=True, text=True,
