@@ -339,6 +339,23 @@ def plot(rows, out) -> None:
     print(f"wrote {out}.png", file=sys.stderr)
 
 
+THROTTLE = ("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT")
+
+
+def job_env(a, P: int) -> dict:
+    """One pp job's environment. MPICH's progress throttle (a usleep(1) - about 55 us with the
+    kernel's timer slack - whenever a waiting rank polls without progress) is what oversubscribed
+    ranks need to leave their core to the peer (DESIGN.md sec. 5); with one rank per core it only
+    delays every message a waiting stage receives, so --throttle auto drops it there, even when the
+    caller's environment sets it."""
+    on = a.throttle == "on" or (a.throttle == "auto" and P > a.cores)
+    env = worker_env(1, on)
+    if not on:
+        for k in THROTTLE:
+            env.pop(k, None)
+    return env
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -355,6 +372,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--throttle", choices=("auto", "on", "off"), default="auto",
+                    help="MPICH's progress throttle: auto = only when pp > --cores (oversubscribed)")
     ap.add_argument("--mpiexec", default=os.environ.get("MPIEXEC", "mpiexec"))
     ap.add_argument("--tables", default="100000,50000,20000,10000,5000,1000,500,100", help="embedding table rows")
     ap.add_argument("--dim", type=int, default=32, help="embedding width")
@@ -370,13 +389,14 @@ def main() -> int:
     else:
         rows = []
         for P in (int(p) for p in a.procs.split(",")):
-            print(f"pp={P} ...", file=sys.stderr, flush=True)
+            print(f"pp={P} (MPICH progress throttle {'on' if 'MPIR_CVAR_CH4_PROGRESS_THROTTLE' in job_env(a, P) else 'off'}) ...",
+                  file=sys.stderr, flush=True)
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
                    "--schedules", a.schedules, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
-            out = subprocess.run(cmd, env=worker_env(1, P > a.cores), capture_output=True, text=True,
+            out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,
                                  timeout=a.timeout)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not lines:

@@ -4,9 +4,10 @@ Every message's tag names the direction, the receiving chunk and the micro-batch
 matches exactly its message whatever else is in flight between the two ranks (interleaved and
 zero-bubble schedules do not send in the order the receiver consumes). Sends are MPI_Isend (two
 neighbours sending to each other at the same time, as 1F1B does, cannot deadlock); the arrays stay
-referenced by their requests until ``sends`` are waited for at the end of the step. Receives are
-tracked by the stall inspector and the flight recorder (a stage waiting for its neighbour shows up
-by name, and counts as exposed communication).
+referenced by their requests until ``sends`` are waited for at the end of the step. A receive
+that has to wait is tracked by the stall inspector and the flight recorder (a stage waiting for
+its neighbour shows up by name, and counts as exposed communication); one whose message is already
+here costs one MPI_Test and is not recorded (entering the inspector was most of a receive's cost).
 
 Two modes per step, agreed by every rank of the pipeline at the step's start (``begin``):
 
