@@ -16,10 +16,19 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
    schedule's formula (``SCHEDULES[name].bubble``: (p-1)/(m+p-1) for GPipe/1F1B, (p-1)/(Vm+p-1)
    interleaved, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) ZB-H1) and the bubble the op lists have when
    played with the same op times (``schedules.simulate``: equal to the formula except ZB-H1 at m < p).
-2. a real pipeline: an MLP (8 Linear+ReLU units of width --width) split by measured unit cost,
-   pp = 2 (one rank per core): bubble, step time, activation bytes per schedule; then at the largest
-   m every schedule with --recompute none / full / selective: the runtime's own peak of kept
-   activation bytes (``Pipeline.stats``) and the seconds spent recomputing.
+2. real pipelines (pp <= cores: one rank per core): an MLP (8 Linear+ReLU units of width --width
+   and a head, --mb samples per micro-batch) and a small transformer LM (embedding, 8 blocks of
+   width 64, head; 2 sequences of 16 tokens per micro-batch), split by measured unit cost: bubble,
+   step time, activation bytes per schedule; for the MLP at the largest m every schedule with
+   --recompute none / full / selective: the runtime's own peak of kept activation bytes
+   (``Pipeline.stats``) and the seconds spent recomputing. Real stages are not equal: next to the
+   formula the table gives the bubble of the op lists *played* with the op times every chunk
+   measured (``schedules.simulate``), i.e. the partition's own bubble.
+
+The bubble is 1 - busy / the step's span (earliest stage's first op to the latest stage's last op),
+mean over stages - the definition of the formulas and of ``simulate``; "old def" divides by each
+stage's own first-to-last op time instead (what this benchmark reported before: it leaves out the
+idle tail of the stages that finish first). ZB-H1 against 1F1B: idle time (Qi et al.'s 1/3).
 3. communication per step: pipeline point-to-point bytes per stage (measured by the runtime), and
    for a tensor-parallel MLP block (tp = pp) the allreduce bytes per step (counted by
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
@@ -59,6 +68,7 @@ def worker(a) -> None:
     from disttrain.parallel.mesh import Mesh
     from disttrain.parallel.pipeline import SCHEDULES, Pipeline, assign, measure_layer_costs, simulate
     from disttrain.parallel.pipeline.schedules import problem
+    from disttrain_zoo.transformer import Transformer
 
     dt.init()
     P = dt.size()
@@ -173,32 +183,43 @@ def worker(a) -> None:
                 rows.append(dict(part="overhead", pp=P, schedule=schedule, m=m, cache_shapes=cache,
                                  us_per_microbatch=1e6 * max(s["wall_ms"] for s in per) / 1e3 / m))
 
-    # 2. a real MLP split by measured unit cost (meaningful without oversubscription: pp <= cores)
-    if P <= a.cores and "mlp" in a.parts:
-        rng = np.random.default_rng(0)
-        units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
-        units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
-        sample = np.random.default_rng(1).standard_normal((a.mb, a.width)).astype(np.float32)
+    # 2. real stages split by measured unit cost (meaningful without oversubscription: pp <= cores):
+    # an MLP (8 Linear + ReLU units and a head) and a small transformer LM (embedding, 8 blocks, head)
+    def real(part, units, sample, batch, recomputes=()):
+        """Every schedule at every m on `units` cut into stages by rank 0's measured costs; at the
+        largest m also with each recomputation mode. batch(m) -> (x, y) of m micro-batches."""
         costs = comm.bcast(measure_layer_costs(units, sample) if mesh.pp_rank == 0 else None, root=0)
 
-        def mlp(schedule, m, recompute="none", steps=max(3, a.steps // 2)):
+        def one(schedule, m, recompute="none", steps=a.steps):
             v = chunks_of(schedule)
             chunks = [nn.Sequential(*units[lo:hi]) for lo, hi in assign(costs, P, v)[mesh.pp_rank]]
             stage = chunks[0] if v == 1 else nn.Sequential(*chunks)
-            x = np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32)
-            y = np.zeros(m * a.mb, np.int64)
+            x, y = batch(m)
             pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
-            record("mlp", schedule, m, run(pipe, x, y, steps), recompute)
+            record(part, schedule, m, run(pipe, x, y, steps), recompute)
             stage.zero_grad()
 
         for schedule in schedules:
             for m in (m for m in a.micro_batches if runnable(schedule, m)):
-                mlp(schedule, m)
+                one(schedule, m)
         m = max(a.micro_batches)
         for schedule in (s for s in schedules if runnable(s, m)):
-            for recompute in ("full", "selective"):
-                mlp(schedule, m, recompute)
+            for recompute in recomputes:
+                one(schedule, m, recompute)
+
+    if P <= a.cores and "mlp" in a.parts:
+        rng = np.random.default_rng(0)
+        units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
+        units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
+        real("mlp", units, np.random.default_rng(1).standard_normal((a.mb, a.width)).astype(np.float32),
+             lambda m: (np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32),
+                        np.zeros(m * a.mb, np.int64)), ("full", "selective"))
+    if P <= a.cores and "transformer" in a.parts:
+        vocab, seq, per = 256, 16, max(1, a.mb // 16)  # --mb tokens per micro-batch: 2 sequences of 16
+        lm = Transformer(vocab, d=64, heads=4, layers=8, max_len=seq, seed=0)
+        ids = np.random.default_rng(3).integers(0, vocab, (max(a.micro_batches) * per, seq + 1))
+        real("transformer", lm.blocks(), ids[:per, :-1], lambda m: (ids[:m * per, :-1], ids[:m * per, 1:]))
 
     # 3. tensor-parallel MLP and attention blocks: allreduce bytes per step, counted
     blocks = [("mlp", tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0)),
@@ -360,9 +381,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
-    ap.add_argument("--parts", default="timed,overhead,mlp,tp,emb",
+    ap.add_argument("--parts", default="timed,overhead,mlp,transformer,tp,emb",
                     help="which parts to run: timed (equal timed stages), overhead (stages computing nothing), "
-                         "mlp (real MLP stages, pp <= cores), tp, emb")
+                         "mlp, transformer (real stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
     ap.add_argument("--micro-batches", default="1,2,4,8,16")
