@@ -132,6 +132,24 @@ def worker(a) -> None:
     def chunks_of(name):
         return a.virtual_stages if name == "interleaved" else 1
 
+    def one_way_ms() -> float:
+        """A micro-batch's activation from rank 0 to rank 1: half the median round trip of 50
+        (the formulas take messages as free; ``played+lat`` adds this per message)."""
+        buf, times = np.ones((a.mb, a.width), np.float32), []
+        for _ in range(50 if P > 1 else 0):
+            comm.Barrier()
+            t = time.perf_counter()
+            if dt.rank() == 0:
+                comm.Send(buf, 1, 7)
+                comm.Recv(buf, 1, 7)
+            elif dt.rank() == 1:
+                comm.Recv(buf, 0, 7)
+                comm.Send(buf, 0, 7)
+            times.append(time.perf_counter() - t)
+        return comm.bcast(1e3 * float(np.median(times)) / 2 if times else 0.0, root=0)
+
+    hop_ms = one_way_ms()
+
     def record(part, schedule, m, per, recompute="none") -> None:
         """One table row from every stage's measurements (rank 0 holds them)."""
         if dt.rank() == 0:
@@ -148,6 +166,7 @@ def worker(a) -> None:
                              theory=fn.bubble(P, m, v, f, b, w),
                              simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
                              played=simulate(schedule, P, m, v, mf, mb, mw)["bubble"],
+                             played_lat=simulate(schedule, P, m, v, mf, mb, mw, latency=hop_ms)["bubble"], hop_ms=hop_ms,
                              op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
@@ -272,7 +291,7 @@ def worker(a) -> None:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'diff':>6} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
+          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
           f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
         if r["part"] in ("tp", "emb", "overhead"):
@@ -282,15 +301,17 @@ def report(rows) -> None:
         relp = (r["bubble"] - played) / played if played else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
               f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
+              f"{r.get('played_lat', played):>7.3f} "
               f"{r.get('own_bubble', r['bubble']):>7.3f} {r.get('idle_ms', 0):>5.1f} ms {r['step_ms']:>5.0f} ms "
               f"{r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
               f"{[round(t) for t in r.get('recompute_ms', [])]!s:>14} "
               f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>18}")
+    hops = ", ".join(sorted({f"pp {r['pp']}: {1e3 * r.get('hop_ms', 0):.0f} us" for r in rows if "hop_ms" in r}))
     print("bubble: 1 - busy / the step's span (earliest first op to latest last op over the stages), mean over "
           "stages; formula: SCHEDULES[name].bubble for equal stages; played: the op lists played with the op times "
-          "each stage measured (schedules.simulate); old def: 1 - busy / each stage's own first-to-last op; "
-          "idle: span - busy, mean over stages")
+          "each stage measured (schedules.simulate); +lat: played with every message taking the measured one-way "
+          f"time ({hops}); old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
     over = [r for r in rows if r["part"] == "overhead"]
     for r in (r for r in over if r["cache_shapes"]):
         base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])

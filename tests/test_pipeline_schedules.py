@@ -86,6 +86,10 @@ def test_simulator_takes_each_chunks_own_op_times():
     assert got["bubble"] == pytest.approx(1 - (6 + 12) / (2 * 15))
     with pytest.raises((IndexError, ValueError)):
         simulate("1f1b", 3, 2, 1, [1.0, 1.0], 2.0, 0.0)
+    # a message latency d: GPipe's fill and drain cross p - 1 links each way: + 2 (p - 1) d
+    lat = simulate("gpipe", 3, 4, 1, 1.0, 2.0, 0.0, latency=0.25)
+    assert lat["makespan"] == pytest.approx(simulate("gpipe", 3, 4, 1, 1.0, 2.0)["makespan"] + 2 * 2 * 0.25)
+    assert simulate("1f1b", 1, 4, 1, 1.0, 2.0, 0.0, latency=5.0)["makespan"] == pytest.approx(12.0)
 
 
 def test_stash_plan_follows_attributes_that_appear_later():
