@@ -11,7 +11,9 @@ the accounting, the step's agreement calls - and, at --procs 2, the point-to-poi
 (known shapes, receives posted up front) and the wait for the peer. Each tree runs in its own
 job (``mpiexec -n P``, one process per pipeline stage, P <= cores: no oversubscription), the two
 alternating --rounds times, so machine noise hits both sides; each job reports its best-of-5
-microseconds per op (a step's wall over the stage's op count, the slowest stage), the table the
+microseconds per op - wall (a step's wall over the stage's op count, the slowest stage) and CPU
+(the main thread's CPU time: at pp = 1 the runtime's own work, much less sensitive to other
+processes on the machine than the wall; at pp = 2 it includes polling for the peer) - the table the
 median over rounds and the ratio baseline / this tree. Without --baseline only this tree is run.
 """
 from __future__ import annotations
@@ -65,15 +67,17 @@ def worker(a) -> None:
         stage = chunk() if v == 1 else nn.Sequential(*[chunk() for _ in range(v)])
         pipe = Pipeline(stage, mesh.pp_group, FreeLoss() if mesh.pp_is_last_stage else None, schedule, m,
                         virtual_stages=v)
-        best = np.inf
+        best, cpu = np.inf, np.inf
         for rep in range(5 + 2):
             comm.Barrier()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             for _ in range(a.steps):
                 pipe.step(x, y)
             took = max(comm.allgather(time.perf_counter() - t)) / a.steps / len(pipe.ops)
-            best = best if rep < 2 else min(best, took)  # two warm-up repeats
-        rows.append(dict(schedule=schedule, V=v, ops=len(pipe.ops), us_per_op=1e6 * best))
+            used = max(comm.allgather(time.thread_time() - c)) / a.steps / len(pipe.ops)
+            if rep >= 2:  # two warm-up repeats
+                best, cpu = min(best, took), min(cpu, used)
+        rows.append(dict(schedule=schedule, V=v, ops=len(pipe.ops), us_per_op=1e6 * best, cpu_us_per_op=1e6 * cpu))
     emit(dict(rows=rows) if dt.rank() == 0 else None)
 
 
@@ -104,19 +108,25 @@ def main() -> int:
                        "--micro-batches", str(a.micro_batches), "--blocks", str(a.blocks),
                        "--schedules", a.schedules, "--steps", str(a.steps)]
                 for row in run_result(cmd, env, a.timeout)["rows"]:
-                    got.setdefault((P, row["schedule"], row["ops"]), {}).setdefault(name, []).append(row["us_per_op"])
+                    sides = got.setdefault((P, row["schedule"], row["ops"]), {})
+                    sides.setdefault(name, []).append(row["us_per_op"])
+                    sides.setdefault(name + "_cpu", []).append(row["cpu_us_per_op"])
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     rows = []
     for (P, schedule, ops), sides in got.items():
         us = {k: float(np.median(v)) for k, v in sides.items()}
         row = dict(pp=P, schedule=schedule, m=a.micro_batches, ops=ops, layers=5 * a.blocks + 1,
-                   us_per_op=us["this"], **({"baseline_us_per_op": us["baseline"],
-                                             "speedup": us["baseline"] / us["this"]} if "baseline" in us else {}))
+                   us_per_op=us["this"], cpu_us_per_op=us["this_cpu"])
+        if "baseline" in us:
+            row.update(baseline_us_per_op=us["baseline"], baseline_cpu_us_per_op=us["baseline_cpu"],
+                       speedup=us["baseline"] / us["this"], cpu_speedup=us["baseline_cpu"] / us["this_cpu"])
         rows.append(row)
-        base = f"baseline {us['baseline']:.1f} us, " if "baseline" in us else ""
-        ratio = f": {us['baseline'] / us['this']:.2f}x" if "baseline" in us else ""
-        print(f"pp={P} {schedule:<11} m={a.micro_batches} ({ops} ops per stage and step): {base}this tree "
-              f"{us['this']:.1f} us per op{ratio}")
+        line = f"pp={P} {schedule:<11} m={a.micro_batches} ({ops} ops per stage and step): "
+        for kind, sfx in (("wall", ""), ("CPU", "_cpu")):
+            base, this = us.get("baseline" + sfx), us["this" + sfx]
+            line += (f"{kind} {this:.1f} us per op" if base is None else
+                     f"{kind} baseline {base:.1f} -> {this:.1f} us per op ({base / this:.2f}x)") + "; "
+        print(line.rstrip("; "))
     save(a.out, dict({k: v for k, v in vars(a).items() if k != "worker"}, load=os.getloadavg()), rows)
     return 0
 

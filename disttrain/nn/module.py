@@ -163,13 +163,12 @@ class Sequential(Module):
     def __init__(self, *layers: Module):
         self.layers = list(layers)
 
+    # Each loop asks the timeline once per call, not once per layer: with the timeline off (the
+    # default) a layer's call is just the call - a pipeline op runs these loops per micro-batch.
     def forward(self, x):
-        if not timeline.enabled():  # no span per layer when nothing records them (per-op cost)
-            for m in self.layers:
-                x = m.forward(x)
-            return x
+        spans = timeline.enabled()
         for i, m in enumerate(self.layers):
-            with _span(m, "fwd", i):
+            with _span(m, "fwd", i) if spans else timeline.NULL:
                 x = m.forward(x)
         return x
 
@@ -177,10 +176,7 @@ class Sequential(Module):
         spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            if spans:
-                with _span(m, "bwd", i):
-                    dy = m.backward(dy)
-            else:  # no span per layer when nothing records them (a pipeline op's own cost)
+            with _span(m, "bwd", i) if spans else timeline.NULL:
                 dy = m.backward(dy)
             if self._grad_hook is not None:
                 self._grads_ready(m)
@@ -191,9 +187,10 @@ class Sequential(Module):
 
     def backward_input(self, dy):
         """B of every layer in reverse order (each splitting layer keeps its W for later)."""
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-input", i):
+            with _span(m, "bwd-input", i) if spans else timeline.NULL:
                 dy = m.backward_input(dy)
             if dy is None and i > 0:
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
@@ -202,11 +199,13 @@ class Sequential(Module):
 
     def backward_weight(self) -> None:
         """W of every layer; each child's gradients are reported ready as its W returns."""
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-weight", i):
+            with _span(m, "bwd-weight", i) if spans else timeline.NULL:
                 m.backward_weight()
-            self._grads_ready(m)
+            if self._grad_hook is not None:
+                self._grads_ready(m)
 
     def __getitem__(self, i):
         return self.layers[i]
