@@ -168,7 +168,10 @@ class Sequential(Module):
     def forward(self, x):
         spans = timeline.enabled()
         for i, m in enumerate(self.layers):
-            with _span(m, "fwd", i) if spans else timeline.NULL:
+            if spans:
+                with _span(m, "fwd", i):
+                    x = m.forward(x)
+            else:
                 x = m.forward(x)
         return x
 
@@ -176,7 +179,10 @@ class Sequential(Module):
         spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd", i) if spans else timeline.NULL:
+            if spans:
+                with _span(m, "bwd", i):
+                    dy = m.backward(dy)
+            else:
                 dy = m.backward(dy)
             if self._grad_hook is not None:
                 self._grads_ready(m)
@@ -190,7 +196,10 @@ class Sequential(Module):
         spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-input", i) if spans else timeline.NULL:
+            if spans:
+                with _span(m, "bwd-input", i):
+                    dy = m.backward_input(dy)
+            else:
                 dy = m.backward_input(dy)
             if dy is None and i > 0:
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
@@ -202,7 +211,10 @@ class Sequential(Module):
         spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-weight", i) if spans else timeline.NULL:
+            if spans:
+                with _span(m, "bwd-weight", i):
+                    m.backward_weight()
+            else:
                 m.backward_weight()
             if self._grad_hook is not None:
                 self._grads_ready(m)

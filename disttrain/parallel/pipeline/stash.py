@@ -62,15 +62,14 @@ class Plan:
         self.split = [m for m in self.modules if getattr(m, "weight_state", ())]
         self._dicts = [vars(m) for m in self.modules]
         self._count = -1  # attributes over all modules when `_holders` was worked out
-        self._holders = []  # (attribute dict, names to stash, getter) of each module with any
+        self._holders = []  # (attribute dict, names to stash, getter, one name?) of each module with any
 
     def _classify(self) -> None:
         self._holders = []
         for d in self._dicts:
             names = tuple(k for k, v in d.items() if not (k.startswith("__") or _structural(v)))
-            if names:
-                get = itemgetter(*names) if len(names) > 1 else (lambda d, k=names[0]: (d[k],))
-                self._holders.append((d, names, get))
+            if names:  # itemgetter of one name returns the value itself, of several a tuple
+                self._holders.append((d, names, itemgetter(*names), len(names) == 1))
         self._count = sum(map(len, self._dicts))
 
     def state(self) -> tuple:
@@ -81,8 +80,8 @@ class Plan:
         if sum(map(len, self._dicts)) != self._count:
             self._classify()
         saved, nbytes = [], 0
-        for d, names, get in self._holders:
-            values = get(d)
+        for d, names, get, single in self._holders:
+            values = (get(d),) if single else get(d)
             saved.append((d, names, values))
             for v in values:
                 nbytes += v.nbytes if type(v) is np.ndarray else _nbytes(v)
