@@ -13,13 +13,16 @@ job (``mpiexec -n P``, one process per pipeline stage, P <= cores: no oversubscr
 alternating --rounds times, so machine noise hits both sides; each job reports its best-of-5
 microseconds per op - wall (a step's wall over the stage's op count, the slowest stage) and CPU
 (the main thread's CPU time: at pp = 1 the runtime's own work, much less sensitive to other
-processes on the machine than the wall; at pp = 2 it includes polling for the peer) - the table the
+processes on the machine than the wall; at pp = 2 it includes polling for the peer) and the
+Python function calls per op of one profiled step (exact) - the table the
 median over rounds and the ratio baseline / this tree. Without --baseline only this tree is run.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import subprocess
 import sys
 import time
@@ -77,7 +80,13 @@ def worker(a) -> None:
             used = max(comm.allgather(time.thread_time() - c)) / a.steps / len(pipe.ops)
             if rep >= 2:  # two warm-up repeats
                 best, cpu = min(best, took), min(cpu, used)
-        rows.append(dict(schedule=schedule, V=v, ops=len(pipe.ops), us_per_op=1e6 * best, cpu_us_per_op=1e6 * cpu))
+        prof = cProfile.Profile()  # Python calls per op: exact, whatever else runs on the machine
+        prof.enable()
+        pipe.step(x, y)
+        prof.disable()
+        calls = pstats.Stats(prof).total_calls / len(pipe.ops)
+        rows.append(dict(schedule=schedule, V=v, ops=len(pipe.ops), us_per_op=1e6 * best, cpu_us_per_op=1e6 * cpu,
+                         calls_per_op=max(comm.allgather(calls))))
     emit(dict(rows=rows) if dt.rank() == 0 else None)
 
 
@@ -111,21 +120,24 @@ def main() -> int:
                     sides = got.setdefault((P, row["schedule"], row["ops"]), {})
                     sides.setdefault(name, []).append(row["us_per_op"])
                     sides.setdefault(name + "_cpu", []).append(row["cpu_us_per_op"])
+                    sides.setdefault(name + "_calls", []).append(row["calls_per_op"])
         print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     rows = []
     for (P, schedule, ops), sides in got.items():
         us = {k: float(np.median(v)) for k, v in sides.items()}
         row = dict(pp=P, schedule=schedule, m=a.micro_batches, ops=ops, layers=5 * a.blocks + 1,
-                   us_per_op=us["this"], cpu_us_per_op=us["this_cpu"])
+                   us_per_op=us["this"], cpu_us_per_op=us["this_cpu"], calls_per_op=us["this_calls"])
         if "baseline" in us:
             row.update(baseline_us_per_op=us["baseline"], baseline_cpu_us_per_op=us["baseline_cpu"],
+                       baseline_calls_per_op=us["baseline_calls"],
                        speedup=us["baseline"] / us["this"], cpu_speedup=us["baseline_cpu"] / us["this_cpu"])
         rows.append(row)
         line = f"pp={P} {schedule:<11} m={a.micro_batches} ({ops} ops per stage and step): "
-        for kind, sfx in (("wall", ""), ("CPU", "_cpu")):
+        for kind, sfx in (("wall", ""), ("CPU", "_cpu"), ("Python calls", "_calls")):
             base, this = us.get("baseline" + sfx), us["this" + sfx]
-            line += (f"{kind} {this:.1f} us per op" if base is None else
-                     f"{kind} baseline {base:.1f} -> {this:.1f} us per op ({base / this:.2f}x)") + "; "
+            unit = "" if sfx == "_calls" else " us"
+            line += (f"{kind} {this:.1f}{unit} per op" if base is None else
+                     f"{kind} baseline {base:.1f} -> {this:.1f}{unit} per op ({base / this:.2f}x)") + "; "
         print(line.rstrip("; "))
     save(a.out, dict({k: v for k, v in vars(a).items() if k != "worker"}, load=os.getloadavg()), rows)
     return 0
