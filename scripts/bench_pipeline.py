@@ -240,12 +240,14 @@ def worker(a) -> None:
         ids = np.random.default_rng(3).integers(0, vocab, (max(a.micro_batches) * per, seq + 1))
         real("transformer", lm.blocks(), ids[:per, :-1], lambda m: (ids[:m * per, :-1], ids[:m * per, 1:]))
 
-    # 3. tensor-parallel MLP and attention blocks: allreduce bytes per step, counted
+    # 3. tensor-parallel MLP and attention blocks (tp = pp; the widths must divide by it): allreduce
+    # bytes per step, counted
+    tp = "tp" in a.parts and (4 * a.width) % P == 0
     blocks = [("mlp", tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0)),
                np.ones((a.mb * 8, a.width), np.float32)),
               ("attention", tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0)),
-               np.ones((8, a.mb, a.width), np.float32))]
-    for name, blk, x in (blocks if "tp" in a.parts else ()):
+               np.ones((8, a.mb, a.width), np.float32))] if tp else []
+    for name, blk, x in blocks:
         tensor.stats.reset()
         t = time.perf_counter()
         for _ in range(a.steps):
