@@ -16,10 +16,19 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
    schedule's formula (``SCHEDULES[name].bubble``: (p-1)/(m+p-1) for GPipe/1F1B, (p-1)/(Vm+p-1)
    interleaved, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) ZB-H1) and the bubble the op lists have when
    played with the same op times (``schedules.simulate``: equal to the formula except ZB-H1 at m < p).
-2. a real pipeline: an MLP (8 Linear+ReLU units of width --width) split by measured unit cost,
-   pp = 2 (one rank per core): bubble, step time, activation bytes per schedule; then at the largest
-   m every schedule with --recompute none / full / selective: the runtime's own peak of kept
-   activation bytes (``Pipeline.stats``) and the seconds spent recomputing.
+2. real pipelines (pp <= cores: one rank per core): an MLP (8 Linear+ReLU units of width --width
+   and a head, --mb samples per micro-batch) and a small transformer LM (embedding, 8 blocks of
+   width 64, head; 2 sequences of 16 tokens per micro-batch), split by measured unit cost: bubble,
+   step time, activation bytes per schedule; for the MLP at the largest m every schedule with
+   --recompute none / full / selective: the runtime's own peak of kept activation bytes
+   (``Pipeline.stats``) and the seconds spent recomputing. Real stages are not equal: next to the
+   formula the table gives the bubble of the op lists *played* with the op times every chunk
+   measured (``schedules.simulate``), i.e. the partition's own bubble.
+
+The bubble is 1 - busy / the step's span (earliest stage's first op to the latest stage's last op),
+mean over stages - the definition of the formulas and of ``simulate``; "old def" divides by each
+stage's own first-to-last op time instead (what this benchmark reported before: it leaves out the
+idle tail of the stages that finish first). ZB-H1 against 1F1B: idle time (Qi et al.'s 1/3).
 3. communication per step: pipeline point-to-point bytes per stage (measured by the runtime), and
    for a tensor-parallel MLP block (tp = pp) the allreduce bytes per step (counted by
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
@@ -59,6 +68,7 @@ def worker(a) -> None:
     from disttrain.parallel.mesh import Mesh
     from disttrain.parallel.pipeline import SCHEDULES, Pipeline, assign, measure_layer_costs, simulate
     from disttrain.parallel.pipeline.schedules import problem
+    from disttrain_zoo.transformer import Transformer
 
     dt.init()
     P = dt.size()
@@ -91,31 +101,73 @@ def worker(a) -> None:
             time.sleep(self.f)
 
     def run(pipe, x, y, steps):
-        walls, busys, stats = [], [], None
-        for _ in range(a.warmup + steps):
+        """Every stage's measurements over `steps` steps (after --warmup), gathered on rank 0.
+
+        The step's span is the same for every stage: from the earliest stage's first op to the
+        latest stage's last (the stages' perf_counter stamps: one host), because a stage that
+        finishes early still waits for the others before the next step's work reaches it. A
+        stage's bubble is 1 - its busy time (compute + recomputation) / the span; its own wall
+        (first to last op of that stage alone) is kept as ``own_bubble``: that definition, used
+        before, does not count the idle tail of the stages that finish first."""
+        got = []
+        for k in range(a.warmup + steps):
             comm.Barrier()
             pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
-            walls.append(pipe.stats["wall_s"])
-            busys.append(pipe.stats["compute_s"])
-            stats = dict(pipe.stats)
-        w, b = np.array(walls[a.warmup:]), np.array(busys[a.warmup:])
-        mine = dict(bubble=float(np.median(1 - b / w)), wall_ms=1e3 * float(np.median(w)),
-                    peak_live=stats["peak_live"], peak_activation_bytes=stats["peak_activation_bytes"],
-                    p2p_bytes=stats["sent_bytes"], recompute_ms=1e3 * stats["recompute_s"])
+            st = pipe.stats
+            stamps = comm.allgather((st["t0"], st["t1"]))
+            span = max(t1 for _, t1 in stamps) - min(t0 for t0, _ in stamps)
+            busy = st["compute_s"] + st["recompute_s"]
+            if k >= a.warmup:
+                got.append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"]))
+        n = pipe.m
+        mine = dict(bubble=float(np.median([g[0] for g in got])), idle_ms=1e3 * float(np.median([g[1] for g in got])),
+                    wall_ms=1e3 * float(np.median([g[2] for g in got])),
+                    own_bubble=float(np.median([g[3] for g in got])),
+                    op_ms={kind: [1e3 * float(np.mean([g[4][kind][c] for g in got])) / n for c in range(pipe.v)]
+                           for kind in "FBW"},
+                    peak_live=st["peak_live"], peak_activation_bytes=st["peak_activation_bytes"],
+                    p2p_bytes=st["sent_bytes"], recompute_ms=1e3 * st["recompute_s"])
         return comm.gather(mine, root=0)
 
     def chunks_of(name):
         return a.virtual_stages if name == "interleaved" else 1
+
+    def one_way_ms() -> float:
+        """A micro-batch's activation from rank 0 to rank 1: half the median round trip of 50
+        (the formulas take messages as free; ``played+lat`` adds this per message)."""
+        buf, times = np.ones((a.mb, a.width), np.float32), []
+        for _ in range(50 if P > 1 else 0):
+            comm.Barrier()
+            t = time.perf_counter()
+            if dt.rank() == 0:
+                comm.Send(buf, 1, 7)
+                comm.Recv(buf, 1, 7)
+            elif dt.rank() == 1:
+                comm.Recv(buf, 0, 7)
+                comm.Send(buf, 0, 7)
+            times.append(time.perf_counter() - t)
+        return comm.bcast(1e3 * float(np.median(times)) / 2 if times else 0.0, root=0)
+
+    hop_ms = one_way_ms()
 
     def record(part, schedule, m, per, recompute="none") -> None:
         """One table row from every stage's measurements (rank 0 holds them)."""
         if dt.rank() == 0:
             v, fn = chunks_of(schedule), SCHEDULES[schedule]
             f, b, w = (1.0, 1.0, 1.0) if fn.split else (1.0, 2.0, 0.0)
+            # the op times each global chunk g = c p + s measured (ms per micro-batch): the
+            # schedule played with them is the bubble of *these* stages (unequal when the model's
+            # partition is), against which the runtime's own cost shows
+            mf, mb, mw = ([per[g % P]["op_ms"][kind][g // P] for g in range(P * v)] for kind in "FBW")
             rows.append(dict(part=part, pp=P, schedule=schedule, V=v, recompute=recompute, m=m,
                              bubble=float(np.mean([s["bubble"] for s in per])),
+                             own_bubble=float(np.mean([s["own_bubble"] for s in per])),
+                             idle_ms=float(np.mean([s["idle_ms"] for s in per])),
                              theory=fn.bubble(P, m, v, f, b, w),
                              simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
+                             played=simulate(schedule, P, m, v, mf, mb, mw)["bubble"],
+                             played_lat=simulate(schedule, P, m, v, mf, mb, mw, latency=hop_ms)["bubble"], hop_ms=hop_ms,
+                             op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
                              **{k: [s[k] for s in per] for k in ("peak_live", "peak_activation_bytes", "p2p_bytes",
@@ -125,7 +177,7 @@ def worker(a) -> None:
         return problem(schedule, P, m, chunks_of(schedule)) is None
 
     # 1. schedule bubble with equal, timed stages
-    for schedule in schedules:
+    for schedule in (schedules if "timed" in a.parts else ()):
         v = chunks_of(schedule)
         for m in (m for m in a.micro_batches if runnable(schedule, m)):
             batch = m * a.mb
@@ -141,7 +193,7 @@ def worker(a) -> None:
     # receives posted up front into reused buffers), side by side in one job
     m = max(a.micro_batches)
     x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
-    for cache in (False, True):
+    for cache in ((False, True) if "overhead" in a.parts else ()):
         for schedule in ("1f1b", "zb1"):
             pipe = Pipeline(Timed(0.0), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, cache_shapes=cache)
@@ -150,38 +202,51 @@ def worker(a) -> None:
                 rows.append(dict(part="overhead", pp=P, schedule=schedule, m=m, cache_shapes=cache,
                                  us_per_microbatch=1e6 * max(s["wall_ms"] for s in per) / 1e3 / m))
 
-    # 2. a real MLP split by measured unit cost (meaningful without oversubscription: pp <= cores)
-    if P <= a.cores:
-        rng = np.random.default_rng(0)
-        units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
-        units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
-        sample = np.random.default_rng(1).standard_normal((a.mb, a.width)).astype(np.float32)
+    # 2. real stages split by measured unit cost (meaningful without oversubscription: pp <= cores):
+    # an MLP (8 Linear + ReLU units and a head) and a small transformer LM (embedding, 8 blocks, head)
+    def real(part, units, sample, batch, recomputes=()):
+        """Every schedule at every m on `units` cut into stages by rank 0's measured costs; at the
+        largest m also with each recomputation mode. batch(m) -> (x, y) of m micro-batches."""
         costs = comm.bcast(measure_layer_costs(units, sample) if mesh.pp_rank == 0 else None, root=0)
 
-        def mlp(schedule, m, recompute="none", steps=max(3, a.steps // 2)):
+        def one(schedule, m, recompute="none", steps=a.steps):
             v = chunks_of(schedule)
             chunks = [nn.Sequential(*units[lo:hi]) for lo, hi in assign(costs, P, v)[mesh.pp_rank]]
             stage = chunks[0] if v == 1 else nn.Sequential(*chunks)
-            x = np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32)
-            y = np.zeros(m * a.mb, np.int64)
+            x, y = batch(m)
             pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
-            record("mlp", schedule, m, run(pipe, x, y, steps), recompute)
+            record(part, schedule, m, run(pipe, x, y, steps), recompute)
             stage.zero_grad()
 
         for schedule in schedules:
             for m in (m for m in a.micro_batches if runnable(schedule, m)):
-                mlp(schedule, m)
+                one(schedule, m)
         m = max(a.micro_batches)
         for schedule in (s for s in schedules if runnable(s, m)):
-            for recompute in ("full", "selective"):
-                mlp(schedule, m, recompute)
+            for recompute in recomputes:
+                one(schedule, m, recompute)
 
-    # 3. tensor-parallel MLP and attention blocks: allreduce bytes per step, counted
+    if P <= a.cores and "mlp" in a.parts:
+        rng = np.random.default_rng(0)
+        units = [nn.Sequential(nn.Linear(a.width, a.width, rng=rng, input_grad=i > 0), nn.ReLU()) for i in range(8)]
+        units.append(nn.Linear(a.width, 10, init="xavier", rng=rng))
+        real("mlp", units, np.random.default_rng(1).standard_normal((a.mb, a.width)).astype(np.float32),
+             lambda m: (np.random.default_rng(2).standard_normal((m * a.mb, a.width)).astype(np.float32),
+                        np.zeros(m * a.mb, np.int64)), ("full", "selective"))
+    if P <= a.cores and "transformer" in a.parts:
+        vocab, seq, per = 256, 16, max(1, a.mb // 16)  # --mb tokens per micro-batch: 2 sequences of 16
+        lm = Transformer(vocab, d=64, heads=4, layers=8, max_len=seq, seed=0)
+        ids = np.random.default_rng(3).integers(0, vocab, (max(a.micro_batches) * per, seq + 1))
+        real("transformer", lm.blocks(), ids[:per, :-1], lambda m: (ids[:m * per, :-1], ids[:m * per, 1:]))
+
+    # 3. tensor-parallel MLP and attention blocks (tp = pp; the widths must divide by it): allreduce
+    # bytes per step, counted
+    tp = "tp" in a.parts and (4 * a.width) % P == 0
     blocks = [("mlp", tensor.ParallelMLP(a.width, 4 * a.width, mesh.pp_group, rng=np.random.default_rng(0)),
                np.ones((a.mb * 8, a.width), np.float32)),
               ("attention", tensor.ParallelAttention(a.width, 4 * P, mesh.pp_group, rng=np.random.default_rng(0)),
-               np.ones((8, a.mb, a.width), np.float32))]
+               np.ones((8, a.mb, a.width), np.float32))] if tp else []
     for name, blk, x in blocks:
         tensor.stats.reset()
         t = time.perf_counter()
@@ -196,7 +261,7 @@ def worker(a) -> None:
     # 4. sharded embeddings: AllToAll volume per step
     sizes = [int(v) for v in a.tables.split(",")]
     batch = 8 * a.mb
-    for sharding in ("table", "row"):
+    for sharding in (("table", "row") if "emb" in a.parts else ()):
         emb = ShardedEmbeddings(sizes, a.dim, mesh.pp_group, sharding, rng=np.random.default_rng(0))
         rng = np.random.default_rng(100 + dt.rank())
         perms = [np.random.default_rng(t).permutation(n) for t, n in enumerate(sizes)]
@@ -228,18 +293,27 @@ def worker(a) -> None:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'step':>8} {'peak live / stage':>18} {'formula':>14} {'peak act. KiB / stage':>24} "
-          f"{'recompute ms':>14} {'p2p KiB / stage':>18}")
+          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
+          f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
         if r["part"] in ("tp", "emb", "overhead"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
+        played = r.get("played", r["theory"])
+        relp = (r["bubble"] - played) / played if played else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
-              f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {r.get('simulated', r['theory']):>7.3f} "
-              f"{r['step_ms']:>5.0f} ms {r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
+              f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
+              f"{r.get('played_lat', played):>7.3f} "
+              f"{r.get('own_bubble', r['bubble']):>7.3f} {r.get('idle_ms', 0):>5.1f} ms {r['step_ms']:>5.0f} ms "
+              f"{r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
               f"{[round(t) for t in r.get('recompute_ms', [])]!s:>14} "
               f"{[round(b / 1024) for b in r['p2p_bytes']]!s:>18}")
+    hops = ", ".join(sorted({f"pp {r['pp']}: {1e3 * r.get('hop_ms', 0):.0f} us" for r in rows if "hop_ms" in r}))
+    print("bubble: 1 - busy / the step's span (earliest first op to latest last op over the stages), mean over "
+          "stages; formula: SCHEDULES[name].bubble for equal stages; played: the op lists played with the op times "
+          "each stage measured (schedules.simulate); +lat: played with every message taking the measured one-way "
+          f"time ({hops}); old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
     over = [r for r in rows if r["part"] == "overhead"]
     for r in (r for r in over if r["cache_shapes"]):
         base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])
@@ -249,10 +323,12 @@ def report(rows) -> None:
     timed = [r for r in rows if r["part"] == "timed"]
     for pp in sorted({r["pp"] for r in timed}):
         for m in sorted({r["m"] for r in timed if r["pp"] == pp}):
-            got = {r["schedule"]: r["bubble"] for r in timed if r["pp"] == pp and r["m"] == m}
-            if "zb1" in got and "1f1b" in got and got["1f1b"] > 0:
-                print(f"pp={pp} m={m}: zb1 / 1f1b measured bubble {got['zb1'] / got['1f1b']:.2f} "
-                      f"(formula {SCHEDULE_RATIO(pp, m):.2f}; idle time 1/3)")
+            got = {r["schedule"]: r for r in timed if r["pp"] == pp and r["m"] == m}
+            if "zb1" in got and "1f1b" in got and got["1f1b"]["bubble"] > 0:
+                z, o = got["zb1"], got["1f1b"]
+                print(f"pp={pp} m={m}: zb1 / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
+                      f"(Qi et al.'s 1/3: (p-1)(F+B-W) against (p-1)(F+B+W)); as a fraction of the step "
+                      f"{z['bubble'] / o['bubble']:.2f} (formula {SCHEDULE_RATIO(pp, m):.2f})")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -307,10 +383,30 @@ def plot(rows, out) -> None:
     print(f"wrote {out}.png", file=sys.stderr)
 
 
+THROTTLE = ("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "MPIR_CVAR_CH4_PROGRESS_THROTTLE_NO_PROGRESS_COUNT")
+
+
+def job_env(a, P: int) -> dict:
+    """One pp job's environment. MPICH's progress throttle (a usleep(1) - about 55 us with the
+    kernel's timer slack - whenever a waiting rank polls without progress) is what oversubscribed
+    ranks need to leave their core to the peer (DESIGN.md sec. 5); with one rank per core it only
+    delays every message a waiting stage receives, so --throttle auto drops it there, even when the
+    caller's environment sets it."""
+    on = a.throttle == "on" or (a.throttle == "auto" and P > a.cores)
+    env = worker_env(1, on)
+    if not on:
+        for k in THROTTLE:
+            env.pop(k, None)
+    return env
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
+    ap.add_argument("--parts", default="timed,overhead,mlp,transformer,tp,emb",
+                    help="which parts to run: timed (equal timed stages), overhead (stages computing nothing), "
+                         "mlp, transformer (real stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
     ap.add_argument("--micro-batches", default="1,2,4,8,16")
@@ -320,6 +416,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--throttle", choices=("auto", "on", "off"), default="auto",
+                    help="MPICH's progress throttle: auto = only when pp > --cores (oversubscribed)")
     ap.add_argument("--mpiexec", default=os.environ.get("MPIEXEC", "mpiexec"))
     ap.add_argument("--tables", default="100000,50000,20000,10000,5000,1000,500,100", help="embedding table rows")
     ap.add_argument("--dim", type=int, default=32, help="embedding width")
@@ -335,13 +433,14 @@ def main() -> int:
     else:
         rows = []
         for P in (int(p) for p in a.procs.split(",")):
-            print(f"pp={P} ...", file=sys.stderr, flush=True)
+            print(f"pp={P} (MPICH progress throttle {'on' if 'MPIR_CVAR_CH4_PROGRESS_THROTTLE' in job_env(a, P) else 'off'}) ...",
+                  file=sys.stderr, flush=True)
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
-                   "--schedules", a.schedules, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
+                   "--schedules", a.schedules, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
-            out = subprocess.run(cmd, env=worker_env(1, P > a.cores), capture_output=True, text=True,
+            out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,
                                  timeout=a.timeout)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not lines:

@@ -7,6 +7,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn
 from disttrain.parallel.pipeline import SCHEDULES, assign, simulate
+from disttrain.parallel.pipeline import stash as S
 from disttrain.parallel.pipeline.schedules import kept, one_f_one_b, problem
 from disttrain_zoo.transformer import Block, LMHead
 
@@ -69,6 +70,48 @@ def test_simulated_bubble_is_the_formula(p, m):
         idle = zb["makespan"] - 3 * m
         assert idle == pytest.approx((flush["makespan"] - 3 * m) / 3)
     assert zb["makespan"] <= flush["makespan"]
+
+
+def test_simulator_takes_each_chunks_own_op_times():
+    """Unequal stages (what the benchmark's 'played' theory uses): lists per global chunk. Uniform
+    lists are the scalar case; GPipe with a slow second stage has the makespan one works out by hand
+    (f0 + m f1 + m b1 + b0) and its idle share; a wrong-length list fails."""
+    for name, p, m, v in (("1f1b", 3, 5, 1), ("interleaved", 2, 4, 2), ("zb1", 3, 4, 1)):
+        n = p * v
+        one = simulate(name, p, m, v, 0.5, 1.5, 0.7)
+        many = simulate(name, p, m, v, [0.5] * n, [1.5] * n, [0.7] * n)
+        assert many["makespan"] == pytest.approx(one["makespan"]) and many["bubble"] == pytest.approx(one["bubble"])
+    got = simulate("gpipe", 2, 2, 1, [1.0, 2.0], [2.0, 4.0], [0.0, 0.0])
+    assert got["makespan"] == pytest.approx(1 + 2 * 2 + 2 * 4 + 2)  # 15
+    assert got["bubble"] == pytest.approx(1 - (6 + 12) / (2 * 15))
+    with pytest.raises((IndexError, ValueError)):
+        simulate("1f1b", 3, 2, 1, [1.0, 1.0], 2.0, 0.0)
+    # a message latency d: GPipe's fill and drain cross p - 1 links each way: + 2 (p - 1) d
+    lat = simulate("gpipe", 3, 4, 1, 1.0, 2.0, 0.0, latency=0.25)
+    assert lat["makespan"] == pytest.approx(simulate("gpipe", 3, 4, 1, 1.0, 2.0)["makespan"] + 2 * 2 * 0.25)
+    assert simulate("1f1b", 1, 4, 1, 1.0, 2.0, 0.0, latency=5.0)["makespan"] == pytest.approx(12.0)
+
+
+def test_stash_plan_follows_attributes_that_appear_later():
+    """The stash Plan works its holders out once, again only when the modules' attribute count
+    changes: before a first forward no bytes are kept, after it the cache is, and an attribute a
+    module gains later is stashed and restored too; parameters and sub-modules never are."""
+    lin = nn.Linear(3, 2, rng=np.random.default_rng(0), dtype=np.float64)
+    chunk = nn.Sequential(lin, nn.ReLU())
+    plan = S.Plan(chunk)
+    assert plan.state()[1] == 0  # (Linear starts with its caches set to None)
+    x = np.ones((4, 3))
+    chunk.forward(x)
+    saved, nbytes = plan.state()
+    names = {k for _, ks, _ in saved for k in ks}
+    assert "layers" not in names and not any(isinstance(v, nn.module.Parameter) for _, _, vs in saved for v in vs)
+    assert nbytes >= x.nbytes
+    lin.late = np.zeros(5)  # a cache that appears after the plan was made
+    saved, nbytes2 = plan.state()
+    assert "late" in {k for _, ks, _ in saved for k in ks} and nbytes2 == nbytes + 40
+    lin.late = None
+    S.restore(saved)
+    assert isinstance(lin.late, np.ndarray)
 
 
 def test_rules_refuse_clearly():

@@ -163,18 +163,29 @@ class Sequential(Module):
     def __init__(self, *layers: Module):
         self.layers = list(layers)
 
+    # Each loop asks the timeline once per call, not once per layer: with the timeline off (the
+    # default) a layer's call is just the call - a pipeline op runs these loops per micro-batch.
     def forward(self, x):
+        spans = timeline.enabled()
         for i, m in enumerate(self.layers):
-            with _span(m, "fwd", i):
+            if spans:
+                with _span(m, "fwd", i):
+                    x = m.forward(x)
+            else:
                 x = m.forward(x)
         return x
 
     def backward(self, dy):
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd", i):
+            if spans:
+                with _span(m, "bwd", i):
+                    dy = m.backward(dy)
+            else:
                 dy = m.backward(dy)
-            self._grads_ready(m)
+            if self._grad_hook is not None:
+                self._grads_ready(m)
             if dy is None and i > 0:  # the layers below would silently keep stale grads
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
                                  "the first layer; only the first layer may skip it (input_grad=False)")
@@ -182,9 +193,13 @@ class Sequential(Module):
 
     def backward_input(self, dy):
         """B of every layer in reverse order (each splitting layer keeps its W for later)."""
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-input", i):
+            if spans:
+                with _span(m, "bwd-input", i):
+                    dy = m.backward_input(dy)
+            else:
                 dy = m.backward_input(dy)
             if dy is None and i > 0:
                 raise ValueError(f"layer {i} ({type(m).__name__}) returned no input gradient but is not "
@@ -193,11 +208,16 @@ class Sequential(Module):
 
     def backward_weight(self) -> None:
         """W of every layer; each child's gradients are reported ready as its W returns."""
+        spans = timeline.enabled()
         for i in range(len(self.layers) - 1, -1, -1):
             m = self.layers[i]
-            with _span(m, "bwd-weight", i):
+            if spans:
+                with _span(m, "bwd-weight", i):
+                    m.backward_weight()
+            else:
                 m.backward_weight()
-            self._grads_ready(m)
+            if self._grad_hook is not None:
+                self._grads_ready(m)
 
     def __getitem__(self, i):
         return self.layers[i]

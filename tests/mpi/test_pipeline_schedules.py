@@ -88,6 +88,10 @@ def test_schedule_matches_one_process(comm, schedule, v, m_):
     assert pipe.stats["peak_live"] == kept(pipe.ops, fn.split) == fn.live(mesh.pp_rank, pp, m, v), pipe.stats
     if schedule == "zb1":  # at most p micro-batches whose W has not run, on every stage
         assert pipe.stats["peak_live"] <= min(m, pp)
+    st = pipe.stats  # the compute per op kind and chunk (the benchmark's played theory) adds up
+    assert sum(map(sum, st["op_s"].values())) == pytest.approx(st["compute_s"], rel=1e-9)
+    assert all(len(t) == v for t in st["op_s"].values()) and min(st["op_s"]["F"]) > 0
+    assert (sum(st["op_s"]["W"]) > 0) == fn.split and st["t0"] <= st["t1"]
 
 
 @pytest.mark.mpi

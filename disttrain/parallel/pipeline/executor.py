@@ -16,8 +16,10 @@ at the same time cannot deadlock) and every schedule's per-rank order is checked
 
 The runtime's own accounting (``stats``): ``peak_live`` (micro-batch chunks whose activations are
 kept at once), ``peak_activation_bytes`` (the bytes of what it keeps - stash, kept inputs, W state -
-plus the transient activations a recomputation re-creates), ``recompute_s``, ``compute_s``,
-``wall_s``, ``sent_bytes``.
+plus the transient activations a recomputation re-creates), ``recompute_s``, ``compute_s``
+(and ``op_s``: the compute per op kind "F", "B", "W" and chunk, summed over the micro-batches),
+``wall_s``, ``t0`` / ``t1`` (``time.perf_counter`` at the step's first op and after its last),
+``sent_bytes``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from . import activations as A
 from . import stash as S
 from .p2p import BWD, FWD, P2P
 from .schedules import SCHEDULES, problem
+
+_NOTHING = contextlib.nullcontext()  # reusable: no context per op without DataParallel
 
 
 class Pipeline:
@@ -100,7 +104,9 @@ class Pipeline:
         self.chunks = list(self.module.layers) if v > 1 else [self.module]
         self.split = SCHEDULES[schedule].split
         self._plans = [S.Plan(chunk) for chunk in self.chunks]  # what each chunk's ops stash, once
+        self._loss_plan = S.Plan(None, [loss_fn]) if self.is_last else None
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
+        self._program = self._compile(self.ops)
         self.net = P2P(self.group.comm, micro_batches, cache_shapes)
         self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
                           for op, i, c in self.ops
@@ -124,6 +130,28 @@ class Pipeline:
     def _neighbour(self, c: int, step: int) -> tuple:
         """(rank, chunk) of global chunk g + step."""
         return divmod(self._global(c) + step, self.p)[::-1]
+
+    def _is_end(self, c: int) -> bool:
+        return self._global(c) == self.p * self.v - 1
+
+    def _compile(self, ops) -> list:
+        """The schedule as a flat program, worked out once: per op its method and arguments - the
+        micro-batch, the chunk, the rank a receive comes from (None: the first chunk's data or the
+        loss), the (rank, chunk) a send goes to (None: nothing to send), whether it is the last
+        backward - so that running an op decides nothing the schedule already fixed."""
+        last = max(k for k, (op, _, _) in enumerate(ops) if op != "F")
+        prog = []
+        for k, (op, i, c) in enumerate(ops):
+            g, end = self._global(c), self._is_end(c)
+            if op == "F":
+                prog.append((self._forward, (i, c, None if g == 0 else self._neighbour(c, -1)[0],
+                                             None if end else self._neighbour(c, 1), end)))
+            elif op == "B":
+                prog.append((self._backward, (i, c, None if end else self._neighbour(c, 1)[0],
+                                              self._neighbour(c, -1) if g > 0 else None, end, k == last)))
+            else:
+                prog.append((self._weight, (i, c)))
+        return prog
 
     def _bad(self, what: str, a) -> str | None:
         n = 0 if a is None else A.rows(a)
@@ -155,16 +183,12 @@ class Pipeline:
         self._losses, self._kept, self._live = np.zeros(m), {}, [0, 0]
         self._peak = [0, 0]
         self._times = dict(compute_s=0.0, recompute_s=0.0)
+        self._op_s = {k: [0.0] * self.v for k in "FBW"}
         self.net.begin(key, [i[3] for i in info], self._expected)
-        last = max(k for k, (op, _, _) in enumerate(self.ops) if op != "F")
         t0 = time.perf_counter()
-        for k, (op, i, c) in enumerate(self.ops):
-            if op == "F":
-                self._forward(i, c)
-            elif op == "B":
-                self._backward(i, c, final=k == last)
-            else:
-                self._weight(i, c)
+        for run, args in self._program:
+            run(*args)
+        t1 = time.perf_counter()
         if self.ddp is not None and not self._ddp_last:
             self.ddp.synchronize()  # every backward ran under no_sync: now the one dp allreduce
         op = stall.enter("pipeline send completion", None, group=None)
@@ -172,7 +196,10 @@ class Pipeline:
         stall.leave(op)
         self.net.end()
         loss = float(self.group.comm.bcast(self._w @ self._losses if self.is_last else None, root=self.p - 1))
-        self.stats = dict(self._times, wall_s=time.perf_counter() - t0, peak_live=self._peak[0],
+        # t0 / t1: this stage's first op start and last op end (perf_counter: on one host, a
+        # benchmark takes the step's span over the stages from them)
+        self.stats = dict(self._times, wall_s=time.perf_counter() - t0, t0=t0, t1=t1,
+                          op_s={k: list(v) for k, v in self._op_s.items()}, peak_live=self._peak[0],
                           peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
         return loss
 
@@ -189,33 +216,32 @@ class Pipeline:
         self._peak[0] = max(self._peak[0], self._live[0])
         self._peak[1] = max(self._peak[1], self._live[1] + transient)
 
-    def _is_end(self, c: int) -> bool:
-        return self._global(c) == self.p * self.v - 1
 
-    def _forward(self, i: int, c: int) -> None:
-        chunk = self.chunks[c]
-        if self._global(c) == 0:
-            inp = self._xs[i]
-        else:
-            inp = self.net.recv(self._neighbour(c, -1)[0], FWD, i, c)
+    def _forward(self, i: int, c: int, src, dest, end: bool) -> None:
+        inp = self._xs[i] if src is None else self.net.recv(src, FWD, i, c)
         t = time.perf_counter()
-        out, kept = S.forward(chunk, inp, self.recompute)
-        end = self._is_end(c)
+        out, kept = S.forward(self.chunks[c], inp, self.recompute)
         if end:
             self._losses[i] = self.loss_fn.forward(out, self._ys[i])
-        self._times["compute_s"] += time.perf_counter() - t
-        if not end:
-            rank, nc = self._neighbour(c, 1)
-            self.net.send(out, rank, FWD, i, nc)
-        loss_state = S.state([self.loss_fn]) if end else ([], 0)
+        self._spent("F", c, t)
+        if dest is not None:
+            self.net.send(out, dest[0], FWD, i, dest[1])
+        saved, nbytes = self._loss_plan.state() if end else ([], 0)
         if kept is None:
-            saved, nbytes = S.state(self._plans[c].modules, self._plans[c])
-            self._keep(("A", i, c), (saved + loss_state[0], None), nbytes + loss_state[1])
+            more, n = self._plans[c].state()
+            self._keep(("A", i, c), (saved + more, None), nbytes + n)
         else:
-            self._keep(("A", i, c), (loss_state[0], kept), S.kept_bytes(kept) + loss_state[1])
+            self._keep(("A", i, c), (saved, kept), S.kept_bytes(kept) + nbytes)
 
-    def _backward(self, i: int, c: int, final: bool) -> None:
-        chunk, end = self.chunks[c], self._is_end(c)
+    def _spent(self, kind: str, c: int, t: float, other: float = 0.0) -> None:
+        """Account the compute since `t` (less `other` seconds accounted elsewhere) to an op of
+        `kind` on chunk c."""
+        took = time.perf_counter() - t - other
+        self._times["compute_s"] += took
+        self._op_s[kind][c] += took
+
+    def _backward(self, i: int, c: int, src, dest, end: bool, final: bool) -> None:
+        chunk = self.chunks[c]
         (saved, kept), nbytes = self._kept[("A", i, c)]
         S.restore(saved)
         transient = 0
@@ -230,10 +256,10 @@ class Pipeline:
             w = self._w[i] * self._scale
             if w != 1.0:
                 dy *= dy.dtype.type(w)
-            self._times["compute_s"] += time.perf_counter() - t
+            self._spent("B", c, t)
         else:
-            dy = self.net.recv(self._neighbour(c, 1)[0], BWD, i, c)
-        t = time.perf_counter()
+            dy = self.net.recv(src, BWD, i, c)
+        t, r0 = time.perf_counter(), self._times["recompute_s"]
         if self._ddp_last and final:
             dx = self.ddp.backward(dy)  # the last one: the dp allreduce of the accumulated grads
         else:
@@ -242,13 +268,12 @@ class Pipeline:
                     dx, transient = self._unitwise(chunk, kept, dy)
                 else:
                     dx = chunk.backward_input(dy) if self.split else chunk.backward(dy)
-        self._times["compute_s"] += time.perf_counter() - t
+        self._spent("B", c, t, self._times["recompute_s"] - r0)  # selective: its recomputation is not B
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
             self._keep(("W", i, c), *S.weight_state(self._plans[c].split))
-        if self._global(c) > 0:
-            rank, pc = self._neighbour(c, -1)
-            self.net.send(dx, rank, BWD, i, pc)
+        if dest is not None:
+            self.net.send(dx, dest[0], BWD, i, dest[1])
 
     def _unitwise(self, chunk, kept, dy) -> tuple:
         """Selective recomputation: each unit's forward again, then its backward (B if split)."""
@@ -264,7 +289,7 @@ class Pipeline:
 
     def _local(self):
         """Gradients accumulate locally (DataParallel's allreduce comes once, after the step)."""
-        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+        return self.ddp.no_sync() if self.ddp is not None else _NOTHING
 
     def _weight(self, i: int, c: int) -> None:
         saved, _ = self._kept[("W", i, c)]
@@ -272,7 +297,7 @@ class Pipeline:
         t = time.perf_counter()
         with self._local():
             self.chunks[c].backward_weight()
-        self._times["compute_s"] += time.perf_counter() - t
+        self._spent("W", c, t)
         self._keep(("W", i, c), None, 0)
 
     def predict(self, x=None):

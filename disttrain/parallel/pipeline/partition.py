@@ -40,17 +40,19 @@ def partition(costs, stages: int) -> list:
 
 
 def measure_layer_costs(layers, x, repeats: int = 3) -> list:
-    """Median forward+backward seconds of each layer in sequence on the sample batch x (the input
+    """Median forward+backward seconds of each layer in sequence on the sample batch x, after one
+    untimed warm-up run (the input
     of layer i is layer i-1's output; tuples of arrays as activations.py describes). Run it on every rank or broadcast rank 0's result: stage
     boundaries must be identical everywhere."""
     costs = []
     for layer in layers:
         times = []
-        for _ in range(repeats):
+        for _ in range(1 + repeats):  # the first, untimed: numba's compilation, first-touch allocations
             t = time.perf_counter()
             y = layer.forward(x)
             layer.backward(A.ones_grad(y))
             times.append(time.perf_counter() - t)
+        times = times[1:]
         for p in layer.parameters():
             p.grad[...] = 0
         costs.append(float(np.median(times)))

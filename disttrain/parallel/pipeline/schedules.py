@@ -153,15 +153,22 @@ def problem(name: str, stages: int, m: int, chunks: int) -> str | None:
 
 
 def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: float = 2.0,
-             w: float = 0.0) -> dict:
+             w: float = 0.0, latency: float = 0.0) -> dict:
     """Play schedule `name` (or a function of the schedule signature) with op times f (forward), b (backward, or its input part when split), w
-    (the weight part; in an unsplit schedule "B" costs b + w). Raises RuntimeError on a deadlock.
+    (the weight part; in an unsplit schedule "B" costs b + w). Each of f, b, w is one time for
+    every chunk, or a list of one per global chunk g = c p + s (unequal stages: a benchmark's
+    measured op times). `latency`: the time a message takes from one rank to the next (the
+    formulas take it as 0; interleaved sends V times as many along the critical path). Raises
+    RuntimeError on a deadlock.
 
     Returns:
-        dict(makespan, bubble (idle share over the stages), ops: {stage: [(kind, mb, chunk, start)]}).
+        dict(makespan, bubble (idle share of the step's span, mean over the stages),
+        ops: {stage: [(kind, mb, chunk, start)]}).
     """
     fn = SCHEDULES[name] if isinstance(name, str) else name
-    cost = {"F": f, "B": b if fn.split else b + w, "W": w}
+    n = stages * chunks
+    f, b, w = ([float(t)] * n if isinstance(t, (int, float)) else list(t) for t in (f, b, w))
+    costs = {"F": f, "B": [bi + (0 if fn.split else wi) for bi, wi in zip(b, w)], "W": w}
     lists = {s: fn(s, stages, m, chunks) for s in range(stages)}
     last = stages * chunks - 1
     done, pos, free = {}, dict.fromkeys(range(stages), 0), dict.fromkeys(range(stages), 0.0)
@@ -169,12 +176,14 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
 
     def ready(s, kind, i, c):
         g = c * stages + s  # the global virtual stage
+        hop = latency if stages > 1 else 0.0  # consecutive global chunks live on different ranks
         if kind == "F":
-            return 0.0 if g == 0 else done.get(("F", i, g - 1))
+            prev = 0.0 if g == 0 else done.get(("F", i, g - 1))
+            return prev if g == 0 or prev is None else prev + hop
         if kind == "B":
             mine = done.get(("F", i, g))
             nxt = mine if g == last else done.get(("B", i, g + 1))
-            return None if mine is None or nxt is None else max(mine, nxt)
+            return None if mine is None or nxt is None else max(mine, nxt + (0.0 if g == last else hop))
         return done.get(("B", i, g))
 
     progress = True
@@ -187,7 +196,7 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
                 if t is None:
                     break
                 start = max(t, free[s])
-                free[s] = done[(kind, i, c * stages + s)] = start + cost[kind]
+                free[s] = done[(kind, i, c * stages + s)] = start + costs[kind][c * stages + s]
                 timed[s].append((kind, i, c, start))
                 pos[s] += 1
                 progress = True
@@ -195,5 +204,5 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
     if stuck:
         raise RuntimeError(f"schedule {name!r} deadlocks at p={stages} m={m} V={chunks}: waiting ops {stuck}")
     span = max(free.values())
-    busy = [sum(cost[k] for k, *_ in lists[s]) for s in range(stages)]
+    busy = [sum(costs[k][c * stages + s] for k, _, c in lists[s]) for s in range(stages)]
     return dict(makespan=span, bubble=1 - sum(busy) / (stages * span) if span else 0.0, ops=timed)

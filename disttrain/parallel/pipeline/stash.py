@@ -21,6 +21,8 @@ so the result is bit-identical to no recomputation.
 """
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 from ...nn.module import Module, Parameter, Sequential
@@ -46,34 +48,49 @@ def _structural(v) -> bool:
 class Plan:
     """What to stash of a chunk, worked out once instead of per micro-batch (the per-op runtime
     work of issue 19, item 4): its modules (walking the tree every op cost more than the stash),
-    each module's structural attribute names (recomputed only when a module gains attributes:
-    a first forward creates its caches), and the modules whose W keeps state."""
+    the modules that keep anything, with the names of their non-structural attributes and a
+    C-level getter for them (worked out again only when the modules' attribute count changes: a
+    first forward creates the caches), and the modules whose W keeps state.
 
-    def __init__(self, chunk: Module):
-        self.modules = list(chunk.modules())
-        self.split = [m for m in self.modules if m.weight_state]
-        self._skip = {}
+    Args:
+        chunk: the Module whose tree is stashed (None with `modules`).
+        modules: an explicit list of objects to stash instead (a loss function, one unit).
+    """
 
-    def skip(self, m, d: dict) -> frozenset:
-        known = self._skip.get(id(m))
-        if known is None or known[0] != len(d):
-            known = self._skip[id(m)] = (len(d), frozenset(k for k, v in d.items()
-                                                            if k.startswith("__") or _structural(v)))
-        return known[1]
+    def __init__(self, chunk: Module | None, modules: list | None = None):
+        self.modules = list(chunk.modules()) if modules is None else list(modules)
+        self.split = [m for m in self.modules if getattr(m, "weight_state", ())]
+        self._dicts = [vars(m) for m in self.modules]
+        self._count = -1  # attributes over all modules when `_holders` was worked out
+        self._holders = []  # (attribute dict, names to stash, getter, one name?) of each module with any
+
+    def _classify(self) -> None:
+        self._holders = []
+        for d in self._dicts:
+            names = tuple(k for k, v in d.items() if not (k.startswith("__") or _structural(v)))
+            if names:  # itemgetter of one name returns the value itself, of several a tuple
+                self._holders.append((d, names, itemgetter(*names), len(names) == 1))
+        self._count = sum(map(len, self._dicts))
+
+    def state(self) -> tuple:
+        """(saved, bytes): every non-parameter, non-module attribute of each module - the
+        activations the module keeps for its backward - and their bytes."""
+        # one C-level count over every module's attributes tells whether any module gained or lost
+        # one (a first forward creates the caches): only then are they classified again
+        if sum(map(len, self._dicts)) != self._count:
+            self._classify()
+        saved, nbytes = [], 0
+        for d, names, get, single in self._holders:
+            values = (get(d),) if single else get(d)
+            saved.append((d, names, values))
+            for v in values:
+                nbytes += v.nbytes if type(v) is np.ndarray else _nbytes(v)
+        return saved, nbytes
 
 
-def state(modules, plan: Plan | None = None) -> tuple:
-    """(saved, bytes): every non-parameter, non-module attribute of each module - the activations
-    the module keeps for its backward (`plan`: the modules' structural attributes, cached)."""
-    plan = plan or Plan(Module())
-    saved, nbytes = [], 0
-    for m in modules:
-        d = vars(m)
-        skip = plan.skip(m, d)
-        kept = {k: v for k, v in d.items() if k not in skip}
-        nbytes += sum(_nbytes(v) for v in kept.values())
-        saved.append((m, kept))
-    return saved, nbytes
+def state(modules) -> tuple:
+    """(saved, bytes) of `modules` (a one-off ``Plan``: recomputation's transient bytes)."""
+    return Plan(None, modules).state()
 
 
 def weight_state(modules) -> tuple:
@@ -81,15 +98,17 @@ def weight_state(modules) -> tuple:
     saved, nbytes = [], 0
     for m in modules:
         if m.weight_state:
-            kept = {k: getattr(m, k) for k in m.weight_state}
-            nbytes += sum(_nbytes(v) for v in kept.values())
-            saved.append((m, kept))
+            d = vars(m)
+            values = tuple(d[k] for k in m.weight_state)
+            nbytes += sum(_nbytes(v) for v in values)
+            saved.append((d, m.weight_state, values))
     return saved, nbytes
 
 
 def restore(saved) -> None:
-    for m, kept in saved:
-        vars(m).update(kept)
+    """Put stashed attributes back (``Plan.state`` / ``weight_state``'s saved form)."""
+    for d, names, values in saved:
+        d.update(zip(names, values))
 
 
 def units(chunk: Module) -> list:
