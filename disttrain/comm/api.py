@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import timeline
+from .. import groups as _groups
+from .. import stall, timeline
 from ..groups import as_group
-from .. import stall
 from ..stall import tracked
-from . import config, fused, validate
+from . import config, fused, node, validate
 from .costmodel import choose
 from .engine import Handle, engine
 from .errors import CollectiveError
@@ -114,8 +114,7 @@ def _allreduce(comm, x, op, algorithm, inplace):
         err = "allreduce: the in-place variant needs a writeable array"
     if config.current().validate:
         small = fused.payload(comm, x, acc, kop, algorithm) if err is None else None
-        if validate.check(comm, "allreduce", {"shape": x.shape, "dtype": x.dtype.str, "op": op,
-                                              "algorithm": algorithm}, err, payload=small):
+        if validate.check(comm, "allreduce", _fields(x, op, algorithm), err, payload=small):
             return fused.finish(comm, x, opc, kop, inplace)
     elif err:
         raise CollectiveError(err)
@@ -163,7 +162,6 @@ def _run_reduce(family: str, fn, comm, work, kop, name, *args):
     return out
 
 
-@tracked("allreduce")
 def allreduce(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
     """Reduce `x` over all ranks of the group and return the result (a new array) on every rank.
 
@@ -187,15 +185,92 @@ def allreduce(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.
     Example:
         >>> g = dt.allreduce(np.full(4, dt.rank(), np.float32), op="avg")
     """
-    g = as_group(group)
-    return _allreduce(g.comm, x, op, algorithm, inplace=False)
+    if type(x) is np.ndarray:
+        out = _hot(x, op, algorithm, group, False)
+        if out is not None:
+            return out
+    return _tracked_allreduce(x, op, algorithm=algorithm, group=group)
+
+
+def allreduce_(x: np.ndarray, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
+    """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
+    if type(x) is np.ndarray:
+        out = _hot(x, op, algorithm, group, True)
+        if out is not None:
+            return out
+    return _tracked_allreduce_(x, op, algorithm=algorithm, group=group)
 
 
 @tracked("allreduce")
-def allreduce_(x: np.ndarray, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
-    """In-place :func:`allreduce`: `x` is overwritten with the result and returned."""
-    g = as_group(group)
-    return _allreduce(g.comm, x, op, algorithm, inplace=True)
+def _tracked_allreduce(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
+    return _allreduce(as_group(group).comm, x, op, algorithm, inplace=False)
+
+
+@tracked("allreduce")
+def _tracked_allreduce_(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> np.ndarray:
+    return _allreduce(as_group(group).comm, x, op, algorithm, inplace=True)
+
+
+def _hot(x, op, algorithm, group, inplace):
+    """The default call's path (issue 16): a call whose signature fuses (fused.eligible) on a
+    communicator with node state runs as ONE compiled round (fused._exchange) with the Python
+    around it resolved once per signature and communicator (fused.Plan on the node state).
+    Returns None - having done nothing - when the call is not such a call; the general path
+    (the tracked wrappers above) then does everything, errors included."""
+    g = group if group is not None else _groups._world
+    if type(g) is not _groups.Group or g.comm is None:
+        return None
+    st = node.get(g.comm)
+    if st is None:
+        return None
+    cfg = config.current()
+    if cfg is not st.cfg:  # the plans hold the settings' consequences: new settings, new plans
+        st.plans.clear()
+        st.cfg = cfg
+    try:
+        plan = st.plans.get((x.shape, x.dtype, op, algorithm, inplace))
+    except TypeError:  # an unhashable op/algorithm: the general path reports it
+        return None
+    if plan is None:
+        plan = _hot_plan(st, cfg, x, op, algorithm, inplace)
+    if plan is False or timeline.enabled() or (inplace and not (x.flags.c_contiguous and x.flags.writeable)):
+        return None
+    rec = stall.enter("allreduce", x, stall.call_site(), group=g)
+    try:
+        rec.algorithm = "fused"
+        out = x.reshape(-1) if inplace else np.empty(plan.n, plan.dtype)
+        k = st.k = st.k + 1
+        h = plan.h ^ ((rec.seq * validate._GOLDEN) & validate._MASK)
+        done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, fused.SPINS)
+        if done == 0:  # a peer is late: the yielding, interruptible wait, then check and fold
+            validate._slow(st.request(k), g.comm, rec, "allreduce")
+            done = fused._complete(st.ctrl, plan.slots, out, st.p, k, h, plan.kop)
+        if done < 0:
+            validate._mismatch(g.comm, "allreduce", _fields(x, op, algorithm), None, rec, rec.seq)
+        if plan.avg:
+            divide(out, st.p)
+    except BaseException as e:
+        stall.leave(rec, e)
+        raise
+    stall.leave(rec)
+    return x if inplace else out.reshape(plan.shape)
+
+
+def _fields(x, op, algorithm) -> dict:
+    """What the validation round of an allreduce agrees on (the general and the hot path alike)."""
+    return {"shape": x.shape, "dtype": x.dtype.str, "op": op, "algorithm": algorithm}
+
+
+def _hot_plan(st, cfg, x, op, algorithm, inplace):
+    """The fused.Plan of a signature, or False when it does not take the hot path (cached on the
+    node state; bounded like validate's hash cache)."""
+    opc, kop, acc, err = _plan(x, op, algorithm, inplace)
+    plan = False
+    if err is None and cfg.validate and not cfg.verbose and fused.eligible(x.nbytes, x.dtype, acc, kop, algorithm):
+        plan = fused.Plan(st, validate._hash("allreduce", _fields(x, op, algorithm)), x, opc, kop)
+    if len(st.plans) < 4096:
+        st.plans[(x.shape, x.dtype, op, algorithm, inplace)] = plan
+    return plan
 
 
 def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) -> Handle:

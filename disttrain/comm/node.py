@@ -5,7 +5,8 @@ Layout of the control window (allocated once, MPI_Win_allocate_shared on the nod
 
     counters  p x 64 B       rank r's round counter, alone on its cache line; only r writes it
     headers   p x 2 x 64 B   the validation fingerprint [ok, hash] per rank and round parity
-    small     p x 2 x SMALL  the payload of a small allreduce, per rank and round parity
+    slots     p x 2 x SMALL  the payload of a fused allreduce (fused.py), per rank and round parity
+                             (virtual memory: a page is only backed once a payload reaches it)
 
 plus a data window (grown on demand, collective) holding two halves of p segments for
 shm.py's large allreduce.
@@ -34,7 +35,7 @@ from numba.extending import intrinsic
 
 from .. import mpi
 
-SMALL = 8192  # bytes of payload a fused validation round carries (per rank and parity)
+SMALL = 1 << 20  # bytes of payload a fused validation round can carry (per rank and parity)
 _LINE = 8  # int64 per cache line
 _state: dict = {}  # communicator handle -> Node
 
@@ -131,9 +132,13 @@ class Node:
         self.win = MPI.Win.Allocate_shared(ctrl if self.r == 0 else 0, 1, comm=self.node)
         buf, _ = self.win.Shared_query(0)
         raw = np.frombuffer(buf, np.uint8)
+        self.ctrl = raw[:p * 192].view(np.int64)  # counters then headers: what fused.py's kernels take
         self.cnt = raw[:p * 64].view(np.int64)
         self.hdr = raw[p * 64:p * 192].view(np.int64).reshape(p, 2, _LINE)
         self.small = raw[p * 192:].reshape(p, 2, SMALL)
+        self.typed: dict = {}  # dtype -> [p, 2, SMALL / itemsize] view of the slots (fused.py)
+        self.plans: dict = {}  # call signature -> fused.Plan (api.py's hot path), for settings `cfg`
+        self.cfg = None
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.cnt[self.r * _LINE] = 0  # MPI does not promise zeroed memory: each rank clears its own
         self.hdr[self.r] = 0
@@ -172,6 +177,13 @@ class Node:
     def payloads(self, nbytes: int) -> np.ndarray:
         """[p, nbytes] uint8: every rank's payload of the last exchange."""
         return self.small[:, self.k & 1, :nbytes]
+
+    def slots(self, dtype) -> np.ndarray:
+        """[p, 2, SMALL / itemsize] view of the payload slots in `dtype` (made once per dtype)."""
+        v = self.typed.get(dtype)
+        if v is None:
+            v = self.typed[dtype] = self.small.view(dtype)
+        return v
 
     # -------------------------------------------------------------------------- data window
     def ensure(self, nbytes: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 from mpi4py import MPI
 
 import disttrain as dt
-from disttrain.comm import node, shm
+from disttrain.comm import fused, node, shm
 from disttrain.comm.ops import MAX, MIN, PROD, SUM
 from disttrain.comm.pool import Pool
 
@@ -45,8 +45,8 @@ def _close(y, ref, dtype):
 @pytest.mark.parametrize("algorithm", ["auto", "shm"])
 def test_every_dtype_op_and_size_against_the_library(comm, dtype, op, algorithm):
     # 0, 1, fewer elements than ranks, non-divisible, the fused limit and just past it, chunked
-    sizes = [0, 1, comm.Get_size() - 1, 7, 1001, node.SMALL // np.dtype(dtype).itemsize,
-             node.SMALL // np.dtype(dtype).itemsize + 1, 70_001]
+    sizes = [0, 1, comm.Get_size() - 1, 7, 1001, fused.MAX_BYTES // np.dtype(dtype).itemsize,
+             fused.MAX_BYTES // np.dtype(dtype).itemsize + 1, 70_001]
     for n in sizes:
         x = _data(comm, n, dtype, op)
         ref = _oracle(comm, x, op)
