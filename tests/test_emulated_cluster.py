@@ -218,3 +218,44 @@ def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("TOPO")).split(maxsplit=1)[1]
     assert line == "2x2 (0, 0, 1, 1) 2 defaults hier hier OK", line
     assert "CAL 2 2x2 True True True" in res.stdout, res.stdout
+
+
+COLL_PROBE = """
+import numpy as np
+import disttrain as dt
+from mpi4py import MPI
+from disttrain.comm import costmodel, topology
+dt.init()
+comm = dt.world().comm
+p, r = dt.size(), dt.rank()
+rng = np.random.default_rng(r)
+ok = []
+x = rng.integers(-9, 10, (4 * p + 3, 5)).astype(np.int64)  # rows not divisible by p
+ok.append(np.array_equal(dt.reduce_scatter(x, algorithm="hier"), np.array_split(comm.allreduce(x), p)[r]))
+y = rng.standard_normal((r + 1, 3)).astype(np.float32)  # uneven rows
+ok.append(np.array_equal(dt.allgather(y, algorithm="hier"), np.concatenate(comm.allgather(y))))
+splits = rng.integers(0, 50, p)
+z = rng.integers(0, 99, (int(splits.sum()), 2)).astype(np.int32)
+blocks = comm.alltoall(np.split(z, np.cumsum(splits)[:-1]))  # the library's (pickled) alltoall
+got, rs = dt.alltoall(z, splits, algorithm="hier")
+ok.append(np.array_equal(got, np.concatenate(blocks)) and rs == [len(b) for b in blocks])
+u8 = np.dtype(np.uint8)
+picks = [costmodel.choose(f, comm, 16 << 20, u8) for f in ("allgather", "reduce_scatter")]
+ok = comm.allreduce(int(all(ok)), op=MPI.MIN)
+if r == 0:
+    print("COLL", topology.of(comm).layout, *picks, "OK" if ok else "BAD", flush=True)
+"""
+
+
+def test_hier_allgather_reduce_scatter_alltoallv_on_separate_hosts(tmp_path):
+    """Real nodes (3 hosts x 2 ranks, shaped links): the two-level reduce-scatter, allgather and
+    alltoallv equal the library's collectives, and "auto" picks the first two uncalibrated."""
+    probe = tmp_path / "coll_probe.py"
+    probe.write_text(COLL_PROBE)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+               DISTTRAIN_COSTMODEL="defaults")
+    res = subprocess.run([SCRIPT, "--hosts", "3", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("COLL")).split(maxsplit=1)[1]
+    assert line == "3x2 hier hier OK", line
