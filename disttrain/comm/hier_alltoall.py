@@ -29,7 +29,7 @@ import numpy as np
 from .. import mpi
 from . import cost, topology
 from .alltoall import pairwise
-from .kernels import pack
+from .hier_gather import pack
 from .p2p import waitall
 from .registry import ALLTOALL
 

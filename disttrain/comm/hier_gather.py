@@ -37,7 +37,6 @@ from .. import mpi
 from . import cost
 from .costmodel import LATENCY_BOUND, choose
 from .hier import shape
-from .kernels import pack, unpack
 from .ops import mpi_op
 from .p2p import scratch
 from .registry import ALLGATHER, REDUCE_SCATTER
@@ -81,6 +80,24 @@ def hier_reduce_scatter_cost(c, n: float) -> float:
     h, k, _, _, g, _, _ = _levels(c, n)
     red = (k - 1) / k * n * g + (h - 1) / h * n / k * g if k > 1 else n * g + (h - 1) / h * n * g
     return hier_allgather_cost(c, n) + red
+
+
+def pack(src, starts, lengths, dst) -> None:
+    """Concatenate the blocks src[starts[i]:starts[i]+lengths[i]] into dst: one slice copy
+    (memcpy) per block. kernels.pack's element loop moved ~0.35 GB/s on uint8 here (8 MiB in
+    23 ms, a third of the network phase at 1 Gbit/s); a slice copy runs at memory speed."""
+    o = 0
+    for s, n in zip(starts.tolist(), lengths.tolist()):
+        dst[o:o + n] = src[s:s + n]
+        o += n
+
+
+def unpack(src, starts, lengths, dst) -> None:
+    """Inverse of :func:`pack`: the concatenated blocks of src back to their places in dst."""
+    o = 0
+    for s, n in zip(starts.tolist(), lengths.tolist()):
+        dst[s:s + n] = src[o:o + n]
+        o += n
 
 
 def _flat(family: str, nbytes: int) -> str:
@@ -140,8 +157,9 @@ def _packed_ag(sub, buf, groups, own, counts, displs) -> None:
     lo, mine = int(pdis[own]), groups[own]
     pack(buf, displs[mine], counts[mine], stage[lo:lo + int(part[own])])
     _run_ag(sub, stage, part, pdis)
-    order = np.concatenate(groups)
-    unpack(stage, displs[order], counts[order], buf)
+    for i, gr in enumerate(groups):  # the others' blocks into place (this rank's are there)
+        if i != own:
+            unpack(stage[int(pdis[i]):], displs[gr], counts[gr], buf)
 
 
 @REDUCE_SCATTER.register("hier", cost=hier_reduce_scatter_cost, overhead=80e-6)
