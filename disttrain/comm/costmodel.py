@@ -363,7 +363,7 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         # library's *allreduce* (the model before) picked the library there, so ZeRO's buckets ran
         # slow. Until calibrate() measures these two families, the bandwidth-bound rule is ring.
         # Across hosts the same holds (bench_hier on the emulated cluster, 2x2 and 3x2: at 64 KiB
-        # the library's allgather / reduce-scatter took 0.2-0.3x our ring's and hier's time), so
+        # the library's allgather / reduce-scatter took 0.16-0.33x our ring's and hier's time), so
         # the two-level algorithms are weighed against the ring from LATENCY_BOUND on only.
         if nbytes < LATENCY_BOUND:
             return "mpi"
