@@ -204,17 +204,24 @@ if dt.rank() == 0:
 """
 
 
+def on_hosts(tmp_path, program: str, hosts: int, per_host: int):
+    """Run `program` on `hosts` emulated hosts of `per_host` ranks (10 Gbit/s links, built-in cost
+    model); the finished process, asserted successful."""
+    probe = tmp_path / "probe_on_hosts.py"
+    probe.write_text(program)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+               DISTTRAIN_COSTMODEL="defaults")
+    res = subprocess.run([SCRIPT, "--hosts", str(hosts), "--ranks-per-host", str(per_host), "--rate", "10gbit",
+                          "--", str(probe)], capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
 def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path):
     """Real nodes (separate hosts, a shaped link): the topology sees 2 x 2, the two-level
     allreduce equals the library's, "auto" picks it with the built-in defaults (no calibration),
     and calibrating there measures both levels (and skips shm, which cannot run across hosts)."""
-    probe = tmp_path / "hier_probe.py"
-    probe.write_text(HIER_PROBE)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
-               DISTTRAIN_COSTMODEL="defaults")
-    res = subprocess.run([SCRIPT, "--hosts", "2", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
-                         capture_output=True, text=True, timeout=180, env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = on_hosts(tmp_path, HIER_PROBE, 2, 2)
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("TOPO")).split(maxsplit=1)[1]
     assert line == "2x2 (0, 0, 1, 1) 2 defaults hier hier OK", line
     assert "CAL 2 2x2 True True True" in res.stdout, res.stdout
@@ -250,12 +257,6 @@ if r == 0:
 def test_hier_allgather_reduce_scatter_alltoallv_on_separate_hosts(tmp_path):
     """Real nodes (3 hosts x 2 ranks, shaped links): the two-level reduce-scatter, allgather and
     alltoallv equal the library's collectives, and "auto" picks the first two uncalibrated."""
-    probe = tmp_path / "coll_probe.py"
-    probe.write_text(COLL_PROBE)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
-               DISTTRAIN_COSTMODEL="defaults")
-    res = subprocess.run([SCRIPT, "--hosts", "3", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
-                         capture_output=True, text=True, timeout=180, env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = on_hosts(tmp_path, COLL_PROBE, 3, 2)
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("COLL")).split(maxsplit=1)[1]
     assert line == "3x2 hier hier OK", line

@@ -40,6 +40,15 @@ def layouts(comm, monkeypatch):
     g.free()
 
 
+def cases(comm, monkeypatch, dtypes, few, sizes):
+    """(label, group, dtype, size) over every layout: all `dtypes` where the layout runs the full
+    matrix, the `few` elsewhere."""
+    for spec, g, full in layouts(comm, monkeypatch):
+        for dtype in dtypes if full else few:
+            for n in sizes:
+                yield spec, g, dtype, n
+
+
 def everywhere(comm, failures, what):
     failures = sum(comm.allgather(failures), [])  # every rank reports every rank's mismatches
     assert not failures, f"{what}: {failures[:8]}"
@@ -67,15 +76,14 @@ def test_reduce_scatter_every_layout_dtype_op_against_the_library(comm, monkeypa
 def test_allgather_uneven_rows_every_dtype_against_the_library(comm, monkeypatch):
     rng = rank_rng(comm, 32)
     failures = []
-    for spec, g, full in layouts(comm, monkeypatch):
-        for dtype in DTYPES + [np.uint8, np.complex128] if full else [np.float32]:
-            for most in (0, 1, 5, 300):
-                rows = int(rng.integers(0, most + 1))
-                x = (rng.standard_normal((rows, 2, 3)) * 100).astype(dtype)
-                want = np.concatenate(g.comm.allgather(x))  # the library's allgather of every rank's x
-                got = dt.allgather(x, algorithm="hier", group=g)
-                if got.dtype != want.dtype or not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
-                    failures.append((spec, np.dtype(dtype).name, most))
+    for spec, g, dtype, most in cases(comm, monkeypatch, DTYPES + [np.uint8, np.complex128], [np.float32],
+                                      (0, 1, 5, 300)):
+        rows = int(rng.integers(0, most + 1))
+        x = (rng.standard_normal((rows, 2, 3)) * 100).astype(dtype)
+        want = np.concatenate(g.comm.allgather(x))  # the library's allgather of every rank's x
+        got = dt.allgather(x, algorithm="hier", group=g)
+        if got.dtype != want.dtype or not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+            failures.append((spec, np.dtype(dtype).name, most))
     everywhere(comm, failures, "hier allgather vs MPI_Allgather")
 
 
@@ -83,26 +91,27 @@ def test_allgather_uneven_rows_every_dtype_against_the_library(comm, monkeypatch
 def test_alltoallv_random_splits_zero_blocks_against_the_library(comm, monkeypatch):
     rng = rank_rng(comm, 33)
     failures = []
-    for spec, g, full in layouts(comm, monkeypatch):
+    for spec, g, dtype, most in cases(comm, monkeypatch, (np.float16, np.int32, np.float64, np.uint8), (np.int32,),
+                                      (0, 1, 4, 200, "empty")):
         q = g.size
-        for dtype in (np.float16, np.int32, np.float64, np.uint8) if full else (np.int32,):
-            for most in (0, 1, 4, 200):
-                splits = rng.integers(0, most + 1, q)
-                splits[rng.integers(0, q)] = 0  # at least one empty block
-                x = rng.integers(0, 1 << 7, (int(splits.sum()), 3)).astype(dtype)
-                # the library: MPI_Alltoallv with counts exchanged by MPI_Alltoall
-                rc = np.array(g.comm.alltoall(splits.tolist()), np.int64)
-                want = np.empty((int(rc.sum()), 3), dtype)
-                sb, rb = x.view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)
-                row = 3 * np.dtype(dtype).itemsize
-                g.comm.Alltoallv([sb, (splits * row, np.concatenate(([0], np.cumsum(splits)[:-1])) * row)],
-                                 [rb, (rc * row, np.concatenate(([0], np.cumsum(rc)[:-1])) * row)])
-                got, got_splits = dt.alltoall(x, splits, algorithm="hier", group=g)
-                if list(got_splits) != rc.tolist() or not np.array_equal(got, want):
-                    failures.append((spec, np.dtype(dtype).name, most))
-        y, s = dt.alltoall(np.zeros((0, 4), np.float32), algorithm="hier", group=g)  # nothing anywhere
-        if y.shape != (0, 4) or list(s) != [0] * q:
-            failures.append((spec, "empty"))
+        if most == "empty":  # nothing anywhere
+            y, s = dt.alltoall(np.zeros((0, 4), np.float32), algorithm="hier", group=g)
+            if y.shape != (0, 4) or list(s) != [0] * q:
+                failures.append((spec, "empty"))
+            continue
+        splits = rng.integers(0, most + 1, q)
+        splits[rng.integers(0, q)] = 0  # at least one empty block
+        x = rng.integers(0, 1 << 7, (int(splits.sum()), 3)).astype(dtype)
+        # the library: MPI_Alltoallv with counts exchanged by MPI_Alltoall
+        rc = np.array(g.comm.alltoall(splits.tolist()), np.int64)
+        want = np.empty((int(rc.sum()), 3), dtype)
+        sb, rb = x.view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)
+        row = 3 * np.dtype(dtype).itemsize
+        g.comm.Alltoallv([sb, (splits * row, np.concatenate(([0], np.cumsum(splits)[:-1])) * row)],
+                         [rb, (rc * row, np.concatenate(([0], np.cumsum(rc)[:-1])) * row)])
+        got, got_splits = dt.alltoall(x, splits, algorithm="hier", group=g)
+        if list(got_splits) != rc.tolist() or not np.array_equal(got, want):
+            failures.append((spec, np.dtype(dtype).name, most))
     everywhere(comm, failures, "hier alltoallv vs MPI_Alltoallv")
 
 
