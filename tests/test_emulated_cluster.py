@@ -204,17 +204,59 @@ if dt.rank() == 0:
 """
 
 
+def on_hosts(tmp_path, program: str, hosts: int, per_host: int):
+    """Run `program` on `hosts` emulated hosts of `per_host` ranks (10 Gbit/s links, built-in cost
+    model); the finished process, asserted successful."""
+    probe = tmp_path / "probe_on_hosts.py"
+    probe.write_text(program)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
+               DISTTRAIN_COSTMODEL="defaults")
+    res = subprocess.run([SCRIPT, "--hosts", str(hosts), "--ranks-per-host", str(per_host), "--rate", "10gbit",
+                          "--", str(probe)], capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
 def test_hier_on_separate_hosts_is_exact_and_auto_picks_it_uncalibrated(tmp_path):
     """Real nodes (separate hosts, a shaped link): the topology sees 2 x 2, the two-level
     allreduce equals the library's, "auto" picks it with the built-in defaults (no calibration),
     and calibrating there measures both levels (and skips shm, which cannot run across hosts)."""
-    probe = tmp_path / "hier_probe.py"
-    probe.write_text(HIER_PROBE)
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, OMP_NUM_THREADS="1",
-               DISTTRAIN_COSTMODEL="defaults")
-    res = subprocess.run([SCRIPT, "--hosts", "2", "--ranks-per-host", "2", "--rate", "10gbit", "--", str(probe)],
-                         capture_output=True, text=True, timeout=180, env=env)
-    assert res.returncode == 0, res.stdout + res.stderr
+    res = on_hosts(tmp_path, HIER_PROBE, 2, 2)
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("TOPO")).split(maxsplit=1)[1]
     assert line == "2x2 (0, 0, 1, 1) 2 defaults hier hier OK", line
     assert "CAL 2 2x2 True True True" in res.stdout, res.stdout
+
+
+COLL_PROBE = """
+import numpy as np
+import disttrain as dt
+from mpi4py import MPI
+from disttrain.comm import costmodel, topology
+dt.init()
+comm = dt.world().comm
+p, r = dt.size(), dt.rank()
+rng = np.random.default_rng(r)
+ok = []
+x = rng.integers(-9, 10, (4 * p + 3, 5)).astype(np.int64)  # rows not divisible by p
+ok.append(np.array_equal(dt.reduce_scatter(x, algorithm="hier"), np.array_split(comm.allreduce(x), p)[r]))
+y = rng.standard_normal((r + 1, 3)).astype(np.float32)  # uneven rows
+ok.append(np.array_equal(dt.allgather(y, algorithm="hier"), np.concatenate(comm.allgather(y))))
+splits = rng.integers(0, 50, p)
+z = rng.integers(0, 99, (int(splits.sum()), 2)).astype(np.int32)
+blocks = comm.alltoall(np.split(z, np.cumsum(splits)[:-1]))  # the library's (pickled) alltoall
+got, rs = dt.alltoall(z, splits, algorithm="hier")
+ok.append(np.array_equal(got, np.concatenate(blocks)) and rs == [len(b) for b in blocks])
+u8 = np.dtype(np.uint8)
+picks = [costmodel.choose(f, comm, 16 << 20, u8) for f in ("allgather", "reduce_scatter")]
+ok = comm.allreduce(int(all(ok)), op=MPI.MIN)
+if r == 0:
+    print("COLL", topology.of(comm).layout, *picks, "OK" if ok else "BAD", flush=True)
+"""
+
+
+def test_hier_allgather_reduce_scatter_alltoallv_on_separate_hosts(tmp_path):
+    """Real nodes (3 hosts x 2 ranks, shaped links): the two-level reduce-scatter, allgather and
+    alltoallv equal the library's collectives, and "auto" picks the first two uncalibrated."""
+    res = on_hosts(tmp_path, COLL_PROBE, 3, 2)
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("COLL")).split(maxsplit=1)[1]
+    assert line == "3x2 hier hier OK", line

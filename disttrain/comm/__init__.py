@@ -1,10 +1,11 @@
 """The collectives layer: one module per algorithm family member, one registry per family.
 
 Importing this package registers every algorithm (ring.py, tree.py, double_tree.py, butterfly.py,
-rabenseifner.py, ps.py, shm.py, hier.py, alltoall.py, native.py) with the registries in registry.py.
+rabenseifner.py, ps.py, shm.py, hier.py, hier_gather.py, alltoall.py, hier_alltoall.py,
+native.py) with the registries in registry.py.
 """
-from . import (alltoall, butterfly, double_tree, hier, native, ps, rabenseifner, ring, shm,  # noqa: F401 (register)
-               tree)
+from . import (alltoall, butterfly, double_tree, hier, hier_alltoall, hier_gather, native, ps,  # noqa: F401 (register)
+               rabenseifner, ring, shm, tree)
 from .api import (allgather, allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall,  # noqa: F811
                   broadcast, broadcast_, reduce_scatter)
 from .config import set_validation, set_verbose, settings

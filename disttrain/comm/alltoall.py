@@ -14,16 +14,52 @@ dtype and row shape.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import mpi
 
+from . import cost
 from .kernels import pack
 from .p2p import TAG_BRUCK_DATA, TAG_BRUCK_SIZE, TAG_PAIRWISE, scratch, waitall
 from .registry import ALLTOALL
 
 
-@ALLTOALL.register("pairwise")
+#: Software cost of one Bruck round (Python and NumPy bookkeeping), measured with
+#: scripts/bench_collectives.py --collective alltoall at p=2 on the development machine.
+BRUCK_ROUND = 25e-6
+
+
+def _ports(c):
+    """(largest node's ranks k, alpha between nodes, beta through a node's port); on one node
+    (k = 1) the intra-node alpha and no port."""
+    if c.hosts <= 1:
+        return 1, c.alpha, 0.0
+    a, b = cost.net(c)
+    return max(cost.node_sizes(c)), a, b
+
+
+def pairwise_cost(c, n: float) -> float:
+    """n: bytes one rank sends. One node: (p-1)(alpha + n/p beta). Several: k-1 messages inside,
+    p-k across, and the k ranks of a node pushing k n (p-k)/p bytes through its port."""
+    b = cost.bg(c, n)[0]
+    k, an, bn = _ports(c)
+    if c.hosts <= 1:
+        return (c.p - 1) * (c.alpha + n / c.p * b)
+    return (k - 1) * (c.alpha + n / c.p * b) + (c.p - k) * an + k * n * (c.p - k) / c.p * bn
+
+
+def bruck_cost(c, n: float) -> float:
+    """ceil(lg p) rounds of ~n/2 bytes and a size header; across nodes every round's messages
+    cross a port shared by the node's k ranks."""
+    lg = math.ceil(math.log2(max(2, c.p)))
+    k, an, bn = _ports(c)
+    b = cost.bg(c, n)[0] if c.hosts <= 1 else bn * k
+    return lg * (BRUCK_ROUND + 2 * an + n / 2 * b)
+
+
+@ALLTOALL.register("pairwise", cost=pairwise_cost, overhead=7e-6)
 def pairwise(comm, send, scounts, sdispls):
     """Every send is posted first (to r+1, r+2, ...); the incoming sizes are then learnt by matched
     probes (MPI_Mprobe) from r-1, r-2, ..., so no separate exchange of counts is needed."""
@@ -49,7 +85,7 @@ def pairwise(comm, send, scounts, sdispls):
     return recv, rcounts
 
 
-@ALLTOALL.register("bruck")
+@ALLTOALL.register("bruck", cost=bruck_cost)
 def bruck(comm, send, scounts, sdispls):
     p, r = comm.Get_size(), comm.Get_rank()
     pos = (r + np.arange(p)) % p  # position j holds the block for rank r+j

@@ -18,7 +18,7 @@ from .. import stall, timeline
 from ..groups import as_group
 from ..stall import tracked
 from . import config, fused, node, validate
-from .costmodel import choose
+from .costmodel import agreed_bytes, choose
 from .engine import Handle, engine
 from .errors import CollectiveError
 from .kernels import divide, float_to_half, from_keys, half_to_float, to_keys
@@ -470,7 +470,9 @@ def alltoall(x, splits=None, *, algorithm: str = "auto", group=None):
     for j in range(1, p):
         sd[j] = sd[j - 1] + sc[j - 1]
     send = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-    name = _choose(ALLTOALL, algorithm, comm, sd[-1] + sc[-1], _U8)
+    # sized by the largest rank's send (agreed): an alltoallv's ranks send different amounts, and a
+    # size-based choice made per rank could split them between algorithms - a hang
+    name = algorithm if algorithm != "auto" else choose("alltoall", comm, agreed_bytes(comm, sd[-1] + sc[-1]), _U8)
     recv, rc = ALLTOALL.resolve(name)(comm, send, sc, sd)
     return recv.view(x.dtype).reshape((-1,) + tail), [c // rowbytes for c in rc]
 

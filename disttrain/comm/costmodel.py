@@ -34,7 +34,7 @@ from .cost import LARGE, SMALL, CostParams, across, bg
 from .kernels import reduce_into
 from .ops import SUM
 from .p2p import TAG_XCHG
-from .registry import ALLREDUCE
+from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, REDUCE_SCATTER
 
 #: For latency-bound messages (< LATENCY_BOUND bytes) "auto" leaves the MPI library's own
 #: collective only for an algorithm predicted SWITCH_MARGIN times faster: there the prediction is
@@ -47,11 +47,6 @@ NATIVE_SIZES = (8, 1 << 10, 1 << 13, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24
 #: bytes of the inter-node bandwidth exchange: bandwidth-bound even at 10 Gbit/s, and ~34 ms at 1
 NET_BYTES = 4 << 20
 
-
-#: Software overheads of the alltoall algorithms (Python and NumPy bookkeeping), measured with
-#: scripts/bench_collectives.py --collective alltoall at p=2 on the development machine; not yet
-#: part of calibrate().
-_A2A_OVERHEAD = {"bruck_round": 25e-6, "pairwise": 7e-6}
 
 #: Algorithms whose formulas model the nodes themselves (the rest are costed with cost.across on a
 #: multi-node communicator: intra-node alpha/beta replaced by the network's through a shared port).
@@ -360,7 +355,6 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         best = min(ALLREDUCE.costs, key=lambda a: predict(c, a, nbytes))
         margin = SWITCH_MARGIN if nbytes < LATENCY_BOUND else 1.0
         return best if predict(c, best, nbytes) * margin < predict(c, "mpi", nbytes) else "mpi"
-    b, g = bg(c, nbytes)
     if family in ("reduce_scatter", "allgather"):
         # Measured side by side (MPICH 4 wheel, this 2-core host, 2 and 4 ranks, lowlevel
         # reduce_scatter_on / in-place allgather_on): the library's MPI_Reduce_scatter and in-place
@@ -368,10 +362,47 @@ def _decide(family: str, c: CostParams, nbytes: int) -> str:
         # 1168 vs 13 ms), while below ~64 KiB its latency wins. Half a ring allreduce vs half the
         # library's *allreduce* (the model before) picked the library there, so ZeRO's buckets ran
         # slow. Until calibrate() measures these two families, the bandwidth-bound rule is ring.
-        return "ring" if nbytes >= LATENCY_BOUND else "mpi"
-    if family == "alltoall":  # Bruck: lg p rounds of ~n/2 bytes (+ a size header); pairwise: p-1 of n/p
-        lg = math.ceil(math.log2(c.p))
-        bruck = lg * (_A2A_OVERHEAD["bruck_round"] + 2 * c.alpha + nbytes / 2 * b)
-        pairwise = _A2A_OVERHEAD["pairwise"] + (c.p - 1) * (c.alpha + nbytes / c.p * b)
-        return "bruck" if bruck < pairwise else "pairwise"
+        # Across hosts the same holds (bench_hier on the emulated cluster, 2x2 and 3x2: at 64 KiB
+        # the library's allgather / reduce-scatter took 0.16-0.33x our ring's and hier's time), so
+        # the two-level algorithms are weighed against the ring from LATENCY_BOUND on only.
+        if nbytes < LATENCY_BOUND:
+            return "mpi"
+        return _or_hier(_FAMILIES[family], c, "ring", nbytes)
+    if family == "alltoall":  # the formulas registered in alltoall.py / hier_alltoall.py know the nodes
+        flat = min((a for a in ALLTOALL.costs if a != "hier"), key=lambda a: family_cost(ALLTOALL, c, a, nbytes))
+        return _or_hier(ALLTOALL, c, flat, nbytes)
     return "mpi"  # broadcast: the library's version is at least as good here
+
+
+_FAMILIES = {"reduce_scatter": REDUCE_SCATTER, "allgather": ALLGATHER}
+#: families whose flat formulas assume one node: on several they are costed at port speed (cost.across)
+_PORT_BLIND = ("reduce_scatter", "allgather")
+
+
+def family_cost(reg, c: CostParams, name: str, nbytes: float) -> float:
+    """Predicted seconds of `name` in family `reg` (not allreduce: see predict). The library ("mpi")
+    has no formula in these families - MPICH picks among its own algorithms - and is costed as
+    the ring (on several nodes with a non-ring pattern's port sharing)."""
+    formula, o = reg.costs.get(name) or (reg.costs["ring"][0], 1.5e-6)
+    if c.hosts > 1 and name != "hier" and reg.family in _PORT_BLIND:
+        c = across(c, ring_order=name == "ring")
+    return o + formula(c, nbytes)
+
+
+def _or_hier(reg, c: CostParams, flat: str, nbytes: int) -> str:
+    """`flat`, or the family's two-level algorithm where its formula beats the flat one's - only
+    on several nodes (its cost is infinite on one), by SWITCH_MARGIN for latency-bound sizes."""
+    if c.hosts <= 1 or "hier" not in reg.costs:
+        return flat
+    margin = SWITCH_MARGIN if nbytes < LATENCY_BOUND else 1.0
+    return "hier" if family_cost(reg, c, "hier", nbytes) * margin < family_cost(reg, c, flat, nbytes) else flat
+
+
+def agreed_bytes(comm, nbytes: int) -> int:
+    """The largest `nbytes` over the ranks of `comm` (collective): what "auto" sizes an alltoallv
+    by, so that ranks sending different amounts still pick the same algorithm."""
+    if comm.Get_size() == 1:
+        return nbytes
+    v = np.array([nbytes], np.int64)
+    comm.Allreduce(mpi.MPI.IN_PLACE, v, op=mpi.MPI.MAX)
+    return int(v[0])

@@ -58,14 +58,14 @@ def _net_params(c, h: int, k: int):
 
 def inter_algorithm(c, n: float) -> str:
     """The second level's algorithm for an n-byte allreduce (a pure function of agreed values)."""
-    h, k = _shape(c)
+    h, k = shape(c)
     if n / k < INTER_LATENCY_BOUND or h < 2:
         return "mpi"
     cn = _net_params(c, h, k)
     return min(INTER, key=lambda a: INTER[a](cn, n / k))
 
 
-def _shape(c) -> tuple[int, int]:
+def shape(c) -> tuple[int, int]:
     """(nodes, ranks per node used by the second level: k if uniform, else 1 - the leaders)."""
     sizes = cost.node_sizes(c)
     return max(1, c.hosts), (sizes[0] if len(set(sizes)) == 1 else 1)
@@ -79,7 +79,7 @@ def hier_cost(c, n: float) -> float:
     there is no second level."""
     if c.hosts <= 1:
         return math.inf
-    h, k = _shape(c)
+    h, k = shape(c)
     b, g = cost.bg(c, n)
     cn = _net_params(c, h, k)
     inter = min(f(cn, n / k) for f in INTER.values())

@@ -130,7 +130,18 @@ def ring_allreduce(comm, buf: np.ndarray, op: int, codec=None) -> None:
         codec.decode(enc, buf)
 
 
-@REDUCE_SCATTER.register("ring")
+def ring_allgather_cost(c, n: float) -> float:
+    """n: bytes of the gathered vector. (p-1) steps of one block: (p-1)(alpha ceil(n/(p seg)) + n/p beta)."""
+    p, (b, _) = c.p, cost.bg(c, n)
+    return (p - 1) * (c.alpha * cost.segments(n / p) + n / p * b)
+
+
+def ring_reduce_scatter_cost(c, n: float) -> float:
+    """The allgather's steps, each also reducing its block: + (p-1) n/p gamma."""
+    return ring_allgather_cost(c, n) + (c.p - 1) * n / c.p * cost.bg(c, n)[1]
+
+
+@REDUCE_SCATTER.register("ring", cost=ring_reduce_scatter_cost, overhead=25e-6)
 def ring_rs(comm, buf, op, counts, displs):
     r = comm.Get_rank()
     counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
@@ -138,7 +149,7 @@ def ring_rs(comm, buf, op, counts, displs):
     return buf[displs[r]:displs[r] + counts[r]]
 
 
-@ALLGATHER.register("ring")
+@ALLGATHER.register("ring", cost=ring_allgather_cost, overhead=25e-6)
 def ring_ag(comm, buf, counts, displs) -> None:
     counts, displs = tuple(int(c) for c in counts), tuple(int(d) for d in displs)
     ring_allgather(comm, buf, counts, displs, seg_elems(buf, config.current().segment_bytes))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -86,6 +87,25 @@ class Topology:
             if self.node_of[r] != self.node_of[(r + 1) % p]:
                 out[self.node_of[r]] += 1
         return max(out)
+
+    @cached_property
+    def members(self) -> tuple:
+        """Group ranks of every node, ascending (= their order in the node communicator)."""
+        return tuple(tuple(r for r, m in enumerate(self.node_of) if m == n) for n in range(self.nodes))
+
+    @cached_property
+    def local_of(self) -> tuple:
+        """Local rank (index in its node) of every group rank."""
+        out = [0] * len(self.node_of)
+        for ranks in self.members:
+            for i, r in enumerate(ranks):
+                out[r] = i
+        return tuple(out)
+
+    def slice_members(self, i: int) -> tuple:
+        """Group ranks of slice i (local rank i of every node that has one), ascending (= their
+        order in the slice communicator, which is split with the group rank as key)."""
+        return tuple(r for r, lr in enumerate(self.local_of) if lr == i)
 
     def free(self) -> None:
         for c in (self.node_comm, self.slice_comm):
