@@ -36,7 +36,8 @@ _last: dict = {}  # native thread id -> (name, seq, finished at)
 _settings = {"warn": 60.0, "shutdown": 0.0}
 _gseq: dict = {}  # group key -> number of collectives this rank has issued on it (the n-th call)
 _done: dict = {}  # group key -> number of them finished here (sent to peers when this rank leaves)
-_peer_failed: dict = {}  # world rank -> (message, its _gseq, time, gkey, sig, its groups) from its failure notice
+_peer_failed: dict = {}  # world rank -> [(message, its _gseq, time, gkey, sig, its groups, number)]: its failure notices
+NOTICES_KEPT = 64  # per rank (the newest)
 _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
 
@@ -250,7 +251,9 @@ def notify_failure(msg: str, gkey: str | None = None, sig: tuple | None = None) 
     issued = dict(_gseq)
     # the groups this rank belongs to now: a notice never concerns a group created after it
     uids = sorted({g.uid for g in groups.registered()})
-    w.notify(("failed", msg, issued, gkey, sig, uids))
+    global _notices
+    _notices += 1  # names this notice: a "broken" notice retires exactly the notice it used
+    w.notify(("failed", msg, issued, gkey, sig, uids, _notices))
 
 
 def _sig_of(name: str, shape, dtype, site: str) -> tuple:
@@ -281,17 +284,20 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
         return why
     now = time.monotonic()
     for r in ranks:
-        f = _peer_failed.get(r)
-        if f is not None and f[3] is None and now - f[2] > UNKNOWN_GROUP_TTL:
-            _peer_failed.pop(r, None)
-        elif f is not None and f[3] in (None, gkey) and _uid(gkey) in f[5] and (
-                f[3] is not None or not _went_on(f[1], _uid(gkey))) and (
-                (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
-                f[3] is not None or (sig is not None and f[4] == sig)):
-            if f[3] is None:
-                _peer_failed.pop(r, None)  # used up
-                _used_up.append(r)
-            return f[0]
+        fs = _peer_failed.get(r)
+        if fs:
+            # every notice of r still pending: a rank can fail several calls in a row before its
+            # peers reach the first (one kept per rank lost the earlier ones: a hang)
+            fs[:] = [f for f in fs if f[3] is not None or now - f[2] <= UNKNOWN_GROUP_TTL]
+        for f in fs or ():
+            if f[3] in (None, gkey) and _uid(gkey) in f[5] and (
+                    f[3] is not None or not _went_on(f[1], _uid(gkey))) and (
+                    (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
+                    f[3] is not None or (sig is not None and f[4] == sig)):
+                if f[3] is None:
+                    fs.remove(f)  # used up
+                    _used_up.append((r, f[6]))
+                return f[0]
         d = _departed.get(r)
         if d is not None and (seq is None or d[0].get(gkey, 0) < seq):
             return f"rank {r} has left the job (exited) without taking part in this collective"
@@ -309,13 +315,17 @@ def _went_on(issued: dict, uid: str) -> bool:
 def consume_unknown(ranks) -> None:
     """A wait of this rank was given up: the failure notices of `ranks` that named no group have
     done their work (one failed call interrupts one wait per rank)."""
+    used = {r for r, _ in _used_up}  # this wait used their notice already (peers_problem)
     for r in ranks:
-        f = _peer_failed.get(r)
-        if f is not None and f[3] is None:
-            _peer_failed.pop(r, None)
+        fs = _peer_failed.get(r) or [] if r not in used else []
+        for f in fs:
+            if f[3] is None:
+                fs.remove(f)  # the oldest: one failed call, one wait
+                break
 
 
-_used_up: list = []  # ranks whose unknown-group failure notice this rank used: told with "broken"
+_used_up: list = []  # (rank, notice number) of unknown-group failure notices this rank used: told with "broken"
+_notices = 0  # failure notices this rank has sent
 
 
 def mark_broken(gkey: str, why: str) -> None:
@@ -458,15 +468,17 @@ class Watchdog(threading.Thread):
             note = self.comm.recv(source=src, tag=TAG_NOTICE)
             now = time.monotonic()
             if note[0] == "failed":
-                _peer_failed[src] = (note[1], note[2], now, note[3], note[4], set(note[5]))
+                fs = _peer_failed.setdefault(src, [])
+                fs.append((note[1], note[2], now, note[3], note[4], set(note[5]), note[6]))
+                del fs[:-NOTICES_KEPT]
             elif note[0] == "departed":
                 _departed[src] = (note[1], now)
             elif note[0] == "broken":
                 _broken.setdefault(note[1], note[2])
-                for r in note[3]:  # that failure notice has served: it must not interrupt anything else
-                    f = _peer_failed.get(r)
-                    if f is not None and f[3] is None:
-                        _peer_failed.pop(r, None)
+                for r, n in note[3]:  # that failure notice has served: it must not interrupt anything else
+                    # only that very notice, not a newer one of the same rank
+                    fs = _peer_failed.get(r) or []
+                    fs[:] = [f for f in fs if f[6] != n]
             alarm += 1
 
     def _check_departed(self) -> None:

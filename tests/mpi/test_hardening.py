@@ -164,6 +164,29 @@ def test_4_bad_group_while_an_earlier_async_call_is_still_in_flight(comm):
     assert np.all(dt.allreduce(np.ones(3)) == p)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("second", ["blocking", "async"])
+def test_4_two_bad_groups_in_a_row_before_the_peers_arrive(comm, second):
+    """Rank 1 fails two calls in a row (bad group=, two lines, two groups) before its peers reach
+    the first: each of its notices must interrupt its own call on the peers (one notice kept per
+    rank lost the first; a wait that used a notice also discarded the next one: both hung -
+    found by the fuzzer on emulated nodes)."""
+    p = comm.Get_size()
+    g1, g2 = dt.new_group(range(p)), dt.new_group(range(p))
+    bad = comm.Get_rank() == 1
+    if not bad:
+        time.sleep(0.3)
+    with pytest.raises(dt.CollectiveError, match="group must be"):
+        dt.allreduce(np.ones(4), group="not a group" if bad else g1)
+    with pytest.raises(dt.CollectiveError, match="group must be"):
+        if second == "blocking":
+            dt.allreduce(np.ones(4), group="not a group" if bad else g2)
+        else:
+            dt.allreduce_async(np.ones(4), group="not a group" if bad else g2).wait()
+    comm.Barrier()
+    assert np.all(dt.allreduce(np.ones(3)) == p)
+
+
 def test_4_non_member_group_is_a_local_error_and_members_are_unaffected(comm):
     p = comm.Get_size()
     g = dt.new_group([0])
