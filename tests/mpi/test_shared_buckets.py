@@ -51,7 +51,7 @@ def test_shared_buckets_match_one_process_bit_identical_on_every_rank(comm, buck
 def test_kernel_matches_the_numpy_reference_bit_for_bit(comm, dtype):
     rng = np.random.default_rng(comm.Get_rank())
     for p in (1, 2, 3, 5):
-        for n, lo, hi in ((0, 0, 0), (1, 0, 1), (5000, 3, 4999), (4097, 0, 4097)):  # blocks of 2048 and tails
+        for n, lo, hi in ((0, 0, 0), (1, 0, 1), (5000, 3, 4999), (4097, 0, 4097)):  # several blocks and tails
             rows = rng.standard_normal((p, n)).astype(dtype)
             want = rows.copy()
             SB.average_slice_ref(want, lo, hi, p)
