@@ -13,6 +13,10 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
   communication thread while backward continues with earlier layers in numba/BLAS code that has
   released the GIL. ``backward`` returns once every bucket is reduced: each ``.grad`` then holds
   the average over ranks, exactly the global-batch gradient when the local batches are equal.
+- On one node (``algorithm="auto"``, no compression, no sharding) the buckets live in a shared
+  window and each rank averages its slice of every rank's bucket in place: nothing is copied
+  (parallel/shared_buckets.py). The last bucket runs on the calling thread when the communication
+  thread is idle (``backward`` waits for it at once: no hand-off).
 - With ``compression=`` every bucket goes through a compressor instead (disttrain.compression):
   compression, the collective that fits its payload and decompression all run on the
   communication thread, so they overlap backward just like the plain allreduce. A bucket's
