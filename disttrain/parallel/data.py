@@ -268,6 +268,8 @@ class DataParallel:
         zero, shared = self._zero, self._shared
 
         def job():
+            if shared is not None:  # every rank ready first: a failed check below then fails everywhere
+                shared.ready(comm)  # alike, after the same rounds
             if validating:
                 L.check(comm, "DataParallel bucket", fields, error)
             if zero is not None:  # shard="optimizer": keep the owned slice of the average

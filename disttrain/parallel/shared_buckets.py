@@ -7,6 +7,8 @@ memory (the direct single-node reduction of MPICH's / Open MPI's shared-memory c
 NCCL's one-node algorithms; Graham & Shipman 2008, Li, Hoefler & Snir 2013):
 
 1. round: every rank has finished its bucket (it arrives only after its own backward filled it);
+   DataParallel's validation check of the bucket comes right after it (so the check finds every
+   peer there and a failed check fails on every rank after the same rounds);
 2. rank r reduces *its slice* (``np.array_split`` part r) of the bucket over the p rows in rank
    order, divides by p, and writes the result into that slice of *every* row (numba, nogil) -
    half the reduction per core at p = 2, each element computed by exactly one rank, so every rank
@@ -153,10 +155,13 @@ class Window:
         self._user = weakref.ref(fresh)
         return fresh[start:start + self.n * self.dtype.itemsize].view(self.dtype)
 
+    def ready(self, comm, kind: str) -> None:
+        """Round: every rank's bucket is complete (collective; before :meth:`average`)."""
+        self._round(comm, kind)
+
     def average(self, off: int, size: int, comm, kind: str) -> None:
-        """Average elements [off, off + size) of the rows over the ranks, in place in every row
-        (collective: every rank calls it for the same buckets in the same order)."""
-        self._round(comm, kind)  # every rank's bucket is complete
+        """After :meth:`ready`: average elements [off, off + size) of the rows over the ranks, in
+        place in every row (collective: every rank calls it for the same buckets in the same order)."""
         counts, displs = blocks(size, self.p)
         lo = off + displs[self.r]
         if counts[self.r]:
@@ -221,8 +226,15 @@ class SharedBuckets:
             self.offsets[b.index] = off
             off += n
 
+    def ready(self, comm) -> None:
+        """Wait until every rank's next bucket is complete (the first round of its average). The
+        caller's validation check goes after it: by then every peer has arrived, so the check's
+        own wait (a spinning one) is short, and this wait sleeps instead (module docstring)."""
+        self.window.ready(comm, "DataParallel bucket")
+
     def average(self, bucket, comm) -> np.ndarray:
-        """The bucket's average over the group, in place (on the communication thread, or inline)."""
+        """After :meth:`ready`: the bucket's average over the group, in place (on the
+        communication thread, or inline)."""
         self.window.average(self.offsets[bucket.index], bucket.size, comm, "DataParallel bucket")
         return bucket.buffer
 
