@@ -290,8 +290,12 @@ def main(argv=None) -> int:
     a.modes = a.modes.split(",")
     a.algorithms = a.algorithm.split(",")
     a.cluster = tuple(int(v) for v in a.cluster.lower().split("x")) if a.cluster else None
+    if a.worker == "torch":
+        emit(worker_torch(a))
+        sys.stdout.flush()
+        os._exit(0)  # torch 2.14's gloo teardown at interpreter exit aborted once (exit 6) after the result
     if a.worker:
-        emit((worker_torch if a.worker == "torch" else worker_disttrain)(a))
+        emit(worker_disttrain(a))
         return 0
     if a.from_json:
         with open(a.from_json) as f:

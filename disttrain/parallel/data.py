@@ -140,6 +140,12 @@ class DataParallel:
             self._shared = SB.SharedBuckets(self.group, self.buckets)  # collective: the window
             for b in self.buckets:
                 self._attach_grads(b)
+        # Overlap needs a core for the communication thread. With shared buckets the reduction is
+        # CPU work (no wire to wait on): when this node's ranks fill its cores, running a bucket
+        # on the thread during backward only time-slices it with the GEMM and adds the hand-off,
+        # so every bucket runs after backward, on this thread (measured in README, issue 16).
+        # Which thread runs a bucket never changes what goes on the wire: no agreement needed.
+        self._overlap = overlap and not (self._shared is not None and not SB.spare_core())
         if shard != "none":  # every rank shards the same values: rank 0's
             broadcast_parameters(self.params, root=0, group=self.group)
             self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype, algorithm)
@@ -225,7 +231,7 @@ class DataParallel:
             if self._sync and self._units is None:
                 raise RuntimeError(self._direct_backward_message(params))
             return
-        if not (self._sync and self.overlap) or self.group.size == 1 or self._units is not None:
+        if not (self._sync and self._overlap) or self.group.size == 1 or self._units is not None:
             return
         for p in params:
             b = self._bucket_of.get(id(p))
@@ -247,7 +253,7 @@ class DataParallel:
             self._launch(self.buckets[self._next])
             self._next += 1
 
-    def _launch(self, b: _Bucket, error: str | None = None) -> None:
+    def _launch(self, b: _Bucket, error: str | None = None, inline: bool = False) -> None:
         timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
         if error is None:
             for p, view in zip(b.params, b.views):
@@ -281,7 +287,7 @@ class DataParallel:
             return z.reduce_(b, comm, algorithm)
 
         b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
-                            self.group, inline=b.index == len(self.buckets) - 1)
+                            self.group, inline=inline)
 
     def _optimizer_steps(self) -> int | None:
         """Steps taken by make_optimizer's optimizer (None without one), checked with every bucket
@@ -384,8 +390,8 @@ class DataParallel:
         if not self._sync or (self.group.size == 1 and self._zero is None):  # one rank: grads are the average
             return
         t = time.perf_counter()
-        for b in self.buckets[self._next:]:  # launch what the hooks did not (no overlap, non-reporting models)
-            self._launch(b)
+        for b in self.buckets[self._next:]:  # what the hooks did not launch: waited for at once, so
+            self._launch(b, inline=True)    # run here when the communication thread is idle
         self._next = len(self.buckets)
         first = None
         spans = []
