@@ -140,12 +140,6 @@ class DataParallel:
             self._shared = SB.SharedBuckets(self.group, self.buckets)  # collective: the window
             for b in self.buckets:
                 self._attach_grads(b)
-        # Overlap needs a core for the communication thread. With shared buckets the reduction is
-        # CPU work (no wire to wait on): when this node's ranks fill its cores, running a bucket
-        # on the thread during backward only time-slices it with the GEMM and adds the hand-off,
-        # so every bucket runs after backward, on this thread (measured in README, issue 16).
-        # Which thread runs a bucket never changes what goes on the wire: no agreement needed.
-        self._overlap = overlap and not (self._shared is not None and not SB.spare_core())
         if shard != "none":  # every rank shards the same values: rank 0's
             broadcast_parameters(self.params, root=0, group=self.group)
             self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype, algorithm)
@@ -231,7 +225,7 @@ class DataParallel:
             if self._sync and self._units is None:
                 raise RuntimeError(self._direct_backward_message(params))
             return
-        if not (self._sync and self._overlap) or self.group.size == 1 or self._units is not None:
+        if not (self._sync and self.overlap) or self.group.size == 1 or self._units is not None:
             return
         for p in params:
             b = self._bucket_of.get(id(p))

@@ -37,7 +37,6 @@ MPI keeps its own duplicate of the communicator), only at exit.
 """
 from __future__ import annotations
 
-import os
 import time
 import weakref
 
@@ -45,7 +44,6 @@ import numpy as np
 from numba import njit
 
 from .. import mpi, stall
-from ..groups import local_size
 from ..comm import node as N
 from ..comm import topology, validate
 from ..comm.p2p import blocks
@@ -67,13 +65,6 @@ def wanted(group, shard: str, compressor, algorithm: str, dtype) -> bool:
         return False
     t = topology.of(group.comm)
     return t is not None and t.nodes == 1
-
-
-def spare_core() -> bool:
-    """Whether this process may use more cores than there are ranks on its node (then a
-    communication thread can average buckets while backward computes, without taking a core a
-    GEMM needs)."""
-    return len(os.sched_getaffinity(0)) > local_size()
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

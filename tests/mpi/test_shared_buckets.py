@@ -20,21 +20,15 @@ SIZES = [7, 13, 2]  # uneven sizes; a 2-element bias: fewer elements than ranks 
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("bucket_mb,overlap,validate,spare", [
-    (1e-6, True, True, True), (1e-6, True, False, True), (1e-6, True, True, False), (1e-6, False, False, True),
-    (25, True, True, True)])
-def test_shared_buckets_match_one_process_bit_identical_on_every_rank(comm, monkeypatch, bucket_mb, overlap,
-                                                                      validate, spare):
-    """spare: whether the node has a core for the communication thread (True: buckets averaged on
-    it during backward; False - this machine's case at P >= 2 - all after backward, inline)."""
+@pytest.mark.parametrize("bucket_mb,overlap,validate", [(1e-6, True, True), (1e-6, True, False), (1e-6, False, False),
+                                                       (25, True, True)])
+def test_shared_buckets_match_one_process_bit_identical_on_every_rank(comm, bucket_mb, overlap, validate):
     p, r = comm.Get_size(), comm.Get_rank()
-    monkeypatch.setattr(SB, "spare_core", lambda: spare)
     dt.set_validation(validate)
     want_params, want_grads = reference(p, SIZES, LOCAL)
     model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
     ddp = dt.DataParallel(model, bucket_mb=bucket_mb, overlap=overlap)
     assert (ddp._shared is not None) == (p > 1)  # one node, "auto", no compression, no shard
-    assert ddp._overlap == (overlap and (spare or p == 1))
     if bucket_mb < 1e-3:
         assert len(ddp.buckets) == len(model.parameters())  # one per parameter: sizes 2, 26, 13, 91
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
@@ -139,7 +133,6 @@ def test_a_rank_raising_mid_backward_makes_every_rank_raise_then_training_goes_o
     model = nn.Sequential(nn.Linear(5, 4, rng=rng, dtype=np.float64), nn.ReLU(), bomb,
                           nn.Linear(4, 3, rng=rng, dtype=np.float64))
     ddp, loss = dt.DataParallel(model, bucket_mb=1e-6), nn.SoftmaxCrossEntropy()
-    ddp._overlap = True  # the buckets after the raising layer go to the communication thread first
     assert ddp._shared is not None and len(ddp.buckets) == 4
     x, y = np.ones((2, 5)), np.zeros(2, int)
     bomb.armed = True
