@@ -67,9 +67,11 @@ class Engine:
     def __init__(self):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # start-up; submissions; an inline run (excludes submissions)
+        self._queued = 0  # operations put on the queue (under _lock)
+        self._ran = 0  # operations the thread has finished (written by the thread only)
 
-    def submit(self, fn, name: str = "", x=None, group=None) -> Handle:
+    def submit(self, fn, name: str = "", x=None, group=None, inline: bool = False) -> Handle:
         """Run ``fn()`` on the communication thread; its return value becomes the handle's result.
 
         Everything that decides what ``fn`` does on the wire is bound here, on the calling thread:
@@ -79,6 +81,13 @@ class Engine:
 
         If MPI did not grant MPI_THREAD_MULTIPLE (some system MPIs), a second thread calling MPI
         would be unsafe: then ``fn`` runs here, synchronously, and a warning says so once.
+
+        ``inline=True`` is for a caller about to wait for the result anyway (DataParallel's last
+        bucket): when the thread is idle - nothing queued, nothing running - ``fn`` runs here on
+        the calling thread and the handle is complete on return, saving the hand-off (queue, wake
+        the thread, wake the waiter: ~0.1-0.2 ms on a busy core). The operations still run in
+        submission order on the same communicator, one at a time, so what goes on the wire is the
+        same either way and the choice needs no agreement between ranks.
         """
         h = Handle(name)
         op = stall.issue(name + " (async)", x, stall.call_site(), group, lane="a")
@@ -89,7 +98,12 @@ class Engine:
                 self._run(fn, h, op, snap)
                 return h
             self._start()
-        self._q.put((fn, h, op, snap))
+        with self._lock:
+            if inline and self._ran == self._queued:  # idle: run here; the lock holds off other submitters
+                self._run(fn, h, op, snap)
+                return h
+            self._queued += 1
+            self._q.put((fn, h, op, snap))
         return h
 
     def call(self, fn, name: str = ""):
@@ -123,10 +137,9 @@ class Engine:
             item = self._q.get()
             if item is None:
                 return
-            self._run(*item)
+            self._run(*item, queued=True)
 
-    @staticmethod
-    def _run(fn, h: Handle, op, snap) -> None:
+    def _run(self, fn, h: Handle, op, snap, queued: bool = False) -> None:
         t = h.t_start = time.perf_counter()
         error = None
         try:
@@ -142,6 +155,8 @@ class Engine:
         h.t_end = time.perf_counter()
         h.seconds = h.t_end - t
         stall.leave(op, error)
+        if queued:  # idle from here on (before the waiter wakes: it may go on with an inline run)
+            self._ran += 1
         h._finish(result=result, error=error)
 
     def stop(self) -> None:

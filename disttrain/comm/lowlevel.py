@@ -77,7 +77,9 @@ def validating() -> bool:
     return config.current().validate
 
 
-def submit(fn, name: str, x=None, group=None) -> Handle:
+def submit(fn, name: str, x=None, group=None, inline: bool = False) -> Handle:
     """Run ``fn()`` on the communication thread (in queue order, with the caller's settings
-    snapshot, recorded as an asynchronous operation of `group`); returns its Handle."""
-    return engine.submit(fn, name, x, group)
+    snapshot, recorded as an asynchronous operation of `group`); returns its Handle.
+    ``inline=True``: run it on the calling thread instead when the communication thread is idle
+    (for a caller that waits for it right away; see ``Engine.submit``)."""
+    return engine.submit(fn, name, x, group, inline)

@@ -75,6 +75,11 @@ def _spin(cnt, p, k, tries):
     return False
 
 
+# Public names of the round primitives for other shared-memory users (parallel/shared_buckets.py):
+# one fence and one counter barrier for the whole library.
+fence, arrive, spin = _fence, _arrive, _spin
+
+
 @njit(**_JIT)
 def _post(hdr, cnt, r, k, ok, h, slot, payload):
     """Write this rank's header (and payload) for round k, then arrive."""

@@ -13,6 +13,10 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
   communication thread while backward continues with earlier layers in numba/BLAS code that has
   released the GIL. ``backward`` returns once every bucket is reduced: each ``.grad`` then holds
   the average over ranks, exactly the global-batch gradient when the local batches are equal.
+- On one node (``algorithm="auto"``, no compression, no sharding) the buckets live in a shared
+  window and each rank averages its slice of every rank's bucket in place: nothing is copied
+  (parallel/shared_buckets.py). The last bucket runs on the calling thread when the communication
+  thread is idle (``backward`` waits for it at once: no hand-off).
 - With ``compression=`` every bucket goes through a compressor instead (disttrain.compression):
   compression, the collective that fits its payload and decompression all run on the
   communication thread, so they overlap backward just like the plain allreduce. A bucket's
@@ -39,6 +43,7 @@ from ..comm import lowlevel as L
 from ..nn.module import Module
 from ..groups import as_group
 from ..groups import rank as world_rank
+from . import shared_buckets as SB
 from . import zero as ZR
 from .units import Units, top_units, union_and_overlap
 
@@ -128,8 +133,13 @@ class DataParallel:
         # one check at construction turns a mismatch into an error on every rank, not a hang.
         L.check(self.group.comm, "DataParallel", {
             "compression": self.compressor.spec, "algorithm": algorithm, "shard": str(shard),
-            "buckets": tuple((b.key, b.size) for b in self.buckets)}, problem, always=True)
-        self._zero = self._units = self._optimizer = None
+            "dtype": str(dtype), "buckets": tuple((b.key, b.size) for b in self.buckets)}, problem, always=True)
+        self._zero = self._units = self._optimizer = self._shared = None
+        if SB.wanted(self.group, shard, self.compressor, algorithm, dtype):  # from agreed values only
+            SB.warmup()
+            self._shared = SB.SharedBuckets(self.group, self.buckets)  # collective: the window
+            for b in self.buckets:
+                self._attach_grads(b)
         if shard != "none":  # every rank shards the same values: rank 0's
             broadcast_parameters(self.params, root=0, group=self.group)
             self._zero = ZR.Sharder(shard, self.buckets, self.group, dtype, algorithm)
@@ -230,11 +240,14 @@ class DataParallel:
         when gradients become ready in a different order (a model whose backward does not run in
         reverse registration order, or a rank with no batch that calls synchronize()); PyTorch DDP
         keeps the same rule."""
-        while self._next < len(self.buckets) and not self.buckets[self._next].pending:
+        # The last bucket waits for _finish, which waits for it at once: there it runs on this thread
+        # when the communication thread is idle (no hand-off, Engine.submit's inline), and its
+        # time counts as exposed.
+        while self._next < len(self.buckets) - 1 and not self.buckets[self._next].pending:
             self._launch(self.buckets[self._next])
             self._next += 1
 
-    def _launch(self, b: _Bucket, error: str | None = None) -> None:
+    def _launch(self, b: _Bucket, error: str | None = None, inline: bool = False) -> None:
         timeline.instant(f"bucket {b.index} ready", "bucket", bytes=b.buffer.nbytes, params=len(b.params))
         if error is None:
             for p, view in zip(b.params, b.views):
@@ -252,17 +265,23 @@ class DataParallel:
                   "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
-        zero = self._zero
+        zero, shared = self._zero, self._shared
 
         def job():
+            if shared is not None:  # every rank ready first: a failed check below then fails everywhere
+                shared.ready(comm)  # alike, after the same rounds
             if validating:
                 L.check(comm, "DataParallel bucket", fields, error)
             if zero is not None:  # shard="optimizer": keep the owned slice of the average
                 return zero.reduce(b, comm, algorithm, z)
+            if shared is not None:  # the rows of the shared window: nothing copied (shared_buckets.py)
+                out = shared.average(b, comm)
+                z.stats.record(b.buffer.nbytes, b.buffer.nbytes, shared.sent_bytes(b))
+                return out
             return z.reduce_(b, comm, algorithm)
 
         b.handle = L.submit(job, "allreduce" if z.name == "none" else f"allreduce[{z.spec}]", b.buffer,
-                                 self.group)
+                            self.group, inline=inline)
 
     def _optimizer_steps(self) -> int | None:
         """Steps taken by make_optimizer's optimizer (None without one), checked with every bucket
@@ -365,8 +384,8 @@ class DataParallel:
         if not self._sync or (self.group.size == 1 and self._zero is None):  # one rank: grads are the average
             return
         t = time.perf_counter()
-        for b in self.buckets[self._next:]:  # launch what the hooks did not (no overlap, non-reporting models)
-            self._launch(b)
+        for b in self.buckets[self._next:]:  # what the hooks did not launch: waited for at once, so
+            self._launch(b, inline=True)    # run here when the communication thread is idle
         self._next = len(self.buckets)
         first = None
         spans = []

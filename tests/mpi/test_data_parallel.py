@@ -9,18 +9,18 @@ from disttrain_zoo.mlp import MLP
 LOCAL_BATCH, STEPS, SIZES = 6, 5, [10, 32, 24, 5]
 
 
-def data(p):
+def data(p, sizes=SIZES, local=LOCAL_BATCH):
     rng = np.random.default_rng(123)
-    x = rng.standard_normal((STEPS, LOCAL_BATCH * p, SIZES[0]))
-    y = rng.integers(0, SIZES[-1], (STEPS, LOCAL_BATCH * p))
+    x = rng.standard_normal((STEPS, local * p, sizes[0]))
+    y = rng.integers(0, sizes[-1], (STEPS, local * p))
     return x, y
 
 
-def reference(p):
+def reference(p, sizes=SIZES, local=LOCAL_BATCH):
     """The same model, optimizer and data in ONE process on the global batch: params and grads per step."""
-    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    model, loss = MLP(sizes, dtype=np.float64), nn.SoftmaxCrossEntropy()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    x, y = data(p)
+    x, y = data(p, sizes, local)
     grads = []
     for s in range(STEPS):
         loss.forward(model.forward(x[s]), y[s])
