@@ -39,6 +39,7 @@ _done: dict = {}  # group key -> number of them finished here (sent to peers whe
 _peer_failed: dict = {}  # world rank -> [(message, its _gseq, time, gkey, sig, its groups, number)]: its failure notices
 NOTICES_KEPT = 64  # per rank (the newest)
 _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
+P2P_DEPARTED_GRACE = 5.0  # seconds a point-to-point wait on a rank that has left may still complete
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
 
 
@@ -485,10 +486,14 @@ class Watchdog(threading.Thread):
         """A rank that waits for a peer that has left would wait forever: end the job now, naming it."""
         if not _departed:
             return
+        now = time.monotonic()
         for op in list(_inflight.values()):
             for r in op.ranks:
                 d = _departed.get(r)
-                if d is not None and op.gkey and d[0].get(op.gkey, 0) < op.seq:
+                # a point-to-point wait (no group: the pipeline's receives name their source in
+                # `ranks`) has no call count to compare: a message the source sent before it left
+                # has arrived after P2P_DEPARTED_GRACE seconds, or never will
+                if d is not None and (d[0].get(op.gkey, 0) < op.seq if op.gkey else now - d[1] > P2P_DEPARTED_GRACE):
                     abort_job(f"[disttrain] rank {self.world.rank}: rank {r} has left the job (its process exited "
                               f"or called MPI_Finalize) but this rank is waiting for it in "
                               f"{op.describe(time.monotonic())}; aborting all ranks")
