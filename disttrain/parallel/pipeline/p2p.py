@@ -6,7 +6,8 @@ zero-bubble schedules do not send in the order the receiver consumes). Sends are
 neighbours sending to each other at the same time, as 1F1B does, cannot deadlock); the arrays stay
 referenced by their requests until ``sends`` are waited for at the end of the step. A receive
 that has to wait is tracked by the stall inspector and the flight recorder (a stage waiting for
-its neighbour shows up by name, and counts as exposed communication); one whose message is already
+its neighbour shows up by name, and counts as exposed communication; a neighbour that leaves the
+job meanwhile ends it, named - stall.P2P_DEPARTED_GRACE); one whose message is already
 here costs one MPI_Test and is not recorded (entering the inspector was most of a receive's cost).
 
 Two modes per step, agreed by every rank of the pipeline at the step's start (``begin``):
