@@ -39,6 +39,8 @@ _done: dict = {}  # group key -> number of them finished here (sent to peers whe
 _peer_failed: dict = {}  # world rank -> [(message, its _gseq, time, gkey, sig, its groups, number)]: its failure notices
 NOTICES_KEPT = 64  # per rank (the newest)
 _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left MPI (exited)
+_asked = threading.local()  # .sig: what this thread's last peers_problem asked (validate.wait's call)
+P2P_DEPARTED_GRACE = 5.0  # seconds a point-to-point wait on a rank that has left may still complete
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
 
 
@@ -279,6 +281,7 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
     shape, dtype) can never complete, or None: the group is broken, a member failed this very
     call (see UNKNOWN_GROUP_TTL), or a member left before finishing it. seq None (set-up
     checks, not numbered): only notices received after `since` count."""
+    _asked.sig = sig  # for consume_unknown, called next on this thread when this wait gives up
     why = _broken.get(_uid(gkey)) if gkey else None
     if why:
         return why
@@ -314,12 +317,16 @@ def _went_on(issued: dict, uid: str) -> bool:
 
 def consume_unknown(ranks) -> None:
     """A wait of this rank was given up: the failure notices of `ranks` that named no group have
-    done their work (one failed call interrupts one wait per rank)."""
+    done their work (one failed call interrupts one wait per rank: the oldest notice of each rank
+    whose notice this wait did not already use - of this very call, when the wait's signature is
+    known: a wait given up because its group is broken must not eat the notice of the rank's NEXT
+    failed call, meant for another group)."""
     used = {r for r, _ in _used_up}  # this wait used their notice already (peers_problem)
+    sig = getattr(_asked, "sig", None)  # the signature this thread's last peers_problem asked about
     for r in ranks:
         fs = _peer_failed.get(r) or [] if r not in used else []
         for f in fs:
-            if f[3] is None:
+            if f[3] is None and (sig is None or f[4] == sig):
                 fs.remove(f)  # the oldest: one failed call, one wait
                 break
 
@@ -485,10 +492,14 @@ class Watchdog(threading.Thread):
         """A rank that waits for a peer that has left would wait forever: end the job now, naming it."""
         if not _departed:
             return
+        now = time.monotonic()
         for op in list(_inflight.values()):
             for r in op.ranks:
                 d = _departed.get(r)
-                if d is not None and op.gkey and d[0].get(op.gkey, 0) < op.seq:
+                # a point-to-point wait (no group: the pipeline's receives name their source in
+                # `ranks`) has no call count to compare: a message the source sent before it left
+                # has arrived after P2P_DEPARTED_GRACE seconds, or never will
+                if d is not None and (d[0].get(op.gkey, 0) < op.seq if op.gkey else now - d[1] > P2P_DEPARTED_GRACE):
                     abort_job(f"[disttrain] rank {self.world.rank}: rank {r} has left the job (its process exited "
                               f"or called MPI_Finalize) but this rank is waiting for it in "
                               f"{op.describe(time.monotonic())}; aborting all ranks")

@@ -114,6 +114,34 @@ def test_stash_plan_follows_attributes_that_appear_later():
     assert isinstance(lin.late, np.ndarray)
 
 
+class _Swapper(nn.Module):
+    """A custom layer whose cache changes name with its input's rank (same attribute count)."""
+
+    def forward(self, x):
+        vars(self).pop("_x2" if x.ndim == 3 else "_x3", None)
+        setattr(self, "_x3" if x.ndim == 3 else "_x2", x)
+        return x
+
+    def backward(self, dy):
+        return dy * (self._x3 if dy.ndim == 3 else self._x2)
+
+
+def test_stash_plan_follows_an_attribute_swapped_for_another_of_the_same_count():
+    """A module drops one cache and creates another: the attribute count is the same, the names
+    are not (the plan kept the old name and failed with a KeyError on the pipeline stage)."""
+    m = _Swapper()
+    plan = S.Plan(nn.Sequential(m))
+    m.forward(np.ones((2, 3)))
+    assert plan.state()[1] == 48
+    x3 = np.full((2, 3, 1), 2.0)
+    m.forward(x3)
+    saved, nbytes = plan.state()
+    assert nbytes == 48 and [ks for _, ks, _ in saved] == [("_x3",)]
+    m._x3 = None
+    S.restore(saved)
+    assert m._x3 is x3
+
+
 def test_rules_refuse_clearly():
     assert "multiple of 3" in problem("interleaved", 3, 4, 2)
     assert "--virtual-stages >= 2" in problem("interleaved", 2, 4, 1)

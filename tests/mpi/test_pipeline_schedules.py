@@ -190,3 +190,24 @@ def test_changing_batch_shapes_and_evaluation_between_steps(comm, cache_shapes):
             np.testing.assert_allclose(pipe.predict(ev if mesh.pp_is_first_stage else None), model.forward(ev),
                                        rtol=1e-10)
     assert_matches(stage, ref, [], [], 2)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_an_input_of_another_dtype_and_the_same_shape_is_not_a_known_shape_step(comm):
+    """float64, float64, then float32 batches of one shape through stages without parameters of
+    their own (Tanh: the dtype travels): the third step sends headers again and matches one
+    process - it was taken for a known-shape step, and the first stage raised (alone) that its
+    activation's shape "depends on the data"."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    lin = lambda: nn.Linear(6, 3, rng=np.random.default_rng(4), dtype=np.float64)  # noqa: E731
+    stage = lin() if r == p - 1 else nn.Tanh()
+    pipe = Pipeline(stage, dt.new_group(range(p)), nn.SoftmaxCrossEntropy() if r == p - 1 else None, "1f1b",
+                    micro_batches=2)
+    ref, loss_fn = nn.Sequential(*[nn.Tanh() for _ in range(p - 1)], lin()), nn.SoftmaxCrossEntropy()
+    x, y = np.random.default_rng(5).standard_normal((4, 6)), np.arange(4) % 3
+    known = []
+    for dtype in (np.float64, np.float64, np.float32):
+        got = pipe.step(x.astype(dtype), y)
+        known.append(pipe.net.known)
+        assert got == pytest.approx(loss_fn.forward(ref.forward(x.astype(dtype)), y), rel=1e-6)
+    assert known == [False, True, False]

@@ -44,8 +44,9 @@ def head(x, n: int):
 
 
 def shape_key(x) -> tuple:
-    """A hashable key of a batch's shapes (what decides whether the message shapes are known)."""
-    return tuple((p.dtype.str, p.shape) for p in parts(x)) if isinstance(x, tuple) else tuple(x.shape)
+    """A hashable key of a batch's shapes and dtypes (what decides whether the message shapes are
+    known: a stage without parameters passes its input's dtype on, so a dtype is part of a shape)."""
+    return tuple((p.dtype.str, p.shape) for p in parts(x)) if isinstance(x, tuple) else (x.dtype.str, *x.shape)
 
 
 def differentiable(p) -> bool:

@@ -6,7 +6,8 @@ zero-bubble schedules do not send in the order the receiver consumes). Sends are
 neighbours sending to each other at the same time, as 1F1B does, cannot deadlock); the arrays stay
 referenced by their requests until ``sends`` are waited for at the end of the step. A receive
 that has to wait is tracked by the stall inspector and the flight recorder (a stage waiting for
-its neighbour shows up by name, and counts as exposed communication); one whose message is already
+its neighbour shows up by name, and counts as exposed communication; a neighbour that leaves the
+job meanwhile ends it, named - stall.P2P_DEPARTED_GRACE); one whose message is already
 here costs one MPI_Test and is not recorded (entering the inspector was most of a receive's cost).
 
 Two modes per step, agreed by every rank of the pipeline at the step's start (``begin``):
@@ -77,6 +78,11 @@ class P2P:
         self.shapes, self.sent_shapes, self.cached_for = {}, {}, None
         self.buffers, self.posted, self.known = {}, {}, False
         self._status = None  # an MPI.Status, made at the first begin (mpi4py is imported lazily)
+        # each group rank's world rank: a receive names its source to the stall inspector, which
+        # ends the job if that rank leaves (exits) while this one waits for it
+        mine, world = comm.Get_group(), mpi.MPI.COMM_WORLD.Get_group()
+        self.world_ranks = mpi.MPI.Group.Translate_ranks(mine, list(range(comm.Get_size())), world)
+        mine.Free(), world.Free()
         self.reset()
 
     def reset(self) -> None:
@@ -159,6 +165,7 @@ class P2P:
                 # inspector and the flight recorder (entering it is most of a tracked receive's cost)
                 if not req.Test(status):
                     op = stall.enter(f"pipeline recv from stage {src}", buf, site=_SITE, group=None)
+                    op.ranks = (self.world_ranks[src],)
                     try:
                         req.Wait(status)
                     finally:
@@ -169,6 +176,7 @@ class P2P:
                                      "step with the same input shape")
         else:
             op = stall.enter(f"pipeline recv from stage {src}", None, site=_SITE, group=None)
+            op.ranks = (self.world_ranks[src],)
             try:
                 hdr = np.empty(_HDR, np.int64)
                 tag = self.tag(direction, i, chunk)

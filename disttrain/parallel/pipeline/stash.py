@@ -50,7 +50,9 @@ class Plan:
     work of issue 19, item 4): its modules (walking the tree every op cost more than the stash),
     the modules that keep anything, with the names of their non-structural attributes and a
     C-level getter for them (worked out again only when the modules' attribute count changes: a
-    first forward creates the caches), and the modules whose W keeps state.
+    first forward creates the caches; or when a stashed name is gone: a module swapped it for
+    another, same count), and the modules whose W keeps state. Not seen: a module that swaps a
+    structural attribute (a parameter, a module, a callable) for a cache at the same count.
 
     Args:
         chunk: the Module whose tree is stashed (None with `modules`).
@@ -79,6 +81,13 @@ class Plan:
         # one (a first forward creates the caches): only then are they classified again
         if sum(map(len, self._dicts)) != self._count:
             self._classify()
+        try:
+            return self._state()
+        except KeyError:  # a module swapped a cache for another of a new name: same count
+            self._classify()
+            return self._state()
+
+    def _state(self) -> tuple:
         saved, nbytes = [], 0
         for d, names, get, single in self._holders:
             values = (get(d),) if single else get(d)

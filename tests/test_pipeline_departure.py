@@ -1,0 +1,54 @@
+"""A pipeline stage that leaves the job mid-step (sys.exit: MPI_Finalize, no exception) ends the
+job with a message naming it - its neighbour waiting in a pipeline receive used to wait forever
+(the receive is point-to-point: no group call count for the stall inspector's departure check)."""
+import time
+
+import pytest
+
+from ._mpirun import run
+
+SCRIPT = """
+import sys
+import numpy as np
+import disttrain as dt
+from disttrain import nn
+from disttrain.parallel.pipeline import Pipeline
+
+dt.init()
+r, p = dt.rank(), dt.size()
+LEAVE_AT = int(sys.argv[1])  # the last stage leaves in its LEAVE_AT-th forward
+
+class LeaveAt(nn.Module):
+    calls = 0
+    def forward(self, x):
+        LeaveAt.calls += 1
+        if r == p - 1 and LeaveAt.calls == LEAVE_AT:
+            print(f"rank {r} leaves mid-step", flush=True)
+            sys.exit(0)
+        return x
+    def backward(self, dy):
+        return dy
+
+rng = np.random.default_rng(0)
+stage = nn.Sequential(nn.Linear(6, 6, rng=rng, dtype=np.float64), LeaveAt())
+pipe = Pipeline(stage, dt.new_group(range(p)), nn.SoftmaxCrossEntropy() if r == p - 1 else None,
+                "1f1b", micro_batches=4)
+x, y = rng.standard_normal((8, 6)), rng.integers(0, 6, 8)
+for _ in range(3):
+    pipe.step(x, y)
+print("UNREACHABLE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("n,leave_at", [(2, 2), (3, 6)])  # the first step (headers), the second (known shapes)
+def test_a_stage_that_leaves_mid_step_ends_the_job(n, leave_at, tmp_path):
+    script = tmp_path / "leave.py"
+    script.write_text(SCRIPT)
+    t = time.monotonic()
+    res = run(n, [str(script), str(leave_at)], timeout=60, env={"DISTTRAIN_COSTMODEL": "defaults"})
+    took = time.monotonic() - t
+    assert f"rank {n - 1} leaves mid-step" in res.stdout, res.stdout[-3000:]
+    assert res.returncode not in (0, -9), res.stdout[-3000:]  # -9: our timeout, a hang
+    assert took < 40, f"took {took:.0f} s"
+    assert f"rank {n - 1} has left the job" in res.stdout and "pipeline recv" in res.stdout, res.stdout[-3000:]
+    assert "UNREACHABLE" not in res.stdout
