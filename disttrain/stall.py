@@ -287,18 +287,16 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
         return why
     now = time.monotonic()
     for r in ranks:
-        fs = _peer_failed.get(r)
-        if fs:
-            # every notice of r still pending: a rank can fail several calls in a row before its
-            # peers reach the first (one kept per rank lost the earlier ones: a hang)
-            fs[:] = [f for f in fs if f[3] is not None or now - f[2] <= UNKNOWN_GROUP_TTL]
-        for f in fs or ():
+        # every notice of r still pending: a rank can fail several calls in a row before its
+        # peers reach the first (one kept per rank lost the earlier ones: a hang)
+        fs = _keep(r, lambda f: f[3] is not None or now - f[2] <= UNKNOWN_GROUP_TTL) if r in _peer_failed else ()
+        for f in fs:
             if f[3] in (None, gkey) and _uid(gkey) in f[5] and (
                     f[3] is not None or not _went_on(f[1], _uid(gkey))) and (
                     (f[1].get(gkey, 0) == seq - 1) if seq is not None else f[2] >= since) and (
                     f[3] is not None or (sig is not None and f[4] == sig)):
                 if f[3] is None:
-                    fs.remove(f)  # used up
+                    _keep(r, lambda g, f=f: g is not f)  # used up
                     _used_up.append((r, f[6]))
                 return f[0]
         d = _departed.get(r)
@@ -324,11 +322,22 @@ def consume_unknown(ranks) -> None:
     used = {r for r, _ in _used_up}  # this wait used their notice already (peers_problem)
     sig = getattr(_asked, "sig", None)  # the signature this thread's last peers_problem asked about
     for r in ranks:
-        fs = _peer_failed.get(r) or [] if r not in used else []
-        for f in fs:
+        for f in _peer_failed.get(r, ()) if r not in used else ():
             if f[3] is None and (sig is None or f[4] == sig):
-                fs.remove(f)  # the oldest: one failed call, one wait
+                _keep(r, lambda g, f=f: g is not f)  # the oldest: one failed call, one wait
                 break
+
+
+def _keep(r: int, keep) -> list:
+    """Keep only the notices of rank `r` that `keep` accepts (no entry when none is left, so
+    that waits stop looking); the watchdog thread appends under the same lock."""
+    with _lock:
+        fs = [f for f in _peer_failed.get(r, ()) if keep(f)]
+        if fs:
+            _peer_failed[r] = fs
+        else:
+            _peer_failed.pop(r, None)
+    return fs
 
 
 _used_up: list = []  # (rank, notice number) of unknown-group failure notices this rank used: told with "broken"
@@ -475,17 +484,16 @@ class Watchdog(threading.Thread):
             note = self.comm.recv(source=src, tag=TAG_NOTICE)
             now = time.monotonic()
             if note[0] == "failed":
-                fs = _peer_failed.setdefault(src, [])
-                fs.append((note[1], note[2], now, note[3], note[4], set(note[5]), note[6]))
-                del fs[:-NOTICES_KEPT]
+                with _lock:
+                    fs = _peer_failed.setdefault(src, [])
+                    fs.append((note[1], note[2], now, note[3], note[4], set(note[5]), note[6]))
+                    del fs[:-NOTICES_KEPT]
             elif note[0] == "departed":
                 _departed[src] = (note[1], now)
             elif note[0] == "broken":
                 _broken.setdefault(note[1], note[2])
                 for r, n in note[3]:  # that failure notice has served: it must not interrupt anything else
-                    # only that very notice, not a newer one of the same rank
-                    fs = _peer_failed.get(r) or []
-                    fs[:] = [f for f in fs if f[6] != n]
+                    _keep(r, lambda f, n=n: f[6] != n)  # only that very notice, not a newer one of r's
             alarm += 1
 
     def _check_departed(self) -> None:
