@@ -78,6 +78,9 @@ class Interval:
         ddp, n = self.ddp, max(1, self.steps)
         comm = mpi.MPI.COMM_SELF if alone else dt.world().comm
         dt_s = time.perf_counter() - self.t0
+        # read with the clock: this record's own collectives below (waiting for the slowest rank to
+        # log) are not part of the interval's steps - counted here, comm exceeded 100% of the step
+        blocking = stall.blocking_seconds - self.b0
         own = np.array([self.loss_sum, self.count])
         tot = own if alone else dt.allreduce(own, algorithm="mpi")
         rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
@@ -86,7 +89,6 @@ class Interval:
         # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
         # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
         # at once: it adds to both.
-        blocking = stall.blocking_seconds - self.b0
         rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking, ddp.exposed_comm_seconds - self.e0 + blocking, n))
         rec["handoff_s"] = (ddp.handoff_seconds - self.h0) / n
         rec["blocking_comm_s"] = blocking / n
