@@ -6,7 +6,7 @@ Every rank draws the same program from SEED (so they agree on what to call, as a
 would), runs it, and checks:
 - each result equals the NumPy reduction of every member's input (integer data: exact, the MPI
   library's answer) and is bit-identical on every member (floats: min/max, NaN included);
-- an injected fault (one rank passes a different shape, a bad op, or a bad group=) ends in a
+- an injected fault (one rank passes a different shape or dtype, a bad op, or a bad group=) ends in a
   CollectiveError on every member of that collective, never a hang and never a result;
 - blocking and asynchronous calls interleave, settings (validation, segment size) change between
   calls while handles are outstanding, groups are created and freed between programs;
@@ -141,6 +141,8 @@ class Fuzzer:
             rs_dtype = [np.int64, np.int32, np.float32, np.float64, np.float16][int(more.integers(5))]
             rs_op = str(more.choice(["sum", "avg", "prod", "min", "max"]))
             rs_rows = bool(more.random() < 0.5)
+            if fault[1] == "shape" and more.random() < 0.4:  # the same shape in another dtype: two typed
+                fault = (fault[0], "dtype", fault[2])       # views of the fused slots meet in one round
             if kind == "settings":
                 validate = new_validate
                 dt.set_validation(validate)
@@ -231,7 +233,7 @@ class Fuzzer:
             return
         self.faults += 1
         me_bad = g.rank == bad
-        x = np.ones(5 + (me_bad and how == "shape"), np.int64)
+        x = np.ones(5 + (me_bad and how == "shape"), np.float64 if me_bad and how == "dtype" else np.int64)
         op = "bogus" if me_bad and how == "op" else "sum"
         try:
             if how == "group":
