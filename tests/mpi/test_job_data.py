@@ -21,12 +21,17 @@ def test_a_host_with_another_pydocs_corpus_is_a_configuration_error_on_every_ran
     p, r = dt.size(), dt.rank()
     cfg = parse_config(["--model", model, "--hidden", "8,8,1" if model == "gnmt" else "8,2,1", "--seq-len", "4",
                         "--global-batch-size", "4", "--steps", "1"])
-    monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(0))
-    mesh, _, _ = setup(cfg)  # the same corpus everywhere: agreed
-    mesh.free()
-    monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(int(r == p - 1 and p > 1)))
-    if p == 1:
-        setup(cfg)[0].free()
-        return
-    with pytest.raises(ValueError, match=rf"rank\(s\) \[{p - 1}\] built other training data than rank 0"):
-        setup(cfg)
+    made, mesh = [], dt.Mesh
+    monkeypatch.setattr(dt, "Mesh", lambda *a, **k: made.append(mesh(*a, **k)) or made[-1])  # freed below
+    try:
+        monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(0))
+        setup(cfg)  # the same corpus everywhere: agreed
+        monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(int(r == p - 1 and p > 1)))
+        if p == 1:
+            setup(cfg)
+            return
+        with pytest.raises(ValueError, match=rf"rank\(s\) \[{p - 1}\] built other training data than rank 0"):
+            setup(cfg)
+    finally:
+        for m in made:
+            m.free()
