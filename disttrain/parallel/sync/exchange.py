@@ -71,7 +71,8 @@ class Average:
         buffers (name, shape, dtype: one small allgather), and a rank missing one creates it as
         zeros - the value the optimizer would have created it with - and receives the average like
         the others. Once every rank holds every buffer the list is fixed (optimizers never drop
-        buffers), so in a normal run this costs one allgather at the first exchange only."""
+        buffers), so in a normal run this costs one allgather at the first exchange only (with a
+        stateless optimizer - plain SGD - one of empty lists per exchange)."""
         if self.buffers is not None:
             return self.buffers
         st = opt.state_arrays()
