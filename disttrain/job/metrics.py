@@ -65,6 +65,14 @@ class Interval:
             self.padded += batch.stats["padded_tokens"]
             self.imbalance.append(batch.stats["imbalance"])
 
+    def exclude(self, seconds: float, blocking: float) -> None:
+        """Leave time spent outside training (an evaluation) out of the interval: its clock and
+        the blocking communication in it (collective evaluations: embedding AllToAlls, pipeline
+        and tensor-parallel traffic) - the clock alone left that communication in, above 100% of
+        the step."""
+        self.t0 += seconds
+        self.b0 += blocking
+
     def progress(self, skipped: int, consecutive: int) -> dict:
         """What a checkpoint keeps of this interval (see save_checkpoint)."""
         return dict(interval_start=self.start_step, loss_sum=self.loss_sum, count=self.count, skipped=skipped,
