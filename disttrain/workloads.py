@@ -136,6 +136,7 @@ class Seq2SeqTranslation:
             raise ValueError(f"model gnmt trains on dataset 'pydocs', got {cfg.dataset!r}")
         emb, hidden, layers = _gnmt_sizes(cfg.hidden)
         corpus = corpus or text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+        self.data_digest = corpus.digest()  # agreed by the job's set-up (job/setup.py)
         self.train, self.test = text.split(corpus, test_fraction=0.05, seed=0)
         sizing = dict(max_tokens=cfg.max_tokens) if cfg.max_tokens else dict(global_batch=cfg.global_batch_size)
         self.batcher = Batcher(self.train.lengths, cfg.batching, world, seed=cfg.seed, **sizing)
@@ -215,6 +216,7 @@ class LanguageModel(_FixedBatch):
             raise ValueError(f"model transformer trains on dataset 'pydocs', got {cfg.dataset!r}")
         d, heads, layers = _int_list(cfg.hidden, 3, "transformer", "D,HEADS,LAYERS (e.g. 64,4,2)")
         corpus = text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+        self.data_digest = corpus.digest()  # agreed by the job's set-up (job/setup.py)
         train, test = text.split(corpus, test_fraction=0.05, seed=0)
         self.x, self.y = _windows(train.src, cfg.seq_len)
         self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
@@ -308,8 +310,8 @@ class ClickPrediction(_FixedBatch):
         z = model.forward((t.dense, t.ids))[:, 0].astype(np.float64)
         y = t.clicks.astype(np.float64)
         logloss = float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
-        p = y.mean()
-        base = float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+        p = float(y.mean()) if y.size else 0.5
+        base = float(-sum(q * np.log(q) for q in (p, 1 - p) if q > 0))  # 0 log 0 = 0 (one class only: 0, not NaN)
         return dict(test_logloss=logloss, base_rate_logloss=base, teacher_logloss=t.bayes_logloss,
                     test_auc=_auc(z, y), test_accuracy=float(((z > 0) == (y > 0.5)).mean()))
 
@@ -322,7 +324,9 @@ def _auc(score, y) -> float:
     ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # the mean 1-based rank of each tie run
     pos = y > 0.5
     n1, n0 = int(pos.sum()), int((~pos).sum())
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(1, n1 * n0))
+    if not n1 or not n0:  # one class only (a tiny test split): undefined - not 0, which reads as a perfect inversion
+        return float("nan")
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _int_list(spec: str, n, what: str, form: str) -> list:

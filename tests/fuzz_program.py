@@ -6,10 +6,15 @@ Every rank draws the same program from SEED (so they agree on what to call, as a
 would), runs it, and checks:
 - each result equals the NumPy reduction of every member's input (integer data: exact, the MPI
   library's answer) and is bit-identical on every member (floats: min/max, NaN included);
-- an injected fault (one rank passes a different shape, a bad op, or a bad group=) ends in a
+- an injected fault (one rank passes a different shape or dtype, a bad op, or a bad group=) ends in a
   CollectiveError on every member of that collective, never a hang and never a result;
 - blocking and asynchronous calls interleave, settings (validation, segment size) change between
-  calls while handles are outstanding, groups are created and freed between programs.
+  calls while handles are outstanding, groups are created and freed between programs;
+- allreduces take every op on floats too (sum/prod/avg over small integers are exact, so the
+  fused hot path is checked bit for bit), float16, in-place calls, strided and read-only inputs
+  (which must come back unchanged); allgather, reduce-scatter (every dtype and op, 1-D and rows)
+  and broadcast run every registered algorithm by name, so the two-level ones run on emulated
+  nodes (auto keeps the library at these sizes).
 With --fatal one rank leaves at a random point (sys.exit, an uncaught exception): the job must
 end promptly with a message naming it (the driver checks that). Prints one line per failure with
 the seed and program number, and a summary line "fuzz: N programs, M collectives, K faults".
@@ -19,9 +24,13 @@ import sys
 import numpy as np
 
 import disttrain as dt
-from disttrain.comm import config
+from disttrain.comm import config, kernels
+from disttrain.comm.ops import MAX, MIN
+from disttrain.comm.registry import ALLGATHER, BROADCAST, REDUCE_SCATTER
 
-ALGS = {"allreduce": ["auto", *dt.ALLREDUCE_ALGORITHMS], "alltoall": ["auto", *dt.ALLTOALL_ALGORITHMS]}
+ALGS = {"allreduce": ["auto", *dt.ALLREDUCE_ALGORITHMS], "alltoall": ["auto", *dt.ALLTOALL_ALGORITHMS],
+        "allgather": ["auto", *ALLGATHER.names()], "reduce_scatter": ["auto", *REDUCE_SCATTER.names()],
+        "broadcast": ["auto", *BROADCAST.names()]}
 SIZES = [0, 1, 2, 3, 5, 17, 64, 1000, 4099]
 
 
@@ -46,9 +55,6 @@ def rank_data(seed, prog, i, r, n, dtype, rows=None):
 
 
 def expected_reduce(xs, op):
-    from disttrain.comm import kernels
-    from disttrain.comm.ops import MAX, MIN
-
     acc = xs[0].astype(np.float64) if xs[0].dtype.kind == "f" else xs[0].copy()
     for x in xs[1:]:
         if op == "sum" or op == "avg":
@@ -58,9 +64,28 @@ def expected_reduce(xs, op):
         else:
             acc = kernels.minmax_ref(acc, x.astype(acc.dtype), MIN if op == "min" else MAX) if acc.dtype.kind == "f" \
                 else (np.minimum if op == "min" else np.maximum)(acc, x)
+    if op == "avg" and acc.dtype.kind == "f":
+        # the data are small integers: the float64 sum is exact in every dtype; the library sums in
+        # the accumulation dtype (float16 -> float32) and divides there (true division, as NumPy)
+        wide = np.dtype(np.float32 if xs[0].dtype == np.float16 else xs[0].dtype).type
+        return (acc.astype(wide) / wide(len(xs))).astype(xs[0].dtype)
     if op == "avg":
         acc = acc // len(xs)
     return acc.astype(xs[0].dtype)
+
+
+def layout(x, how):
+    """x as the caller hands it over: plain, a strided view, read-only, or (for the in-place call)
+    a writeable copy."""
+    if how == "strided":
+        big = np.zeros(x.shape + (2,), x.dtype)
+        big[..., 0] = x
+        return big[..., 0]
+    if how == "readonly":
+        x = x.copy()
+        x.flags.writeable = False
+        return x
+    return x.copy()
 
 
 def same_bits(a, b):
@@ -102,6 +127,22 @@ class Fuzzer:
                                                                else ["shape", "op"])), bool(rng.random() < 0.5))
             waitnow = bool(rng.random() < 0.4)
             pick = float(rng.random())
+            # drawn from their own stream, so that the draws above (and old seeds' programs) stay put:
+            # float sum/prod/avg (the fused hot path), float16, and how the caller hands x over
+            more = np.random.default_rng([self.seed, prog, i, 1])
+            if np.dtype(dtype).kind == "f" and more.random() < 0.6:
+                op = str(more.choice(["sum", "prod", "avg"]))
+            if more.random() < 0.15:
+                dtype = np.float16
+            how = str(more.choice(["plain", "plain", "strided", "readonly", "inplace"]))
+            # the other families' algorithms by name too (auto keeps the library at these sizes, so
+            # the two-level ones would never run), and reduce-scatter over every dtype and op
+            ag_alg, rs_alg, bc_alg = (str(more.choice(ALGS[f])) for f in ("allgather", "reduce_scatter", "broadcast"))
+            rs_dtype = [np.int64, np.int32, np.float32, np.float64, np.float16][int(more.integers(5))]
+            rs_op = str(more.choice(["sum", "avg", "prod", "min", "max"]))
+            rs_rows = bool(more.random() < 0.5)
+            if fault[1] == "shape" and more.random() < 0.4:  # the same shape in another dtype: two typed
+                fault = (fault[0], "dtype", fault[2])       # views of the fused slots meet in one round
             if kind == "settings":
                 validate = new_validate
                 dt.set_validation(validate)
@@ -122,24 +163,37 @@ class Fuzzer:
                 if op == "prod":
                     xs = [np.clip(x, -2, 2) for x in xs]
                 want = expected_reduce(xs, op)
-                mine = xs[g.rank]
+                mine = layout(xs[g.rank], "plain" if how == "inplace" else how)
+                what = f"{op} {alg} n={n} {np.dtype(dtype)} {how} on {members}"
                 if kind == "async":
-                    outstanding.append((dt.allreduce_async(mine, op=op, algorithm=alg, group=g), want,
-                                        f"allreduce_async {op} {alg} n={n} {np.dtype(dtype)} on {members}"))
+                    call = dt.allreduce_async_ if how == "inplace" else dt.allreduce_async
+                    outstanding.append((call(mine, op=op, algorithm=alg, group=g), want, f"allreduce_async {what}"))
+                elif how == "inplace":
+                    got = dt.allreduce_(mine, op=op, algorithm=alg, group=g)
+                    if got is not mine:
+                        self.fail(prog, f"allreduce_ {what}: did not return its argument")
+                    self.check(prog, mine, want, f"allreduce_ {what}")
                 else:
-                    self.check(prog, dt.allreduce(mine, op=op, algorithm=alg, group=g), want,
-                               f"allreduce {op} {alg} n={n} {np.dtype(dtype)} on {members}")
+                    before = mine.copy()
+                    self.check(prog, dt.allreduce(mine, op=op, algorithm=alg, group=g), want, f"allreduce {what}")
+                    if not same_bits(mine, before):
+                        self.fail(prog, f"allreduce {what}: changed its input")
             elif kind == "broadcast":
                 xs = rank_data(self.seed, prog, i, members[root], n, np.int64)
                 mine = rank_data(self.seed, prog, i, self.r, n, np.int64)
-                self.check(prog, dt.broadcast(mine, root=root, group=g), xs, f"broadcast root {root} on {members}")
+                self.check(prog, dt.broadcast(mine, root=root, algorithm=bc_alg, group=g), xs,
+                           f"broadcast {bc_alg} root {root} on {members}")
             elif kind == "allgather":
                 xs = [rank_data(self.seed, prog, i, m, 0, np.int32, rows=rows[k]) for k, m in enumerate(members)]
-                self.check(prog, dt.allgather(xs[g.rank], group=g), np.concatenate(xs), f"allgather on {members}")
+                self.check(prog, dt.allgather(xs[g.rank], algorithm=ag_alg, group=g), np.concatenate(xs),
+                           f"allgather {ag_alg} rows {rows} on {members}")
             elif kind == "reduce_scatter":
-                xs = [rank_data(self.seed, prog, i, m, n, np.int64) for m in members]
-                want = np.array_split(expected_reduce(xs, "sum"), g.size)[g.rank]
-                self.check(prog, dt.reduce_scatter(xs[g.rank], group=g), want, f"reduce_scatter n={n} on {members}")
+                xs = [rank_data(self.seed, prog, i, m, n, rs_dtype, rows=n % 7 if rs_rows else None) for m in members]
+                if rs_op == "prod":
+                    xs = [np.clip(x, -2, 2) for x in xs]
+                want = np.array_split(expected_reduce(xs, rs_op), g.size)[g.rank]
+                self.check(prog, dt.reduce_scatter(xs[g.rank], rs_op, algorithm=rs_alg, group=g), want,
+                           f"reduce_scatter {rs_op} {rs_alg} {np.dtype(rs_dtype)} shape {xs[0].shape} on {members}")
             elif kind == "alltoall":
                 xs = [rank_data(self.seed, prog, i, m, 0, np.int64, rows=int(splits[k].sum()))
                       for k, m in enumerate(members)]
@@ -179,7 +233,7 @@ class Fuzzer:
             return
         self.faults += 1
         me_bad = g.rank == bad
-        x = np.ones(5 + (me_bad and how == "shape"), np.int64)
+        x = np.ones(5 + (me_bad and how == "shape"), np.float64 if me_bad and how == "dtype" else np.int64)
         op = "bogus" if me_bad and how == "op" else "sum"
         try:
             if how == "group":

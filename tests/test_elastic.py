@@ -215,6 +215,21 @@ def test_resuming_at_another_dp_is_refused_when_the_batches_depend_on_dp():
     assert not dp_invariant(parse_config(["--model", "gnmt"]))  # a per-rank --max-tokens budget
 
 
+def test_resuming_on_other_training_data_is_refused():
+    """The pydocs corpus is read from the hosts' Python: a restart on hosts with another one would
+    continue the run on other sentences under other token ids - refused unless --resume-force (a
+    checkpoint without a digest, or a workload without one, is not judged)."""
+    rec = dict(extra=dict(config={}, data_digest="aa"), step=1, layout=dict(dp=1, pp=1, tp=1), arrays={})
+    cfg = parse_config(["--model", "gnmt"])
+    with pytest.raises(ValueError, match=r"belongs to a different run: the training data"):
+        _check_restore(cfg, {}, "ck", rec, print, "bb")
+    _check_restore(cfg, {}, "ck", rec, print, "aa")
+    _check_restore(cfg, {}, "ck", rec, print, None)
+    warned = []
+    _check_restore(parse_config(["--model", "gnmt", "--resume-force"]), {}, "ck", rec, warned.append, "bb")
+    assert "training data" in warned[0]
+
+
 def test_stopping_the_launcher_stops_the_job_without_a_restart(tmp_path):
     env = _env(tmp_path, DISTTRAIN_FAULT_INJECT="train-step", DISTTRAIN_FAULT_ACTION="sleep:0.05",
                DISTTRAIN_FAULT_RANK="0")

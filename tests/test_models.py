@@ -103,3 +103,19 @@ def test_auc_matches_pairwise_count_with_ties():
     pos, neg = score[y > 0.5], score[y < 0.5]
     want = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
     assert _auc(score, y) == pytest.approx(want, rel=1e-12)
+    # one class only (a test split of a few samples): undefined, not 0.0 (a perfectly inverted ranking)
+    assert np.isnan(_auc(score[:5], np.zeros(5))) and np.isnan(_auc(score[:5], np.ones(5)))
+
+
+def test_click_evaluation_of_a_test_split_with_one_class():
+    """A few test samples, all unclicked: the base rate's log-loss is 0 (it was NaN) and the AUC
+    undefined (it was 0.0)."""
+    from types import SimpleNamespace
+
+    from disttrain.workloads import ClickPrediction
+
+    test = SimpleNamespace(dense=np.zeros((3, 2)), ids=np.zeros((3, 1), np.int64), clicks=np.zeros(3),
+                           bayes_logloss=0.1)
+    model = SimpleNamespace(forward=lambda inputs: np.array([[-1.0], [0.5], [-2.0]]))
+    got = ClickPrediction.evaluate(SimpleNamespace(test=test), model)
+    assert got["base_rate_logloss"] == 0.0 and np.isnan(got["test_auc"]) and got["test_accuracy"] == 2 / 3, got

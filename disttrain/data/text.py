@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import collections
 import glob
+import hashlib
 import os
 import re
 import sysconfig
@@ -47,6 +48,16 @@ class Seq2Seq:
     def lengths(self) -> np.ndarray:
         """Tokens per sample for batching: the longer of source and target."""
         return np.array([max(len(s), len(t)) for s, t in zip(self.src, self.tgt)], np.int64)
+
+    def digest(self) -> str:
+        """SHA-256 of the vocabulary and every (source, target) pair, in order: ranks that read
+        the corpus on their own host compare it (the sentences depend on that host's Python)."""
+        h = hashlib.sha256("\n".join(self.vocab).encode())
+        for part in (self.src, self.tgt):
+            h.update(np.array([len(a) for a in part], np.int64).tobytes())
+            if part:
+                h.update(np.concatenate(part).astype(np.int64, copy=False).tobytes())
+        return h.hexdigest()
 
     def subset(self, idx) -> "Seq2Seq":
         return Seq2Seq([self.src[i] for i in idx], [self.tgt[i] for i in idx], self.vocab)

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import disttrain as dt
-from disttrain import faults, timeline
+from disttrain import faults, stall, timeline
 from disttrain.comm.errors import CollectiveError
 from disttrain.parallel.embedding import ShardedEmbeddings
 from disttrain.parallel.sync import make as make_sync
@@ -249,13 +249,13 @@ def _evaluate(run: Run, done: int) -> None:
     result is logged."""
     if not (run.sync.collective_metrics or run.rank0):
         return
-    te = time.perf_counter()
+    te, blocking = time.perf_counter(), stall.blocking_seconds
     res = run.work.evaluate(PipelineForward(run.pipe) if run.pipe else run.model)
     if run.log:
         run.log.write(json.dumps(dict(step=done, **res, train_time_s=te - run.t_start - run.eval_s)) + "\n")
         run.log.flush()
     run.eval_s += time.perf_counter() - te
-    run.iv.t0 += time.perf_counter() - te
+    run.iv.exclude(time.perf_counter() - te, stall.blocking_seconds - blocking)
 
 
 def _close(run: Run) -> None:

@@ -65,6 +65,14 @@ class Interval:
             self.padded += batch.stats["padded_tokens"]
             self.imbalance.append(batch.stats["imbalance"])
 
+    def exclude(self, seconds: float, blocking: float) -> None:
+        """Leave time spent outside training (an evaluation) out of the interval: its clock and
+        the blocking communication in it (collective evaluations: embedding AllToAlls, pipeline
+        and tensor-parallel traffic) - the clock alone left that communication in, above 100% of
+        the step."""
+        self.t0 += seconds
+        self.b0 += blocking
+
     def progress(self, skipped: int, consecutive: int) -> dict:
         """What a checkpoint keeps of this interval (see save_checkpoint)."""
         return dict(interval_start=self.start_step, loss_sum=self.loss_sum, count=self.count, skipped=skipped,
@@ -78,6 +86,9 @@ class Interval:
         ddp, n = self.ddp, max(1, self.steps)
         comm = mpi.MPI.COMM_SELF if alone else dt.world().comm
         dt_s = time.perf_counter() - self.t0
+        # read with the clock: this record's own collectives below (waiting for the slowest rank to
+        # log) are not part of the interval's steps - counted here, comm exceeded 100% of the step
+        blocking = stall.blocking_seconds - self.b0
         own = np.array([self.loss_sum, self.count])
         tot = own if alone else dt.allreduce(own, algorithm="mpi")
         rec = dict(step=done, loss=float(tot[0] / max(tot[1], 1)), step_time_s=dt_s / n)
@@ -86,7 +97,6 @@ class Interval:
         # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
         # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
         # at once: it adds to both.
-        blocking = stall.blocking_seconds - self.b0
         rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking, ddp.exposed_comm_seconds - self.e0 + blocking, n))
         rec["handoff_s"] = (ddp.handoff_seconds - self.h0) / n
         rec["blocking_comm_s"] = blocking / n

@@ -53,6 +53,7 @@ def save_checkpoint(run, step, progress=None) -> str | None:
                         layout=_layout(cfg, mesh),
                         per_rank=dict(loss_sum=progress.get("loss_sum", 0.0), count=progress.get("count", 0.0)),
                         extra=dict(config=dataclasses.asdict(cfg), data_position=dict(step=step),
+                                   data_digest=getattr(run.work, "data_digest", None),
                                    progress=dict(interval_start=progress.get("interval_start", step),
                                                  skipped=progress.get("skipped", 0),
                                                  consecutive_skipped=progress.get("consecutive", 0),
@@ -62,10 +63,11 @@ def save_checkpoint(run, step, progress=None) -> str | None:
     return None
 
 
-def _check_restore(cfg, model_arrays, path, rec, warn) -> None:
+def _check_restore(cfg, model_arrays, path, rec, warn, data_digest=None) -> None:
     """Raise ValueError (naming fields, parameters and shapes) for a checkpoint that does not fit
     this run; the run-defining differences only warn with --resume-force. `model_arrays`: {global
-    name: shape} of the whole model as every rank now holds it."""
+    name: shape} of the whole model as every rank now holds it; `data_digest`: the workload's
+    (job/setup.py agreed it over the ranks), compared with the one the checkpoint was written with."""
     saved = rec.get("extra", {}).get("config")
     if not isinstance(saved, dict):
         raise ValueError(f"cannot resume from checkpoint {path}: it holds no configuration of the main job")
@@ -76,6 +78,10 @@ def _check_restore(cfg, model_arrays, path, rec, warn) -> None:
     run_diff = [k for k in _RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)
                 and not (k == "momentum" and cfg.optimizer != "sgd")]  # only SGD uses momentum
     what = ", ".join(f"{k.replace('_', '-')}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in run_diff)
+    saved_data = rec.get("extra", {}).get("data_digest")
+    if saved_data and data_digest and saved_data != data_digest:  # e.g. restarted on hosts with another Python
+        what += (", " if what else "") + ("the training data (another pydocs corpus: the hosts' Python differs "
+                                          "from the one the checkpoint was written under)")
     saved_dp = (rec.get("layout") or {}).get("dp")
     dp = cfg.dp or max(1, dt.size() // (cfg.pp * cfg.tp))  # as setup() picks it
     if saved_dp and saved_dp != dp and not dp_invariant(cfg):  # e.g. an elastic restart on fewer ranks
@@ -124,7 +130,8 @@ def restore(run) -> tuple[int, dict]:
     try:
         got = checkpoint.load(cfg.checkpoint_dir, model=run.model, optimizer=run.opt, schedule=run.sched,
                               ddp=run.ddp, layout=_layout(cfg, run.mesh), warn=warn,
-                              check=lambda path, rec: _check_restore(cfg, model_arrays, path, rec, warn))
+                              check=lambda path, rec: _check_restore(cfg, model_arrays, path, rec, warn,
+                                                                     getattr(run.work, "data_digest", None)))
     except checkpoint.CheckpointError as e:
         msg = str(e)
         raise ConfigError(msg if "checkpoint" in msg else f"cannot resume from {cfg.checkpoint_dir}: {msg}") from e

@@ -32,6 +32,7 @@ def setup(cfg: TrainConfig):
         raise ValueError(f"global batch {cfg.global_batch_size} over dp={dp} replicas must give each replica a "
                          f"batch divisible by {cfg.micro_batches} micro-batches")
     work = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh)
+    _agree_on_data(work)
     model = work.model
     model.parameters()  # names are global paths ("layers.4.weight") before the model is cut into stages
     if cfg.pp > 1:
@@ -45,6 +46,19 @@ def setup(cfg: TrainConfig):
         # interleaved: this rank's V chunks (global chunks s, s + p, ...) in one Sequential
         model = chunks[0] if cfg.virtual_stages == 1 else nn.Sequential(*chunks)
     return mesh, work, model
+
+
+def _agree_on_data(work) -> None:
+    """A workload that reads its data on each host (``data_digest``: the pydocs corpus comes from
+    the host's own standard library, so another Python version gives other sentences and another
+    vocabulary) must hold the same data on every rank: otherwise the ranks train on different
+    sentences under different token ids, and nothing else would notice. The same ValueError on
+    every rank (one allgather of the digests)."""
+    every = dt.world().comm.allgather(getattr(work, "data_digest", None))
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise ValueError(f"rank(s) {odd} built other training data than rank 0 (the pydocs corpus is read from "
+                         "each host's own Python standard library: run every rank with the same Python installation)")
 
 
 class PipelineForward:

@@ -48,7 +48,7 @@ def train(sync, B, steps, momentum=0.0, nan_at=None, **kw):
     for s in range(steps):
         idx = sampler.indices(s)
         train_step(ddp, loss, Batch(x[idx], y[idx], len(idx), B), p)
-        if nan_at == (r, s):
+        if (r, s) in ({nan_at} if isinstance(nan_at, tuple) else set(nan_at or ())):  # (rank, step) or a set
             model.parameters()[0].grad[0, 0] = np.nan
         verdicts.append(mode.update(run, s))
     mode.finish(run)
@@ -59,10 +59,12 @@ def train(sync, B, steps, momentum=0.0, nan_at=None, **kw):
     return out, verdicts, rec
 
 
-def simulate(groups, period, B, steps, momentum=0.0, avg_state=False, outer=(1.0, 0.0), p=None):
+def simulate(groups, period, B, steps, momentum=0.0, avg_state=False, outer=(1.0, 0.0), p=None, skip=None):
     """ONE process: a replica per group, each stepping on its members' shares (each member's mean
     gradient weighted by its share, as train_step does, averaged over the group as DataParallel
-    does), all replicas averaged (weighted by group size) every `period` steps and at the end."""
+    does), all replicas averaged (weighted by group size) every `period` steps and at the end.
+    skip: (replica, step) pairs in which that replica skips the step (a non-finite gradient); a replica without
+    a momentum buffer yet averages in zeros (what the optimizer would create it as)."""
     x, y = data()
     p = sum(len(g) for g in groups)
     models = [MLP(SIZES, dtype=np.float64) for _ in groups]
@@ -83,10 +85,10 @@ def simulate(groups, period, B, steps, momentum=0.0, avg_state=False, outer=(1.0
             for q in qs:
                 q.data[...] = avg
         if avg_state and momentum:
-            for name in opts[0].state:
-                avg = sum(wi * o.state[name]["momentum"] for wi, o in zip(w, opts))
+            for name in {n for o in opts for n in o.state}:
+                avg = sum(wi * o.state.get(name, {}).get("momentum", 0.0) for wi, o in zip(w, opts))
                 for o in opts:
-                    o.state[name]["momentum"][...] = avg
+                    o.state.setdefault(name, {})["momentum"] = avg.copy()
 
     for s in range(steps):
         for g, m, o in zip(groups, models, opts):
@@ -95,7 +97,8 @@ def simulate(groups, period, B, steps, momentum=0.0, avg_state=False, outer=(1.0
                 if len(idx):
                     loss.forward(m.forward(x[idx]), y[idx])
                     m.backward(loss.backward() * (len(idx) * p / B / len(g)))
-            o.step()
+            if (groups.index(g), s) not in (skip or ()):
+                o.step()
             o.zero_grad()
         if (s + 1) % period == 0 and len(groups) > 1:
             average()
@@ -167,6 +170,25 @@ def test_hybrid_uneven_groups_period_1_is_synchronous():
     G = min(2, dt.size())
     got, _, _ = train(f"hybrid:{G}", 7, 3, 0.0, hybrid_period=1)
     close(got, global_batch(7, 3, 0.0), f"hybrid:{G} period 1")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("period", [1, 2])
+def test_a_rank_that_skipped_every_step_before_the_exchange_averages_zero_state(period):
+    """--local-average-state with momentum: the last rank's local steps before the first exchange
+    are all non-finite, so its optimizer has no buffers yet there. Its flat buffer was shorter than
+    its peers' and the exchange raised CollectiveError on every rank (the main job died on steps
+    --on-nonfinite skip should skip); now it averages in zeros - the buffers it would have created -
+    and every rank holds the averaged state (the oracle: one process, a replica per rank)."""
+    p = dt.size()
+    nan = {(p - 1, s) for s in range(period)}
+    got, verdicts, _ = train(f"local:{period}", 16, 4, 0.9, nan_at=nan, local_average_state=True)
+    if p == 1:  # one group: its verdict at once, every step
+        assert verdicts == [False] * period + [True] * (4 - period)
+    else:  # the skips are reported at the exchange, on every rank
+        assert verdicts == [True] * (period - 1) + [False] + [True] * (4 - period)
+    want = simulate([[r] for r in range(p)], period, 16, 4, 0.9, True, skip=nan)
+    close(got, want, f"local:{period} with rank {p - 1}'s first {period} steps skipped")
 
 
 @pytest.mark.mpi

@@ -49,17 +49,47 @@ class Average:
         self.algorithm = cfg.algorithm
         self.seconds, self.sent_bytes = 0.0, 0
         self.anchor = self.velocity = None  # DiLoCo: the last outer model and its momentum (flat)
+        self.buffers = None  # the optimizer buffers averaged, once every rank holds all of them
 
     def arrays(self, model, opt) -> list:
         """What is averaged, in an order every rank shares: parameters (by name), then the
-        optimizer's buffers (by "param/buffer" name). A rank whose optimizer has not created a
-        buffer yet (it skipped every step so far) has a shorter list: the allreduce then refuses
-        the mismatched sizes on every rank (CollectiveError), never averaging the wrong things."""
+        optimizer's float buffers (by "param/buffer" name, the list :meth:`agreed_buffers` gives)."""
         out = [p.data for p in sorted(model.parameters(), key=lambda p: p.name) if p.replicated]
         if self.state:
+            names = self.agreed_buffers(opt)  # first: it may create this rank's missing buffers
             st = opt.state_arrays()
-            out += [st[k] for k in sorted(st) if st[k].dtype.kind == "f"]
+            out += [st[k] for k in names]
         return out
+
+    def agreed_buffers(self, opt) -> list:
+        """The names of the optimizer buffers every rank averages, agreed over the group.
+
+        An optimizer creates its buffers at its first step, so a rank that skipped every local
+        step so far (non-finite gradients - the job's --on-nonfinite skip) has none, and its flat
+        buffer was shorter than its peers': the exchange raised CollectiveError on every rank and
+        the job died on a step it was told to skip. So the ranks agree on the union of their
+        buffers (name, shape, dtype: one small allgather), and a rank missing one creates it as
+        zeros - the value the optimizer would have created it with - and receives the average like
+        the others. Once every rank holds every buffer the list is fixed (optimizers never drop
+        buffers), so in a normal run this costs one allgather at the first exchange only (with a
+        stateless optimizer - plain SGD - one of empty lists per exchange)."""
+        if self.buffers is not None:
+            return self.buffers
+        st = opt.state_arrays()
+        mine = sorted((k, v.shape, v.dtype.str) for k, v in st.items() if v.dtype.kind == "f")
+        every = self.group.comm.allgather(mine)  # a few names: a small control message
+        union = sorted(set().union(*map(set, every)))
+        if len({k for k, _, _ in union}) != len(union):
+            # one buffer with two shapes or dtypes on two ranks: not averageable; the same message everywhere
+            raise ValueError(f"optimizer buffers differ across ranks: {union}")
+        for k, shape, dtype in union:
+            if k not in st:
+                name, buf = k.rsplit("/", 1)
+                opt.state.setdefault(name, {})[buf] = np.zeros(shape, dtype)
+        names = [k for k, _, _ in union]
+        if union and all(e == union for e in every):
+            self.buffers = names
+        return names
 
     def __call__(self, model, opt, skipped: int) -> bool:
         t = time.perf_counter()

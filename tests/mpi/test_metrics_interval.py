@@ -1,0 +1,51 @@
+"""The main job's metrics interval (job/metrics.py) on every rank: what it counts as communication
+lies inside the time it counts as the interval."""
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from disttrain import stall
+from disttrain.job.loop import _evaluate
+from disttrain.job.metrics import Interval
+from disttrain.workloads import Batch
+
+DDP = dict(comm_seconds=0.0, exposed_comm_seconds=0.0, handoff_seconds=0.0, wire_stats={"sent_bytes": 0, "ratio": 1.0})
+
+
+@pytest.mark.mpi
+def test_the_records_own_collectives_are_not_communication_of_the_interval(comm):
+    """A rank that logs late makes the others wait inside the record's loss allreduce. That wait
+    was counted as blocking communication of the interval while the interval's clock had already
+    stopped: comm_s and exposed_comm_s above step_time_s (the progress line showed 'comm 119% of
+    step' at --pp 2 --log-every 1)."""
+    iv = Interval(SimpleNamespace(**DDP), 0)
+    time.sleep(0.02)  # the step
+    iv.add(1.0, Batch(None, None, 1, comm.Get_size()), 0.02, 0.0)
+    if comm.Get_rank() == comm.Get_size() - 1:
+        time.sleep(0.3)  # logs late: every other rank waits for it in the record
+    rec = iv.record(1, "samples", SimpleNamespace(lr=0.1), 0)
+    assert rec["comm_s"] is not None and rec["exposed_comm_s"] <= rec["comm_s"] <= rec["step_time_s"], rec
+    assert rec["compute_s"] >= 0, rec
+
+
+@pytest.mark.mpi
+def test_an_evaluation_inside_the_interval_is_left_out_with_its_communication(comm):
+    """The main job takes an evaluation's time out of the interval's clock (--eval-every): its
+    communication (dlrm's embedding AllToAlls, pipeline and tensor-parallel traffic: blocking, on
+    the training thread) stayed in - exposed_comm_s above step_time_s (187% of the step with dlrm
+    at 3 ranks, --eval-every 1) and compute_s negative."""
+    def evaluate(model):  # a collective evaluation: 0.2 s inside blocking communication
+        time.sleep(0.2)
+        stall.blocking_seconds += 0.2
+        return {}
+
+    run = SimpleNamespace(sync=SimpleNamespace(collective_metrics=True), rank0=False, pipe=None, model=None, log=None,
+                          work=SimpleNamespace(evaluate=evaluate), eval_s=0.0, t_start=time.perf_counter())
+    run.iv = Interval(SimpleNamespace(**DDP), 0)
+    time.sleep(0.02)  # the step
+    run.iv.add(1.0, Batch(None, None, 1, comm.Get_size()), 0.02, 0.0)
+    _evaluate(run, 1)
+    rec = run.iv.record(1, "samples", SimpleNamespace(lr=0.1), 0)
+    assert rec["exposed_comm_s"] <= rec["step_time_s"] and rec["compute_s"] >= 0, rec
+    assert run.eval_s >= 0.2
