@@ -29,6 +29,13 @@ The bubble is 1 - busy / the step's span (earliest stage's first op to the lates
 mean over stages - the definition of the formulas and of ``simulate``; "old def" divides by each
 stage's own first-to-last op time instead (what this benchmark reported before: it leaves out the
 idle tail of the stages that finish first). ZB-H1 against 1F1B: idle time (Qi et al.'s 1/3).
+"+rt" plays the op lists with each stage's own runtime time per op as well (``Pipeline.stats
+["runtime_s"]`` over its ops: neither compute nor waiting for a message; ``simulate(overhead=)``):
+on the timed stages it accounts for the excess over the formula within a few percent. Part
+``cold`` times one op's worth of that runtime work hot and right after --fwd-ms of sleep or spin
+(on this VM: ~8 us against ~100 us). ``--fixture spin`` makes the timed op precise (sleep to
+--spin-us before its deadline, then spin; --spin-us 1e9: spin throughout) - the fixture before
+this option was one ``time.sleep`` (``--fixture sleep``, the default).
 3. communication per step: pipeline point-to-point bytes per stage (measured by the runtime), and
    for a tensor-parallel MLP block (tp = pp) the allreduce bytes per step (counted by
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
