@@ -29,6 +29,13 @@ The bubble is 1 - busy / the step's span (earliest stage's first op to the lates
 mean over stages - the definition of the formulas and of ``simulate``; "old def" divides by each
 stage's own first-to-last op time instead (what this benchmark reported before: it leaves out the
 idle tail of the stages that finish first). ZB-H1 against 1F1B: idle time (Qi et al.'s 1/3).
+"+rt" plays the op lists with each stage's own runtime time per op as well (``Pipeline.stats
+["runtime_s"]`` over its ops: neither compute nor waiting for a message; ``simulate(overhead=)``):
+on the timed stages it accounts for the excess over the formula within a few percent. Part
+``cold`` times one op's worth of that runtime work hot and right after --fwd-ms of sleep or spin
+(on this VM: ~8 us against ~100 us). ``--fixture spin`` makes the timed op precise (sleep to
+--spin-us before its deadline, then spin; --spin-us 1e9: spin throughout) - the fixture before
+this option was one ``time.sleep`` (``--fixture sleep``, the default).
 3. communication per step: pipeline point-to-point bytes per stage (measured by the runtime), and
    for a tensor-parallel MLP block (tp = pp) the allreduce bytes per step (counted by
    parallel/tensor.py) against Megatron's count for an MLP block: one allreduce of batch x d in the
@@ -60,7 +67,7 @@ from _bench import ROOT, add_output_args, emit, save, worker_env
 def worker(a) -> None:
     sys.path.insert(0, ROOT)
     import disttrain as dt
-    from disttrain import nn
+    from disttrain import mpi, nn
     from disttrain.data.clicks import power_law_ids
     from disttrain.nn.module import Module
     from disttrain.parallel import tensor
@@ -77,6 +84,21 @@ def worker(a) -> None:
     rows = []
     schedules = a.schedules.split(",")
 
+    spin = a.spin_us / 1e6
+
+    def wait(t: float) -> None:
+        """The timed op: --fixture sleep is one time.sleep(t) (it returns late by the OS's wake-up,
+        ~0.1 ms here, and by a varying amount); --fixture spin sleeps to --spin-us before the
+        deadline and spins on the clock from there (ends within microseconds of t)."""
+        if a.fixture == "sleep":
+            time.sleep(t)
+            return
+        end = time.perf_counter() + t
+        if t > spin:
+            time.sleep(t - spin)
+        while time.perf_counter() < end:
+            pass
+
     class Timed(Module):
         """A stage (or chunk) with fixed op times (a wait) and a real activation to pass on: forward
         f, backward 2f - split, B f and W f."""
@@ -85,20 +107,20 @@ def worker(a) -> None:
             self.f = f
 
         def forward(self, x):
-            time.sleep(self.f)
+            wait(self.f)
             self._x = x.copy()
             return self._x
 
         def backward(self, dy):
-            time.sleep(2 * self.f)
+            wait(2 * self.f)
             return dy
 
         def backward_input(self, dy):
-            time.sleep(self.f)
+            wait(self.f)
             return dy
 
         def backward_weight(self):
-            time.sleep(self.f)
+            wait(self.f)
 
     def run(pipe, x, y, steps):
         """Every stage's measurements over `steps` steps (after --warmup), gathered on rank 0.
@@ -118,11 +140,13 @@ def worker(a) -> None:
             span = max(t1 for _, t1 in stamps) - min(t0 for t0, _ in stamps)
             busy = st["compute_s"] + st["recompute_s"]
             if k >= a.warmup:
-                got.append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"]))
+                got.append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"],
+                            st["runtime_s"] / st["ops"]))
         n = pipe.m
         mine = dict(bubble=float(np.median([g[0] for g in got])), idle_ms=1e3 * float(np.median([g[1] for g in got])),
                     wall_ms=1e3 * float(np.median([g[2] for g in got])),
                     own_bubble=float(np.median([g[3] for g in got])),
+                    runtime_ms=1e3 * float(np.median([g[5] for g in got])),
                     op_ms={kind: [1e3 * float(np.mean([g[4][kind][c] for g in got])) / n for c in range(pipe.v)]
                            for kind in "FBW"},
                     peak_live=st["peak_live"], peak_activation_bytes=st["peak_activation_bytes"],
@@ -167,6 +191,10 @@ def worker(a) -> None:
                              simulated=simulate(schedule, P, m, v, f / v, b / v, w / v)["bubble"],
                              played=simulate(schedule, P, m, v, mf, mb, mw)["bubble"],
                              played_lat=simulate(schedule, P, m, v, mf, mb, mw, latency=hop_ms)["bubble"], hop_ms=hop_ms,
+                             # played with each stage's own runtime time per op too (not busy)
+                             played_rt=simulate(schedule, P, m, v, mf, mb, mw,
+                                                overhead=[s["runtime_ms"] for s in per])["bubble"],
+                             runtime_us=[1e3 * s["runtime_ms"] for s in per], fixture=a.fixture,
                              op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
@@ -187,6 +215,38 @@ def worker(a) -> None:
             pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, virtual_stages=v)
             record("timed", schedule, m, run(pipe, x, y, a.steps))
+
+    # 1a. what a pause does to the next op's cost on this machine: one op's worth of runtime work
+    # (a 32 KiB copy, a self Isend/Irecv pair, a few dict updates) timed hot (back to back) and
+    # right after --fwd-ms of sleeping or of spinning on the clock (the op before it, in the timed
+    # fixture) - the same instructions, a cold cache (and, on a VM, a vCPU that was descheduled)
+    if "cold" in a.parts and dt.rank() == 0:
+        src, dst, me = np.ones((32, 256), np.float32), np.empty((32, 256), np.float32), mpi.MPI.COMM_SELF
+
+        def work():
+            r, q = me.Irecv(dst, 0, 9), me.Isend(src, 0, 9)
+            r.Wait(), q.Wait()
+            d = {}
+            for k in range(20):
+                d[(k, 1)] = dst.shape == src.shape
+
+        def cost(pause, spin_it=False):
+            times = []
+            for _ in range(50):
+                if pause and spin_it:
+                    end = time.perf_counter() + pause
+                    while time.perf_counter() < end:
+                        pass
+                elif pause:
+                    time.sleep(pause)
+                t = time.perf_counter()
+                work()
+                times.append(time.perf_counter() - t)
+            return 1e6 * float(np.median(times))
+
+        f = a.fwd_ms / 1e3
+        rows.append(dict(part="cold", pp=P, schedule="-", m=0, hot_us=cost(0), after_sleep_us=cost(f),
+                         after_spin_us=cost(f, True), pause_ms=a.fwd_ms))
 
     # 1b. runtime work per micro-batch: stages that compute nothing (a 0 ms wait), m = the largest,
     # shape headers on every message (the runtime before known shapes) vs known shapes (no headers,
@@ -293,17 +353,19 @@ def worker(a) -> None:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
+          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'+rt':>7} {'diff':>6} {'rt us/op':>9} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
           f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
-        if r["part"] in ("tp", "emb", "overhead"):
+        if r["part"] in ("tp", "emb", "overhead", "cold"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         played = r.get("played", r["theory"])
         relp = (r["bubble"] - played) / played if played else 0.0
         print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
               f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
-              f"{r.get('played_lat', played):>7.3f} "
+              f"{r.get('played_lat', played):>7.3f} {r.get('played_rt', played):>7.3f} "
+              f"{(r['bubble'] - r.get('played_rt', played)) / r.get('played_rt', played) if r.get('played_rt', played) else 0:>+6.0%} "
+              f"{np.mean(r.get('runtime_us', [0])):>9.0f} "
               f"{r.get('own_bubble', r['bubble']):>7.3f} {r.get('idle_ms', 0):>5.1f} ms {r['step_ms']:>5.0f} ms "
               f"{r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
               f"{[round(b / 1024) for b in r['peak_activation_bytes']]!s:>24} "
@@ -313,13 +375,19 @@ def report(rows) -> None:
     print("bubble: 1 - busy / the step's span (earliest first op to latest last op over the stages), mean over "
           "stages; formula: SCHEDULES[name].bubble for equal stages; played: the op lists played with the op times "
           "each stage measured (schedules.simulate); +lat: played with every message taking the measured one-way "
-          f"time ({hops}); old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
+          f"time ({hops}); +rt: played with each stage's own runtime time per op too (Pipeline.stats['runtime_s'] "
+          "per op: between its first and last op, neither compute nor waiting for a message; rt us/op: its mean "
+          "over stages); old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
     over = [r for r in rows if r["part"] == "overhead"]
     for r in (r for r in over if r["cache_shapes"]):
         base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])
         print(f"runtime work, pp={r['pp']} {r['schedule']} m={r['m']}, stages computing nothing: "
               f"{base['us_per_microbatch']:.0f} us per micro-batch with shape headers, {r['us_per_microbatch']:.0f} us "
               f"with known shapes (receives posted up front): {r['us_per_microbatch'] / base['us_per_microbatch']:.2f}x")
+    for r in (r for r in rows if r["part"] == "cold"):
+        print(f"one op's runtime work (32 KiB copy, self Isend/Irecv, 20 dict stores), pp={r['pp']} job: "
+              f"{r['hot_us']:.0f} us hot, {r['after_sleep_us']:.0f} us after {r['pause_ms']:g} ms of sleep, "
+              f"{r['after_spin_us']:.0f} us after {r['pause_ms']:g} ms of spinning (a cold cache)")
     timed = [r for r in rows if r["part"] == "timed"]
     for pp in sorted({r["pp"] for r in timed}):
         for m in sorted({r["m"] for r in timed if r["pp"] == pp}):
@@ -405,7 +473,7 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
     ap.add_argument("--parts", default="timed,overhead,mlp,transformer,tp,emb",
-                    help="which parts to run: timed (equal timed stages), overhead (stages computing nothing), "
+                    help="which parts to run: timed (equal timed stages), cold (one op's runtime work hot vs after a pause), overhead (stages computing nothing), "
                          "mlp, transformer (real stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
@@ -413,6 +481,10 @@ def main() -> int:
     ap.add_argument("--mb", type=int, default=32, help="samples per micro-batch")
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--fwd-ms", type=float, default=10.0, help="timed stage: forward ms (backward: 2x)")
+    ap.add_argument("--fixture", choices=("sleep", "spin"), default="sleep",
+                    help="timed stage's wait: one time.sleep (the fixture of every earlier round), or sleep to "
+                         "--spin-us before the deadline then spin (precise)")
+    ap.add_argument("--spin-us", type=float, default=500.0, help="--fixture spin: microseconds spun at the end")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
@@ -438,7 +510,7 @@ def main() -> int:
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
                    "--schedules", a.schedules, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
-                   "--fwd-ms", str(a.fwd_ms), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
+                   "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,
                                  timeout=a.timeout)

@@ -92,6 +92,20 @@ def test_simulator_takes_each_chunks_own_op_times():
     assert simulate("1f1b", 1, 4, 1, 1.0, 2.0, 0.0, latency=5.0)["makespan"] == pytest.approx(12.0)
 
 
+def test_simulator_plays_the_runtimes_own_time_per_op():
+    """`overhead` o (the runtime's time per op, measured as Pipeline.stats["runtime_s"]) delays each
+    op's result and its rank but is not busy: one stage, 2m ops, idle 2m o; GPipe at p = 2, m = 2
+    worked out by hand (every op on the chain pays o: 6 of them, 9 + 6 o); per stage lists too."""
+    one = simulate("1f1b", 1, 4, 1, 1.0, 2.0, 0.0, overhead=0.5)
+    assert one["makespan"] == pytest.approx(12.0 + 8 * 0.5) and one["bubble"] == pytest.approx(4 / 16)
+    assert simulate("gpipe", 2, 2, 1, 1.0, 2.0, overhead=0.5)["makespan"] == pytest.approx(9 + 6 * 0.5)
+    lists = simulate("gpipe", 2, 2, 1, 1.0, 2.0, overhead=[0.5, 0.0])
+    assert lists["makespan"] == pytest.approx(9 + 4 * 0.5)  # only stage 0's four ops pay it
+    for name, p, m, v in (("1f1b", 3, 8, 1), ("interleaved", 2, 4, 2), ("zb1", 3, 8, 1)):
+        free = simulate(name, p, m, v, 1.0, 1.0, 1.0)["bubble"]
+        assert simulate(name, p, m, v, 1.0, 1.0, 1.0, overhead=0.1)["bubble"] > free
+
+
 def test_stash_plan_follows_attributes_that_appear_later():
     """The stash Plan works its holders out once, again only when the modules' attribute count
     changes: before a first forward no bytes are kept, after it the cache is, and an attribute a

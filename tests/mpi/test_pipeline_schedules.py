@@ -1,5 +1,7 @@
 """Interleaved, zero-bubble and recomputing pipelines reproduce ONE process trained on the global
 batch (float64), at every pipeline depth the suite runs; bad sizes raise on every rank."""
+import time
+
 import numpy as np
 import pytest
 
@@ -211,3 +213,40 @@ def test_an_input_of_another_dtype_and_the_same_shape_is_not_a_known_shape_step(
         known.append(pipe.net.known)
         assert got == pytest.approx(loss_fn.forward(ref.forward(x.astype(dtype)), y), rel=1e-6)
     assert known == [False, True, False]
+
+
+class _Slow(nn.Module):
+    """A stage that takes `t` seconds per forward (a sleep) and passes its input on."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def forward(self, x):
+        time.sleep(self.t)
+        self._x = x
+        return x
+
+    def backward(self, dy):
+        return dy
+
+
+@pytest.mark.mpi
+def test_waiting_is_told_apart_from_the_runtimes_own_time(comm):
+    """Stats split a stage's first-to-last-op time into compute, waiting for a message (wait_s) and
+    the runtime's own time (runtime_s): behind a first stage that sleeps 40 ms per forward, every
+    later stage waits for most of its 4 micro-batches x 40 ms and that is not counted as the
+    runtime's; both steps (with shape headers, then known shapes) add up; one stage never waits."""
+    pp, m, t = comm.Get_size(), 4, 0.04
+    mesh = Mesh(pp=pp)
+    stage = _Slow(t if mesh.pp_rank == 0 else 0.0)
+    pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None, "1f1b", micro_batches=m)
+    x = np.ones((8, 3))
+    for _ in range(2):
+        pipe.step(x if mesh.pp_is_first_stage else None, x if mesh.pp_is_last_stage else None)
+        st = pipe.stats
+        parts = st["compute_s"] + st["recompute_s"] + st["wait_s"] + st["runtime_s"]
+        assert st["runtime_s"] >= 0 and parts == pytest.approx(st["t1"] - st["t0"], abs=1e-9), st
+        if mesh.pp_rank == 0:
+            assert st["wait_s"] < 0.5 * m * t and st["compute_s"] >= 0.9 * m * t, st
+        else:
+            assert st["wait_s"] >= 0.5 * m * t and st["runtime_s"] < st["wait_s"], st

@@ -19,7 +19,8 @@ kept at once), ``peak_activation_bytes`` (the bytes of what it keeps - stash, ke
 plus the transient activations a recomputation re-creates), ``recompute_s``, ``compute_s``
 (and ``op_s``: the compute per op kind "F", "B", "W" and chunk, summed over the micro-batches),
 ``wall_s``, ``t0`` / ``t1`` (``time.perf_counter`` at the step's first op and after its last),
-``sent_bytes``.
+``wait_s`` (receives waiting for a message not yet there), ``runtime_s`` (t1 - t0 less compute,
+recomputation and waiting: the runtime's own time), ``sent_bytes``.
 """
 from __future__ import annotations
 
@@ -198,7 +199,12 @@ class Pipeline:
         loss = float(self.group.comm.bcast(self._w @ self._losses if self.is_last else None, root=self.p - 1))
         # t0 / t1: this stage's first op start and last op end (perf_counter: on one host, a
         # benchmark takes the step's span over the stages from them)
-        self.stats = dict(self._times, wall_s=time.perf_counter() - t0, t0=t0, t1=t1,
+        # runtime_s: this stage's own time between its first and last op that is neither compute
+        # nor waiting for a message (the runtime's per-op work - Python, MPI calls, a cold cache
+        # after each op - which the bubble formulas take as zero; bench_pipeline plays it)
+        runtime = (t1 - t0) - self._times["compute_s"] - self._times["recompute_s"] - self.net.waited
+        self.stats = dict(self._times, wall_s=time.perf_counter() - t0, t0=t0, t1=t1, wait_s=self.net.waited,
+                          runtime_s=max(0.0, runtime),
                           op_s={k: list(v) for k, v in self._op_s.items()}, peak_live=self._peak[0],
                           peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
         return loss
@@ -269,11 +275,11 @@ class Pipeline:
                 else:
                     dx = chunk.backward_input(dy) if self.split else chunk.backward(dy)
         self._spent("B", c, t, self._times["recompute_s"] - r0)  # selective: its recomputation is not B
+        if dest is not None:  # first the hand-off the previous stage waits for, then the bookkeeping
+            self.net.send(dx, dest[0], BWD, i, dest[1])
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
             self._keep(("W", i, c), *S.weight_state(self._plans[c].split))
-        if dest is not None:
-            self.net.send(dx, dest[0], BWD, i, dest[1])
 
     def _unitwise(self, chunk, kept, dy) -> tuple:
         """Selective recomputation: each unit's forward again, then its backward (B if split)."""

@@ -26,6 +26,8 @@ Two modes per step, agreed by every rank of the pipeline at the step's start (``
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ... import mpi, stall
@@ -86,7 +88,10 @@ class P2P:
         self.reset()
 
     def reset(self) -> None:
-        self.sends, self.sent = [], 0
+        # waited: seconds this step's receives spent waiting for a message not yet there (only the
+        # wait path is timed: a message already here adds nothing) - what the runtime's own time
+        # per op is told apart from with (Pipeline.stats["runtime_s"])
+        self.sends, self.sent, self.waited = [], 0, 0.0
 
     def tag(self, direction: int, i: int, chunk: int) -> int:
         return _TAG0 + 2 * (chunk * self.m + i) + direction
@@ -164,17 +169,20 @@ class P2P:
                 # a message already here costs one MPI_Test; only a real wait is tracked by the stall
                 # inspector and the flight recorder (entering it is most of a tracked receive's cost)
                 if not req.Test(status):
+                    t = time.perf_counter()
                     op = stall.enter(f"pipeline recv from stage {src}", buf, site=_SITE, group=None)
                     op.ranks = (self.world_ranks[src],)
                     try:
                         req.Wait(status)
                     finally:
                         stall.leave(op)
+                        self.waited += time.perf_counter() - t
                 if status.Get_count(mpi.MPI.BYTE) != buf.nbytes:
                     raise ValueError(f"pipeline: micro-batch {i} from stage {src} has "
                                      f"{status.Get_count(mpi.MPI.BYTE)} bytes, not {buf.nbytes} as in the last "
                                      "step with the same input shape")
         else:
+            t = time.perf_counter()
             op = stall.enter(f"pipeline recv from stage {src}", None, site=_SITE, group=None)
             op.ranks = (self.world_ranks[src],)
             try:
@@ -190,6 +198,7 @@ class P2P:
                 self.shapes[key] = sig
             finally:
                 stall.leave(op)
+                self.waited += time.perf_counter() - t  # headers: the whole receive counts as waiting
             first = next((b for b in out if b is not None), None)
             if first is not None:
                 op.shape, op.dtype = first.shape, first.dtype

@@ -153,13 +153,16 @@ def problem(name: str, stages: int, m: int, chunks: int) -> str | None:
 
 
 def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: float = 2.0,
-             w: float = 0.0, latency: float = 0.0) -> dict:
+             w: float = 0.0, latency: float = 0.0, overhead: float = 0.0) -> dict:
     """Play schedule `name` (or a function of the schedule signature) with op times f (forward), b (backward, or its input part when split), w
     (the weight part; in an unsplit schedule "B" costs b + w). Each of f, b, w is one time for
     every chunk, or a list of one per global chunk g = c p + s (unequal stages: a benchmark's
     measured op times). `latency`: the time a message takes from one rank to the next (the
-    formulas take it as 0; interleaved sends V times as many along the critical path). Raises
-    RuntimeError on a deadlock.
+    formulas take it as 0; interleaved sends V times as many along the critical path).
+    `overhead`: the runtime's own time per op on its rank (receive, bookkeeping, send: not compute,
+    so not busy), one time or one per stage; an op's result is ready `overhead` + its cost after it
+    starts (a benchmark's measured ``Pipeline.stats["runtime_s"]`` per op). Raises RuntimeError on
+    a deadlock.
 
     Returns:
         dict(makespan, bubble (idle share of the step's span, mean over the stages),
@@ -169,6 +172,7 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
     n = stages * chunks
     f, b, w = ([float(t)] * n if isinstance(t, (int, float)) else list(t) for t in (f, b, w))
     costs = {"F": f, "B": [bi + (0 if fn.split else wi) for bi, wi in zip(b, w)], "W": w}
+    extra = [float(overhead)] * stages if isinstance(overhead, (int, float)) else list(overhead)
     lists = {s: fn(s, stages, m, chunks) for s in range(stages)}
     last = stages * chunks - 1
     done, pos, free = {}, dict.fromkeys(range(stages), 0), dict.fromkeys(range(stages), 0.0)
@@ -196,7 +200,7 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
                 if t is None:
                     break
                 start = max(t, free[s])
-                free[s] = done[(kind, i, c * stages + s)] = start + costs[kind][c * stages + s]
+                free[s] = done[(kind, i, c * stages + s)] = start + extra[s] + costs[kind][c * stages + s]
                 timed[s].append((kind, i, c, start))
                 pos[s] += 1
                 progress = True
