@@ -60,7 +60,7 @@ def parse_size(s: str) -> int:
 
 
 def picked(comm, x) -> str:
-    if fused.eligible(x.nbytes, x.dtype, x.dtype, 0, "auto") and node.get(comm) is not None:
+    if fused.eligible(x.nbytes, x.dtype, x.dtype, 0, "auto", comm.Get_size()) and node.get(comm) is not None:
         return "fused"
     return choose("allreduce", comm, x.nbytes, x.dtype)
 

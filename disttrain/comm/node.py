@@ -147,9 +147,15 @@ class Node:
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.cnt[self.r * _LINE] = 0  # MPI does not promise zeroed memory: each rank clears its own
         self.hdr[self.r] = 0
+        # Fault the slots in now, not in the first call at each size (issue 16: a first call
+        # paid ~1 us per fresh 4 KiB page, the writer's fault and every reader's): each rank
+        # writes its own slots (the backing pages), then, after the barrier, touches a byte of
+        # every page of its peers' (its page table entries).
+        self.small[self.r] = 0
         self.win.Sync()
         self.node.Barrier()
         self.win.Sync()
+        self.small.reshape(-1)[::4096].sum()
 
     # ------------------------------------------------------------------------------ rounds
     def arrive(self) -> int:
