@@ -44,11 +44,14 @@ from .node import _fence
 from .ops import AVG, MAX, MIN, PROD, SUM
 from .shm import fold
 
-#: Largest payload that rides in the validation round with "auto". Above it, the p-fold read of
-#: every slot by every rank (p n bytes read per rank, against shm's ~n) loses to the
-#: reduce-scatter-style algorithms; measured with scripts/bench_call_overhead.py (README).
+#: Largest payload that rides in the validation round with "auto" (p >= 3). Above it, the p-fold
+#: read of every slot by every rank (p n bytes read per rank) loses to the library: at P = 4,
+#: 0.82x at 512 KiB, 0.73x at 1 MiB (scripts/bench_call_overhead.py, README).
 MAX_BYTES = 256 << 10
-MAX_BYTES_2 = 256 << 10  # at p = 2 (see limit)
+#: The same at p = 2, where every rank reads 2 n - what the library's own exchange-and-reduce
+#: moves - in one round instead of its several: 1.30x the library at 512 KiB, 1.06x at 1 MiB
+#: (quiet machine, side by side). node.SMALL caps it (the slots' size).
+MAX_BYTES_2 = 1 << 20
 SPINS = 2000  # looks at the counters inside the compiled call before Python's yielding wait
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
