@@ -242,7 +242,8 @@ def _hot(x, op, algorithm, group, inplace):
     hs = fused._shapes.get(x.shape)
     if hs is None:
         hs = fused.shape_hash(x.shape)
-    rec = stall.enter("allreduce", x, stall.call_site(), group=g)
+    # the caller's frame is 3 up (call_site <- _hot <- allreduce(_) <- caller): skip the walk
+    rec = stall.enter("allreduce", x, stall.call_site(3), group=g)
     try:
         rec.algorithm = "fused"
         if inplace:
