@@ -106,6 +106,7 @@ def init() -> "Group":
             # sets up its own shared memory, not inside the first collective (issue 16: the first
             # dt.allreduce paid ~0.7 ms for the window, the first at each dtype ~5-160 ms for numba)
             if node.prepare(w.comm).single:
+                node.warmup()
                 fused.warmup((np.float32, np.float64))
         _warn_blas_threads(local)
         if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":

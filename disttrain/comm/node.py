@@ -100,6 +100,17 @@ def _agreed(hdr, p, k, h):
     return True
 
 
+def warmup() -> None:
+    """Load the round primitives' compiled code (numba's cache: ~2-5 ms each on first use - a
+    rank loading _spin while its peers wait in their first round made it ~2.5 ms late)."""
+    cnt = np.zeros(2 * _LINE, np.int64)
+    hdr = np.zeros((2, 2, _LINE), np.int64)
+    slot = np.zeros(8, np.uint8)
+    _post(hdr, cnt, 0, 1, 1, 0, slot, slot[:0])
+    _spin(cnt, 1, 1, 1)
+    _agreed(hdr, 1, 1, 0)
+
+
 class _Round:
     """Round k as a request: ``Test()`` looks at the counters a few times and, if a peer is still
     missing, yields the core (sched_yield: a peer waiting for a core gets it at once - what
