@@ -50,7 +50,7 @@ from .shm import fold
 MAX_BYTES = 256 << 10
 #: The same at p = 2, where every rank reads 2 n - what the library's own exchange-and-reduce
 #: moves - in one round instead of its several: 1.30x the library at 512 KiB, 1.06x at 1 MiB
-#: (quiet machine, side by side). node.SMALL caps it (the slots' size).
+#: (exclusive lock, load 1.6, side by side). node.SMALL caps it (the slots' size).
 MAX_BYTES_2 = 1 << 20
 SPINS = 2000  # looks at the counters inside the compiled call before Python's yielding wait
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
