@@ -15,8 +15,10 @@ import threading
 import time
 import traceback
 
+import numpy as np
+
 from . import flight, groups, log, mpi, stall, timeline
-from .comm import config, costmodel, shm, topology, validate
+from .comm import config, costmodel, fused, node, shm, topology, validate
 from .comm.engine import engine
 from .errors import CollectiveError
 from .groups import (Group, as_group, group_of, local_rank, local_size, rank, size,  # noqa: F401 (re-exported)
@@ -99,6 +101,13 @@ def init() -> "Group":
         config.update(**values)
         _build_topology(w)
         costmodel.ensure(w.comm, w.async_comm)
+        if w.size > 1 and config.current().validate:  # the same values on every rank (broadcast above)
+            # The world's shared control window and the fused round's compiled code now, as MPI_Init
+            # sets up its own shared memory, not inside the first collective (issue 16: the first
+            # dt.allreduce paid ~0.7 ms for the window, the first at each dtype ~5-160 ms for numba)
+            if node.prepare(w.comm).single:
+                node.warmup()
+                fused.warmup((np.float32, np.float64))
         _warn_blas_threads(local)
         if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
             stall.start(w)  # stall reports, notices, departures, signal -> job-wide abort

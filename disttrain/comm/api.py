@@ -24,7 +24,7 @@ from .errors import CollectiveError
 from .kernels import divide, float_to_half, from_keys, half_to_float, to_keys
 from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
 from .p2p import partition, scratch
-from .pool import pool
+from .pool import MIN_BYTES as POOLED_BYTES, pool
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
 
 
@@ -114,7 +114,8 @@ def _allreduce(comm, x, op, algorithm, inplace):
         err = "allreduce: the in-place variant needs a writeable array"
     if config.current().validate:
         small = fused.payload(comm, x, acc, kop, algorithm) if err is None else None
-        if validate.check(comm, "allreduce", _fields(x, op, algorithm), err, payload=small):
+        if validate.check(comm, "allreduce", _fields(x, op, algorithm), err, payload=small,
+                          h=_sig(x, op, algorithm) if err is None else 0):
             return fused.finish(comm, x, opc, kop, inplace)
     elif err:
         raise CollectiveError(err)
@@ -214,9 +215,10 @@ def _tracked_allreduce_(x, op: str = "sum", *, algorithm: str = "auto", group=No
 def _hot(x, op, algorithm, group, inplace):
     """The default call's path (issue 16): a call whose signature fuses (fused.eligible) on a
     communicator with node state runs as ONE compiled round (fused._exchange) with the Python
-    around it resolved once per signature and communicator (fused.Plan on the node state).
-    Returns None - having done nothing - when the call is not such a call; the general path
-    (the tracked wrappers above) then does everything, errors included."""
+    around it resolved once per signature but the shape and per communicator (fused.Plan on the
+    node state; the shape enters the hash by a lookup, so a new size is no slower than a known
+    one). Returns None - having done nothing - when the call is not such a call; the general
+    path (the tracked wrappers above) then does everything, errors included."""
     g = group if group is not None else _groups._world
     if type(g) is not _groups.Group or g.comm is None:
         return None
@@ -228,23 +230,34 @@ def _hot(x, op, algorithm, group, inplace):
         st.plans.clear()
         st.cfg = cfg
     try:
-        plan = st.plans.get((x.shape, x.dtype, op, algorithm, inplace))
+        plan = st.plans.get((x.dtype, op, algorithm, inplace))
     except TypeError:  # an unhashable op/algorithm: the general path reports it
         return None
     if plan is None:
         plan = _hot_plan(st, cfg, x, op, algorithm, inplace)
-    if plan is False or timeline.enabled() or (inplace and not (x.flags.c_contiguous and x.flags.writeable)):
+    nbytes = x.nbytes
+    if plan is False or not 0 < nbytes <= plan.limit or timeline.enabled() or (
+            inplace and not (x.flags.c_contiguous and x.flags.writeable)):
         return None
-    rec = stall.enter("allreduce", x, stall.call_site(), group=g)
+    hs = fused._shapes.get(x.shape)
+    if hs is None:
+        hs = fused.shape_hash(x.shape)
+    # the caller's frame is 3 up (call_site <- _hot <- allreduce(_) <- caller): skip the walk
+    rec = stall.enter("allreduce", x, stall.call_site(3), group=g)
     try:
         rec.algorithm = "fused"
-        out = x.reshape(-1) if inplace else np.empty(plan.n, plan.dtype)
+        if inplace:
+            out = x.reshape(-1)
+        elif nbytes < POOLED_BYTES:
+            out = np.empty(x.size, plan.dtype)
+        else:  # a recycled result: no page faults (pool.py)
+            out = pool.empty(x.size, plan.dtype)
         k = st.k = st.k + 1
-        h = plan.h ^ ((rec.seq * validate._GOLDEN) & validate._MASK)
-        done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, fused.SPINS)
+        h = plan.h ^ hs ^ ((rec.seq * validate._GOLDEN) & validate._MASK)
+        done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, fused.SPINS, False)
         if done == 0:  # a peer is late: the yielding, interruptible wait, then check and fold
             validate._slow(st.request(k), g.comm, rec, "allreduce")
-            done = fused._complete(st.ctrl, plan.slots, out, st.p, k, h, plan.kop)
+            done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, 1, True)
         if done < 0:
             validate._mismatch(g.comm, "allreduce", _fields(x, op, algorithm), None, rec, rec.seq)
         if plan.avg:
@@ -253,7 +266,7 @@ def _hot(x, op, algorithm, group, inplace):
         stall.leave(rec, e)
         raise
     stall.leave(rec)
-    return x if inplace else out.reshape(plan.shape)
+    return x if inplace else out.reshape(x.shape)
 
 
 def _fields(x, op, algorithm) -> dict:
@@ -261,15 +274,20 @@ def _fields(x, op, algorithm) -> dict:
     return {"shape": x.shape, "dtype": x.dtype.str, "op": op, "algorithm": algorithm}
 
 
+def _sig(x, op, algorithm) -> int:
+    """The hash of _fields(x, op, algorithm) that both paths post (fused.sig_hash, shape_hash)."""
+    return fused.sig_hash(x.dtype, op, algorithm) ^ fused.shape_hash(x.shape)
+
+
 def _hot_plan(st, cfg, x, op, algorithm, inplace):
-    """The fused.Plan of a signature, or False when it does not take the hot path (cached on the
-    node state; bounded like validate's hash cache)."""
+    """The fused.Plan of a signature (but its shape), or False when it does not take the hot
+    path (cached on the node state; bounded like validate's hash cache)."""
     opc, kop, acc, err = _plan(x, op, algorithm, inplace)
     plan = False
-    if err is None and cfg.validate and not cfg.verbose and fused.eligible(x.nbytes, x.dtype, acc, kop, algorithm):
-        plan = fused.Plan(st, validate._hash("allreduce", _fields(x, op, algorithm)), x, opc, kop)
+    if err is None and cfg.validate and not cfg.verbose and fused.fuses(x.dtype, acc, kop, algorithm):
+        plan = fused.Plan(st, fused.sig_hash(x.dtype, op, algorithm), x.dtype, opc, kop)
     if len(st.plans) < 4096:
-        st.plans[(x.shape, x.dtype, op, algorithm, inplace)] = plan
+        st.plans[(x.dtype, op, algorithm, inplace)] = plan
     return plan
 
 

@@ -38,16 +38,20 @@ import numpy as np
 from numba import njit
 
 from .. import stall
-from . import node
+from . import node, validate
 from .kernels import _reduce_into, divide
 from .node import _fence
 from .ops import AVG, MAX, MIN, PROD, SUM
 from .shm import fold
 
-#: Largest payload that rides in the validation round with "auto". Above it, the p-fold read of
-#: every slot by every rank (p n bytes read per rank, against shm's ~n) loses to the
-#: reduce-scatter-style algorithms; measured with scripts/bench_call_overhead.py (README).
+#: Largest payload that rides in the validation round with "auto" (p >= 3). Above it, the p-fold
+#: read of every slot by every rank (p n bytes read per rank) loses to the library: at P = 4,
+#: 0.82x at 512 KiB, 0.73x at 1 MiB (scripts/bench_call_overhead.py, README).
 MAX_BYTES = 256 << 10
+#: The same at p = 2, where every rank reads 2 n - what the library's own exchange-and-reduce
+#: moves - in one round instead of its several: 1.30x the library at 512 KiB, 1.06x at 1 MiB
+#: (exclusive lock, load 1.6, side by side). node.SMALL caps it (the slots' size).
+MAX_BYTES_2 = 1 << 20
 SPINS = 2000  # looks at the counters inside the compiled call before Python's yielding wait
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
@@ -57,17 +61,29 @@ def keyed(kop: int, acc) -> bool:
     return kop in (MIN, MAX) and acc.kind == "f"
 
 
-def eligible(nbytes: int, dtype, acc, kop, algorithm) -> bool:
-    """Whether an allreduce of this signature is carried in its validation round (on a
-    communicator with node state). min/max over floats are left to the algorithms (NaN and
-    signed-zero semantics of the order keys, kernels.to_keys); float16 is reduced in float32."""
-    return algorithm == "auto" and 0 < nbytes <= MAX_BYTES and acc is dtype and not keyed(kop, acc)
+def limit(p: int) -> int:
+    """Largest payload that rides in the validation round with "auto" on p ranks (a pure function
+    of the agreed group size)."""
+    return MAX_BYTES_2 if p == 2 else MAX_BYTES
+
+
+def fuses(dtype, acc, kop, algorithm) -> bool:
+    """Whether allreduces of this signature (any size) may be carried in the validation round:
+    "auto" only; min/max over floats are left to the algorithms (NaN and signed-zero semantics of
+    the order keys, kernels.to_keys); float16 is reduced in float32."""
+    return algorithm == "auto" and acc is dtype and not keyed(kop, acc)
+
+
+def eligible(nbytes: int, dtype, acc, kop, algorithm, p: int) -> bool:
+    """Whether an allreduce of this signature and size is carried in its validation round on p
+    ranks (on a communicator with node state)."""
+    return 0 < nbytes <= limit(p) and fuses(dtype, acc, kop, algorithm)
 
 
 def payload(comm, x, acc, kop, algorithm):
     """The bytes a small "auto" allreduce carries in its validation round, or None (the general
     path, api._allreduce; the hot path calls ``_exchange`` directly)."""
-    if not eligible(x.nbytes, x.dtype, acc, kop, algorithm) or node.get(comm) is None:
+    if not eligible(x.nbytes, x.dtype, acc, kop, algorithm, comm.Get_size()) or node.get(comm) is None:
         return None
     return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
 
@@ -115,56 +131,118 @@ def _complete(ctrl, slots, out, p, k, h, op):
         if ctrl[b] != 1 or ctrl[b + 1] != h:
             return -1
     n = out.shape[0]
-    for i in range(n):
-        out[i] = slots[0, par, i]
-    # q outside, i inside: the same left fold ((s0 op s1) op s2)... per element as shm.fold, but
-    # each pass streams one slot (vectorised).
-    for q in range(1, p):
+    if p == 1:
+        for i in range(n):
+            out[i] = slots[0, par, i]
+        return 1
+    # The first pass folds two slots at once (out is written once, not copied then re-read);
+    # q outside, i inside: the same left fold ((s0 op s1) op s2)... per element as shm.fold,
+    # each pass streaming one more slot (vectorised).
+    _fold2(out, slots[0, par], slots[1, par], op)
+    for q in range(2, p):
         _reduce_into(out, slots[q, par], op)
     return 1
 
 
 @njit(**_JIT)
-def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries):
-    """Round k of a fused allreduce: publish x with header [1, h], wait up to `tries` looks for
-    the peers, then check and fold (_complete). Returns 1 (done), -1 (headers differ), or 0 (a
-    peer has not arrived yet: the caller waits, then calls _complete)."""
-    par = k & 1
-    mine = slots[r, par]
-    for i in range(x.shape[0]):
-        mine[i] = x[i]
-    b = p * 8 + (r * 2 + par) * 8
-    ctrl[b] = 1
-    ctrl[b + 1] = h
-    _fence()  # payload and header before the counter (TSO keeps store order; this keeps the compiler's)
-    ctrl[r * 8] = k
-    _fence()
+def _fold2(out, a, b, op):
+    """out = a (op) b (min/max keep a on ties, like kernels.reduce_into)."""
+    n = out.shape[0]
+    if op == SUM:
+        for i in range(n):
+            out[i] = a[i] + b[i]
+    elif op == PROD:
+        for i in range(n):
+            out[i] = a[i] * b[i]
+    elif op == MIN:
+        for i in range(n):
+            out[i] = b[i] if b[i] < a[i] else a[i]
+    else:
+        for i in range(n):
+            out[i] = b[i] if b[i] > a[i] else a[i]
+
+
+@njit(**_JIT)
+def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted):
+    """Round k of a fused allreduce: publish x with header [1, h] (unless `posted`: an earlier
+    call of this round returned 0), wait up to `tries` looks for the peers, then check and fold
+    (_complete). Returns 1 (done), -1 (headers differ), or 0 (a peer has not arrived yet: the
+    caller waits, then calls again with posted=True). One entry point for both calls: one
+    compiled specialisation per dtype to load (runtime.init warms the float ones)."""
+    if not posted:
+        par = k & 1
+        mine = slots[r, par]
+        for i in range(x.shape[0]):
+            mine[i] = x[i]
+        b = p * 8 + (r * 2 + par) * 8
+        ctrl[b] = 1
+        ctrl[b + 1] = h
+        _fence()  # payload and header before the counter (TSO keeps store order; this keeps the compiler's)
+        ctrl[r * 8] = k
+        _fence()
     if not _arrived(ctrl, p, k, tries):
         return 0
     return _complete(ctrl, slots, out, p, k, h, op)
 
 
 class Plan:
-    """What the hot path needs about one call signature on one communicator, resolved once:
-    the signature's hash (validate._hash), op codes, the typed slots. Never a decision that
-    depends on anything the round does not agree on (see the module docstring)."""
+    """What the hot path needs about one call signature but its shape - (dtype, op, algorithm,
+    in place) on one communicator - resolved once: the signature's hash without the shape
+    (sig_hash), op codes, the typed slots, the largest payload that fuses. The shape enters
+    every call's hash through ``shape_hash`` (a lookup), so a new shape makes no new plan: the
+    first call at a size runs the warm path. Never a decision that depends on anything the
+    round does not agree on (see the module docstring)."""
 
-    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "shape", "n")
+    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "limit")
 
-    def __init__(self, st, h, x, opc, kop):
+    def __init__(self, st, h, dtype, opc, kop):
         self.h, self.opc, self.kop, self.avg = h, opc, kop, opc == AVG
-        self.dtype, self.shape, self.n = x.dtype, x.shape, x.size
-        self.slots = st.slots(x.dtype)
+        self.dtype = dtype
+        self.slots = st.slots(dtype)
+        self.limit = limit(st.p)
 
 
-def warmup() -> None:
-    """Compile (or load from numba's cache) the round for every reducing dtype."""
+_M64 = (1 << 64) - 1
+_MASK = (1 << 63) - 1
+_shapes: dict = {}  # shape tuple -> shape_hash (a pure function of the tuple: cached, bounded)
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finaliser (Steele, Lea & Flood 2014): every input bit reaches every output bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def shape_hash(shape: tuple) -> int:
+    """A 63-bit hash of a shape, the same in every process (Python's own hash of a tuple is not
+    promised to be: only ints are unsalted). Chained, so (2, 3), (3, 2), (6,) and () differ."""
+    h = _shapes.get(shape)
+    if h is None:
+        h = 0x243F6A8885A308D3  # pi's fraction bits: () hashes to something non-zero
+        for d in shape:
+            h = _mix(h ^ (int(d) & _M64))
+        h = _mix(h ^ len(shape)) & _MASK
+        if len(_shapes) < 65536:
+            _shapes[shape] = h
+    return h
+
+
+def sig_hash(dtype, op, algorithm) -> int:
+    """The allreduce signature's hash without its shape (validate._hash of the fields the round
+    agrees on but the shape); ``sig_hash(...) ^ shape_hash(shape)`` is what the hot and the
+    general path both post, so a rank on either path meets the others in the same round."""
+    return validate._hash("allreduce", {"dtype": dtype.str, "op": op, "algorithm": algorithm})
+
+
+def warmup(dtypes=(np.float32, np.float64, np.int32, np.int64)) -> None:
+    """Compile (or load from numba's cache) the round for these dtypes: the first call at any
+    size then runs compiled code (runtime.init warms float32 and float64: ~5 ms each once
+    numba itself is loaded)."""
     p = 2
     ctrl = np.zeros(p * 24, np.int64)
     ctrl[:p * 8:8] = 1
-    for t in (np.float32, np.float64, np.int32, np.int64):
+    for t in dtypes:
         slots = np.zeros((p, 2, 4), t)
         x = np.ones(4, t)
-        for op in (SUM, PROD, MIN, MAX):
-            _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, op, 1)
-            _complete(ctrl, slots, np.empty(4, t), p, 1, 0, op)
+        _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, SUM, 1, False)

@@ -100,6 +100,17 @@ def _agreed(hdr, p, k, h):
     return True
 
 
+def warmup() -> None:
+    """Load the round primitives' compiled code (numba's cache: ~2-5 ms each on first use - a
+    rank loading _spin while its peers wait in their first round made it ~2.5 ms late)."""
+    cnt = np.zeros(2 * _LINE, np.int64)
+    hdr = np.zeros((2, 2, _LINE), np.int64)
+    slot = np.zeros(8, np.uint8)
+    _post(hdr, cnt, 0, 1, 1, 0, slot, slot[:0])
+    _spin(cnt, 1, 1, 1)
+    _agreed(hdr, 1, 1, 0)
+
+
 class _Round:
     """Round k as a request: ``Test()`` looks at the counters a few times and, if a peer is still
     missing, yields the core (sched_yield: a peer waiting for a core gets it at once - what
@@ -147,9 +158,15 @@ class Node:
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.cnt[self.r * _LINE] = 0  # MPI does not promise zeroed memory: each rank clears its own
         self.hdr[self.r] = 0
+        # Fault the slots in now, not in the first call at each size (issue 16: a first call
+        # paid ~1 us per fresh 4 KiB page, the writer's fault and every reader's): each rank
+        # writes its own slots (the backing pages), then, after the barrier, touches a byte of
+        # every page of its peers' (its page table entries).
+        self.small[self.r] = 0
         self.win.Sync()
         self.node.Barrier()
         self.win.Sync()
+        self.small.reshape(-1)[::4096].sum()
 
     # ------------------------------------------------------------------------------ rounds
     def arrive(self) -> int:

@@ -51,7 +51,8 @@ def _hash(kind: str, fields: dict) -> int:
     return h
 
 
-def check(comm, kind: str, fields: dict, local_error: str | None, always: bool = False, payload=None) -> bool:
+def check(comm, kind: str, fields: dict, local_error: str | None, always: bool = False, payload=None,
+          h: int | None = None) -> bool:
     """Raise CollectiveError on every rank of `comm` if any rank has an error or a different signature.
 
     Args:
@@ -63,6 +64,9 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
             DataParallel - once per job, never in the hot loop).
         payload: None, or a uint8 array of at most node.SMALL bytes to carry in the same round
             (only on a communicator with node-local shared memory; see Returns).
+        h: the signature's 63-bit hash when the caller computes it itself (it must be a function
+            of `fields` alone, the same on every rank: api.py's allreduce shares it with its hot
+            path); default: the hash of `fields`.
 
     Returns:
         True when `payload` travelled with the check: every rank's payload is then
@@ -77,19 +81,19 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
         g = group_of(comm)
         temp = stall.enter(kind, None, group=g, lane="a" if g is not None and comm is g.async_comm else "b")
         try:
-            return _check(comm, kind, fields, local_error, temp, payload)
+            return _check(comm, kind, fields, local_error, temp, payload, h)
         except BaseException as e:
             stall.leave(temp, e)
             raise
         finally:
             if stall.current() is temp:
                 stall.leave(temp)
-    return _check(comm, kind, fields, local_error, op, payload)
+    return _check(comm, kind, fields, local_error, op, payload, h)
 
 
-def _check(comm, kind: str, fields: dict, local_error: str | None, op, payload=None) -> bool:
+def _check(comm, kind: str, fields: dict, local_error: str | None, op, payload=None, h=None) -> bool:
     seq = op.seq if op is not None and op.gkey else 0
-    h = _hash(kind, fields) ^ ((seq * _GOLDEN) & _MASK)
+    h = (_hash(kind, fields) if h is None else h) ^ ((seq * _GOLDEN) & _MASK)
     st = node.get(comm)
     if st is not None:  # one shared-memory round (node.py): ~1 us instead of an MPI_Iallreduce
         k = st.post(h, local_error is None, payload)

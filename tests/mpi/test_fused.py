@@ -38,7 +38,7 @@ def _same_everywhere(comm, y):
 
 
 def _sizes(comm, dtype):
-    top = fused.MAX_BYTES // np.dtype(dtype).itemsize
+    top = fused.limit(comm.Get_size()) // np.dtype(dtype).itemsize
     return [1, max(1, comm.Get_size() - 1), 7, 1001, top, top + 1]
 
 
@@ -91,13 +91,18 @@ def test_mismatches_raise_the_same_error_everywhere(comm, paths):
         (lambda: dt.allreduce(np.ones(4, np.float32 if r == 0 else np.float64)), "dtype"),
         (lambda: dt.allreduce(np.ones(4, np.int64), "sum" if r == 0 else "max"), "op"),
         (lambda: dt.allreduce(np.ones(4), algorithm="auto" if r == 0 else "mpi"), "algorithm"),
-        (lambda: dt.allreduce(np.ones(8 if r == 0 else fused.MAX_BYTES)), "shape"),  # fused vs not
+        (lambda: dt.allreduce(np.ones(8 if r == 0 else fused.limit(comm.Get_size()))), "shape"),  # fused vs not
+        (lambda: dt.allreduce(np.ones((2, 3) if r == 0 else (3, 2))), "shape"),  # same bytes, new shapes
+        (lambda: dt.allreduce(np.ones((6,) if r == 0 else (1, 6))), "shape"),
+        (lambda: dt.allreduce(np.ones(() if r == 0 else (1,))), "shape"),
         (lambda: dt.allreduce(np.ones(4) if r == 0 else np.ones(4, np.complex128)), "dtype"),
     ]
     for call, what in cases:
         with pytest.raises(dt.CollectiveError, match=what) as e:
             call()
         assert len(set(comm.allgather(str(e.value)))) == 1
+        if what == "shape":  # the hot path's call site (stall.call_site(3)) is the caller's line
+            assert f"{__file__}:" in str(e.value), str(e.value)
         assert np.all(dt.allreduce(np.ones(7)) == comm.Get_size())  # the group is still usable
 
 
@@ -135,6 +140,23 @@ def test_many_rounds_with_late_ranks(comm):
         assert np.all(y == sum(q + i for q in range(p))), i
 
 
+def test_new_shapes_each_call_and_the_same_hash_everywhere(comm):
+    """The shape enters the hash per call (fused.shape_hash), not through a plan per shape: every
+    call at a new shape - same bytes or not, first use or not - still agrees or raises, and the
+    hash is the same in every process (Python's own tuple hash is not promised to be)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    shapes = [(), (0,), (1,), (6,), (2, 3), (3, 2), (1, 6), (6, 1), (2, 1, 3), (1 << 40,), (-1,)]
+    hs = [fused.shape_hash(s) for s in shapes]
+    assert len(set(hs)) == len(shapes) and all(0 <= h < 1 << 63 for h in hs)
+    assert len(set(map(tuple, comm.allgather(hs)))) == 1
+    assert fused.shape_hash((np.int64(2), 3)) == fused.shape_hash((2, 3))
+    for i in range(40):  # a fresh shape on every call, sizes crossing the fused limit
+        shape = (1 + i % 5, 3 + 7 * i) if i % 3 else (fused.limit(p) // 8 - 20 + i,)
+        x = np.full(shape, float(r + i))
+        y = dt.allreduce(x) if i % 2 else dt.allreduce_(x.copy())
+        assert y.shape == shape and np.all(y == sum(q + i for q in range(p))), i
+
+
 def test_settings_changes_take_effect(comm):
     p = comm.Get_size()
     assert np.all(dt.allreduce(np.ones(5)) == p)
@@ -160,12 +182,12 @@ def test_compiled_round_against_numpy(dtype):
             ctrl[p * 8 + (q * 2 + (k & 1)) * 8:][:2] = (1, h)
             ctrl[q * 8] = k
         out = np.empty(n, dtype)
-        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10) == 1
+        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10, False) == 1
         np.testing.assert_array_equal(out, shm.fold_ref(rows, op))
         assert ctrl[0] == k
     k = int(ctrl[0]) + 1
     ctrl[8] = k  # rank 2 is late
-    assert fused._exchange(ctrl, slots, rows[0].copy(), np.empty(n, dtype), 0, p, k, h, SUM, 10) == 0
+    assert fused._exchange(ctrl, slots, rows[0].copy(), np.empty(n, dtype), 0, p, k, h, SUM, 10, False) == 0
     ctrl[16] = k
     ctrl[p * 8 + (1 * 2 + (k & 1)) * 8 + 1] = h + 1  # rank 1 posted another signature
     out = np.full(n, 7, dtype)
