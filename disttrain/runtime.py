@@ -19,6 +19,7 @@ import numpy as np
 
 from . import flight, groups, log, mpi, stall, timeline
 from .comm import config, costmodel, fused, node, shm, topology, validate
+from .comm.api import allreduce
 from .comm.engine import engine
 from .errors import CollectiveError
 from .groups import (Group, as_group, group_of, local_rank, local_size, rank, size,  # noqa: F401 (re-exported)
@@ -101,16 +102,26 @@ def init() -> "Group":
         config.update(**values)
         _build_topology(w)
         costmodel.ensure(w.comm, w.async_comm)
+        warm = False
         if w.size > 1 and config.current().validate:  # the same values on every rank (broadcast above)
             # The world's shared control window and the fused round's compiled code now, as MPI_Init
             # sets up its own shared memory, not inside the first collective (issue 16: the first
             # dt.allreduce paid ~0.7 ms for the window, the first at each dtype ~5-160 ms for numba)
-            if node.prepare(w.comm).single:
+            warm = node.prepare(w.comm).single
+            if warm:
                 node.warmup()
                 fused.warmup((np.float32, np.float64))
         _warn_blas_threads(local)
         if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
             stall.start(w)  # stall reports, notices, departures, signal -> job-wide abort
+        if warm:
+            # One real call of the default path, tracked like any other (the same on every rank:
+            # `warm` follows from broadcast settings and the node layout). A first execution of
+            # the hot path's Python - plan, hash, stall record, the slow wait - ran 5-10x slower
+            # than warm code (cold caches, CPython 3.11's first-run specialisation) and made the
+            # user's first dt.allreduce cost 200-350 us at P = 2 against 25-60 us after this.
+            with stall.unrecorded():
+                allreduce(np.zeros(1))
         _install_finalize_hooks(MPI)
         if os.environ.get("DISTTRAIN_TIMELINE"):
             timeline.start(os.environ["DISTTRAIN_TIMELINE"])

@@ -17,6 +17,7 @@ DISTTRAIN_STALL_SHUTDOWN_SECONDS (0 = never). Code: ``dt.set_stall_timeout(warn,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import select
@@ -179,6 +180,26 @@ def leave(op: _Op, error: BaseException | None = None) -> None:
 def current() -> _Op | None:
     """The operation this thread is inside (None outside a tracked collective)."""
     return _inflight.get(_tid())
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Run set-up collectives that leave no trace in what users read and count: group sequence
+    numbers, finished counts, blocking time and the flight record are as before the block. For
+    dt.init's warm-up call only (runtime.py), which every rank makes identically; the node
+    state's round counter it advances is internal and advances alike on every rank."""
+    global blocking_seconds
+    seq, done, last, blocking = dict(_gseq), dict(_done), dict(_last), blocking_seconds
+    n = len(flight._buf)
+    try:
+        yield
+    finally:
+        blocking_seconds = blocking
+        for now, before in ((_gseq, seq), (_done, done), (_last, last)):
+            now.clear()
+            now.update(before)
+        while len(flight._buf) > n:
+            flight._buf.pop()
 
 
 def tracked(name: str):

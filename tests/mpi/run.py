@@ -13,6 +13,8 @@ if __name__ == "__main__":
     logdir, args = sys.argv[1], sys.argv[2:]
     rank = MPI.COMM_WORLD.Get_rank()
     if rank:
+        # a rank that cannot open its log would exit before its peers' first collective: they hang
+        os.makedirs(logdir, exist_ok=True)
         log = open(os.path.join(logdir, f"rank{rank}.log"), "w")
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
