@@ -40,6 +40,7 @@ MPI keeps its own duplicate of the communicator), only at exit.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -50,6 +51,7 @@ from ..comm import futex
 from ..comm import node as N
 from ..comm import topology, validate
 from ..comm.p2p import blocks
+from ..groups import local_size
 
 _LINE = 64  # bytes: each rank's round counter alone on a cache line
 _BLOCK = 1024  # elements per pass of the reduction kernel (accumulator stays in L1)
@@ -68,6 +70,20 @@ def wanted(group, shard: str, compressor, algorithm: str, dtype) -> bool:
         return False
     t = topology.of(group.comm)
     return t is not None and t.nodes == 1
+
+
+def spare_core() -> bool:
+    """Whether every rank on this host has a core for its communication thread besides the one
+    its training thread computes on: the cores this process may run on are at least twice the
+    host's ranks. Without one, a bucket averaged during backward only time-slices with the GEMMs
+    (and the two threads' scheduling adds waits), so DataParallel averages every shared bucket on
+    the caller after backward instead (measured side by side: README, ARCHITECTURE sec. 11).
+    Which thread runs a bucket changes nothing on the wire, so this needs no agreement."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores >= 2 * local_size()
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -234,6 +250,7 @@ class SharedBuckets:
     """
 
     def __init__(self, group, buckets):
+        self.overlap = spare_core()  # average during backward (else all on the caller after it)
         sizes = [b.size for b in buckets]
         self.window = take(group, sum(sizes), buckets[0].buffer.dtype)
         row = self.window.row()
