@@ -1,7 +1,7 @@
 """C += A^T B in one BLAS call, without the temporary NumPy's ``c += a.T @ b`` makes.
 
 A layer's weight gradient is accumulated (``W.grad += x^T dy``): NumPy computes ``x^T dy`` into a
-new array and adds it, so every byte of the gradient is written twice and read twice more - for
+new array and adds it - a gradient-sized temporary written and read again: for
 the MLP of scripts/bench_scaling.py 15 MB of extra memory traffic per step, on a memory bus two
 ranks share. GEMM itself accumulates (``C = alpha A B + beta C`` with beta = 1, BLAS level 3,
 Dongarra et al. 1990), so :func:`add_at_b` hands C to the BLAS NumPy already loads (its bundled

@@ -24,7 +24,7 @@ A waiting rank spins briefly, then sleeps on the late peer's counter (a futex, c
 until that peer stores it and wakes it, looking again at least every _NAP: the wait is for a peer
 still in its backward pass, and on a busy node a spinning thread would take the core that peer's
 GEMM needs. Sleeping in fixed 20 us steps instead (the previous version) woke the communication
-thread 15-24 times per step on the core its own rank's GEMM runs on; the futex, 4-6 times.
+thread 15-24 times per step on the core its own rank's GEMM runs on; the futex, about 4-7 times.
 
 Why no double buffering: a peer writes into this rank's row only between rounds 1 and 2 of a
 bucket, and this rank touches that bucket again (zero_grad, the next backward) only after round 2.
