@@ -282,6 +282,8 @@ class SharedBuckets:
 
 
 def warmup() -> None:
-    """Compile (or load from numba's cache) the kernel for both float dtypes."""
+    """Compile (or load from numba's cache) the kernels: the average for both float dtypes, and
+    the late-rank scan of a waiting round."""
     for t in (np.float32, np.float64):
         _average_slice(np.ones((2, 4), t), 0, 4, t(2), np.empty(2, t))
+    _late(np.zeros(_LINE // 8, np.int64), 1, 0)
