@@ -133,7 +133,7 @@ def worker_torch(a) -> dict | None:
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
 
     def step():
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()  # as DDP's users write it (set_to_none=True since PyTorch 2.0)
         loss_fn(model(x), y).backward()
         opt.step()
 
@@ -213,7 +213,18 @@ def run_all(a) -> list[dict]:
         twin = [b for b in rows if b["mode"] == r["mode"] and b["procs"] == r["procs"] and b["impl"] == "torch-ddp"]
         r["vs_torch"] = (r["samples_per_s"] / twin[0]["samples_per_s"] if twin and r["impl"].startswith("disttrain")
                          else None)
+        # each repeat's own ratios (its runs were minutes apart at most): how reliable the medians are
+        thr = lambda impl, p: [x["samples_per_s"] for x in samples[(r["mode"], p, impl)]]
+        key = next(i for i in samples_impls(samples) if i[0] == r["impl"])
+        r["efficiency_each"] = [t / (r["procs"] * b) for t, b in zip(thr(key, r["procs"]), thr(key, 1))]
+        r["vs_torch_each"] = ([t / d for t, d in zip(thr(key, r["procs"]), thr(("torch-ddp", ""), r["procs"]))]
+                              if twin and r["impl"].startswith("disttrain") else None)
     return rows
+
+
+def samples_impls(samples: dict) -> list:
+    """The (label, algorithm) pairs measured."""
+    return list(dict.fromkeys(impl for _, _, impl in samples))
 
 
 PHASES = ("comm_ms", "exposed_ms", "fwd_ms", "bwd_ms", "opt_ms", "main_cpu_ms", "comm_cpu_ms")
@@ -232,6 +243,13 @@ def report(rows: list[dict], meta: dict) -> None:
               f"{f(r['exposed_ms'], '10.2f'):>10s} {f(r['vs_torch'], '7.2f'):>7s}  {f(r.get('fwd_ms'), '5.2f'):>5s} "
               f"{f(r.get('bwd_ms'), '5.2f'):>5s} {f(r.get('opt_ms'), '5.2f'):>5s} {f(r.get('main_cpu_ms'), '8.2f'):>8s} "
               f"{f(r.get('comm_cpu_ms'), '8.2f'):>8s}")
+    each = [r for r in rows if r["procs"] > 1 and r.get("efficiency_each")]
+    if each:
+        print("each repeat (P > 1): efficiency / vs DDP")
+    for r in each:
+        vs = r.get("vs_torch_each") or [None] * len(r["efficiency_each"])
+        print(f"  {r['mode']:6s} {r['impl']:15s} P={r['procs']}: " + ", ".join(
+            f"{e:.3f}" + (f" / {v:.2f}x" if v is not None else "") for e, v in zip(r["efficiency_each"], vs)))
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:

@@ -1,8 +1,12 @@
 """Every layer's gradients against central finite differences (float64); kernels vs NumPy twins."""
+import glob
+import os
+
 import numpy as np
 import pytest
 
 from disttrain import nn
+from disttrain.nn import blas
 from disttrain.nn import kernels as K
 
 from ._fd import numeric_grad
@@ -263,3 +267,29 @@ def test_linear_with_zero_features_or_samples_is_an_empty_affine_map(fan_in, fan
     assert dx.shape == x.shape and not dx.any()
     assert lin.weight.grad.shape == (fan_in, fan_out) and not lin.weight.grad.any()
     np.testing.assert_array_equal(lin.bias.grad, np.full(fan_out, batch * 2 * 0.5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k,m,n", [(128, 784, 1024), (5, 3, 7), (0, 4, 6), (6, 0, 3), (1, 1, 1)])
+def test_add_at_b_accumulates_like_numpy(dtype, k, m, n):
+    """nn/blas.py: c += a.T @ b in one GEMM (beta = 1) agrees with NumPy's product-then-sum; the
+    fallback (strided operands, mixed dtypes) is NumPy's own expression."""
+    rng = np.random.default_rng(k + m + n)
+    a, b = rng.standard_normal((k, m)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    c, ref = c0.copy(), c0 + a.T @ b
+    blas.add_at_b(c, a, b)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, ref, rtol=tol, atol=tol * max(1, k))
+    assert not np.array_equal(c, c0) or min(k, m, n) == 0  # it did add something
+    strided = np.asfortranarray(a)  # not C-contiguous: the NumPy path, bit for bit
+    c2 = c0.copy()
+    blas.add_at_b(c2, strided, b)
+    np.testing.assert_array_equal(c2, ref)
+
+
+def test_add_at_b_is_used_by_linear_when_numpy_bundles_openblas():
+    # a guard: where NumPy bundles OpenBLAS (its PyPI wheels) the one-GEMM path must load
+    bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs",
+                                     "libscipy_openblas64_*.so"))
+    assert blas.AVAILABLE == bool(bundled)

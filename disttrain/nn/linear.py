@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from .blas import add_at_b
 from .init import kaiming_uniform, xavier_uniform
 from .module import Module, Parameter
 
@@ -29,7 +30,7 @@ def affine_weight_grad(x, dy, weight, bias) -> None:
     """W of an affine layer: dW += x^T dy, db += sum dy (leading dimensions flattened)."""
     rows = math.prod(x.shape[:-1])  # not reshape(-1, ...): ambiguous when a size is zero
     x2, dy2 = x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1])
-    weight.grad += x2.T @ dy2
+    add_at_b(weight.grad, x2, dy2)  # one GEMM that accumulates: no temporary (blas.py)
     if bias is not None:
         bias.grad += dy2.sum(axis=0)
 

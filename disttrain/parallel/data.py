@@ -16,7 +16,8 @@ Parallel Training") and Horovod's tensor fusion, on disttrain's collectives:
 - On one node (``algorithm="auto"``, no compression, no sharding) the buckets live in a shared
   window and each rank averages its slice of every rank's bucket in place: nothing is copied
   (parallel/shared_buckets.py). The last bucket runs on the calling thread when the communication
-  thread is idle (``backward`` waits for it at once: no hand-off).
+  thread is idle (``backward`` waits for it at once: no hand-off); on a host without a spare core
+  per rank every shared bucket does, after backward (the thread would only time-slice with the GEMMs).
 - With ``compression=`` every bucket goes through a compressor instead (disttrain.compression):
   compression, the collective that fits its payload and decompression all run on the
   communication thread, so they overlap backward just like the plain allreduce. A bucket's
@@ -75,6 +76,9 @@ class DataParallel:
             ("fp16", "bf16", "topk:0.01", "onebit", "powersgd:2") or a Compressor instance.
         algorithm: the allreduce algorithm for the buckets ("auto" asks the cost model).
         overlap: start each bucket's allreduce during backward (True) or all after it (False).
+            Shared-memory buckets on a host without a spare core per rank (fewer cores than twice
+            its ranks) are averaged after backward on the calling thread even with True: there the
+            communication thread would only time-slice with the GEMMs (ARCHITECTURE sec. 11).
         group: a Group from ``dt.new_group`` (default: the world).
         shard: "none" (every rank holds everything), "optimizer" (ZeRO-1: each rank updates and keeps
             optimizer state for a 1/P slice of every bucket), "gradients" (ZeRO-2: also keeps only
@@ -226,6 +230,8 @@ class DataParallel:
                 raise RuntimeError(self._direct_backward_message(params))
             return
         if not (self._sync and self.overlap) or self.group.size == 1 or self._units is not None:
+            return
+        if self._shared is not None and not self._shared.overlap:  # no spare core: all after backward
             return
         for p in params:
             b = self._bucket_of.get(id(p))

@@ -20,8 +20,11 @@ Memory traffic per byte of payload, per rank: read 1, write 1 (p slices of n/p r
 write 3.5 for MPICH's reduce-scatter + allgather at p = 2 (comm/shm.py's docstring). No MPI call
 on the hot path: the rounds are node.py's counter barrier (fence, store, spin) on counters of
 this window, waited for through ``validate.wait`` (interruptible by a peer's failure or departure).
-A waiting rank spins briefly, then sleeps in short steps: the wait is for a peer still in its
-backward pass, and on a busy node a spinning thread would take the core that peer's GEMM needs.
+A waiting rank spins briefly, then sleeps on the late peer's counter (a futex, comm/futex.py)
+until that peer stores it and wakes it, looking again at least every _NAP: the wait is for a peer
+still in its backward pass, and on a busy node a spinning thread would take the core that peer's
+GEMM needs. Sleeping in fixed 20 us steps instead (the previous version) woke the communication
+thread 15-24 times per step on the core its own rank's GEMM runs on; the futex, about 4-7 times.
 
 Why no double buffering: a peer writes into this rank's row only between rounds 1 and 2 of a
 bucket, and this rank touches that bucket again (zero_grad, the next backward) only after round 2.
@@ -37,21 +40,23 @@ MPI keeps its own duplicate of the communicator), only at exit.
 """
 from __future__ import annotations
 
-import time
+import os
 import weakref
 
 import numpy as np
 from numba import njit
 
 from .. import mpi, stall
+from ..comm import futex
 from ..comm import node as N
 from ..comm import topology, validate
 from ..comm.p2p import blocks
+from ..groups import local_size
 
 _LINE = 64  # bytes: each rank's round counter alone on a cache line
 _BLOCK = 1024  # elements per pass of the reduction kernel (accumulator stays in L1)
 _SPINS = 2000  # counter looks before a waiting rank starts sleeping (~tens of us)
-_SLEEP = 20e-6  # seconds per sleep while a peer is still computing
+_NAP = 1e-3  # seconds a waiting rank sleeps at most before it looks again (futex.wait's timeout)
 _windows: dict = {}  # group uid -> [Window], in creation order (the same list on every rank)
 
 
@@ -65,6 +70,20 @@ def wanted(group, shard: str, compressor, algorithm: str, dtype) -> bool:
         return False
     t = topology.of(group.comm)
     return t is not None and t.nodes == 1
+
+
+def spare_core() -> bool:
+    """Whether every rank on this host has a core for its communication thread besides the one
+    its training thread computes on: the cores this process may run on are at least twice the
+    host's ranks. Without one, a bucket averaged during backward only time-slices with the GEMMs
+    (and the two threads' scheduling adds waits), so DataParallel averages every shared bucket on
+    the caller after backward instead (measured side by side: README, ARCHITECTURE sec. 11).
+    Which thread runs a bucket changes nothing on the wire, so this needs no agreement."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores >= 2 * local_size()
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -99,8 +118,19 @@ def average_slice_ref(rows: np.ndarray, lo: int, hi: int, d: int) -> None:
     rows[:, lo:hi] = acc / rows.dtype.type(d)
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def _late(cnt, p, k):
+    """The first rank whose counter has not reached round k, or -1."""
+    N.fence()
+    for q in range(p):
+        if cnt[q * (_LINE // 8)] < k:
+            return q
+    return -1
+
+
 class _Round:
-    """Round k of a window as a request for ``validate.wait``: a burst of looks, then a short sleep."""
+    """Round k of a window as a request for ``validate.wait``: a burst of looks, then a sleep on
+    the first late rank's counter until that rank stores it (futex.py) or _NAP passes."""
 
     __slots__ = ("cnt", "p", "k")
 
@@ -110,7 +140,11 @@ class _Round:
     def Test(self) -> bool:  # noqa: N802 - the MPI request protocol validate.wait expects
         if N.spin(self.cnt, self.p, self.k, 64):
             return True
-        time.sleep(_SLEEP)
+        q = _late(self.cnt, self.p, self.k)
+        if q < 0:
+            return True
+        i = q * (_LINE // 8)
+        futex.wait(self.cnt.ctypes.data + i * 8, int(self.cnt[i]), _NAP)
         return False
 
 
@@ -132,6 +166,7 @@ class Window:
         self.cnt = raw[:self.p * _LINE].view(np.int64)
         self.rows = raw[self.p * _LINE:].view(self.dtype).reshape(self.p, -1)
         self.win.Lock_all(MPI.MODE_NOCHECK)
+        self._mine = self.cnt.ctypes.data + self.r * _LINE  # this rank's counter, for futex.wake
         self.cnt[self.r * (_LINE // 8)] = 0  # MPI does not promise zeroed memory: each rank clears its own
         self.rows[self.r] = 0
         self.win.Sync()
@@ -171,6 +206,7 @@ class Window:
     def _round(self, comm, kind: str) -> None:
         self.k += 1
         N.arrive(self.cnt, self.r, self.k)
+        futex.wake(self._mine)  # peers asleep on this counter (one system call, ~1 us)
         if not N.spin(self.cnt, self.p, self.k, _SPINS):
             validate.wait(_Round(self.cnt, self.p, self.k), comm, stall.current(), kind)
 
@@ -214,6 +250,7 @@ class SharedBuckets:
     """
 
     def __init__(self, group, buckets):
+        self.overlap = spare_core()  # average during backward (else all on the caller after it)
         sizes = [b.size for b in buckets]
         self.window = take(group, sum(sizes), buckets[0].buffer.dtype)
         row = self.window.row()
@@ -245,6 +282,8 @@ class SharedBuckets:
 
 
 def warmup() -> None:
-    """Compile (or load from numba's cache) the kernel for both float dtypes."""
+    """Compile (or load from numba's cache) the kernels: the average for both float dtypes, and
+    the late-rank scan of a waiting round."""
     for t in (np.float32, np.float64):
         _average_slice(np.ones((2, 4), t), 0, 4, t(2), np.empty(2, t))
+    _late(np.zeros(_LINE // 8, np.int64), 1, 0)

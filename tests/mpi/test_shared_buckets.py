@@ -20,15 +20,23 @@ SIZES = [7, 13, 2]  # uneven sizes; a 2-element bias: fewer elements than ranks 
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("bucket_mb,overlap,validate", [(1e-6, True, True), (1e-6, True, False), (1e-6, False, False),
-                                                       (25, True, True)])
-def test_shared_buckets_match_one_process_bit_identical_on_every_rank(comm, bucket_mb, overlap, validate):
+@pytest.mark.parametrize("bucket_mb,overlap,validate,spare", [
+    (1e-6, True, True, True), (1e-6, True, True, False), (1e-6, True, False, True), (1e-6, False, False, None),
+    (25, True, True, None)])
+def test_shared_buckets_match_one_process_bit_identical_on_every_rank(comm, bucket_mb, overlap, validate, spare,
+                                                                      monkeypatch):
+    """spare: a spare core per rank (buckets averaged on the communication thread during backward)
+    or none (all after backward on the caller), forced; None = this machine's answer."""
     p, r = comm.Get_size(), comm.Get_rank()
     dt.set_validation(validate)
+    if spare is not None:
+        monkeypatch.setattr(SB, "spare_core", lambda: spare)
     want_params, want_grads = reference(p, SIZES, LOCAL)
     model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
     ddp = dt.DataParallel(model, bucket_mb=bucket_mb, overlap=overlap)
     assert (ddp._shared is not None) == (p > 1)  # one node, "auto", no compression, no shard
+    if p > 1 and spare is not None:
+        assert ddp._shared.overlap == spare
     if bucket_mb < 1e-3:
         assert len(ddp.buckets) == len(model.parameters())  # one per parameter: sizes 2, 26, 13, 91
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
@@ -168,3 +176,10 @@ def test_inline_runs_here_when_idle_and_in_order_when_busy(comm):
     p = comm.Get_size()
     np.testing.assert_array_equal(a.wait(), np.full(5, p * (p + 1) / 2))
     np.testing.assert_array_equal(b.wait(), np.full(3, float(p)))
+
+
+def test_spare_core_means_two_cores_per_rank_on_the_host(monkeypatch):
+    for cores, ranks, want in ((2, 2, False), (2, 1, True), (3, 2, False), (4, 2, True), (64, 8, True), (1, 1, False)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
+        monkeypatch.setattr(SB, "local_size", lambda n=ranks: n)
+        assert SB.spare_core() is want, (cores, ranks)
