@@ -17,6 +17,7 @@ DISTTRAIN_STALL_SHUTDOWN_SECONDS (0 = never). Code: ``dt.set_stall_timeout(warn,
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -160,6 +161,25 @@ def enter(name: str, x=None, site: str | None = None, group=None, lane: str = "b
 
 
 blocking_seconds = 0.0  # seconds the main thread spent inside tracked operations (all exposed)
+# The newest of those operations' (start, end) spans, on the monotonic clock - the clock of
+# time.perf_counter too on Linux and macOS (CPython's _PyTime_GetPerfCounter), which the
+# communication thread's handles use: DataParallel subtracts where the two overlap (blocking_windows).
+blocking_spans: collections.deque = collections.deque(maxlen=4096)
+_ONE_CLOCK = time.get_clock_info("monotonic").implementation == time.get_clock_info("perf_counter").implementation
+
+
+def blocking_windows(since: float) -> list:
+    """The main thread's blocking spans that end after `since` (perf_counter seconds), oldest
+    first - disjoint, one thread runs them one after another; [] where the two clocks differ."""
+    if not _ONE_CLOCK:
+        return []
+    out = []
+    for span in reversed(blocking_spans):
+        if span[1] <= since:
+            break
+        out.append(span)
+    out.reverse()
+    return out
 
 
 def leave(op: _Op, error: BaseException | None = None) -> None:
@@ -170,6 +190,7 @@ def leave(op: _Op, error: BaseException | None = None) -> None:
     op.t1 = time.monotonic()
     if op.thread == "MainThread" and not op.name.endswith("(async)"):
         blocking_seconds += op.t1 - op.t0
+        blocking_spans.append((op.t0, op.t1))
     op.state = "done" if error is None else f"error: {type(error).__name__}"
     if op.gkey:
         if op.seq > _done.get(op.gkey, 0):
@@ -190,11 +211,13 @@ def unrecorded():
     state's round counter it advances is internal and advances alike on every rank."""
     global blocking_seconds
     seq, done, last, blocking = dict(_gseq), dict(_done), dict(_last), blocking_seconds
-    n = len(flight._buf)
+    n, spans = len(flight._buf), len(blocking_spans)
     try:
         yield
     finally:
         blocking_seconds = blocking
+        while len(blocking_spans) > spans:
+            blocking_spans.pop()
         for now, before in ((_gseq, seq), (_done, done), (_last, last)):
             now.clear()
             now.update(before)

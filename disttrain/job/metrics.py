@@ -52,6 +52,7 @@ class Interval:
         self.imbalance = []
         self.c0, self.e0, self.w0 = ddp.comm_seconds, ddp.exposed_comm_seconds, dict(ddp.wire_stats)
         self.h0, self.b0 = ddp.handoff_seconds, stall.blocking_seconds
+        self.o0 = getattr(ddp, "blocking_overlap_seconds", 0.0)
 
     def add(self, loss, batch, busy, wait):
         self.steps += 1
@@ -96,8 +97,10 @@ class Interval:
         rec[f"{unit}_per_s"] = (self.count if alone else self.global_count) / dt_s
         # Blocking communication on the training thread (tensor-parallel allreduces, pipeline
         # receives, embedding AllToAlls, the finite-gradient vote) is in flight and waited for
-        # at once: it adds to both.
-        rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking, ddp.exposed_comm_seconds - self.e0 + blocking, n))
+        # at once: it adds to both - comm_s once, where it ran while the buckets did (the union:
+        # summed, comm_s passed 100% of the step, e.g. dlrm's AllToAlls beside its buckets).
+        both = getattr(ddp, "blocking_overlap_seconds", 0.0) - self.o0
+        rec.update(comm_fields(ddp.comm_seconds - self.c0 + blocking - both, ddp.exposed_comm_seconds - self.e0 + blocking, n))
         rec["handoff_s"] = (ddp.handoff_seconds - self.h0) / n
         rec["blocking_comm_s"] = blocking / n
         rec.update(lr=opt.lr, skipped_steps=skipped)

@@ -46,7 +46,7 @@ from ..groups import as_group
 from ..groups import rank as world_rank
 from . import shared_buckets as SB
 from . import zero as ZR
-from .units import Units, top_units, union_and_overlap
+from .units import Units, blocking_overlap, top_units, union_and_overlap
 
 FIRST_BUCKET_BYTES = 1 << 20
 
@@ -168,6 +168,7 @@ class DataParallel:
         self.comm_seconds = 0.0
         self.exposed_comm_seconds = 0.0
         self.handoff_seconds = 0.0
+        self.blocking_overlap_seconds = 0.0  # comm_seconds during the caller's blocking collectives
         for m in model.modules():  # containers call the hook as each child's backward returns
             m._grad_hook = self._on_ready
 
@@ -406,6 +407,7 @@ class DataParallel:
         t_end = time.perf_counter()
         comm, exposed = _union_and_overlap(spans, t, t_end)
         self.comm_seconds += comm
+        self.blocking_overlap_seconds += blocking_overlap(spans)
         self.exposed_comm_seconds += exposed
         self.handoff_seconds += (t_end - t) - exposed
         self._steps += 1

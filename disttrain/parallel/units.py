@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from .. import timeline
+from .. import stall, timeline
 from ..comm import lowlevel as L
 from ..groups import rank as world_rank
 
@@ -60,6 +60,15 @@ def union_and_overlap(spans, windows) -> tuple[float, float]:
     total = sum(b - a for a, b in merged)
     inside = sum(max(0.0, min(b, w1) - max(a, w0)) for a, b in merged for w0, w1 in windows)
     return total, inside
+
+
+def blocking_overlap(spans) -> float:
+    """How long the communication `spans` (perf_counter) overlapped the training thread's own
+    blocking collectives (stall.blocking_windows): counted in both DataParallel's comm_seconds and
+    stall.blocking_seconds, so the job's comm_s subtracts it once (job/metrics.py)."""
+    if not spans:
+        return 0.0
+    return union_and_overlap(spans, stall.blocking_windows(min(a for a, _ in spans)))[1]
 
 
 class Units:
@@ -261,8 +270,9 @@ class Units:
         try:
             self.finish(release_grads=ddp._sync)
         finally:
-            comm, exposed, handoff = self.take_times()
+            comm, exposed, handoff, both = self.take_times()
             ddp.comm_seconds += comm
+            ddp.blocking_overlap_seconds += both
             ddp.exposed_comm_seconds += exposed
             ddp.handoff_seconds += handoff
             if ddp._sync:
@@ -324,9 +334,10 @@ class Units:
         self.phase, self.plan, self.pos = None, [], 0
         return first
 
-    def take_times(self) -> tuple[float, float, float]:
-        """(comm, exposed, handoff) seconds since the last call."""
+    def take_times(self) -> tuple[float, float, float, float]:
+        """(comm, exposed, handoff, overlap with blocking collectives) seconds since the last call."""
         comm, exposed = union_and_overlap(self.spans, self.windows)
         waited = sum(b - a for a, b in self.windows)
+        both = blocking_overlap(self.spans)
         self.spans, self.windows = [], []
-        return comm, exposed, max(0.0, waited - exposed)
+        return comm, exposed, max(0.0, waited - exposed), both
