@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from disttrain.comm import fused, node
 from disttrain.comm import kernels as k
 from disttrain.comm.ops import MAX, MIN, PROD, SUM
 
@@ -70,3 +71,11 @@ def test_pack_unpack_round_trip_and_match_reference():
     for s, n in zip(starts, lengths):
         mask[s:s + n] = True
     assert np.array_equal(back[mask], src[mask])
+
+
+def test_the_node_state_faults_in_what_a_fused_round_can_use():
+    """node.py faults in touched_bytes(p) of each slot when a communicator's node state is made:
+    at least what fused.limit(p) lets a round carry (else its first call pays the page faults),
+    no more than the slot."""
+    for p in range(2, 65):
+        assert fused.limit(p) <= node.touched_bytes(p) <= node.SMALL, p

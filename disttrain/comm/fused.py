@@ -71,7 +71,10 @@ def fuses(dtype, acc, kop, algorithm) -> bool:
     """Whether allreduces of this signature (any size) may be carried in the validation round:
     "auto" only; min/max over floats are left to the algorithms (NaN and signed-zero semantics of
     the order keys, kernels.to_keys); float16 is reduced in float32."""
-    return algorithm == "auto" and acc is dtype and not keyed(kop, acc)
+    # ==, not `is`: an unpickled dtype (mpi4py's bcast, a pickled data set) equals np.float32 but is
+    # another object - by identity that rank left the fused round its peers took (a hang, and their
+    # fold read its stale slot: review5)
+    return algorithm == "auto" and acc == dtype and not keyed(kop, acc)
 
 
 def eligible(nbytes: int, dtype, acc, kop, algorithm, p: int) -> bool:

@@ -36,6 +36,16 @@ from numba.extending import intrinsic
 from .. import mpi
 
 SMALL = 1 << 20  # bytes of payload a fused validation round can carry (per rank and parity)
+
+
+def touched_bytes(p: int) -> int:
+    """Bytes of each slot faulted in when the node state is made: what a fused round can use on p
+    ranks (fused.limit: all of SMALL at p = 2, a quarter from p = 3; tests/test_kernels.py holds
+    the two together). Faulting all of SMALL kept p x 2 MiB of /dev/shm resident per communicator
+    from its creation - with Docker's 64 MiB default, ~16 ranks' world and async communicators
+    fill it, and a write past a full tmpfs is a SIGBUS (review5)."""
+    return SMALL if p == 2 else SMALL >> 2
+
 _LINE = 8  # int64 per cache line
 _state: dict = {}  # communicator handle -> Node
 
@@ -162,11 +172,12 @@ class Node:
         # paid ~1 us per fresh 4 KiB page, the writer's fault and every reader's): each rank
         # writes its own slots (the backing pages), then, after the barrier, touches a byte of
         # every page of its peers' (its page table entries).
-        self.small[self.r] = 0
+        used = touched_bytes(p)
+        self.small[self.r, :, :used] = 0
         self.win.Sync()
         self.node.Barrier()
         self.win.Sync()
-        self.small.reshape(-1)[::4096].sum()
+        self.small[:, :, :used:4096].sum()
 
     # ------------------------------------------------------------------------------ rounds
     def arrive(self) -> int:

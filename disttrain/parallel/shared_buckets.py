@@ -250,7 +250,11 @@ class SharedBuckets:
     """
 
     def __init__(self, group, buckets):
-        self.overlap = spare_core()  # average during backward (else all on the caller after it)
+        # Average during backward (else all on the caller after it) - agreed, as the ranks' CPU
+        # affinities may differ: with a rank averaging during backward and another after it, the
+        # buckets and a user's own async collectives reach the two communication threads' queues in
+        # different orders, and each waits for the other (review5).
+        self.overlap = bool(group.comm.allreduce(int(spare_core()), op=mpi.MPI.MIN))
         sizes = [b.size for b in buckets]
         self.window = take(group, sum(sizes), buckets[0].buffer.dtype)
         row = self.window.row()

@@ -183,3 +183,29 @@ def test_spare_core_means_two_cores_per_rank_on_the_host(monkeypatch):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
         monkeypatch.setattr(SB, "local_size", lambda n=ranks: n)
         assert SB.spare_core() is want, (cores, ranks)
+
+
+@pytest.mark.mpi
+def test_ranks_that_see_a_spare_core_differently_agree_on_when_to_average(comm, monkeypatch):
+    """spare_core() reads this process's CPU affinity, which can differ between ranks (taskset,
+    cgroups, an OpenMP runtime binding some ranks). A user layer's async collective in backward
+    then reached the two ranks' communication threads before one's buckets and after the other's:
+    each thread waited for the other (a hang). Forced: only rank 0 sees a spare core."""
+    if comm.Get_size() == 1:
+        pytest.skip("needs peers")
+    monkeypatch.setattr(SB, "spare_core", lambda: comm.Get_rank() == 0)
+    handles = []
+
+    class ReLUWithItsOwnCollective(nn.ReLU):
+        def backward(self, dy):
+            handles.append(dt.allreduce_async(np.ones(1)))
+            return super().backward(dy)
+
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    model.layers[1] = ReLUWithItsOwnCollective()
+    ddp = dt.DataParallel(model, bucket_mb=1e-6)
+    assert ddp._shared.overlap is False  # the agreed answer: no rank has a spare core for sure
+    x, y = data(comm.Get_size(), SIZES, LOCAL)
+    loss.forward(ddp.forward(x[0][:LOCAL]), y[0][:LOCAL])
+    ddp.backward(loss.backward())
+    assert [float(h.wait()[0]) for h in handles] == [comm.Get_size()]
