@@ -211,18 +211,19 @@ def unrecorded():
     state's round counter it advances is internal and advances alike on every rank."""
     global blocking_seconds
     seq, done, last, blocking = dict(_gseq), dict(_done), dict(_last), blocking_seconds
-    n, spans = len(flight._buf), len(blocking_spans)
+    # the newest entries, by identity: a deque already at its maxlen drops its oldest on append,
+    # so its length would not tell what the block added
+    tails = [(d, d[-1] if d else None) for d in (flight._buf, blocking_spans)]
     try:
         yield
     finally:
         blocking_seconds = blocking
-        while len(blocking_spans) > spans:
-            blocking_spans.pop()
+        for d, tail in tails:
+            while d and d[-1] is not tail:
+                d.pop()
         for now, before in ((_gseq, seq), (_done, done), (_last, last)):
             now.clear()
             now.update(before)
-        while len(flight._buf) > n:
-            flight._buf.pop()
 
 
 def tracked(name: str):

@@ -2,11 +2,12 @@
 meant for different groups - the late peer's wait on the first group ends because that group is
 broken (another member's notice said so), and must not eat the notice of the failed rank's SECOND
 call, which the other group's member still needs (found by the fuzzer, seed 7008 at 4 ranks)."""
+import collections
 import time
 
 import pytest
 
-from disttrain import stall
+from disttrain import flight, stall
 
 
 @pytest.fixture
@@ -44,3 +45,14 @@ def test_two_notices_of_one_rank_are_both_kept_and_used_in_their_own_waits(notic
     assert stall.peers_problem((1, 2), "B:a", 2, sig=second[4]) == second[0]
     assert stall.peers_problem((3, 2, 1, 0), "A:b", 6, sig=first[4]) == first[0]
     assert stall.peers_problem((3, 2, 1, 0), "A:b", 6, sig=first[4]) is None
+
+
+def test_unrecorded_takes_its_entries_back_out_of_a_full_flight_record(monkeypatch):
+    """dt.init's warm-up call must not show in the flight record even when the record is already
+    full (DISTTRAIN_FLIGHT_RECORDS small): a full deque does not grow on append, so the entries
+    are taken back by identity, not by length."""
+    buf = collections.deque(["a", "b"], maxlen=2)
+    monkeypatch.setattr(flight, "_buf", buf)
+    with stall.unrecorded():
+        buf.append("warm-up")
+    assert "warm-up" not in buf and list(buf) == ["b"]

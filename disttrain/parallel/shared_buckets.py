@@ -78,7 +78,7 @@ def spare_core() -> bool:
     host's ranks. Without one, a bucket averaged during backward only time-slices with the GEMMs
     (and the two threads' scheduling adds waits), so DataParallel averages every shared bucket on
     the caller after backward instead (measured side by side: README, ARCHITECTURE sec. 11).
-    Which thread runs a bucket changes nothing on the wire, so this needs no agreement."""
+    A per-process answer (CPU affinity): SharedBuckets agrees on it over the group."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -144,7 +144,10 @@ class _Round:
         if q < 0:
             return True
         i = q * (_LINE // 8)
-        futex.wait(self.cnt.ctypes.data + i * 8, int(self.cnt[i]), _NAP)
+        seen = int(self.cnt[i])
+        if seen >= self.k:  # it arrived since _late looked: its wake may have come before our wait
+            return True
+        futex.wait(self.cnt.ctypes.data + i * 8, seen, _NAP)
         return False
 
 
