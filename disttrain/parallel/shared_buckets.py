@@ -145,8 +145,8 @@ class _Round:
             return True
         i = q * (_LINE // 8)
         seen = int(self.cnt[i])
-        if seen >= self.k:  # it arrived since _late looked: its wake may have come before our wait
-            return True
+        if seen >= self.k:  # it arrived since _late looked (its wake may have come before our wait):
+            return False    # look again - not done, a later rank may still be missing
         futex.wait(self.cnt.ctypes.data + i * 8, seen, _NAP)
         return False
 

@@ -209,3 +209,18 @@ def test_ranks_that_see_a_spare_core_differently_agree_on_when_to_average(comm, 
     loss.forward(ddp.forward(x[0][:LOCAL]), y[0][:LOCAL])
     ddp.backward(loss.backward())
     assert [float(h.wait()[0]) for h in handles] == [comm.Get_size()]
+
+
+def test_a_round_is_done_only_when_every_rank_arrived(monkeypatch):
+    """A waiting round looks for the first late rank, then re-reads its counter to sleep on it. If
+    that rank arrived in between, the round is not done for that: a later rank may still be out
+    (returning done there let a rank read peers' slices before they were written - 8 ranks'
+    replicas diverged in the suite)."""
+    line = SB._LINE // 8
+    cnt = np.zeros(3 * line, np.int64)
+    cnt[0], cnt[line] = 1, 1  # ranks 0 and 1 arrived at round 1, rank 2 not yet
+    monkeypatch.setattr(SB, "_late", lambda c, p, k: 1)  # rank 1 was still late when _late looked
+    assert SB._Round(cnt, 3, 1).Test() is False
+    cnt[2 * line] = 1
+    monkeypatch.undo()
+    assert SB._Round(cnt, 3, 1).Test() is True
