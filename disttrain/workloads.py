@@ -220,6 +220,9 @@ class LanguageModel(_FixedBatch):
         train, test = text.split(corpus, test_fraction=0.05, seed=0)
         self.x, self.y = _windows(train.src, cfg.seq_len)
         self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
+        if not len(self.x_test):  # evaluate() divided by zero - after the whole run, before its last checkpoint
+            raise ValueError(f"seq-len {cfg.seq_len} leaves no held-out window: the test split has "
+                             f"{sum(len(s) + 1 for s in test.src)} tokens; use a shorter --seq-len")
         self._sample(len(self.x), cfg, rank, world)
         tp = _tp_group(mesh)
         self.model = Transformer(len(corpus.vocab), d=d, heads=heads, layers=layers, max_len=cfg.seq_len, group=tp,
@@ -287,6 +290,8 @@ class ClickPrediction(_FixedBatch):
         sizes = _int_list(cfg.tables, None, "tables", "rows per table (e.g. 10000,1000,100)")
         data = clicks.synthetic_clicks(cfg.samples, sizes, dense=8, seed=cfg.seed + 12345, dtype=np.dtype(cfg.dtype))
         self.train, self.test = clicks.split(data, 0.1)
+        if not len(self.test):  # evaluate() of no samples: NaN metrics (and NumPy's empty-mean warnings)
+            raise ValueError(f"samples {cfg.samples} leave no test samples (10% are held out): use --samples >= 6")
         self._sample(len(self.train), cfg, rank, world)
         group = mesh.dp_group if mesh else None
         tp = _tp_group(mesh)

@@ -6,8 +6,9 @@ Every rank draws the same program from SEED (so they agree on what to call, as a
 would), runs it, and checks:
 - each result equals the NumPy reduction of every member's input (integer data: exact, the MPI
   library's answer) and is bit-identical on every member (floats: min/max, NaN included);
-- an injected fault (one rank passes a different shape or dtype, a bad op, or a bad group=) ends in a
-  CollectiveError on every member of that collective, never a hang and never a result;
+- an injected fault (one rank passes a different shape or dtype, the same elements in another
+  shape, a bad op, or a bad group=) ends in a CollectiveError on every member of that collective,
+  never a hang and never a result;
 - blocking and asynchronous calls interleave, settings (validation, segment size) change between
   calls while handles are outstanding, groups are created and freed between programs;
 - allreduces take every op on floats too (sum/prod/avg over small integers are exact, so the
@@ -143,6 +144,12 @@ class Fuzzer:
             rs_rows = bool(more.random() < 0.5)
             if fault[1] == "shape" and more.random() < 0.4:  # the same shape in another dtype: two typed
                 fault = (fault[0], "dtype", fault[2])       # views of the fused slots meet in one round
+            # drawn last (earlier seeds' draws stay put): allreduce inputs as rows (the shape enters
+            # the round's hash: fused.shape_hash), and a shape fault with the same elements in
+            # another shape - (2, 3), (3, 2) or (6, 1) against (6,): the same bytes in every slot
+            rows2d = bool(more.random() < 0.3)
+            if fault[1] == "shape" and more.random() < 0.3:
+                fault = (fault[0], "reshape", fault[2])
             if kind == "settings":
                 validate = new_validate
                 dt.set_validation(validate)
@@ -160,6 +167,8 @@ class Fuzzer:
             self.calls += 1
             if kind in ("allreduce", "async"):
                 xs = [rank_data(self.seed, prog, i, m, n, dtype) for m in members]
+                if rows2d and n % 2 == 0:
+                    xs = [x.reshape(n // 2, 2) for x in xs]
                 if op == "prod":
                     xs = [np.clip(x, -2, 2) for x in xs]
                 want = expected_reduce(xs, op)
@@ -234,6 +243,8 @@ class Fuzzer:
         self.faults += 1
         me_bad = g.rank == bad
         x = np.ones(5 + (me_bad and how == "shape"), np.float64 if me_bad and how == "dtype" else np.int64)
+        if how == "reshape":
+            x = np.ones([(2, 3), (3, 2), (6, 1)][bad % 3] if me_bad else (6,), np.int64)
         op = "bogus" if me_bad and how == "op" else "sum"
         try:
             if how == "group":

@@ -249,3 +249,24 @@ def test_stopping_the_launcher_stops_the_job_without_a_restart(tmp_path):
     for pg in during.pgids:  # nothing of the job outlives the launcher
         with pytest.raises(ProcessLookupError):
             os.killpg(pg, 0)
+
+
+def test_resuming_under_another_sync_mode_or_embedding_update_is_refused():
+    """attack5: --sync and --sparse-embeddings change the math like --lr does, but a checkpoint of
+    --sync local:3 resumed under --sync sync (and lazy Adam under dense Adam) continued another run
+    silently. Refused like another lr unless --resume-force; other models ignore the embeddings flag."""
+    rec = dict(extra=dict(config=dict(sync="local:3", outer_lr=1.0, sparse_embeddings=True)), step=1,
+               layout=dict(dp=1, pp=1, tp=1), arrays={})
+    with pytest.raises(ValueError, match=r"belongs to a different run: sync='local:3' \(now 'sync'\)"):
+        _check_restore(parse_config([]), {}, "ck", rec, print)
+    with pytest.raises(ValueError, match=r"outer-lr=1.0 \(now 0.5\)"):
+        _check_restore(parse_config(["--sync", "local:3", "--outer-lr", "0.5"]), {}, "ck", rec, print)
+    _check_restore(parse_config(["--sync", "local:3"]), {}, "ck", rec, print)  # the same run
+    _check_restore(parse_config(["--sync", "local:3", "--no-sparse-embeddings"]), {}, "ck", rec, print)  # mlp
+    dlrm = dict(rec, extra=dict(config=dict(sync="sync", sparse_embeddings=True)))
+    with pytest.raises(ValueError, match=r"sparse-embeddings=True \(now False\)"):
+        _check_restore(parse_config(["--model", "dlrm", "--no-sparse-embeddings"]), {}, "ck", dlrm, print)
+    _check_restore(parse_config(["--model", "dlrm"]), {}, "ck", dlrm, print)
+    warned = []
+    _check_restore(parse_config(["--resume-force"]), {}, "ck", rec, warned.append)
+    assert "sync='local:3'" in warned[0]

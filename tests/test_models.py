@@ -119,3 +119,23 @@ def test_click_evaluation_of_a_test_split_with_one_class():
     model = SimpleNamespace(forward=lambda inputs: np.array([[-1.0], [0.5], [-2.0]]))
     got = ClickPrediction.evaluate(SimpleNamespace(test=test), model)
     assert got["base_rate_logloss"] == 0.0 and np.isnan(got["test_auc"]) and got["test_accuracy"] == 2 / 3, got
+
+
+@pytest.mark.parametrize("model,flags,msg", [
+    ("transformer", ["--seq-len", "90", "--global-batch-size", "2"], "seq-len 90 leaves no held-out window"),
+    ("dlrm", ["--samples", "5", "--global-batch-size", "2", "--tables", "5,3"], "samples 5 leave no test samples")])
+def test_a_workload_without_held_out_data_is_refused_at_set_up(model, flags, msg, monkeypatch):
+    """attack5: a --seq-len longer than the test split's token stream left no test window, and the
+    transformer's evaluation divided by zero at the end of the run, before its final checkpoint;
+    dlrm with < 6 samples evaluated an empty split (NaN metrics). Refused when the workload is
+    built, where every rank decides the same (job/setup.py agrees on set-up errors)."""
+    from disttrain.data import text
+    from disttrain.job.config import parse_config
+    from disttrain.workloads import WORKLOADS
+
+    src = [np.array([4 + i % 5, 5, 6 + i % 3], np.int64) for i in range(400)]  # not the stdlib's (seconds)
+    monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: text.Seq2Seq(
+        src, [np.concatenate([s[::-1], [text.EOS]]) for s in src], text.SPECIALS + list("abcdefgh")))
+    cfg = parse_config(["--model", model, *flags])
+    with pytest.raises(ValueError, match=msg):
+        WORKLOADS[model](cfg, 0, 1, None)

@@ -20,7 +20,13 @@ _ARCH_KEYS = ("model", "hidden", "dataset", "dtype", "optimizer", "vocab_size")
 # What the run is: a different seed, batch, schedule, step count or data setting would silently
 # continue a different run than the one checkpointed. Refused unless --resume-force.
 _RUN_KEYS = ("seed", "global_batch_size", "steps", "lr", "warmup_steps", "momentum", "weight_decay", "batching",
-             "max_tokens", "seq_len", "tables", "samples")
+             "max_tokens", "seq_len", "tables", "samples",
+             # how replicas agree and how embeddings update change the math as much as lr does: a
+             # checkpoint of --sync local:3 resumed under --sync sync (or lazy Adam under dense Adam)
+             # continued another run without a word (attack5). The periodic modes' options are
+             # config errors under a mode that ignores them, so comparing them is exact.
+             "sync", "local_average_state", "outer_lr", "outer_momentum", "hybrid_period", "hybrid_exchange",
+             "sparse_embeddings")
 # (--dp/--pp/--tp and --sharding are the layout: a checkpoint reshards to any of them)
 
 
@@ -76,7 +82,8 @@ def _check_restore(cfg, model_arrays, path, rec, warn, data_digest=None) -> None
         raise ValueError(f"checkpoint {path} was written for a different model: "
                          + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in diff))
     run_diff = [k for k in _RUN_KEYS if k in saved and saved[k] != getattr(cfg, k)
-                and not (k == "momentum" and cfg.optimizer != "sgd")]  # only SGD uses momentum
+                and not (k == "momentum" and cfg.optimizer != "sgd")  # only SGD uses momentum
+                and not (k == "sparse_embeddings" and cfg.model != "dlrm")]  # only dlrm has embedding tables
     what = ", ".join(f"{k.replace('_', '-')}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in run_diff)
     saved_data = rec.get("extra", {}).get("data_digest")
     if saved_data and data_digest and saved_data != data_digest:  # e.g. restarted on hosts with another Python

@@ -31,8 +31,11 @@ def setup(cfg: TrainConfig):
     if cfg.pp > 1 and fixed and (cfg.global_batch_size % dp or (cfg.global_batch_size // dp) % cfg.micro_batches):
         raise ValueError(f"global batch {cfg.global_batch_size} over dp={dp} replicas must give each replica a "
                          f"batch divisible by {cfg.micro_batches} micro-batches")
-    work = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh)
-    _agree_on_data(work)
+    try:  # reads each host's own data: it may fail on some ranks only (agreed below)
+        work, err = WORKLOADS[cfg.model](cfg, mesh.dp_rank, mesh.dp, mesh), None
+    except ValueError as e:
+        work, err = None, str(e)
+    _agree_on_data(work, err)
     model = work.model
     model.parameters()  # names are global paths ("layers.4.weight") before the model is cut into stages
     if cfg.pp > 1:
@@ -48,13 +51,22 @@ def setup(cfg: TrainConfig):
     return mesh, work, model
 
 
-def _agree_on_data(work) -> None:
+def _agree_on_data(work, err: str | None = None) -> None:
     """A workload that reads its data on each host (``data_digest``: the pydocs corpus comes from
     the host's own standard library, so another Python version gives other sentences and another
     vocabulary) must hold the same data on every rank: otherwise the ranks train on different
     sentences under different token ids, and nothing else would notice. The same ValueError on
-    every rank (one allgather of the digests)."""
-    every = dt.world().comm.allgather(getattr(work, "data_digest", None))
+    every rank (one allgather of the digests and of `err`, this rank's error building the
+    workload: a rank whose own data made the set-up fail - a sentence over --max-tokens in its
+    corpus - returned exit status 2 alone while its peers waited here for it forever)."""
+    every = dt.world().comm.allgather((err, getattr(work, "data_digest", None)))
+    failed = [(r, e) for r, (e, _) in enumerate(every) if e]
+    if failed:
+        r, e = failed[0]
+        if len(failed) == len(every) and all(m == e for _, m in failed):
+            raise ValueError(e)  # the configuration's own error: the same everywhere
+        raise ValueError(f"{e} (on rank(s) {[q for q, m in failed if m == e]} only: the ranks' data differ)")
+    every = [d for _, d in every]
     odd = [r for r, d in enumerate(every) if d != every[0]]
     if odd:
         raise ValueError(f"rank(s) {odd} built other training data than rank 0 (the pydocs corpus is read from "

@@ -8,8 +8,11 @@ Dongarra et al. 1990), so :func:`add_at_b` hands C to the BLAS NumPy already loa
 OpenBLAS, ``numpy.libs``) and the gradient is read and written once, inside the GEMM. Measured
 alone (one thread, 128 x 784 and 128 x 1024 inputs, 1024 columns): 5-8% less time per gradient.
 
-Where that library or its symbols are not found (another NumPy build), or the arrays are not
-plain C-contiguous float32/float64, :func:`add_at_b` is exactly ``c += a.T @ b``. The same GEMM
+Where that library or its symbols are not found (another NumPy build), the arrays are not
+plain C-contiguous float32/float64, or C overlaps A or B in memory, :func:`add_at_b` is exactly
+``c += a.T @ b``. (GEMM's output must not alias its inputs - BLAS reads A and B while it writes C;
+NumPy's expression computes the product first. A gradient that shares memory with the layer's
+input gave silently wrong sums through the GEMM: attack5.) The same GEMM
 either way, so the results agree to rounding (one fused accumulation instead of a rounded product
 then a rounded sum); ``tests/test_nn.py`` compares both.
 """
@@ -62,7 +65,8 @@ def add_at_b(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     n = b.shape[1]
     if (fn is None or a.dtype != c.dtype or b.dtype != c.dtype or not c.flags.c_contiguous
             or not a.flags.c_contiguous or not b.flags.c_contiguous or not c.flags.writeable
-            or c.shape != (m, n) or b.shape[0] != k or min(k, m, n) == 0):
+            or c.shape != (m, n) or b.shape[0] != k or min(k, m, n) == 0
+            or np.may_share_memory(c, a) or np.may_share_memory(c, b)):
         c += a.T @ b
         return
     fn(_ROW_MAJOR, _TRANS, _NO_TRANS, m, n, k, 1.0, a.ctypes.data, m, b.ctypes.data, n, 1.0, c.ctypes.data, n)

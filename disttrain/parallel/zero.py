@@ -20,7 +20,9 @@ keyed by global names, and a checkpoint can save and reshard it from ``opt.param
 
 A synced backward *sets* the owned gradient to this step's average (accumulation over several
 backward passes is what ``no_sync`` is for): so ``opt.zero_grad()`` and ``model.zero_grad()`` are
-both harmless, and forgetting one cannot mix steps.
+both harmless, and forgetting one cannot mix steps. ZeRO-1's ``opt.zero_grad()`` also zeroes the
+model's whole gradient buckets (what was written into them after backward would enter the next
+step: the job zeroes them only right after their reduce-scatter).
 """
 from __future__ import annotations
 
@@ -210,7 +212,20 @@ def make_optimizer(ddp, cls, options: dict):
         opt.norm_sums = functools.partial(_norm_sums, len(owned), ddp.group)
     if ddp.shard != "full":
         opt.register_step_post_hook(lambda: ddp._zero.gather_all(ddp))
+    if ddp.shard == "optimizer":
+        # The model's .grad views the whole buckets here (gradients/full: read-only stand-ins), and
+        # the optimizer's own zero_grad reaches only the owned slices: anything written into the
+        # model's gradients after backward (a term added by hand, garbage) entered the next step's
+        # average (attack5). Clear the buckets too, as zero_grad does with shard="none".
+        opt.zero_grad = functools.partial(_zero_grad, opt.zero_grad, ddp.buckets)
     return opt
+
+
+def _zero_grad(zero, buckets) -> None:
+    """A ZeRO-1 optimizer's zero_grad: its owned slices, then the model's whole gradient buckets."""
+    zero()
+    for b in buckets:
+        b.buffer[...] = 0
 
 
 def _norm_sums(n: int, group, sq: np.ndarray) -> np.ndarray:

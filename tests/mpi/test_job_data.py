@@ -8,8 +8,9 @@ from disttrain.job.config import parse_config
 from disttrain.job.setup import setup
 
 
-def corpus(extra: int) -> text.Seq2Seq:
+def corpus(extra: int, long: int = 0) -> text.Seq2Seq:
     src = [np.array([4 + i % 5, 5, 6 + i % 3], np.int64) for i in range(40 + extra)]
+    src += [np.arange(long, dtype=np.int64) % 8 + 4] if long else []
     return text.Seq2Seq(src, [np.concatenate([s[::-1], [text.EOS]]) for s in src], text.SPECIALS + list("abcdefgh"))
 
 
@@ -31,6 +32,29 @@ def test_a_host_with_another_pydocs_corpus_is_a_configuration_error_on_every_ran
             setup(cfg)
             return
         with pytest.raises(ValueError, match=rf"rank\(s\) \[{p - 1}\] built other training data than rank 0"):
+            setup(cfg)
+    finally:
+        for m in made:
+            m.free()
+
+
+@pytest.mark.mpi
+def test_a_set_up_that_fails_on_one_rank_only_fails_on_every_rank(monkeypatch):
+    """attack5: the workload reads each host's data, so building it can fail on one rank only
+    (here the last rank's corpus holds a sentence longer than --max-tokens: the batcher refuses
+    it). That rank returned exit status 2 alone - silently unless it was rank 0 - and its peers
+    waited for it in the data agreement forever. Now the same ValueError everywhere, naming it."""
+    p, r = dt.size(), dt.rank()
+    cfg = parse_config(["--model", "gnmt", "--hidden", "8,8,1", "--max-tokens", "40", "--steps", "1"])
+    made, mesh = [], dt.Mesh
+    monkeypatch.setattr(dt, "Mesh", lambda *a, **k: made.append(mesh(*a, **k)) or made[-1])  # freed below
+    try:
+        monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(0, long=60 if r == p - 1 else 0))
+        with pytest.raises(ValueError, match="max_tokens 40 is smaller than the longest sample") as e:
+            setup(cfg)
+        assert (f"on rank(s) [{p - 1}] only" in str(e.value)) == (p > 1), str(e.value)
+        monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: corpus(0, long=60))  # every rank: as it was
+        with pytest.raises(ValueError, match=r"longest sample \(61 tokens, sample \d+\)$"):
             setup(cfg)
     finally:
         for m in made:

@@ -447,3 +447,29 @@ def test_a_rank_that_skips_its_optimizer_step_makes_every_rank_raise(comm, mode)
                 opt.step()
             opt.zero_grad()
     comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", ["none", "optimizer"])  # gradients/full: .grad is a read-only stand-in
+def test_opt_zero_grad_clears_what_was_written_into_the_model_grads_after_a_step(comm, mode):
+    """attack5: with shard="optimizer" the model's .grad views the whole bucket, which the job zeroes
+    right after its reduce-scatter - so whatever was written into it after backward (a gradient
+    term added by hand, an extra diagnostic backward, garbage) survived ``opt.zero_grad()`` (which
+    zeroes the owned slices only) and entered the next step's average on every rank. Now
+    opt.zero_grad() clears the buckets as with shard="none": the one-process run's parameters."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    want = reference(LOCAL_BATCH * p, optim.SGD, dict(lr=0.1, momentum=0.9))
+    model, loss = MLP(SIZES, dtype=np.float64), nn.SoftmaxCrossEntropy()
+    ddp = dt.DataParallel(model, shard=mode)
+    opt = ddp.make_optimizer(optim.SGD, lr=0.1, momentum=0.9)
+    x, y = data(LOCAL_BATCH * p)
+    mine = slice(r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH)
+    for s in range(STEPS):
+        loss.forward(ddp.forward(x[s, 0][mine]), y[s, 0][mine])
+        ddp.backward(loss.backward())
+        opt.step()
+        if r == p - 1:
+            for q in model.parameters():
+                q.grad[...] = 7.0  # after the step: must not reach the next one
+        opt.zero_grad()
+    assert_state_is(ddp, want, mode)
