@@ -10,12 +10,18 @@ released (on the communication thread, after its queued work).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from . import mpi
 from .errors import CollectiveError
 
 _world: "Group | None" = None
+# The world once init has finished (what other threads and the hot path see). Until then only the
+# initialising thread (_owner) sees _world: a user thread's collective that met init's own
+# collectives on the world's communicators mismatched them ("Message truncated", an abort; attack5).
+ready_world: "Group | None" = None
+_owner: "int | None" = None
 _local = None  # node-local communicator (ranks sharing memory)
 _by_handle: dict = {}  # MPI communicator handle -> Group (both of a group's communicators)
 _start = None  # () -> Group: the runtime's init, installed by install()
@@ -30,9 +36,15 @@ def install(start, release) -> None:
 
 def set_world(world: "Group", local) -> None:
     """Record the world group and the node-local communicator (runtime.init)."""
-    global _world, _local
-    _world, _local = world, local
+    global _world, _local, _owner
+    _world, _local, _owner = world, local, threading.get_ident()
     register(world)
+
+
+def mark_ready() -> None:
+    """Publish the world to every thread (the end of runtime.init)."""
+    global ready_world
+    ready_world = _world
 
 
 def register(g: "Group") -> None:
@@ -118,8 +130,14 @@ def current() -> "Group | None":
 
 
 def world() -> Group:
-    """The group of all ranks (starts the runtime on first use)."""
-    return _world if _world is not None else _start()
+    """The group of all ranks (starts the runtime on first use; another thread's call while init
+    runs waits for init to finish)."""
+    w = ready_world
+    if w is not None:
+        return w
+    if _world is not None and threading.get_ident() == _owner:
+        return _world
+    return _start()
 
 
 def rank() -> int:

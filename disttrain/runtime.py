@@ -73,10 +73,10 @@ def init() -> "Group":
         >>> import disttrain as dt
         >>> dt.init(); print(dt.rank(), dt.size())
     """
-    if groups.current() is not None:
-        return groups.current()
-    with _lock:
-        if groups.current() is not None:
+    if groups.ready_world is not None:
+        return groups.ready_world
+    with _lock:  # another thread's first call waits here until init has finished
+        if groups.current() is not None:  # finished, or failed part-way (it raised on every rank)
             return groups.current()
         _check_launcher()
         MPI = mpi.MPI
@@ -121,10 +121,11 @@ def init() -> "Group":
             # than warm code (cold caches, CPython 3.11's first-run specialisation) and made the
             # user's first dt.allreduce cost 200-350 us at P = 2 against 25-60 us after this.
             with stall.unrecorded():
-                allreduce(np.zeros(1))
+                allreduce(np.zeros(1), group=w)  # explicit: the hot path sees only a ready world
         _install_finalize_hooks(MPI)
         if os.environ.get("DISTTRAIN_TIMELINE"):
             timeline.start(os.environ["DISTTRAIN_TIMELINE"])
+        groups.mark_ready()
     return w
 
 

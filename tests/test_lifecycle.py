@@ -204,3 +204,24 @@ print("UNREACHABLE", flush=True)
 """, timeout=40)
     assert res.returncode != 0 and "UNREACHABLE" not in res.stdout
     assert "DISTTRAIN_SEGMENT_BYTES='x' is not an integer" in res.stdout, res.stdout[-2000:]
+
+
+def test_a_threads_collective_during_init_waits_for_init(tmp_path):
+    """attack5: the world was visible to every thread from the middle of init on, so a user
+    thread's collective met init's own collectives on the world's communicators - MPI "Message
+    truncated" and an abort. Other threads now see the world only once init has finished."""
+    res, _ = job(tmp_path, 3, """
+import threading, time, numpy as np, disttrain as dt
+res = {}
+def worker():
+    while dt.groups.current() is None:   # the moment init publishes the world internally
+        time.sleep(0.0001)
+    res["t"] = dt.allreduce(np.ones(2) * 2)
+t = threading.Thread(target=worker); t.start()
+dt.init(); t.join()
+x = dt.allreduce(np.ones(4))
+assert (res["t"] == 2 * dt.size()).all() and (x == dt.size()).all(), (res, x)
+print("DONE", flush=True)
+""")
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("DONE") == 3, res.stdout

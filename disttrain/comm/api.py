@@ -219,7 +219,7 @@ def _hot(x, op, algorithm, group, inplace):
     node state; the shape enters the hash by a lookup, so a new size is no slower than a known
     one). Returns None - having done nothing - when the call is not such a call; the general
     path (the tracked wrappers above) then does everything, errors included."""
-    g = group if group is not None else _groups._world
+    g = group if group is not None else _groups.ready_world
     if type(g) is not _groups.Group or g.comm is None:
         return None
     st = node.get(g.comm)
