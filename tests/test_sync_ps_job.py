@@ -202,13 +202,13 @@ def test_a_stuck_worker_is_named_by_the_stall_inspector(tmp_path):
     """A rank that never pushes again (stuck in its step): the workers waiting on its clock are
     tracked like a collective, so the stall report names it and the stall shutdown ends the job."""
     env = {"DISTTRAIN_FAULT_INJECT": "train-step", "DISTTRAIN_FAULT_ACTION": "sleep:100", "DISTTRAIN_FAULT_RANK": "1",
-           "DISTTRAIN_STALL_SECONDS": "2", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "6",
+           "DISTTRAIN_STALL_SECONDS": "1", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "3",  # as tests/test_faults.STALL
            "DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV}
     res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--steps", "50"], timeout=60, env=env)
     out = res.stdout
     assert res.returncode not in (0, -9), out[-3000:]
     assert "has been waiting in ps pull" in out and "ranks missing from ps pull: [1]" in out, out[-3000:]
-    assert "stall shutdown after 6 s" in out, out[-3000:]
+    assert "stall shutdown after 3 s" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["async", "ssp:1"])
