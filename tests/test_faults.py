@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
+from ._mpirun import BYTECODE_ENV, OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 # warn after 1 s, shut down after 3 s: the report waits up to max(2 s, warn) for the peers' answers
@@ -58,7 +58,7 @@ runpy.run_module("disttrain.train", run_name="__main__")
 
 def _launch_training(tmp_path, n, flags):
     s = _script(tmp_path, "job.py", RANK_SCRIPT.format(d=str(tmp_path), flags=flags))
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **BYTECODE_ENV, **ENV, PYTHONUNBUFFERED="1")
     return subprocess.Popen(mpiexec() + ["-n", str(n), sys.executable, s], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 

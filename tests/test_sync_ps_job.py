@@ -13,7 +13,7 @@ import pytest
 
 from disttrain.job.config import ConfigError, parse_config
 
-from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
+from ._mpirun import BYTECODE_ENV, OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 
@@ -101,7 +101,7 @@ def test_a_configuration_that_differs_on_one_rank_ends_every_rank_with_one_messa
     collective (seen: DataParallel's set-up check, until the 90 s timeout) before the ranks agreed
     on the configuration, not only on its errors."""
     job = [sys.executable, "-m", "disttrain.train", "--steps", "4", "--sync"]
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV)
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **BYTECODE_ENV, **ENV)
     t = time.monotonic()
     proc = subprocess.Popen(mpiexec() + ["-n", "1", *job, mine, ":", "-n", "2", *job, theirs], text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
