@@ -39,6 +39,14 @@ def suite_files(n: int) -> list:
     return [f for f in sorted(glob.glob(os.path.join(HERE, "mpi", "test_*.py"))) if n in declared_ranks(f)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels():
+    """Compile (or load) the numba kernels once here, not in 8 ranks at once."""
+    from disttrain.comm import kernels
+
+    kernels.warmup()
+
+
 def test_every_file_runs_at_the_counts_the_rule_asks_for():
     files = sorted(glob.glob(os.path.join(HERE, "mpi", "test_*.py")))
     assert files
