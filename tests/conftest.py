@@ -2,7 +2,8 @@
 
 - tests/*.py run in one plain process (kernels, trees, cost model, registry) and drive the MPI
   suites: tests/test_mpi_suites.py launches ``mpiexec -n N`` for N in 1, 2, 3, 4, 5, 8 over
-  tests/mpi/, each run under a hard timeout so that a hang is a failure, not a stuck CI job.
+  tests/mpi/ (each file at the counts it declares, else all), each run under a hard timeout so
+  that a hang is a failure, not a stuck CI job.
 - tests/mpi/*.py run inside every rank under mpiexec (pytest-mpi's ``--with-mpi``).
 """
 import os

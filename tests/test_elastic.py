@@ -21,7 +21,7 @@ import pytest
 from disttrain.job.config import parse_config
 from disttrain.job.resume import _check_restore
 from disttrain.workloads import dp_invariant
-from tests._mpirun import OVERSUBSCRIBE_ENV
+from tests._mpirun import BYTECODE_ENV, OVERSUBSCRIBE_ENV
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ELASTIC = os.path.join(ROOT, "launchers", "elastic.sh")
@@ -35,7 +35,7 @@ RTOL = 1e-9  # float64: only the reduction order differs between 1, 3 and 4 rank
 
 
 def _env(tmp_path, **extra):
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV, DISTTRAIN_COSTMODEL="defaults", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **BYTECODE_ENV, DISTTRAIN_COSTMODEL="defaults", PYTHONUNBUFFERED="1",
                TMPDIR=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     for k in [k for k in env if k.startswith("DISTTRAIN_FAULT")]:
         del env[k]

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
-from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
+from ._mpirun import BYTECODE_ENV, OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
-STALL = {"DISTTRAIN_STALL_SECONDS": "2", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "6", **ENV}
+# warn after 1 s, shut down after 3 s: the report waits up to max(2 s, warn) for the peers' answers
+# (stall._report), so it is printed before the shutdown; the tests wait for nothing else
+STALL = {"DISTTRAIN_STALL_SECONDS": "1", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "3", **ENV}
 
 
 def _script(tmp_path, name, text):
@@ -32,7 +34,7 @@ def test_stall_inspector_names_the_rank_that_never_arrives(tmp_path):
     assert "stall: rank 0 has been waiting in allreduce" in out and "skip.py:5" in out, out
     assert "rank 2" in out and "has NOT arrived" in out and "skip.py:4" in out, out  # where rank 2 is instead
     assert "ranks missing from allreduce: [2]" in out
-    assert "stall shutdown after 6 s" in out
+    assert "stall shutdown after 3 s" in out
 
 
 def test_stall_inspector_reports_mismatched_collectives(tmp_path):
@@ -56,7 +58,7 @@ runpy.run_module("disttrain.train", run_name="__main__")
 
 def _launch_training(tmp_path, n, flags):
     s = _script(tmp_path, "job.py", RANK_SCRIPT.format(d=str(tmp_path), flags=flags))
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **BYTECODE_ENV, **ENV, PYTHONUNBUFFERED="1")
     return subprocess.Popen(mpiexec() + ["-n", str(n), sys.executable, s], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 

@@ -13,7 +13,7 @@ import pytest
 
 from disttrain.job.config import ConfigError, parse_config
 
-from ._mpirun import OVERSUBSCRIBE_ENV, mpiexec, run
+from ._mpirun import BYTECODE_ENV, OVERSUBSCRIBE_ENV, mpiexec, run
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 
@@ -101,7 +101,7 @@ def test_a_configuration_that_differs_on_one_rank_ends_every_rank_with_one_messa
     collective (seen: DataParallel's set-up check, until the 90 s timeout) before the ranks agreed
     on the configuration, not only on its errors."""
     job = [sys.executable, "-m", "disttrain.train", "--steps", "4", "--sync"]
-    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **ENV)
+    env = dict(os.environ, **OVERSUBSCRIBE_ENV, **BYTECODE_ENV, **ENV)
     t = time.monotonic()
     proc = subprocess.Popen(mpiexec() + ["-n", "1", *job, mine, ":", "-n", "2", *job, theirs], text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -202,13 +202,13 @@ def test_a_stuck_worker_is_named_by_the_stall_inspector(tmp_path):
     """A rank that never pushes again (stuck in its step): the workers waiting on its clock are
     tracked like a collective, so the stall report names it and the stall shutdown ends the job."""
     env = {"DISTTRAIN_FAULT_INJECT": "train-step", "DISTTRAIN_FAULT_ACTION": "sleep:100", "DISTTRAIN_FAULT_RANK": "1",
-           "DISTTRAIN_STALL_SECONDS": "2", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "6",
+           "DISTTRAIN_STALL_SECONDS": "1", "DISTTRAIN_STALL_SHUTDOWN_SECONDS": "3",  # as tests/test_faults.STALL
            "DISTTRAIN_FLIGHT_DIR": str(tmp_path), **ENV}
     res = run(3, ["-m", "disttrain.train", "--sync", "ssp:1", "--steps", "50"], timeout=60, env=env)
     out = res.stdout
     assert res.returncode not in (0, -9), out[-3000:]
     assert "has been waiting in ps pull" in out and "ranks missing from ps pull: [1]" in out, out[-3000:]
-    assert "stall shutdown after 6 s" in out, out[-3000:]
+    assert "stall shutdown after 3 s" in out, out[-3000:]
 
 
 @pytest.mark.parametrize("mode", ["async", "ssp:1"])

@@ -26,6 +26,23 @@ def _defaults():
     config.restore(saved)
 
 
+@pytest.fixture
+def lean_calibration(monkeypatch):
+    """dt.calibrate on small working sets and few repetitions: the tests check the measurement's
+    logic (collective, identical on every rank, saved/loaded, installed per group), not its
+    accuracy - the full one moves 32 MiB working sets and a 64 MiB MPI_Allreduce, seconds per
+    call at 8 oversubscribed ranks. Both branches of the native table stay (sizes below and from
+    256 KiB)."""
+    from disttrain.comm import costmodel
+
+    monkeypatch.setattr(costmodel, "LARGE", 4 << 20)
+    monkeypatch.setattr(costmodel, "NET_BYTES", 1 << 20)
+    monkeypatch.setattr(costmodel, "NATIVE_SIZES", (8, 1 << 12, 1 << 16, 1 << 18, 1 << 20))
+    timed = costmodel.timed
+    monkeypatch.setattr(costmodel, "timed",
+                        lambda fn, reps, rounds=5, stat=np.median: timed(fn, max(1, reps // 10), 2, stat))
+
+
 def rank_rng(comm, salt=0):
     return np.random.default_rng(1000 * salt + comm.Get_rank())
 

@@ -21,6 +21,13 @@ from disttrain.checkpoint.__main__ import main as cli
 from disttrain.nn.layout import Piece, shards, whole
 from disttrain.nn.module import Parameter
 
+#: The rank counts tests/test_mpi_suites.py runs this file at (the rule there: 1, 2, 3 and 5 always; 4 and
+# 8 where they reach a case of their own). Here the pieces of each scheme depend on p only through
+# np.array_split's bounds: 5 already gives uneven splits and fewer rows (and columns) than ranks for every
+# array of SHAPES, the loads on fewer ranks go 5 -> 2 and 3 -> 1; 4 and 8 reach no other case (the
+# library's collectives run at every count in the files that test them).
+MPI_RANKS = (1, 2, 3, 5)
+
 # uneven sizes, fewer rows than ranks, a 0-d array, an empty array
 SHAPES = {"a.w": (7, 5), "a.b": (3,), "c.e": (2, 9), "c.s": (), "c.z": (0, 4)}
 SCHEMES = ["whole", "rows", "cols", "flat", "flat_of_rows"]

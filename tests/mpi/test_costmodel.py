@@ -7,7 +7,7 @@ from disttrain.comm import costmodel
 
 
 @pytest.mark.mpi
-def test_calibrate_is_collective_and_identical_everywhere(comm):
+def test_calibrate_is_collective_and_identical_everywhere(comm, lean_calibration):
     c = dt.calibrate()
     assert c.p == comm.Get_size() and c.source == "measured"
     assert c.alpha > 0 and c.beta > 0 and c.gamma > 0 and len(c.native) >= 5
@@ -31,7 +31,7 @@ def test_auto_choices_are_valid_and_correct(comm):
 
 
 @pytest.mark.mpi
-def test_saved_calibration_is_loaded_and_shared(comm, tmp_path_factory):
+def test_saved_calibration_is_loaded_and_shared(comm, tmp_path_factory, lean_calibration):
     from disttrain.comm import config
 
     path = comm.bcast(str(tmp_path_factory.mktemp("cm") / "cm.json") if comm.Get_rank() == 0 else None)

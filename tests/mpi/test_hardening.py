@@ -40,7 +40,7 @@ def test_1_overlapping_groups_of_one_size_do_not_hang(comm):
 
 
 @pytest.mark.mpi(min_size=3)
-def test_1_calibrating_one_group_changes_no_other_groups_choice(comm):
+def test_1_calibrating_one_group_changes_no_other_groups_choice(comm, lean_calibration):
     ga, gb = dt.new_group([0, 1]), dt.new_group([1, 2])
     if ga.is_member:
         dt.calibrate(ga)  # measured parameters for ga only
@@ -291,10 +291,15 @@ def test_8_model_backward_instead_of_ddp_backward_is_refused(comm):
 # ----------------------------------------------------------------------- 9. groups are freed
 def test_9_groups_can_be_created_and_freed_without_limit(comm):
     p = comm.Get_size()
-    n = 1100 if p <= 3 else 300  # > 1024 communicator pairs where it is quick; MPICH's limit was hit at 1021
+    # > 1024 communicator pairs where it is quick (MPICH's limit was hit at 1021). The limit is per
+    # process (context ids), so the count of ranks does not move it: 1 and 2 ranks run past it
+    # (2: a group with a peer, the same code path as any larger world group). More ranks are slower
+    # per communicator (~8 ms each at 3 oversubscribed ranks) and never reached the limit here (300
+    # pairs before): they check that creating, using and freeing work at their size, which 30 do.
+    n, every = (1100, 100) if p <= 2 else (30, 10)
     for i in range(n):
         with dt.new_group(range(p)) as g:
-            if i % 100 == 0:
+            if i % every == 0:
                 assert np.all(dt.allreduce(np.ones(2), group=g) == p)
     with pytest.raises(dt.CollectiveError, match="freed"):
         dt.allreduce(np.ones(2), group=g)
@@ -344,7 +349,10 @@ def test_16_data_parallel_exposed_never_exceeds_comm(comm):
 
 def test_9_meshes_free_their_groups(comm):
     p = comm.Get_size()
-    for _ in range(400 if p <= 3 else 100):  # 3 groups x 2 communicators each time
+    # 3 groups x 2 communicators each time: past the limit at 1 and 2 ranks (as above), where Mesh(dp=p)
+    # makes the same groups as at any p (dp of p ranks, tp and pp of one rank each); a short run
+    # at larger sizes (100 meshes = 300 pairs did not reach the limit either)
+    for _ in range(400 if p <= 2 else 10):
         with dt.Mesh(dp=p) as mesh:
             pass
     assert mesh.dp_group.freed and mesh.tp_group.freed and mesh.pp_group.freed

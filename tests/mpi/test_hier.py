@@ -150,15 +150,8 @@ def test_auto_picks_hier_across_nodes_uncalibrated_and_never_on_one(comm, monkey
 
 
 @pytest.mark.mpi
-def test_calibration_measures_inter_node_parameters_and_keys_the_cache_by_layout(comm, monkeypatch):
+def test_calibration_measures_inter_node_parameters_and_keys_the_cache_by_layout(comm, monkeypatch, lean_calibration):
     p = comm.Get_size()
-    # lean: small working sets (the measurement's logic, not its accuracy, is under test here)
-    monkeypatch.setattr(costmodel, "LARGE", 4 << 20)
-    monkeypatch.setattr(costmodel, "NET_BYTES", 1 << 20)
-    monkeypatch.setattr(costmodel, "NATIVE_SIZES", (8, 1 << 12, 1 << 16, 1 << 20))
-    timed = costmodel.timed
-    monkeypatch.setattr(costmodel, "timed",
-                        lambda fn, reps, rounds=5, stat=np.median: timed(fn, max(1, reps // 10), 2, stat))
     spec = "2" if p >= 2 else "1"
     with group_with(monkeypatch, spec, range(p)) as g:
         c = dt.calibrate(group=g)
