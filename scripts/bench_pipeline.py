@@ -216,6 +216,35 @@ def worker(a) -> None:
                             schedule=schedule, micro_batches=m, virtual_stages=v)
             record("timed", schedule, m, run(pipe, x, y, a.steps))
 
+    # 1c. the hand-off between stages, from the runtime's per-op trace (Pipeline(trace=True)): for
+    # every message whose receiver was already waiting for it, the time from the sender's compute
+    # end to the receiver's compute start - the runtime's own work on the critical path (the
+    # sender's statements before its Isend, MPI's delivery, the receiver's statements before it
+    # computes) - and per op the sender's compute end to its send issued ("post")
+    for schedule in (schedules if "handoff" in a.parts else ()):
+        v, m = chunks_of(schedule), max(a.micro_batches)
+        if not runnable(schedule, m) or P == 1:
+            continue
+        x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
+        f = a.fwd_ms / 1e3 / v
+        stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
+        pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+                        schedule=schedule, micro_batches=m, virtual_stages=v, trace=True)
+        hand, post = [], []
+        for k in range(a.warmup + a.steps):
+            comm.Barrier()
+            pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
+            traces = comm.gather(pipe.stats["trace"], root=0)
+            if dt.rank() == 0 and k >= a.warmup:
+                h, q = handoffs(traces, P)
+                hand += h
+                post += q
+        if dt.rank() == 0:
+            rows.append(dict(part="handoff", pp=P, schedule=schedule, V=v, m=m, messages=len(hand),
+                             handoff_us=1e6 * float(np.median(hand)) if hand else float("nan"),
+                             handoff_p90_us=1e6 * float(np.percentile(hand, 90)) if hand else float("nan"),
+                             post_us=1e6 * float(np.median(post))))
+
     # 1a. what a pause does to the next op's cost on this machine: one op's worth of runtime work
     # (a 32 KiB copy, a self Isend/Irecv pair, a few dict updates) timed hot (back to back) and
     # right after --fwd-ms of sleeping or of spinning on the clock (the op before it, in the timed
@@ -350,13 +379,34 @@ def worker(a) -> None:
     emit(dict(rows=rows) if dt.rank() == 0 else None)
 
 
+def handoffs(traces, p: int) -> tuple:
+    """(hand-offs, posts) in seconds from every stage's ``Pipeline.stats["trace"]`` (one host's
+    perf_counter): a message from global chunk g (rank g % p, chunk g // p) goes to g + 1 (F) or
+    g - 1 (B) for the same micro-batch; its hand-off is the receiver's compute start less the
+    sender's compute end, counted when the receiver's op started before the sender's compute ended
+    (it was waiting: otherwise the message waited for the receiver, not the other way round)."""
+    end, hand, post = {}, [], []
+    for s, ops in enumerate(traces):
+        for kind, i, c, t_op, t, t1, t2 in ops:
+            end[(kind, i, c * p + s)] = t1
+            if kind != "W":
+                post.append(t2 - t1)
+    for s, ops in enumerate(traces):
+        for kind, i, c, t_op, t, t1, t2 in ops:
+            src = c * p + s + (-1 if kind == "F" else 1)
+            sent = end.get((kind, i, src)) if kind != "W" else None
+            if sent is not None and t_op < sent:
+                hand.append(t - sent)
+    return hand, post
+
+
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
           f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'+rt':>7} {'diff':>6} {'rt us/op':>9} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
           f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
-        if r["part"] in ("tp", "emb", "overhead", "cold"):
+        if r["part"] in ("tp", "emb", "overhead", "cold", "handoff"):
             continue
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         played = r.get("played", r["theory"])
@@ -384,6 +434,10 @@ def report(rows) -> None:
         print(f"runtime work, pp={r['pp']} {r['schedule']} m={r['m']}, stages computing nothing: "
               f"{base['us_per_microbatch']:.0f} us per micro-batch with shape headers, {r['us_per_microbatch']:.0f} us "
               f"with known shapes (receives posted up front): {r['us_per_microbatch'] / base['us_per_microbatch']:.2f}x")
+    for r in (r for r in rows if r["part"] == "handoff"):
+        print(f"hand-off, pp={r['pp']} {r['schedule']} m={r['m']}: {r['handoff_us']:.0f} us median "
+              f"(p90 {r['handoff_p90_us']:.0f}) from a sender's compute end to its waiting receiver's compute "
+              f"start over {r['messages']} messages; compute end to send issued {r['post_us']:.0f} us")
     for r in (r for r in rows if r["part"] == "cold"):
         print(f"one op's runtime work (32 KiB copy, self Isend/Irecv, 20 dict stores), pp={r['pp']} job: "
               f"{r['hot_us']:.0f} us hot, {r['after_sleep_us']:.0f} us after {r['pause_ms']:g} ms of sleep, "
@@ -473,7 +527,8 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--procs", default="2,4", help="pipeline depths to run")
     ap.add_argument("--parts", default="timed,overhead,mlp,transformer,tp,emb",
-                    help="which parts to run: timed (equal timed stages), cold (one op's runtime work hot vs after a pause), overhead (stages computing nothing), "
+                    help="which parts to run: timed (equal timed stages), cold (one op's runtime work hot vs after a pause), "
+                         "handoff (the runtime's per-op trace: sender's compute end to waiting receiver's compute start), overhead (stages computing nothing), "
                          "mlp, transformer (real stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")

@@ -235,17 +235,25 @@ def test_waiting_is_told_apart_from_the_runtimes_own_time(comm):
     """Stats split a stage's first-to-last-op time into compute, waiting for a message (wait_s) and
     the runtime's own time (runtime_s): behind a first stage that sleeps 40 ms per forward, every
     later stage waits for most of its 4 micro-batches x 40 ms and that is not counted as the
-    runtime's; both steps (with shape headers, then known shapes) add up; one stage never waits."""
+    runtime's; both steps (with shape headers, then known shapes) add up; one stage never waits.
+    The per-op trace (trace=True) has the op list's ops in order, each op's stamps in order, and
+    its compute spans add up to compute_s."""
     pp, m, t = comm.Get_size(), 4, 0.04
     mesh = Mesh(pp=pp)
     stage = _Slow(t if mesh.pp_rank == 0 else 0.0)
-    pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None, "1f1b", micro_batches=m)
+    pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None, "1f1b", micro_batches=m,
+                    trace=True)
     x = np.ones((8, 3))
     for _ in range(2):
         pipe.step(x if mesh.pp_is_first_stage else None, x if mesh.pp_is_last_stage else None)
         st = pipe.stats
         parts = st["compute_s"] + st["recompute_s"] + st["wait_s"] + st["runtime_s"]
         assert st["runtime_s"] >= 0 and parts == pytest.approx(st["t1"] - st["t0"], abs=1e-9), st
+        trace = st["trace"]
+        assert [op[:3] for op in trace] == pipe.ops, trace
+        stamps = [s for op in trace for s in op[3:]]
+        assert stamps == sorted(stamps) and st["t0"] <= stamps[0] and stamps[-1] <= st["t1"], trace
+        assert sum(op[5] - op[4] for op in trace) == pytest.approx(st["compute_s"], abs=1e-9)
         if mesh.pp_rank == 0:
             assert st["wait_s"] < 0.5 * m * t and st["compute_s"] >= 0.9 * m * t, st
         else:

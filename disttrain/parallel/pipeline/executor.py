@@ -60,6 +60,9 @@ class Pipeline:
             depend on the data, not only on the input shape.
         uneven: allow a batch that m does not divide (``np.array_split`` micro-batches, each of at
             least one sample): variable-size batches such as sentences under a token budget.
+        trace: keep every op's ``perf_counter`` stamps in ``stats["trace"]``: (kind, micro-batch,
+            chunk, op start, compute start, compute end, send issued) - the hand-off between stages
+            (a sender's compute end to its receiver's compute start) is measured from them.
 
     Activations may be tuples of arrays (activations.py): the first stage's x then is a tuple of
     batch-major arrays, cut into micro-batches part by part. Micro-batch i's loss is weighted by its
@@ -79,7 +82,7 @@ class Pipeline:
 
     def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
                  virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True,
-                 uneven: bool = False):
+                 uneven: bool = False, trace: bool = False):
         self.group = as_group(group)
         self.s, self.p = self.group.rank, self.group.size
         self.ddp = stage if hasattr(stage, "no_sync") else None
@@ -115,7 +118,8 @@ class Pipeline:
         # DataParallel's overlapped path (the last backward through ddp.backward) needs one whole
         # backward per op; otherwise every backward runs under no_sync and the allreduce follows.
         self._ddp_last = self.ddp is not None and v == 1 and not self.split and recompute != "selective"
-        self.stats = {}
+        self.stats, self.trace = {}, trace
+        self._trace = None
 
     @property
     def is_first(self) -> bool:
@@ -186,9 +190,15 @@ class Pipeline:
         self._times = dict(compute_s=0.0, recompute_s=0.0)
         self._op_s = {k: [0.0] * self.v for k in "FBW"}
         self.net.begin(key, [i[3] for i in info], self._expected)
+        self._trace = [] if self.trace else None
         t0 = time.perf_counter()
-        for run, args in self._program:
-            run(*args)
+        if self._trace is None:
+            for run, args in self._program:
+                run(*args)
+        else:  # the op's start stamp for its trace entry (no stamp per op without tracing)
+            for run, args in self._program:
+                self._t_op = time.perf_counter()
+                run(*args)
         t1 = time.perf_counter()
         if self.ddp is not None and not self._ddp_last:
             self.ddp.synchronize()  # every backward ran under no_sync: now the one dp allreduce
@@ -207,6 +217,8 @@ class Pipeline:
                           runtime_s=max(0.0, runtime),
                           op_s={k: list(v) for k, v in self._op_s.items()}, peak_live=self._peak[0],
                           peak_activation_bytes=self._peak[1], sent_bytes=self.net.sent, ops=len(self.ops))
+        if self._trace is not None:
+            self.stats["trace"] = self._trace
         return loss
 
     # ------------------------------------------------------------------ the three ops
@@ -223,15 +235,24 @@ class Pipeline:
         self._peak[1] = max(self._peak[1], self._live[1] + transient)
 
 
+    # Each op keeps the runtime's own work off the hand-off between stages (issue 19, item 4): what
+    # does not need the received message (the stash's restore, a full recomputation) runs before
+    # the receive - while the message may still be on its way - and what the send does not need
+    # (the accounting, the stash, W's state) after it. A stage's time between "my input arrived"
+    # and "my compute starts", and between "my compute ended" and "my output is on the wire", is
+    # then a few statements: measured per op with ``Pipeline(trace=True)`` (stats["trace"]).
     def _forward(self, i: int, c: int, src, dest, end: bool) -> None:
         inp = self._xs[i] if src is None else self.net.recv(src, FWD, i, c)
         t = time.perf_counter()
         out, kept = S.forward(self.chunks[c], inp, self.recompute)
         if end:
             self._losses[i] = self.loss_fn.forward(out, self._ys[i])
-        self._spent("F", c, t)
+        t1 = time.perf_counter()
         if dest is not None:
             self.net.send(out, dest[0], FWD, i, dest[1])
+        self._spent("F", c, t1 - t)
+        if self._trace is not None:
+            self._trace.append(("F", i, c, self._t_op, t, t1, time.perf_counter()))
         saved, nbytes = self._loss_plan.state() if end else ([], 0)
         if kept is None:
             more, n = self._plans[c].state()
@@ -239,33 +260,31 @@ class Pipeline:
         else:
             self._keep(("A", i, c), (saved, kept), S.kept_bytes(kept) + nbytes)
 
-    def _spent(self, kind: str, c: int, t: float, other: float = 0.0) -> None:
-        """Account the compute since `t` (less `other` seconds accounted elsewhere) to an op of
-        `kind` on chunk c."""
-        took = time.perf_counter() - t - other
+    def _spent(self, kind: str, c: int, took: float) -> None:
+        """Account `took` seconds of compute to an op of `kind` on chunk c."""
         self._times["compute_s"] += took
         self._op_s[kind][c] += took
 
     def _backward(self, i: int, c: int, src, dest, end: bool, final: bool) -> None:
         chunk = self.chunks[c]
         (saved, kept), nbytes = self._kept[("A", i, c)]
-        S.restore(saved)
+        S.restore(saved)  # before the receive: it does not need dy
         transient = 0
-        if kept is not None and self.recompute == "full":
+        if kept is not None and self.recompute == "full":  # so is the forward again
             t = time.perf_counter()
             transient = S.recompute(*kept[0])
             self._times["recompute_s"] += time.perf_counter() - t
+        t = time.perf_counter()
         if end:
-            t = time.perf_counter()
             dy = self.loss_fn.backward()
             # the micro-batch's share of the batch's loss terms: the mean over the whole batch
             w = self._w[i] * self._scale
             if w != 1.0:
                 dy *= dy.dtype.type(w)
-            self._spent("B", c, t)
         else:
             dy = self.net.recv(src, BWD, i, c)
-        t, r0 = time.perf_counter(), self._times["recompute_s"]
+            t = time.perf_counter()
+        r0 = self._times["recompute_s"]
         if self._ddp_last and final:
             dx = self.ddp.backward(dy)  # the last one: the dp allreduce of the accumulated grads
         else:
@@ -274,9 +293,12 @@ class Pipeline:
                     dx, transient = self._unitwise(chunk, kept, dy)
                 else:
                     dx = chunk.backward_input(dy) if self.split else chunk.backward(dy)
-        self._spent("B", c, t, self._times["recompute_s"] - r0)  # selective: its recomputation is not B
+        t1 = time.perf_counter()
         if dest is not None:  # first the hand-off the previous stage waits for, then the bookkeeping
             self.net.send(dx, dest[0], BWD, i, dest[1])
+        self._spent("B", c, t1 - t - (self._times["recompute_s"] - r0))  # selective: its recomputation is not B
+        if self._trace is not None:
+            self._trace.append(("B", i, c, self._t_op, t, t1, time.perf_counter()))
         self._keep(("A", i, c), None, 0, transient)
         if self.split:
             self._keep(("W", i, c), *S.weight_state(self._plans[c].split))
@@ -303,7 +325,10 @@ class Pipeline:
         t = time.perf_counter()
         with self._local():
             self.chunks[c].backward_weight()
-        self._spent("W", c, t)
+        t1 = time.perf_counter()
+        self._spent("W", c, t1 - t)
+        if self._trace is not None:
+            self._trace.append(("W", i, c, self._t_op, t, t1, t1))
         self._keep(("W", i, c), None, 0)
 
     def predict(self, x=None):

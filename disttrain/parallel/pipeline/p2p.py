@@ -105,13 +105,13 @@ class P2P:
             cached: every rank's ``cached_for`` (gathered).
             expected: (src, direction, micro-batch, chunk) of every receive this rank makes."""
         self.reset()
-        for reqs in self.posted.values():  # a step that raised left receives posted: withdraw them
-            for req in reqs:
+        for reqs, _ in self.posted.values():  # a step that raised left receives posted: withdraw them
+            for req, _, _ in reqs:
                 req.Cancel()
                 req.Wait()
         self.posted = {}
         if self._status is None:
-            self._status = mpi.MPI.Status()
+            self._status, self._byte = mpi.MPI.Status(), mpi.MPI.BYTE
         self.input_key = input_key
         self.known = self.cache and all(c == input_key for c in cached)
         if not self.known:
@@ -123,8 +123,12 @@ class P2P:
             bufs = self.buffers.get(key)
             if bufs is None or bufs[0] != sig:
                 bufs = self.buffers[key] = (sig, [None if p is None else np.empty(p[1], p[0]) for p in sig[1]])
-            # several parts with one tag: MPI matches them in the order they were sent (non-overtaking)
-            self.posted[key] = [self.comm.Irecv(b, src, tag) for b in bufs[1] if b is not None]
+            out = bufs[1]
+            # several parts with one tag: MPI matches them in the order they were sent (non-overtaking);
+            # per receive its request, buffer and size, and what recv returns - worked out here, not
+            # between "the message arrived" and "the stage computes"
+            self.posted[key] = ([(self.comm.Irecv(b, src, tag), b, b.nbytes) for b in out if b is not None],
+                                tuple(out) if sig[0] else out[0])
 
     def forget(self) -> None:
         """Headers from now on, until a step completes and its shapes are remembered."""
@@ -142,7 +146,11 @@ class P2P:
             want = self.sent_shapes.get(key)
             if type(a) is np.ndarray:  # the common case without building a signature (the per-op cost)
                 ok = want is not None and not want[0] and want[1][0] == (a.dtype, a.shape)
-                data = [a if a.flags.c_contiguous else np.ascontiguousarray(a)]
+                if ok and a.flags.c_contiguous:  # on the wire first, the accounting after
+                    self.sends.append(self.comm.Isend(a, dest, tag))
+                    self.sent += a.nbytes
+                    return
+                data = [np.ascontiguousarray(a)]
             else:
                 ok = _signature(a) == want
                 data = [np.ascontiguousarray(p) for p in A.parts(a) if p is not None]
@@ -159,28 +167,33 @@ class P2P:
             self.sent += d.nbytes
             self.sends.append(self.comm.Isend(d, dest, tag))
 
+    def _wait(self, req, status, src: int, buf) -> None:
+        """Wait for a posted receive whose message is not here yet, tracked by the stall inspector."""
+        t = time.perf_counter()
+        op = stall.enter(f"pipeline recv from stage {src}", buf, site=_SITE, group=None)
+        op.ranks = (self.world_ranks[src],)
+        try:
+            req.Wait(status)
+        finally:
+            stall.leave(op)
+            self.waited += time.perf_counter() - t
+
     def recv(self, src: int, direction: int, i: int, chunk: int):
         """What rank `src` sent to this rank's chunk `chunk` for micro-batch i."""
         key = (direction, i, chunk)
         if self.known:
-            (is_tuple, _), out = self.buffers[key]
+            reqs, result = self.posted.pop(key)
             status = self._status
-            for req, buf in zip(self.posted.pop(key), [b for b in out if b is not None]):
+            for req, buf, nbytes in reqs:
                 # a message already here costs one MPI_Test; only a real wait is tracked by the stall
                 # inspector and the flight recorder (entering it is most of a tracked receive's cost)
                 if not req.Test(status):
-                    t = time.perf_counter()
-                    op = stall.enter(f"pipeline recv from stage {src}", buf, site=_SITE, group=None)
-                    op.ranks = (self.world_ranks[src],)
-                    try:
-                        req.Wait(status)
-                    finally:
-                        stall.leave(op)
-                        self.waited += time.perf_counter() - t
-                if status.Get_count(mpi.MPI.BYTE) != buf.nbytes:
+                    self._wait(req, status, src, buf)
+                if status.Get_count(self._byte) != nbytes:
                     raise ValueError(f"pipeline: micro-batch {i} from stage {src} has "
-                                     f"{status.Get_count(mpi.MPI.BYTE)} bytes, not {buf.nbytes} as in the last "
+                                     f"{status.Get_count(self._byte)} bytes, not {nbytes} as in the last "
                                      "step with the same input shape")
+            return result
         else:
             t = time.perf_counter()
             op = stall.enter(f"pipeline recv from stage {src}", None, site=_SITE, group=None)
