@@ -44,14 +44,17 @@ from .node import _fence
 from .ops import AVG, MAX, MIN, PROD, SUM
 from .shm import fold
 
-#: Largest payload that rides in the validation round with "auto" (p >= 3). Above it, the p-fold
-#: read of every slot by every rank (p n bytes read per rank) loses to the library: at P = 4,
-#: 0.82x at 512 KiB, 0.73x at 1 MiB (scripts/bench_call_overhead.py, README).
+#: Largest payload a fused allreduce carries with "auto" from p = 5 (not measured above it: every
+#: rank reads all p slots - (p + 1) n bytes per rank - which grows with p; call4 measured the
+#: one-round form at P = 4 0.82x the library at 512 KiB, 0.73x at 1 MiB).
 MAX_BYTES = 256 << 10
-#: The same at p = 2, where every rank reads 2 n - what the library's own exchange-and-reduce
-#: moves - in one round instead of its several: 1.30x the library at 512 KiB, 1.06x at 1 MiB
-#: (exclusive lock, load 1.6, side by side). node.SMALL caps it (the slots' size).
-MAX_BYTES_2 = 1 << 20
+#: The same for p = 2, 3, 4, measured side by side against the library and against the
+#: delegated call (validation round + MPI_Allreduce(x, y)) - branch call5, exclusive lock,
+#: `launchers/local.sh P scripts/bench_call_overhead.py` with the limit raised to 16 MiB, one run
+#: each: P = 2 1 MiB fused 0.95-1.00x the library vs delegated 0.91-0.95x (2 runs); P = 3
+#: 1.16-1.61x from 512 KiB to 16 MiB vs 0.65-0.86x; P = 4 1.07 / 0.90 / 0.88 / 0.49x at 512 KiB /
+#: 1 / 4 / 16 MiB vs 0.69 / 0.71 / 0.89 / 0.81x. 16 MiB is left to `auto`'s choice (shm).
+LIMITS = {2: 1 << 20, 3: 4 << 20, 4: 4 << 20}
 #: Bytes per round of a larger fused allreduce (chunk()): the chunks stream through the slots.
 CHUNK_BYTES = 256 << 10
 SPINS = 2000  # looks at the counters inside the compiled call before Python's yielding wait
@@ -66,7 +69,7 @@ def keyed(kop: int, acc) -> bool:
 def limit(p: int) -> int:
     """Largest payload that rides in the validation round with "auto" on p ranks (a pure function
     of the agreed group size)."""
-    return MAX_BYTES_2 if p == 2 else MAX_BYTES
+    return LIMITS.get(p, MAX_BYTES)
 
 
 def chunk(p: int, itemsize: int) -> int:
