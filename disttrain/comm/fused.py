@@ -1,14 +1,16 @@
-"""Allreduces carried in the validation round (issue 16 item 4): one synchronisation per call
-instead of two, in ONE compiled call.
+"""Allreduces carried in the validation round and, past one chunk, the rounds after it (issue 16
+item 4): one synchronisation per chunk, the first one the validation round, in ONE compiled call.
 
 On a communicator with node-local shared memory (node.py) the validation round can carry up to
 node.SMALL bytes beside each rank's fingerprint. A fused allreduce of round k is, inside one numba
 call (``_exchange``): copy x into this rank's slot of parity k % 2, write the header [ok=1, h]
 (h = the call's signature hash xor its sequence number, validate.py), publish counter[r] = k, spin
 until every peer's counter >= k, check that every header is [1, h], and fold the p slots in rank
-order into the result - the same kernel on the same bytes, so every rank gets the same bits. If a
+order into the result - the same kernel on the same bytes, so every rank gets the same bits. A
+payload larger than one chunk (chunk(): CHUNK_BYTES) takes rounds k, k + 1, ... in the same call,
+chunk c in round k + c and the slot of its parity - the argument below holds round by round. If a
 peer is late the kernel returns after a bounded spin and Python waits (validate.wait: yielding,
-interruptible by a peer's failure notice), then ``_complete`` does the check and the fold. If any
+interruptible by a peer's failure notice), then calls it again from that round on. If any
 header differs, nothing is folded: the slow path gathers readable descriptions and every rank
 raises the same CollectiveError (validate._mismatch) - a fused call validates exactly as much as
 the separate round did.
