@@ -75,7 +75,8 @@ def test_pack_unpack_round_trip_and_match_reference():
 
 def test_the_node_state_faults_in_what_a_fused_round_can_use():
     """node.py faults in touched_bytes(p) of each slot when a communicator's node state is made:
-    at least what fused.limit(p) lets a round carry (else its first call pays the page faults),
-    no more than the slot."""
+    at least what one round of a fused allreduce carries (fused.chunk; else its first call pays
+    the page faults), no more than the slot."""
     for p in range(2, 65):
-        assert fused.limit(p) <= node.touched_bytes(p) <= node.SMALL, p
+        for item in (4, 8):
+            assert 0 < fused.chunk(p, item) * item <= node.touched_bytes(p) <= node.SMALL, p

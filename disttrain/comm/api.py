@@ -113,10 +113,11 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if inplace and not err and not x.flags.writeable:
         err = "allreduce: the in-place variant needs a writeable array"
     if config.current().validate:
-        small = fused.payload(comm, x, acc, kop, algorithm) if err is None else None
-        if validate.check(comm, "allreduce", _fields(x, op, algorithm), err, payload=small,
-                          h=_sig(x, op, algorithm) if err is None else 0):
-            return fused.finish(comm, x, opc, kop, inplace)
+        st = node.get(comm) if err is None and fused.eligible(x.nbytes, x.dtype, acc, kop, algorithm,
+                                                               comm.Get_size()) else None
+        if st is not None:
+            return _fused(comm, st, x, op, opc, kop, algorithm, inplace)
+        validate.check(comm, "allreduce", _fields(x, op, algorithm), err, h=_sig(x, op, algorithm) if err is None else 0)
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
@@ -142,6 +143,29 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if opc == AVG:
         divide(work, comm.Get_size())
     return x if direct else _from_work(work, x, inplace)
+
+
+def _fused(comm, st, x, op, opc, kop, algorithm, inplace):
+    """The general path's fused allreduce (timeline or verbose on, a strided or non-ndarray input):
+    the same rounds as the hot path's, so ranks on either path meet (fused.run)."""
+    rec = stall.current()
+    if rec is not None:
+        rec.algorithm = "fused"
+    seq = rec.seq if rec is not None and rec.gkey else 0
+    h = _sig(x, op, algorithm) ^ ((seq * validate._GOLDEN) & validate._MASK)
+    direct = inplace and x.flags.c_contiguous and x.flags.writeable
+    out = x if direct else pool.empty(x.shape, x.dtype)
+    flat = out.reshape(-1)
+    ok = fused.run(st, comm, rec, st.slots(x.dtype), np.ascontiguousarray(x).reshape(-1), flat, h, kop,
+                   fused.chunk(st.p, x.itemsize))
+    if not ok:
+        validate._mismatch(comm, "allreduce", _fields(x, op, algorithm), None, rec, seq)
+    if opc == AVG:
+        divide(flat, st.p)
+    if inplace and not direct:
+        x[...] = out
+        return x
+    return out
 
 
 def _run_reduce(family: str, fn, comm, work, kop, name, *args):
@@ -213,11 +237,13 @@ def _tracked_allreduce_(x, op: str = "sum", *, algorithm: str = "auto", group=No
 
 
 def _hot(x, op, algorithm, group, inplace):
-    """The default call's path (issue 16): a call whose signature fuses (fused.eligible) on a
-    communicator with node state runs as ONE compiled round (fused._exchange) with the Python
-    around it resolved once per signature but the shape and per communicator (fused.Plan on the
-    node state; the shape enters the hash by a lookup, so a new size is no slower than a known
-    one). Returns None - having done nothing - when the call is not such a call; the general
+    """The default call's path (issue 16): a call whose signature fuses (fused.fuses) on a
+    communicator with node state runs as one compiled call (fused._exchange: one round per
+    chunk, the first one the validation round) with the Python around it resolved once per
+    signature but the shape and per communicator (fused.Plan on the node state; the shape
+    enters the hash by a lookup, so a new size is no slower than a known one); above the fused
+    limit, out of place, as the validation round alone then the out-of-place algorithm "auto"
+    picks. Returns None - having done nothing - when the call is not such a call; the general
     path (the tracked wrappers above) then does everything, errors included."""
     g = group if group is not None else _groups.ready_world
     if type(g) is not _groups.Group or g.comm is None:
@@ -236,30 +262,41 @@ def _hot(x, op, algorithm, group, inplace):
     if plan is None:
         plan = _hot_plan(st, cfg, x, op, algorithm, inplace)
     nbytes = x.nbytes
-    if plan is False or not 0 < nbytes <= plan.limit or timeline.enabled() or (
+    if plan is False or nbytes == 0 or timeline.enabled() or (
             inplace and not (x.flags.c_contiguous and x.flags.writeable)):
         return None
+    into = None
+    if nbytes > plan.limit:
+        # too large to fuse: the validation round alone (fused.run with no payload - the round
+        # validate.check posts, so ranks on either path meet), then the algorithm "auto" picks,
+        # out of place straight into a recycled result as the general path does (e.g.
+        # MPI_Allreduce(x, y)); the general path runs algorithms without an out-of-place form
+        if inplace or not x.flags.c_contiguous:
+            return None
+        name = choose("allreduce", g.comm, nbytes, plan.dtype)
+        into = ALLREDUCE.into.get(name)
+        if into is None:
+            return None
     hs = fused._shapes.get(x.shape)
     if hs is None:
         hs = fused.shape_hash(x.shape)
     # the caller's frame is 3 up (call_site <- _hot <- allreduce(_) <- caller): skip the walk
     rec = stall.enter("allreduce", x, stall.call_site(3), group=g)
     try:
-        rec.algorithm = "fused"
+        rec.algorithm = "fused" if into is None else name
         if inplace:
             out = x.reshape(-1)
         elif nbytes < POOLED_BYTES:
             out = np.empty(x.size, plan.dtype)
         else:  # a recycled result: no page faults (pool.py)
             out = pool.empty(x.size, plan.dtype)
-        k = st.k = st.k + 1
         h = plan.h ^ hs ^ ((rec.seq * validate._GOLDEN) & validate._MASK)
-        done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, fused.SPINS, False)
-        if done == 0:  # a peer is late: the yielding, interruptible wait, then check and fold
-            validate._slow(st.request(k), g.comm, rec, "allreduce")
-            done = fused._exchange(st.ctrl, plan.slots, x.reshape(-1), out, st.r, st.p, k, h, plan.kop, 1, True)
-        if done < 0:
+        payload = x.reshape(-1) if into is None else plan.none
+        if not fused.run(st, g.comm, rec, plan.slots, payload, out if into is None else plan.none, h, plan.kop,
+                         plan.chunk):
             validate._mismatch(g.comm, "allreduce", _fields(x, op, algorithm), None, rec, rec.seq)
+        if into is not None:
+            into(g.comm, x.reshape(-1), out, plan.kop)
         if plan.avg:
             divide(out, st.p)
     except BaseException as e:

@@ -1,14 +1,16 @@
-"""Allreduces carried in the validation round (issue 16 item 4): one synchronisation per call
-instead of two, in ONE compiled call.
+"""Allreduces carried in the validation round and, past one chunk, the rounds after it (issue 16
+item 4): one synchronisation per chunk, the first one the validation round, in ONE compiled call.
 
 On a communicator with node-local shared memory (node.py) the validation round can carry up to
 node.SMALL bytes beside each rank's fingerprint. A fused allreduce of round k is, inside one numba
 call (``_exchange``): copy x into this rank's slot of parity k % 2, write the header [ok=1, h]
 (h = the call's signature hash xor its sequence number, validate.py), publish counter[r] = k, spin
 until every peer's counter >= k, check that every header is [1, h], and fold the p slots in rank
-order into the result - the same kernel on the same bytes, so every rank gets the same bits. If a
+order into the result - the same kernel on the same bytes, so every rank gets the same bits. A
+payload larger than one chunk (chunk(): CHUNK_BYTES) takes rounds k, k + 1, ... in the same call,
+chunk c in round k + c and the slot of its parity - the argument below holds round by round. If a
 peer is late the kernel returns after a bounded spin and Python waits (validate.wait: yielding,
-interruptible by a peer's failure notice), then ``_complete`` does the check and the fold. If any
+interruptible by a peer's failure notice), then calls it again from that round on. If any
 header differs, nothing is folded: the slow path gathers readable descriptions and every rank
 raises the same CollectiveError (validate._mismatch) - a fused call validates exactly as much as
 the separate round did.
@@ -44,14 +46,19 @@ from .node import _fence
 from .ops import AVG, MAX, MIN, PROD, SUM
 from .shm import fold
 
-#: Largest payload that rides in the validation round with "auto" (p >= 3). Above it, the p-fold
-#: read of every slot by every rank (p n bytes read per rank) loses to the library: at P = 4,
-#: 0.82x at 512 KiB, 0.73x at 1 MiB (scripts/bench_call_overhead.py, README).
+#: Largest payload a fused allreduce carries with "auto" from p = 5 (not measured above it: every
+#: rank reads all p slots - (p + 1) n bytes per rank - which grows with p; call4 measured the
+#: one-round form at P = 4 0.82x the library at 512 KiB, 0.73x at 1 MiB).
 MAX_BYTES = 256 << 10
-#: The same at p = 2, where every rank reads 2 n - what the library's own exchange-and-reduce
-#: moves - in one round instead of its several: 1.30x the library at 512 KiB, 1.06x at 1 MiB
-#: (exclusive lock, load 1.6, side by side). node.SMALL caps it (the slots' size).
-MAX_BYTES_2 = 1 << 20
+#: The same for p = 2, 3, 4, measured side by side against the library and against the
+#: delegated call (validation round + MPI_Allreduce(x, y)) - branch call5, exclusive lock,
+#: `launchers/local.sh P scripts/bench_call_overhead.py` with the limit raised to 16 MiB, one run
+#: each: P = 2 1 MiB fused 0.95-1.00x the library vs delegated 0.91-0.95x (2 runs); P = 3
+#: 1.16-1.61x from 512 KiB to 16 MiB vs 0.65-0.86x; P = 4 1.07 / 0.90 / 0.88 / 0.49x at 512 KiB /
+#: 1 / 4 / 16 MiB vs 0.69 / 0.71 / 0.89 / 0.81x. 16 MiB is left to `auto`'s choice (shm).
+LIMITS = {2: 1 << 20, 3: 4 << 20, 4: 4 << 20}
+#: Bytes per round of a larger fused allreduce (chunk()): the chunks stream through the slots.
+CHUNK_BYTES = 256 << 10
 SPINS = 2000  # looks at the counters inside the compiled call before Python's yielding wait
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 
@@ -64,7 +71,13 @@ def keyed(kop: int, acc) -> bool:
 def limit(p: int) -> int:
     """Largest payload that rides in the validation round with "auto" on p ranks (a pure function
     of the agreed group size)."""
-    return MAX_BYTES_2 if p == 2 else MAX_BYTES
+    return LIMITS.get(p, MAX_BYTES)
+
+
+def chunk(p: int, itemsize: int) -> int:
+    """Elements per round of a fused allreduce on p ranks: CHUNK_BYTES, within the part of each
+    slot the node state faulted in (node.touched_bytes) - a pure function of agreed values."""
+    return min(CHUNK_BYTES, node.touched_bytes(p)) // itemsize
 
 
 def fuses(dtype, acc, kop, algorithm) -> bool:
@@ -81,32 +94,6 @@ def eligible(nbytes: int, dtype, acc, kop, algorithm, p: int) -> bool:
     """Whether an allreduce of this signature and size is carried in its validation round on p
     ranks (on a communicator with node state)."""
     return 0 < nbytes <= limit(p) and fuses(dtype, acc, kop, algorithm)
-
-
-def payload(comm, x, acc, kop, algorithm):
-    """The bytes a small "auto" allreduce carries in its validation round, or None (the general
-    path, api._allreduce; the hot path calls ``_exchange`` directly)."""
-    if not eligible(x.nbytes, x.dtype, acc, kop, algorithm, comm.Get_size()) or node.get(comm) is None:
-        return None
-    return np.ascontiguousarray(x).reshape(-1).view(np.uint8)
-
-
-def finish(comm, x, opc, kop, inplace):
-    """Every rank's payload arrived with the validation round: each rank folds all p of them in
-    rank order (the same kernel on the same bytes, so every rank gets the same bits)."""
-    op_rec = stall.current()
-    if op_rec is not None:
-        op_rec.algorithm = "fused"
-    rows = node.get(comm).payloads(x.nbytes).view(x.dtype)
-    out = x if inplace and x.flags.c_contiguous else np.empty(x.shape, x.dtype)
-    flat = out.reshape(-1)
-    fold(rows, flat, kop)
-    if opc == AVG:
-        divide(flat, comm.Get_size())
-    if inplace and out is not x:
-        x[...] = out
-        return x
-    return out
 
 
 # ------------------------------------------------------------------------ the compiled round
@@ -166,26 +153,69 @@ def _fold2(out, a, b, op):
 
 
 @njit(**_JIT)
-def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted):
-    """Round k of a fused allreduce: publish x with header [1, h] (unless `posted`: an earlier
-    call of this round returned 0), wait up to `tries` looks for the peers, then check and fold
-    (_complete). Returns 1 (done), -1 (headers differ), or 0 (a peer has not arrived yet: the
-    caller waits, then calls again with posted=True). One entry point for both calls: one
+def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted, chunk, at):
+    """Rounds k, k + 1, ... of a fused allreduce, one per `chunk` elements of x (round k + c
+    carries elements [c chunk, (c + 1) chunk)): publish the chunk with header [1, h] (unless
+    `posted`: an earlier call arrived at this round already), wait up to `tries` looks for the
+    peers, check every header and fold the chunk (_complete) into out[c chunk:]. at[0] is the
+    first chunk to do (in) and the chunk of the round it stopped at (out). Returns 1 (done),
+    -1 (headers differ: nothing of that round folded), or 0 (a peer has not arrived at round
+    k + at[0] yet: the caller waits, then calls again with posted=True). A payload of at most
+    one chunk is one round - the validation round itself. One entry point for every call: one
     compiled specialisation per dtype to load (runtime.init warms the float ones)."""
-    if not posted:
-        par = k & 1
-        mine = slots[r, par]
-        for i in range(x.shape[0]):
-            mine[i] = x[i]
-        b = p * 8 + (r * 2 + par) * 8
-        ctrl[b] = 1
-        ctrl[b + 1] = h
-        _fence()  # payload and header before the counter (TSO keeps store order; this keeps the compiler's)
-        ctrl[r * 8] = k
-        _fence()
-    if not _arrived(ctrl, p, k, tries):
-        return 0
-    return _complete(ctrl, slots, out, p, k, h, op)
+    n = x.shape[0]
+    c = at[0]
+    while True:
+        o = c * chunk
+        m = min(chunk, n - o)
+        kc = k + c
+        par = kc & 1
+        if not posted:
+            mine = slots[r, par]
+            for i in range(m):
+                mine[i] = x[o + i]
+            b = p * 8 + (r * 2 + par) * 8
+            ctrl[b] = 1
+            ctrl[b + 1] = h
+            _fence()  # payload and header before the counter (TSO keeps store order; this keeps the compiler's)
+            ctrl[r * 8] = kc
+            _fence()
+        posted = False
+        at[0] = c
+        if not _arrived(ctrl, p, kc, tries):
+            return 0
+        if _complete(ctrl, slots, out[o:o + m], p, kc, h, op) < 0:
+            return -1
+        c += 1
+        if c * chunk >= n:
+            return 1
+
+
+def rounds(n: int, chunk: int) -> int:
+    """Rounds a fused allreduce of n elements takes: one per chunk, and one for no payload (a
+    validation round alone: api._delegated)."""
+    return max(1, -(-n // chunk))
+
+
+def run(st, comm, rec, slots, x, out, h, kop, chunk) -> bool:
+    """The fused allreduce of the flat contiguous x into the flat out (x itself: in place) on
+    the communicator's node state `st`, posting h: True when done, False when some rank posted
+    another header (the caller raises the agreed error, validate._mismatch). The hot and the
+    general path both call this, so ranks on either path meet in the same rounds."""
+    k = st.k + 1
+    n = rounds(x.shape[0], chunk)
+    st.k = k + n - 1  # every rank counts the same rounds: the signature (and so n) is agreed
+    at = st.at
+    at[0] = 0
+    done = _exchange(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, SPINS, False, chunk, at)
+    while done == 0:  # a peer is late: the yielding, interruptible wait, then check and fold
+        validate._slow(st.request(k + int(at[0])), comm, rec, "allreduce")
+        done = _exchange(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, 1, True, chunk, at)
+    if done < 0:
+        # only round k can differ (a rank on another call posts once); its peers counted one round
+        st.k = k + int(at[0])
+        return False
+    return True
 
 
 class Plan:
@@ -196,13 +226,15 @@ class Plan:
     first call at a size runs the warm path. Never a decision that depends on anything the
     round does not agree on (see the module docstring)."""
 
-    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "limit")
+    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "limit", "chunk", "none")
 
     def __init__(self, st, h, dtype, opc, kop):
         self.h, self.opc, self.kop, self.avg = h, opc, kop, opc == AVG
         self.dtype = dtype
         self.slots = st.slots(dtype)
         self.limit = limit(st.p)
+        self.chunk = chunk(st.p, dtype.itemsize)
+        self.none = np.empty(0, dtype)  # the payload of a validation-only round (api._delegated)
 
 
 _M64 = (1 << 64) - 1
@@ -248,4 +280,4 @@ def warmup(dtypes=(np.float32, np.float64, np.int32, np.int64)) -> None:
     for t in dtypes:
         slots = np.zeros((p, 2, 4), t)
         x = np.ones(4, t)
-        _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, SUM, 1, False)
+        _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, SUM, 1, False, 4, np.zeros(1, np.int64))

@@ -10,7 +10,9 @@ from mpi4py import MPI
 
 import disttrain as dt
 from disttrain.comm import api, fused, node, shm
+from disttrain.comm.costmodel import choose
 from disttrain.comm.ops import MAX, MIN, PROD, SUM
+from disttrain.comm.registry import ALLREDUCE
 
 from .conftest import rank_rng
 
@@ -159,6 +161,75 @@ def test_new_shapes_each_call_and_the_same_hash_everywhere(comm):
         assert y.shape == shape and np.all(y == sum(q + i for q in range(p))), i
 
 
+@pytest.fixture
+def small_chunks(comm, monkeypatch):
+    """Rounds of 4 KiB (fused.CHUNK_BYTES) so that small payloads stream through the slots in many
+    rounds; the cached plans are dropped (a plan keeps its chunk) on every rank alike."""
+    monkeypatch.setattr(fused, "CHUNK_BYTES", 4096)
+    for c in (dt.world().comm, dt.world().async_comm):
+        if node.get(c) is not None:
+            node.get(c).plans.clear()
+    yield 4096
+    for c in (dt.world().comm, dt.world().async_comm):
+        if node.get(c) is not None:
+            node.get(c).plans.clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_chunked_rounds_around_every_chunk_boundary(comm, dtype, paths, small_chunks):
+    """A payload larger than a chunk takes one round per chunk (fused._exchange): sizes around
+    chunk multiples, every op, against the library, in place and out, the same bits everywhere,
+    whichever path each rank takes."""
+    c = small_chunks // np.dtype(dtype).itemsize
+    for op in ("sum", "avg", "prod", "max"):
+        for i, n in enumerate([c - 1, c, c + 1, 3 * c, 3 * c + 1, 7 * c + 5]):
+            x = _data(comm, n, dtype, op, salt=i)
+            y = dt.allreduce(x, op)
+            tol = 1e-5 if dtype == np.float32 else 0
+            np.testing.assert_allclose(y, _oracle(comm, x, op), rtol=tol, atol=tol)
+            _same_everywhere(comm, y)
+            z = x.copy()
+            assert dt.allreduce_(z, op) is z
+            np.testing.assert_array_equal(z, y)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_chunked_mismatch_and_late_ranks(comm, paths, small_chunks):
+    """Different shapes of different round counts raise the same error on every rank after one
+    round (the peers count the same rounds afterwards); then many chunked rounds with a late
+    rank each time, blocking and async interleaved."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    with pytest.raises(dt.CollectiveError, match="shape") as e:
+        dt.allreduce(np.ones(5000 if r == 0 else 3000))
+    assert len(set(comm.allgather(str(e.value)))) == 1
+    for i in range(24):
+        n = 1 + (i * 7919) % 6000
+        x = np.full(n, float(r + i))
+        if r == i % p:
+            sum(range(20_000))  # this rank arrives late
+        h = dt.allreduce_async(x)
+        y = dt.allreduce(x) if i % 2 else dt.allreduce_(x.copy())
+        assert np.all(y == sum(q + i for q in range(p))), i
+        assert np.all(h.wait() == y)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_larger_default_calls_validate_in_one_compiled_round(comm, monkeypatch):
+    """Above the fused limit a default out-of-place call stays on the hot path (the validation
+    round alone, fused.run with no payload, then the library into a recycled result): the general
+    path is not entered (when the algorithm `auto` picks has an out-of-place form: else it must
+    be), and the result is the library's (sum and avg)."""
+    n = fused.limit(comm.Get_size()) // 8 + 3
+    hot = choose("allreduce", dt.world().comm, n * 8, np.dtype(np.float64)) in ALLREDUCE.into
+    if hot:
+        monkeypatch.setattr(api, "_tracked_allreduce", lambda *a, **k: pytest.fail("took the general path"))
+    for op in ("sum", "avg"):
+        x = _data(comm, n, np.float64, op)
+        y = dt.allreduce(x, op)
+        np.testing.assert_allclose(y, _oracle(comm, x, op), rtol=1e-12, atol=1e-12)  # another summation order
+        _same_everywhere(comm, y)
+
+
 def test_settings_changes_take_effect(comm):
     p = comm.Get_size()
     assert np.all(dt.allreduce(np.ones(5)) == p)
@@ -184,17 +255,43 @@ def test_compiled_round_against_numpy(dtype):
             ctrl[p * 8 + (q * 2 + (k & 1)) * 8:][:2] = (1, h)
             ctrl[q * 8] = k
         out = np.empty(n, dtype)
-        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10, False) == 1
+        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10, False, 64, np.zeros(1, np.int64)) == 1
         np.testing.assert_array_equal(out, shm.fold_ref(rows, op))
         assert ctrl[0] == k
     k = int(ctrl[0]) + 1
     ctrl[8] = k  # rank 2 is late
-    assert fused._exchange(ctrl, slots, rows[0].copy(), np.empty(n, dtype), 0, p, k, h, SUM, 10, False) == 0
+    assert fused._exchange(ctrl, slots, rows[0].copy(), np.empty(n, dtype), 0, p, k, h, SUM, 10, False, 64,
+                           np.zeros(1, np.int64)) == 0
     ctrl[16] = k
     ctrl[p * 8 + (1 * 2 + (k & 1)) * 8 + 1] = h + 1  # rank 1 posted another signature
     out = np.full(n, 7, dtype)
     assert fused._complete(ctrl, slots, out, p, k, h, SUM) == -1
     assert np.all(out == 7)
+
+
+def test_compiled_rounds_resume_chunk_by_chunk():
+    """A multi-chunk _exchange with p = 2 simulated in one process: it stops at the first round
+    whose peer has not arrived (at[0] = that chunk), resumes there with posted=True, and folds
+    every chunk (rank order) into its place; rank 0's slot of each round holds its own chunk."""
+    p, n, ch, h = 2, 23, 5, 777
+    ctrl = np.zeros(p * 24, np.int64)
+    slots = np.zeros((p, 2, 8), np.float64)
+    x0, x1 = np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64) * 10 + 1
+    out, at, k = np.full(n, -1.0), np.zeros(1, np.int64), 5
+    done, posted = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, False, ch, at), False
+    rounds = 0
+    while done == 0:
+        c = int(at[0])
+        assert ctrl[0] == k + c and np.all(out[c * ch:] == -1)  # arrived, nothing of this chunk folded
+        par = (k + c) & 1
+        np.testing.assert_array_equal(slots[0, par, :min(ch, n - c * ch)], x0[c * ch:][:ch])
+        slots[1, par, :min(ch, n - c * ch)] = x1[c * ch:][:ch]  # the peer posts round k + c
+        ctrl[p * 8 + (2 + par) * 8:][:2] = (1, h)
+        ctrl[8] = k + c
+        done = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, True, ch, at)
+        rounds += 1
+    assert done == 1 and rounds == fused.rounds(n, ch) == 5
+    np.testing.assert_array_equal(out, x0 + x1)
 
 
 @pytest.mark.mpi
