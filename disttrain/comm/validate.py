@@ -18,6 +18,7 @@ call on it says.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import time
 
@@ -36,6 +37,23 @@ _abandoned: list = []  # requests of interrupted checks: never freed while MPI m
 _FAST_SPINS = 50  # Test() calls (~0.1-0.3 us each) before the interruptible, bookkept wait
 
 
+def _canon(v):
+    """The plain Python spelling of an argument's value, so that values that compare equal hash
+    alike on every rank: np.str_('sum') == 'sum' and np.int64(0) == 0 find one entry of the cache
+    below but have different reprs, so whichever spelling a process hashed first decided its hash -
+    a valid program raised "arguments differ" (attack5)."""
+    if isinstance(v, str):
+        return str(v)
+    if isinstance(v, (numbers.Integral, np.bool_)):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        f = float(v)
+        return int(f) if f.is_integer() else f  # 1.0 == 1: one spelling
+    if isinstance(v, (tuple, list)):
+        return tuple(_canon(e) for e in v)
+    return v
+
+
 def _hash(kind: str, fields: dict) -> int:
     sig = (kind, *fields.items())
     try:
@@ -44,7 +62,7 @@ def _hash(kind: str, fields: dict) -> int:
         sig, h = None, None
     if h is None:
         # repr, not hash(): Python's str hashes are salted per process, so ranks would disagree.
-        d = hashlib.blake2b(repr((kind, sorted(fields.items(), key=str))).encode(), digest_size=8).digest()
+        d = hashlib.blake2b(repr((kind, sorted(((k, _canon(v)) for k, v in fields.items()), key=str))).encode(), digest_size=8).digest()
         h = int.from_bytes(d, "little") >> 1  # 63 bits: a non-negative int64
         if sig is not None and len(_hashes) < 65536:
             _hashes[sig] = h
