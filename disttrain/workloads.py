@@ -15,11 +15,12 @@ with zero gradients instead of leaving the others waiting).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import nn, zoo
+from . import groups, nn, zoo
 from .data import Batcher, DistributedSampler, clicks, load, text
 from .parallel.vocab import VocabParallelCrossEntropy
 from .registry import Registry
@@ -85,6 +86,48 @@ class _FixedBatch:
 WORKLOADS = Registry("workload")
 
 
+def agree_on_data(digest, err: str | None = None) -> None:
+    """A workload that reads its data on each host (``data_digest``: the pydocs corpus comes from
+    the host's own standard library, so another Python version gives other sentences and another
+    vocabulary) must hold the same data on every rank: otherwise the ranks train on different
+    sentences under different token ids, and nothing else would notice. The same ValueError on
+    every rank (one allgather over the world of the digests and of `err`, this rank's error
+    reading its data: a rank whose own data made the set-up fail - a sentence over --max-tokens
+    in its corpus - returned exit status 2 alone while its peers waited for it forever)."""
+    every = groups.world().comm.allgather((err, digest))
+    failed = [(r, e) for r, (e, _) in enumerate(every) if e]
+    if failed:
+        r, e = failed[0]
+        if len(failed) == len(every) and all(m == e for _, m in failed):
+            raise ValueError(e)  # the configuration's own error: the same everywhere
+        raise ValueError(f"{e} (on rank(s) {[q for q, m in failed if m == e]} only: the ranks' data differ)")
+    every = [d for _, d in every]
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise ValueError(f"rank(s) {odd} built other training data than rank 0 (the pydocs corpus is read from "
+                         "each host's own Python standard library: run every rank with the same Python installation)")
+
+
+@contextlib.contextmanager
+def _own_data(work, mesh):
+    """Around the part of a workload's set-up that reads this rank's data: with a mesh (the job's
+    set-up, collective over the world), its ValueError, another rank's, or data that differ raise
+    the same ValueError on every rank at the end of the block (agree_on_data) - before the model
+    is built, which is collective under tensor parallelism (every tp layer checks its split with
+    its group: a rank whose data failed waited in the job's agreement while its tp peers waited
+    in their first layer for it - review6). Without a mesh (one process, or a caller's own
+    agreement) the block is left alone: its model has no group to wait in."""
+    if mesh is None:
+        yield
+        return
+    err = None
+    try:
+        yield
+    except ValueError as e:
+        err = str(e)
+    agree_on_data(getattr(work, "data_digest", None), err)
+
+
 @WORKLOADS.register("mlp")
 class Classification(_FixedBatch):
     """MLP on an embedded data set (digits): equal shares of a fixed global batch per rank."""
@@ -135,11 +178,12 @@ class Seq2SeqTranslation:
         if cfg.dataset != "pydocs" and corpus is None:
             raise ValueError(f"model gnmt trains on dataset 'pydocs', got {cfg.dataset!r}")
         emb, hidden, layers = _gnmt_sizes(cfg.hidden)
-        corpus = corpus or text.load_reverse_corpus(vocab_size=cfg.vocab_size)
-        self.data_digest = corpus.digest()  # agreed by the job's set-up (job/setup.py)
-        self.train, self.test = text.split(corpus, test_fraction=0.05, seed=0)
-        sizing = dict(max_tokens=cfg.max_tokens) if cfg.max_tokens else dict(global_batch=cfg.global_batch_size)
-        self.batcher = Batcher(self.train.lengths, cfg.batching, world, seed=cfg.seed, **sizing)
+        with _own_data(self, mesh):  # this host's corpus: agreed before the (collective) model
+            corpus = corpus or text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+            self.data_digest = corpus.digest()
+            self.train, self.test = text.split(corpus, test_fraction=0.05, seed=0)
+            sizing = dict(max_tokens=cfg.max_tokens) if cfg.max_tokens else dict(global_batch=cfg.global_batch_size)
+            self.batcher = Batcher(self.train.lengths, cfg.batching, world, seed=cfg.seed, **sizing)
         self.rank = rank
         self._tgt_len = np.array([len(t) for t in self.train.tgt], np.int64)
         self._plans, self._starts = {}, [0]  # epoch -> plan; first global step of each planned epoch
@@ -215,14 +259,15 @@ class LanguageModel(_FixedBatch):
         if cfg.dataset != "pydocs":
             raise ValueError(f"model transformer trains on dataset 'pydocs', got {cfg.dataset!r}")
         d, heads, layers = _int_list(cfg.hidden, 3, "transformer", "D,HEADS,LAYERS (e.g. 64,4,2)")
-        corpus = text.load_reverse_corpus(vocab_size=cfg.vocab_size)
-        self.data_digest = corpus.digest()  # agreed by the job's set-up (job/setup.py)
-        train, test = text.split(corpus, test_fraction=0.05, seed=0)
-        self.x, self.y = _windows(train.src, cfg.seq_len)
-        self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
-        if not len(self.x_test):  # evaluate() divided by zero - after the whole run, before its last checkpoint
-            raise ValueError(f"seq-len {cfg.seq_len} leaves no held-out window: the test split has "
-                             f"{sum(len(s) + 1 for s in test.src)} tokens; use a shorter --seq-len")
+        with _own_data(self, mesh):  # this host's corpus: agreed before the (collective) model
+            corpus = text.load_reverse_corpus(vocab_size=cfg.vocab_size)
+            self.data_digest = corpus.digest()
+            train, test = text.split(corpus, test_fraction=0.05, seed=0)
+            self.x, self.y = _windows(train.src, cfg.seq_len)
+            self.x_test, self.y_test = _windows(test.src, cfg.seq_len)
+            if not len(self.x_test):  # evaluate() divided by zero - after the whole run, before its last checkpoint
+                raise ValueError(f"seq-len {cfg.seq_len} leaves no held-out window: the test split has "
+                                 f"{sum(len(s) + 1 for s in test.src)} tokens; use a shorter --seq-len")
         self._sample(len(self.x), cfg, rank, world)
         tp = _tp_group(mesh)
         self.model = Transformer(len(corpus.vocab), d=d, heads=heads, layers=layers, max_len=cfg.seq_len, group=tp,

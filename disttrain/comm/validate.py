@@ -43,7 +43,7 @@ def _canon(v):
     below but have different reprs, so whichever spelling a process hashed first decided its hash -
     a valid program raised "arguments differ" (attack5)."""
     if isinstance(v, str):
-        return str(v)
+        return str.__str__(v)  # the characters: str() of a (str, Enum) member is 'Op.MAX' (review6)
     if isinstance(v, (numbers.Integral, np.bool_)):
         return int(v)
     if isinstance(v, numbers.Real):

@@ -8,7 +8,7 @@ import disttrain as dt
 from disttrain import optim
 from disttrain import nn
 from disttrain.parallel.pipeline import activations, assign, measure_layer_costs
-from disttrain.workloads import WORKLOADS
+from disttrain.workloads import WORKLOADS, agree_on_data
 from .config import TrainConfig
 
 
@@ -52,25 +52,9 @@ def setup(cfg: TrainConfig):
 
 
 def _agree_on_data(work, err: str | None = None) -> None:
-    """A workload that reads its data on each host (``data_digest``: the pydocs corpus comes from
-    the host's own standard library, so another Python version gives other sentences and another
-    vocabulary) must hold the same data on every rank: otherwise the ranks train on different
-    sentences under different token ids, and nothing else would notice. The same ValueError on
-    every rank (one allgather of the digests and of `err`, this rank's error building the
-    workload: a rank whose own data made the set-up fail - a sentence over --max-tokens in its
-    corpus - returned exit status 2 alone while its peers waited here for it forever)."""
-    every = dt.world().comm.allgather((err, getattr(work, "data_digest", None)))
-    failed = [(r, e) for r, (e, _) in enumerate(every) if e]
-    if failed:
-        r, e = failed[0]
-        if len(failed) == len(every) and all(m == e for _, m in failed):
-            raise ValueError(e)  # the configuration's own error: the same everywhere
-        raise ValueError(f"{e} (on rank(s) {[q for q, m in failed if m == e]} only: the ranks' data differ)")
-    every = [d for _, d in every]
-    odd = [r for r, d in enumerate(every) if d != every[0]]
-    if odd:
-        raise ValueError(f"rank(s) {odd} built other training data than rank 0 (the pydocs corpus is read from "
-                         "each host's own Python standard library: run every rank with the same Python installation)")
+    """Every rank built the workload, or the same ValueError on every rank (workloads.agree_on_data;
+    the built-in workloads agree on their data once more inside, before their model is built)."""
+    agree_on_data(getattr(work, "data_digest", None), err)
 
 
 class PipelineForward:

@@ -59,3 +59,34 @@ def test_a_set_up_that_fails_on_one_rank_only_fails_on_every_rank(monkeypatch):
     finally:
         for m in made:
             m.free()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("model", ["gnmt", "transformer"])
+def test_a_set_up_that_fails_on_one_rank_only_fails_on_every_rank_under_tensor_parallelism(model, monkeypatch):
+    """review6: with --tp > 1 a workload's model is built collectively (every tensor-parallel layer
+    checks its split with its tp group) right after its data. A rank whose own data made the
+    set-up fail (gnmt: a sentence over --max-tokens; transformer: no held-out window) waited in
+    the data agreement while its tp peers waited in their first layer's check for it: a hang
+    (stall reports only, no shutdown by default). Now the agreement comes before the model."""
+    p, r = dt.size(), dt.rank()
+    tp = next((t for t in (4, 3, 2) if p % t == 0), 0)  # the corpus's 12 tokens split over tp
+    if not tp:
+        pytest.skip("needs a world that 2, 3 or 4 tensor-parallel ranks divide")
+    if model == "gnmt":
+        cfg = parse_config(["--model", "gnmt", "--hidden", "8,8,1", "--max-tokens", "40", "--steps", "1", "--tp", str(tp)])
+        bad, match = corpus(0, long=60), "max_tokens 40 is smaller than the longest sample"
+    else:
+        cfg = parse_config(["--model", "transformer", "--hidden", "12,12,1", "--seq-len", "4", "--global-batch-size", "4",
+                            "--steps", "1", "--tp", str(tp)])
+        bad, match = corpus(-20), "seq-len 4 leaves no held-out window"
+    made, mesh = [], dt.Mesh
+    monkeypatch.setattr(dt, "Mesh", lambda *a, **k: made.append(mesh(*a, **k)) or made[-1])  # freed below
+    try:
+        monkeypatch.setattr(text, "load_reverse_corpus", lambda **kw: bad if r == p - 1 else corpus(0))
+        with pytest.raises(ValueError, match=match) as e:
+            setup(cfg)
+        assert f"on rank(s) [{p - 1}] only" in str(e.value), str(e.value)
+    finally:
+        for m in made:
+            m.free()
