@@ -461,6 +461,7 @@ class Watchdog(threading.Thread):
         self._halt = threading.Event()
         self._reported: set = set()
         self._rfd = None
+        self._owned: dict = {}  # signal number -> the no-op handler this thread acts for
         self._wake_r, self._wake_w = os.pipe()  # stop() wakes the select at once
         self._sends: list = []  # outstanding notice sends (completed before the comm is freed)
 
@@ -480,14 +481,22 @@ class Watchdog(threading.Thread):
             return
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-                signal.signal(s, lambda *_: None)  # the C handler writes the wakeup fd; we act there
+                # the C handler writes the wakeup fd; we act there
+                self._owned[int(s)] = h = lambda *_: None
+                signal.signal(s, h)
         self._rfd = r
 
     def _on_signal(self) -> None:
         data = os.read(self._rfd, 64)
-        if not data:
+        # The wakeup fd carries EVERY signal Python's C handler saw, also those the program
+        # handles itself (Slurm's --signal=USR1 to checkpoint before the time limit, a SIGALRM
+        # timeout): those ran their own handler in the main thread and are not ours to act on -
+        # nor is one of ours whose handler the program has replaced since (review6: a user's
+        # SIGALRM handler aborted the whole job).
+        mine = [n for n in data if n in self._owned and signal.getsignal(n) is self._owned[n]]
+        if not mine:
             return
-        num = data[0]
+        num = mine[0]
         name = signal.Signals(num).name if num in signal.Signals._value2member_map_ else str(num)
         names = {t.ident: t.name for t in threading.enumerate()}
         stacks = "".join(f"Thread {names.get(ident, ident)} (most recent call last):\n" + "".join(traceback.format_stack(f))

@@ -225,3 +225,23 @@ print("DONE", flush=True)
 """)
     assert res.returncode == 0, res.stdout
     assert res.stdout.count("DONE") == 3, res.stdout
+
+
+def test_a_signal_the_program_handles_itself_does_not_end_the_job(tmp_path):
+    """review6: the stall thread read every signal from Python's wakeup fd and aborted the job for
+    any of them - a user's own SIGUSR1 handler (Slurm's --signal=USR1 to checkpoint before the time
+    limit) or SIGALRM timeout ended every rank. Only the signals disttrain handles (SIGTERM, SIGINT,
+    SIGHUP left at their defaults) end the job."""
+    res, _ = job(tmp_path, 2, """
+import os, signal, time, numpy as np, disttrain as dt
+dt.init()
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.5)                       # the stall thread polls every 0.1 s
+y = dt.allreduce(np.ones(3))
+assert got == [1] and (y == dt.size()).all(), (got, y)
+print("DONE", flush=True)
+""")
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("DONE") == 2, res.stdout

@@ -153,7 +153,26 @@ def _mismatch(comm, kind: str, fields: dict, local_error: str | None, op, seq: i
 
 def wait(req, comm, op, kind: str) -> None:
     """Complete `req`, spinning briefly then sleeping in growing steps (a late peer gets the core
-    when ranks outnumber cores), and give up with the peer's error if a member can never come."""
+    when ranks outnumber cores), and give up with the peer's error if a member can never come.
+    Any other exception out of the wait (a user's signal handler that raises, a caught
+    KeyboardInterrupt) leaves the call half-done - posted here, perhaps consumed by peers - so
+    the group is marked unusable on every rank (stall.mark_broken): a later call on it would meet
+    the abandoned one's round (review6: a peer could fold a stale chunk of a fused call, or hang)."""
+    try:
+        _wait(req, comm, op, kind)
+    except CollectiveError:
+        raise
+    except BaseException as e:
+        g = group_of(comm)
+        gkey = op.gkey if op is not None and op.gkey else (f"{g.uid}:b" if g is not None else "")
+        if op is not None:
+            op.state = "abandoned"
+        _abandoned.append(req)
+        stall.mark_broken(gkey, f"{kind} interrupted by {type(e).__name__}")
+        raise
+
+
+def _wait(req, comm, op, kind: str) -> None:
     t0 = time.monotonic()
     seen, recheck = -1, 0.0
     g = None

@@ -125,3 +125,41 @@ def test_validation_off_still_reports_local_errors(comm):
     assert config.settings.validate is False
     dt.set_validation(True)
     still_works(comm)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _raise_interrupt(*_):
+    raise _Interrupt()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_wait_interrupted_on_one_rank_makes_the_group_unusable_on_every_rank(comm):
+    """review6: an exception that is not the runtime's own (here a user's SIGALRM handler) out of
+    rank 0's wait for late peers left the call half-done but the group usable: the next calls
+    went on, a chunked fused call could fold a stale chunk. The group is now broken everywhere."""
+    import signal
+    import time
+
+    from disttrain.errors import CollectiveError
+
+    g = dt.new_group(range(comm.Get_size()))
+    if comm.Get_rank() == 0:
+        old = signal.signal(signal.SIGALRM, _raise_interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(_Interrupt):
+                dt.allreduce(np.ones(4), group=g)  # the peers come only after 0.4 s
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+        with pytest.raises(CollectiveError, match="unusable"):
+            dt.allreduce(np.ones(4), group=g)
+    else:
+        time.sleep(0.4)
+        with pytest.raises(CollectiveError):
+            for _ in range(2):
+                dt.allreduce(np.ones(4), group=g)
+    np.testing.assert_array_equal(dt.allreduce(np.ones(2)), np.full(2, comm.Get_size()))  # the world is fine
