@@ -79,10 +79,13 @@ def init() -> "Group":
         if groups.current() is not None:  # finished, or failed part-way (it raised on every rank)
             return groups.current()
         _check_launcher()
+        if _init_refused:  # a rank left before init: MPI's world is not whole (see _arrivals)
+            raise CollectiveError(_init_refused)
         MPI = mpi.MPI
         if not MPI.Is_initialized():
             MPI.Init_thread(MPI.THREAD_MULTIPLE)
         cw = MPI.COMM_WORLD
+        _arrivals(cw)
         local = cw.Split_type(MPI.COMM_TYPE_SHARED, key=cw.Get_rank())
         w = Group(tuple(range(cw.Get_size())), cw.Get_rank(), cw.Get_size(), cw.Dup(), cw.Dup())
         groups.set_world(w, local)
@@ -271,14 +274,76 @@ def _launched_rank_size() -> tuple[int, int]:
     return 0, 1
 
 
+#: a rank's first world collective says whether it came to start the runtime or to leave (_arrivals)
+_ARRIVED, _LEAVING = 0, 1
+_init_refused = ""  # set when init found ranks that had left: a second init must not wait for them
+#: what a rank's parent is under a launcher (/proc/PID/comm, at most 15 characters): a process the
+#: rank spawns itself inherits the rank's environment but not its connection to the launcher
+_LAUNCHER_PARENTS = frozenset({"hydra_pmi_proxy", "prted", "orted", "slurmstepd"})
+
+
+def _arrivals(cw) -> None:
+    """The world's first collective: every rank says whether it arrived to start the runtime or is
+    leaving the program without having called dt.init() (:func:`_leave_before_init`, at its exit).
+    A rank that exited before init otherwise left the others inside MPI_Init forever: MPICH's
+    Hydra does not end a job whose process exits before MPI_Init, with status 0 or not, and no
+    collective of theirs could ever complete. Now every arriving rank raises, naming those that left."""
+    global _init_refused
+    left = [r for r, s in enumerate(cw.allgather(_ARRIVED)) if s == _LEAVING]
+    if left:
+        _init_refused = (f"rank(s) {left} of {cw.Get_size()} ended their program without calling dt.init(): "
+                         "under a launcher every rank must start the runtime (or none)")
+        raise CollectiveError(_init_refused)
+
+
+def _launched_as_rank() -> bool:
+    """True in the process the launcher started as a rank (its parent is the launcher's proxy)."""
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            return f.read().strip() in _LAUNCHER_PARENTS
+    except OSError:
+        return False
+
+
+def _leave_before_init(r: int, pid: int) -> None:
+    """At the exit of a rank that never called dt.init() (its script's end, or sys.exit with any
+    status: MPICH's Hydra ends a job for neither while the others wait in MPI_Init): take part in
+    the world's first collective as a leaving rank (:func:`_arrivals`), so that ranks waiting in
+    dt.init() raise instead of waiting forever. When every rank leaves (a script that used no
+    collective), nobody raises: MPI starts and ends without a word."""
+    if groups.current() is not None or os.getpid() != pid:  # a child forked by the rank: not a rank
+        return
+    m = sys.modules.get("mpi4py.MPI")
+    if m is not None and (m.Is_initialized() or m.Is_finalized()):
+        return  # the program ran MPI itself (mpi4py) without the runtime: its business
+    MPI = mpi.MPI
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    states = MPI.COMM_WORLD.allgather(_LEAVING)
+    if _ARRIVED in states:
+        sys.stderr.write(f"[disttrain] rank {r}: left its program without calling dt.init() while ranks "
+                         f"{[i for i, s in enumerate(states) if s == _ARRIVED]} started the runtime; they raise\n")
+        sys.stderr.flush()
+    MPI.Finalize()
+
+
 def install_early_abort_hook() -> None:
-    """At ``import disttrain``, under a launcher with more than one rank: an uncaught exception
-    before ``dt.init()`` ends the whole job (MPI is started just to call MPI_Abort), instead of
-    leaving the other ranks waiting in init forever. dt.init() replaces it with the full hook."""
-    if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") == "1" or sys.excepthook is not sys.__excepthook__:
+    """At ``import disttrain``, under a launcher with more than one rank, a rank that ends before
+    ``dt.init()`` ends the job instead of leaving the other ranks waiting in init forever:
+    - an uncaught exception aborts the whole job (MPI is started just to call MPI_Abort); dt.init()
+      replaces this excepthook with the full one;
+    - any other exit (the script's end, sys.exit) of the rank the launcher started joins the
+      world's first collective as a leaving rank: the ranks in dt.init() raise, naming it
+      (:func:`_arrivals`).
+    DISTTRAIN_NO_ABORT_HOOK=1 turns both off."""
+    if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") == "1":
         return
     r, n = _launched_rank_size()
     if n <= 1:
+        return
+    if _launched_as_rank():
+        atexit.register(_leave_before_init, r, os.getpid())
+    if sys.excepthook is not sys.__excepthook__:
         return
 
     def early(exc_type, exc, tb):

@@ -70,6 +70,36 @@ print("UNREACHABLE", flush=True)
     assert "UNREACHABLE" not in res.stdout
 
 
+def test_5_ranks_that_leave_before_init_end_the_job_naming_them(tmp_path):
+    """A rank whose program ends before dt.init() - cleanly or with an error status - used to leave
+    the others in MPI_Init forever (Hydra ends a job for neither). Its exit hook now takes part in
+    the world's first collective as a leaving rank, and the ranks in dt.init() raise."""
+    res, took = job(tmp_path, 3, """
+import os, sys, time, disttrain as dt
+r = os.environ["PMI_RANK"]
+if r == "1":
+    sys.exit(0)               # e.g. a script that returns early on one host
+if r == "2":
+    time.sleep(0.3)
+    raise SystemExit(4)
+dt.init()
+print("UNREACHABLE", flush=True)
+""", timeout=30)
+    assert res.returncode not in (0, -9), res.stdout
+    assert took < 20, f"took {took:.0f} s"
+    assert "rank(s) [1, 2] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_a_program_where_no_rank_starts_the_runtime_ends_cleanly(tmp_path):
+    res, _ = job(tmp_path, 2, """
+import disttrain as dt
+print("BYE", flush=True)
+""", timeout=30)
+    assert res.returncode == 0 and res.stdout.count("BYE") == 2, res.stdout
+    assert "disttrain]" not in res.stdout, res.stdout
+
+
 # -------------------------------------------------------------- 6. MPI.Finalize by the user
 def test_6_explicit_finalize_stops_every_disttrain_thread(tmp_path):
     res, _ = job(tmp_path, 2, """
