@@ -1,10 +1,12 @@
 """Launch a command under mpiexec with the oversubscription settings this machine needs."""
 import atexit
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 # MPICH busy-polls; with more ranks than cores, throttle the progress engine (DESIGN.md sec. 5).
 # One BLAS thread per rank: up to 8 ranks share 2 cores here.
@@ -55,3 +57,43 @@ def run(n: int, args: list, timeout: float, env: dict | None = None) -> subproce
         out, _ = proc.communicate()
         return subprocess.CompletedProcess(proc.args, -9, out + f"\n*** TIMEOUT after {timeout} s (hang) ***\n")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+#: the program that runs the main job several times in one launch
+JOB_BATCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "job_batch.py")
+
+
+@dataclass
+class JobRun:
+    """One run of the main job inside a batch: its exit status and its output, per rank."""
+
+    rcs: list
+    logs: list
+
+    @property
+    def out(self) -> str:
+        """Every rank's output, rank 0's first."""
+        return "".join(self.logs)
+
+
+def run_main_jobs(specs: dict, tmp_dir, timeout: float, env: dict | None = None) -> dict:
+    """Run each ``name: (ranks, argv)`` of `specs` through ``disttrain.job.main``, one launch per
+    rank count (tests/job_batch.py: why, and what stays in real launches), in `specs`' order;
+    name -> JobRun. `timeout` is per run. The launch itself must end cleanly: a run that raised or
+    hung fails here with every run's output."""
+    got = {}
+    for n in sorted({n for n, _ in specs.values()}):
+        names = [k for k, (m, _) in specs.items() if m == n]
+        d = tempfile.mkdtemp(prefix=f"jobs{n}-", dir=tmp_dir)
+        with open(os.path.join(d, "runs.json"), "w") as f:
+            json.dump([[str(a) for a in specs[k][1]] for k in names], f)
+        res = run(n, [JOB_BATCH, d, os.path.join(d, "runs.json")], timeout * len(names), env)
+        logs = "".join(f"\n--- {name} ---\n" + open(os.path.join(d, name)).read()[-3000:]
+                       for name in sorted(os.listdir(d)) if name.endswith(".log"))
+        assert res.returncode == 0 and os.path.exists(os.path.join(d, "result.json")), \
+            f"{n} ranks, runs {names}:\n{res.stdout[-4000:]}{logs}"
+        rcs = json.load(open(os.path.join(d, "result.json")))["rcs"]
+        assert len(rcs) == len(names), rcs
+        got.update((k, JobRun(rc, [open(os.path.join(d, f"{i}.rank{r}.log")).read() for r in range(n)]))
+                   for i, (k, rc) in enumerate(zip(names, rcs)))
+    return got

@@ -92,9 +92,14 @@ def _alive(pid):
 
 
 def _kill_one_rank_mid_training(tmp_path, sig):
-    proc = _launch_training(tmp_path, 3, ["--steps", "1000000", "--log-every", "100", "--global-batch-size", "48"])
+    m = tmp_path / "m.jsonl"
+    proc = _launch_training(tmp_path, 3, ["--steps", "1000000", "--log-every", "10", "--global-batch-size", "48",
+                                          "--metrics", str(m)])
     pids = _pids(tmp_path, 3)
-    time.sleep(2)  # well inside the training loop
+    deadline = time.monotonic() + 60
+    while not (m.exists() and m.read_text()) and time.monotonic() < deadline:  # well inside the training
+        time.sleep(0.05)  # loop: 10 steps logged (a fixed 2 s sleep before; the start-up took ~1 s of it)
+    assert proc.poll() is None and m.read_text(), "the job did not reach its 10th step"
     t = time.monotonic()
     os.kill(pids[1], sig)
     rc, out = _finish(proc, timeout=30)

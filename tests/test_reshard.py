@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ._mpirun import run
+from ._mpirun import run, run_main_jobs
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 # stop at 5, inside the logging interval 4..6: the partial interval is carried across layouts too
@@ -37,10 +37,8 @@ def _same_curve(got, want):
 
 
 @pytest.fixture(scope="module")
-def oracle(tmp_path_factory):
-    d = tmp_path_factory.mktemp("oracle")
-    _train(1, *MLP, "--metrics", str(d / "mlp.jsonl"))
-    return _losses(d / "mlp.jsonl")
+def oracle(resharded):
+    return _losses(resharded["dir"] / "mlp.jsonl")
 
 
 # source layout at 4 ranks -> (layout at 2 ranks, layout at 3 ranks), each different from the source
@@ -50,48 +48,71 @@ MATRIX = {"dp4": ([], ["--pp", "2"], ["--tp", "3"]),
           "pp2xtp2": (["--pp", "2", "--tp", "2"], ["--dp", "2"], ["--tp", "3"]),
           # ZeRO-3 shards (flat ranges of every parameter and of its optimizer state) -> ZeRO-1 / ZeRO-2
           "shard=full": (["--shard", "full"], ["--shard", "optimizer"], ["--shard", "gradients"])}
+# DLRM: table-wise at 3 <-> row-wise at 2; pp2 x tp2 at 4 -> pp3 at 3 and row-sharded dp2 at 2
+DLRM_WRITES = {"table3": (3, ["--sharding", "table"]), "row2": (2, ["--sharding", "row"]),
+               "pp2xtp2": (4, ["--pp", "2", "--tp", "2"])}
+DLRM_RESUMES = {"table3": [(2, ["--sharding", "row"])], "row2": [(3, ["--sharding", "table"])],
+                "pp2xtp2": [(3, ["--pp", "3"]), (2, ["--sharding", "row"])]}
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """Every run of this file but the killed writer's, through disttrain.job.main in two phases of
+    one launch per rank count (tests/job_batch.py): the oracles and every checkpoint stopped at
+    step 5, then every resume from a copy of its checkpoint - 27 launches -> 6, ~30 s of start-up.
+    A resume never shares a process with the run that wrote its checkpoint (the phases are
+    separate launches); the resumes before it in its launch ended at the last step, so one that
+    took anything from memory instead of its checkpoint would leave the curve (fail)."""
+    d = tmp_path_factory.mktemp("reshard")
+    stop = ["--stop-after-steps", "5"]
+    writes = {"oracle/mlp": (1, [*MLP, "--metrics", d / "mlp.jsonl"]),
+              "oracle/dlrm": (1, [*DLRM, "--metrics", d / "dlrm.jsonl"]),
+              "residuals": (2, [*MLP, "--compression", "topk:0.1", "--checkpoint-dir", d / "ck-residuals", *stop])}
+    writes.update((f"mlp/{src}", (4, [*MLP, *MATRIX[src][0], "--checkpoint-dir", d / f"ck-mlp-{src}", *stop,
+                                      "--metrics", d / f"mlp-{src}.jsonl"])) for src in MATRIX)
+    writes.update((f"dlrm/{src}", (n, [*DLRM, *flags, "--checkpoint-dir", d / f"ck-dlrm-{src}", *stop,
+                                       "--metrics", d / f"dlrm-{src}.jsonl"])) for src, (n, flags) in DLRM_WRITES.items())
+    jobs = run_main_jobs(writes, d, timeout=120, env=ENV)
+    resumes = {"residuals": (3, [*MLP, "--compression", "topk:0.1", "--checkpoint-dir", d / "ck-residuals",
+                                 "--resume"])}
+    for model, flags, layouts in [("mlp", MLP, {s: ((2, m[1]), (3, m[2])) for s, m in MATRIX.items()}),
+                                  ("dlrm", DLRM, DLRM_RESUMES)]:
+        for src, targets in layouts.items():
+            for n, layout in targets:
+                ck, m = d / f"ck-{model}-{src}-at{n}", d / f"{model}-{src}-at{n}.jsonl"
+                shutil.copytree(d / f"ck-{model}-{src}", ck)
+                shutil.copy(d / f"{model}-{src}.jsonl", m)
+                resumes[f"{model}/{src}/at{n}"] = (n, [*flags, *layout, "--checkpoint-dir", ck, "--resume", "--metrics", m])
+    jobs.update(run_main_jobs(resumes, d, timeout=120, env=ENV))
+    for k, job in jobs.items():
+        assert job.rcs == [0] * len(job.rcs), (k, job.out[-3000:])
+    return dict(jobs, dir=d)
 
 
 @pytest.mark.parametrize("source", list(MATRIX))
-def test_checkpoint_of_4_ranks_resumes_at_2_and_3_under_another_layout(tmp_path, oracle, source):
-    write, at2, at3 = MATRIX[source]
-    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
-    res = _train(4, *MLP, *write, "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
-    assert "stopped after step 5" in res.stdout, res.stdout
-    _resume_each(tmp_path, ck, m, MLP, ((2, at2), (3, at3)), oracle)
+def test_checkpoint_of_4_ranks_resumes_at_2_and_3_under_another_layout(resharded, oracle, source):
+    assert "stopped after step 5" in resharded[f"mlp/{source}"].logs[0]
+    _resumed_each(resharded, "mlp", source, (2, 3), oracle)
 
 
-def _resume_each(tmp_path, ck, m, flags, layouts, want):
-    """Resume copies of checkpoint directory `ck` (and metrics `m`) at each (ranks, layout flags):
-    each continues the curve `want` from step 5."""
-    for n, layout in layouts:
-        ck2, m2 = tmp_path / f"ck{n}", tmp_path / f"m{n}.jsonl"
-        shutil.copytree(ck, ck2)
-        shutil.copy(m, m2)
-        res = _train(n, *flags, *layout, "--checkpoint-dir", str(ck2), "--resume", "--metrics", str(m2))
-        assert "step-00000005 at step 5" in res.stdout, res.stdout
-        _same_curve(_losses(m2), want)
+def _resumed_each(resharded, model, source, ranks, want):
+    """Each resume of `source`'s checkpoint continued the curve `want` from step 5."""
+    for n in ranks:
+        assert "step-00000005 at step 5" in resharded[f"{model}/{source}/at{n}"].logs[0], (source, n)
+        _same_curve(_losses(resharded["dir"] / f"{model}-{source}-at{n}.jsonl"), want)
 
 
-def test_dlrm_resumes_table_wise_from_row_wise_and_back(tmp_path):
-    _train(1, *DLRM, "--metrics", str(tmp_path / "ref.jsonl"))
-    want = _losses(tmp_path / "ref.jsonl")
-    for (n0, s0), (n1, s1) in (((3, "table"), (2, "row")), ((2, "row"), (3, "table"))):
-        ck, m = tmp_path / f"ck-{s0}", tmp_path / f"{s0}.jsonl"
-        _train(n0, *DLRM, "--sharding", s0, "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
-        res = _train(n1, *DLRM, "--sharding", s1, "--checkpoint-dir", str(ck), "--resume", "--metrics", str(m))
-        assert "resumed from" in res.stdout, res.stdout
-        _same_curve(_losses(m), want)
+def test_dlrm_resumes_table_wise_from_row_wise_and_back(resharded):
+    want = _losses(resharded["dir"] / "dlrm.jsonl")
+    assert len(want) == 4, want
+    _resumed_each(resharded, "dlrm", "table3", (2,), want)
+    _resumed_each(resharded, "dlrm", "row2", (3,), want)
 
 
-def test_dlrm_pipeline_checkpoint_resumes_under_another_mesh(tmp_path):
+def test_dlrm_pipeline_checkpoint_resumes_under_another_mesh(resharded):
     """A DLRM checkpoint of pipeline stages with tensor-parallel MLPs (pp2 x tp2 at 4 ranks) resumes
     as a 3-stage pipeline and as plain data parallelism with row-sharded tables."""
-    _train(1, *DLRM, "--metrics", str(tmp_path / "ref.jsonl"))
-    want = _losses(tmp_path / "ref.jsonl")
-    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
-    _train(4, *DLRM, "--pp", "2", "--tp", "2", "--checkpoint-dir", str(ck), "--stop-after-steps", "5", "--metrics", str(m))
-    _resume_each(tmp_path, ck, m, DLRM, ((3, ["--pp", "3"]), (2, ["--sharding", "row"])), want)
+    _resumed_each(resharded, "dlrm", "pp2xtp2", (3, 2), _losses(resharded["dir"] / "dlrm.jsonl"))
 
 
 def test_rank_killed_between_its_shards_and_the_manifest_leaves_the_previous_checkpoint(tmp_path, oracle):
@@ -109,9 +130,7 @@ def test_rank_killed_between_its_shards_and_the_manifest_leaves_the_previous_che
     assert not any(".tmp-" in p.name for p in ck.iterdir()), "the dead writer's directory was not cleaned up"
 
 
-def test_compressor_residuals_on_another_world_size_are_dropped_with_a_warning(tmp_path):
-    ck = tmp_path / "ck"
-    _train(2, *MLP, "--compression", "topk:0.1", "--checkpoint-dir", str(ck), "--stop-after-steps", "5")
-    res = _train(3, *MLP, "--compression", "topk:0.1", "--checkpoint-dir", str(ck), "--resume")
-    assert "error-feedback residuals start from zero" in res.stdout and "resumed from" in res.stdout, res.stdout
-    assert res.stdout.count("residuals start from zero") == 1, res.stdout  # said once, by rank 0
+def test_compressor_residuals_on_another_world_size_are_dropped_with_a_warning(resharded):
+    res = resharded["residuals"]
+    assert "error-feedback residuals start from zero" in res.logs[0] and "resumed from" in res.logs[0], res.out
+    assert res.out.count("residuals start from zero") == 1, res.out  # said once, by rank 0

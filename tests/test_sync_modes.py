@@ -8,7 +8,7 @@ import pytest
 from disttrain.job.metrics import merge_sync, sync_summary
 from disttrain.job.straggler import Straggler, parse, problems
 
-from ._mpirun import run
+from ._mpirun import run, run_main_jobs
 
 ENV = {"DISTTRAIN_COSTMODEL": "defaults"}
 
@@ -40,16 +40,36 @@ def test_straggler_is_the_slowest_rank(tmp_path):
     assert w[1] == min(w) and min(w[0], w[2]) > 2 * w[1] + 1e-3, rec
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--straggler", "1:x"], "straggler must be RANK:FACTOR"),
-    (["--straggler", "5:2"], "rank 5 does not exist (the job has 2 ranks)"),
-    (["--sync", "hybrid:3"], "hybrid:3 needs at least 3 data-parallel ranks (dp is 2)"),
-    (["--sync", "local:4", "--checkpoint-dir", "CK", "--checkpoint-every", "6"], "not a multiple of the exchange"),
-])
-def test_bad_settings_stop_every_rank_with_one_message(tmp_path, args, message):
-    args = [str(tmp_path / "ck") if a == "CK" else a for a in args]
-    res = run(2, ["-m", "disttrain.train", "--steps", "5", *args], timeout=60, env=ENV)
-    assert res.returncode == 2 and message in res.stdout and res.stdout.count("configuration error") == 1, res.stdout
+BAD = {  # name: (flags, message)
+    "straggler-spec": (["--straggler", "1:x"], "straggler must be RANK:FACTOR"),
+    "straggler-rank": (["--straggler", "5:2"], "rank 5 does not exist (the job has 2 ranks)"),
+    "hybrid-groups": (["--sync", "hybrid:3"], "hybrid:3 needs at least 3 data-parallel ranks (dp is 2)"),
+    "local-checkpoints": (["--sync", "local:4", "--checkpoint-dir", "CK", "--checkpoint-every", "6"],
+                          "not a multiple of the exchange"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_settings(tmp_path_factory):
+    """Every BAD flag set through disttrain.job.main in one 2-rank launch (tests/job_batch.py: why;
+    the real launch below keeps the process's exit status)."""
+    d = tmp_path_factory.mktemp("bad")
+    return run_main_jobs({k: (2, ["--steps", "5", *[str(d / "ck") if a == "CK" else a for a in flags]])
+                          for k, (flags, _) in BAD.items()}, d, timeout=60, env=ENV)
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_settings_stop_every_rank_with_one_message(bad_settings, name):
+    job, message = bad_settings[name], BAD[name][1]
+    assert job.rcs == [2, 2] and message in job.logs[0] and job.logs[0].count("configuration error") == 1, job.out
+    assert not job.logs[1], job.out  # one message, from rank 0
+
+
+def test_a_bad_setting_found_by_the_sync_mode_ends_the_launched_job():
+    """The sync mode's own refusal (job/loop._prepare, after set-up) through a real launch."""
+    res = run(2, ["-m", "disttrain.train", "--steps", "5", "--sync", "hybrid:3"], timeout=60, env=ENV)
+    assert res.returncode == 2 and "needs at least 3 data-parallel ranks" in res.stdout, res.stdout
+    assert res.stdout.count("configuration error") == 1, res.stdout
 
 
 def test_a_worker_leaving_between_exchanges_ends_the_job_with_its_name():
