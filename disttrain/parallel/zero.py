@@ -36,6 +36,7 @@ from ..comm import lowlevel as L
 from ..comm.registry import ALLGATHER, REDUCE_SCATTER
 from ..nn.layout import Piece, shards, whole
 from ..nn.module import Parameter
+from .tensor import whole_tensor_norms
 
 SHARD_MODES = ("none", "optimizer", "gradients", "full")
 
@@ -205,11 +206,14 @@ def make_optimizer(ddp, cls, options: dict):
                          f"partial sums (norm_sums), but shard={ddp.shard!r} gives each rank a slice; use "
                          "shard='none' or another optimizer")
     if ddp._zero is None:
-        return cls(ddp.model.parameters(), **options)
+        opt = cls(ddp.model.parameters(), **options)
+        whole_tensor_norms(opt, ddp.model)
+        return opt
     owned = ddp._zero.owned()
     opt = cls(owned + [p for p in ddp.model.parameters() if not p.replicated], **options)
     if exact:  # the owned slices' squared norms summed over the group: the whole tensors' (same order everywhere)
         opt.norm_sums = functools.partial(_norm_sums, len(owned), ddp.group)
+        whole_tensor_norms(opt, ddp.model)  # then the tp blocks' over the tp group
     if ddp.shard != "full":
         opt.register_step_post_hook(lambda: ddp._zero.gather_all(ddp))
     if ddp.shard == "optimizer":
