@@ -17,6 +17,7 @@ from disttrain import optim
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
 from disttrain.parallel.sync import problems as sync_problems
+from disttrain.parallel.zero import algorithm_problem
 from .straggler import problems as straggler_problems
 from disttrain.parallel.pipeline import RECOMPUTE, SCHEDULES
 from disttrain.parallel.pipeline.schedules import problem as schedule_problem
@@ -309,6 +310,9 @@ def _validate(c: TrainConfig) -> None:
         if c.shard != "optimizer" and c.compression != "none":
             problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
                             "optimizer with --compression, or --compression none")
+        elif algorithm_problem(c.shard, c.compression != "none", c.algorithm):
+            problems.append(algorithm_problem(c.shard, c.compression != "none", c.algorithm).replace(
+                "DataParallel: shard=", "--shard ").replace("algorithm must", "--algorithm must"))
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS

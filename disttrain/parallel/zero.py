@@ -67,7 +67,13 @@ def problems(mode: str, params, dtype, compressor, algorithm: str) -> str | None
         return (f"DataParallel: compression {compressor.spec!r} needs the full gradient bucket; shard={mode!r} "
                 "reduce-scatters it. Use shard='optimizer' (allreduce through the compressor, then keep the "
                 "owned slice) or no compression")
-    if (mode != "optimizer" or compressor.name == "none") and REDUCE_SCATTER.problem(algorithm):
+    return algorithm_problem(mode, compressor.name != "none", algorithm)
+
+
+def algorithm_problem(mode: str, compressed: bool, algorithm: str) -> str | None:
+    """Why shard `mode` cannot reduce its gradients with `algorithm` (None if it can); also the main
+    job's configuration check (a traceback and exit 1 from inside DataParallel before, attack7)."""
+    if mode in SHARD_MODES[1:] and (mode != "optimizer" or not compressed) and REDUCE_SCATTER.problem(algorithm):
         return (f"DataParallel: shard={mode!r} reduce-scatters the gradients; algorithm must be 'auto' or one of "
                 f"{REDUCE_SCATTER.names()}, got {algorithm!r}")
     return None
