@@ -186,7 +186,7 @@ class Fuzzer:
             if not g.is_member:
                 continue
             members = g.ranks
-            if self.skip_prog == prog:  # --fatal skip: this rank leaves out one call its peers make
+            if self.skip_prog is not None and prog >= self.skip_prog:  # --fatal skip: one call its peers make
                 self.skip_prog = None
                 print(f"FUZZ-SKIPPED rank {self.r}: {kind} on {list(members)} in program {prog}", flush=True)
                 continue
