@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from disttrain import compression
 from disttrain import optim
+from disttrain.comm.registry import ALLREDUCE, ALLTOALL
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
 from disttrain.parallel.sync import problems as sync_problems
@@ -278,6 +279,10 @@ def _validate(c: TrainConfig) -> None:
             problems.append(f"{name}: {path!r} is a directory; give a file name")
     if c.optimizer not in optim.OPTIMIZERS:
         problems.append(f"optimizer must be one of {list(optim.OPTIMIZERS)} (got {c.optimizer!r})")
+    for flag, family, name in (("--algorithm", ALLREDUCE, c.algorithm), ("--alltoall-algorithm", ALLTOALL,
+                                                                          c.alltoall_algorithm)):
+        if family.problem(name):  # refused only inside the run before (a traceback, exit 1), or never (--sync ssp)
+            problems.append(f"{flag}: {family.problem(name)}")
     if c.batching not in STRATEGIES:
         problems.append(f"batching must be one of {list(STRATEGIES)} (got {c.batching!r})")
     if c.max_tokens < 0 or (c.max_tokens and c.model != "gnmt"):
