@@ -1,6 +1,6 @@
 """Schedule fuzzer: random collective programs on random, overlapping groups, run on every rank.
 
-    mpiexec -n P python tests/fuzz_program.py SEED PROGRAMS [--fatal exit|raise|hang]
+    mpiexec -n P python tests/fuzz_program.py SEED PROGRAMS [--fatal exit|raise|skip] [--extra RATE]
 
 Every rank draws the same program from SEED (so they agree on what to call, as a real program
 would), runs it, and checks:
@@ -35,7 +35,7 @@ ALGS = {"allreduce": ["auto", *dt.ALLREDUCE_ALGORITHMS], "alltoall": ["auto", *d
         "allgather": ["auto", *ALLGATHER.names()], "reduce_scatter": ["auto", *REDUCE_SCATTER.names()],
         "broadcast": ["auto", *BROADCAST.names()]}
 SIZES = [0, 1, 2, 3, 5, 17, 64, 1000, 4099]
-EXTRA_RATE = 0.25  # share of operations drawn from fuzz_extra (the MPI oracle, groups made mid-program, ...)
+EXTRA_RATE = 0.25  # share of operations drawn from fuzz_extra (the MPI oracle, groups made mid-program, ...): --extra
 
 
 def make_pool(p, rng):
@@ -106,7 +106,7 @@ class Fuzzer:
         self.failures, self.calls, self.faults = [], 0, 0
         self.dead = set()  # pool indices of groups made unusable by a bad-group fault
         self.algs, self.expected, self.validate = ALGS, expected_reduce, True
-        self.extra = Extra(self)
+        self.extra, self.extra_rate = Extra(self), EXTRA_RATE
         self.skip_prog = None  # --fatal skip: this rank leaves out its first collective of that program
 
     def replace(self, k):
@@ -169,7 +169,7 @@ class Fuzzer:
             if fault[1] == "shape" and more.random() < 0.3:
                 fault = (fault[0], "reshape", fault[2])
             x7 = np.random.default_rng([self.seed, prog, i, 2])  # its own stream: the draws above stay put
-            if x7.random() < EXTRA_RATE and kind != "settings":
+            if x7.random() < self.extra_rate and kind != "settings":
                 self.extra.run(prog, i, str(x7.choice(EXTRA_KINDS)), gi, x7, outstanding)
                 continue
             if kind == "settings":
@@ -312,9 +312,11 @@ class Fuzzer:
 
 def main():
     seed, programs = int(sys.argv[1]), int(sys.argv[2])
-    fatal = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--fatal" else None
+    opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))
+    fatal = opts.get("--fatal")
     dt.init()
     f = Fuzzer(seed)
+    f.extra_rate = float(opts.get("--extra", EXTRA_RATE))
     if fatal:
         rng = np.random.default_rng([seed, 7])
         victim, at = int(rng.integers(dt.size())), int(rng.integers(1, max(2, programs // 2)))
