@@ -71,9 +71,13 @@ def draw(rng):
     run_flags = ["--model", model, *MODELS[model], "--steps", "4", "--log-every", "1", "--dtype", "float64",
                  "--global-batch-size", str(gbs), "--optimizer", opt, "--seed", str(int(rng.integers(100))),
                  "--warmup-steps", "1"]
+    if "--shard" in layout and layout[layout.index("--shard") + 1] != "none" and \
+            layout[layout.index("--algorithm") + 1] not in ("auto", "ring", "mpi"):
+        layout[layout.index("--algorithm") + 1] = "ring"  # the shard modes reduce-scatter (a refusal otherwise)
     exact = True
     if rng.random() < 0.15 and "--shard" in layout and layout[layout.index("--shard") + 1] in ("none", "optimizer"):
         run_flags += ["--compression", str(rng.choice(["fp16", "bf16", "topk:0.5", "onebit", "powersgd:1"]))]
+        layout[layout.index("--algorithm") + 1] = "auto"  # the compressors bring their own exchange
         exact = False
     if rng.random() < 0.1 and pp == 1 and tp == 1 and "--compression" not in run_flags:
         run_flags += ["--sync", str(rng.choice(["local:2", f"hybrid:{max(1, dp // 2)}"]))]

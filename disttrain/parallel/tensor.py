@@ -141,9 +141,15 @@ class ParallelMLP(Module):
 
     def __init__(self, d, ffn, group=None, rng=None, dtype=np.float32, input_grad=True):
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.up = ColumnParallelLinear(d, ffn, group, rng=rng, dtype=dtype, input_grad=input_grad)
-        self.act = GELU()
-        self.down = RowParallelLinear(ffn, d, group, init="xavier", rng=rng, dtype=dtype)
+        # kept as `layers` [up, act, down]: the parameters are named like that Sequential's
+        # ("mlp.layers.0.weight"), so a checkpoint resumes across --tp (attack7: a transformer
+        # written at --tp 2 "held a different model" at --tp 1 - "mlp.up.weight")
+        self.layers = [ColumnParallelLinear(d, ffn, group, rng=rng, dtype=dtype, input_grad=input_grad), GELU(),
+                       RowParallelLinear(ffn, d, group, init="xavier", rng=rng, dtype=dtype)]
+
+    up = property(lambda self: self.layers[0])
+    act = property(lambda self: self.layers[1])
+    down = property(lambda self: self.layers[2])
 
     def forward(self, x):
         return self.down.forward(self.act.forward(self.up.forward(x)))

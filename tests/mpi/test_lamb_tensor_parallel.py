@@ -56,8 +56,8 @@ def run(dp, shard):
     tp, t = mesh.tp, mesh.tp_rank
     cols = slice(t * FFN // tp, (t + 1) * FFN // tp)
     r = ref.layers
-    want = {"layers.0.up.weight": r[0].weight.data[:, cols], "layers.0.up.bias": r[0].bias.data[cols],
-            "layers.0.down.weight": r[2].weight.data[cols], "layers.0.down.bias": r[2].bias.data,
+    want = {"layers.0.layers.0.weight": r[0].weight.data[:, cols], "layers.0.layers.0.bias": r[0].bias.data[cols],
+            "layers.0.layers.2.weight": r[2].weight.data[cols], "layers.0.layers.2.bias": r[2].bias.data,
             "layers.1.weight": r[3].weight.data, "layers.1.bias": r[3].bias.data}
     mesh.free()
     return got, want
