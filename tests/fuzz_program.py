@@ -1,6 +1,6 @@
 """Schedule fuzzer: random collective programs on random, overlapping groups, run on every rank.
 
-    mpiexec -n P python tests/fuzz_program.py SEED PROGRAMS [--fatal exit|raise|hang]
+    mpiexec -n P python tests/fuzz_program.py SEED PROGRAMS [--fatal exit|raise|skip] [--extra RATE]
 
 Every rank draws the same program from SEED (so they agree on what to call, as a real program
 would), runs it, and checks:
@@ -29,10 +29,13 @@ from disttrain.comm import config, kernels
 from disttrain.comm.ops import MAX, MIN
 from disttrain.comm.registry import ALLGATHER, BROADCAST, REDUCE_SCATTER
 
+from fuzz_extra import KINDS as EXTRA_KINDS, Extra
+
 ALGS = {"allreduce": ["auto", *dt.ALLREDUCE_ALGORITHMS], "alltoall": ["auto", *dt.ALLTOALL_ALGORITHMS],
         "allgather": ["auto", *ALLGATHER.names()], "reduce_scatter": ["auto", *REDUCE_SCATTER.names()],
         "broadcast": ["auto", *BROADCAST.names()]}
 SIZES = [0, 1, 2, 3, 5, 17, 64, 1000, 4099]
+EXTRA_RATE = 0.25  # share of operations drawn from fuzz_extra (the MPI oracle, groups made mid-program, ...): --extra
 
 
 def make_pool(p, rng):
@@ -97,16 +100,31 @@ class Fuzzer:
     def __init__(self, seed):
         self.seed, self.r, self.p = seed, dt.rank(), dt.size()
         self.pool = make_pool(self.p, np.random.default_rng([seed, 999]))
+        # a private duplicate of each group's communicator: the MPI library's own collectives there
+        # are fuzz_extra's second oracle
+        self.refs = [g.comm.Dup() if g.is_member else None for g in self.pool]
         self.failures, self.calls, self.faults = [], 0, 0
         self.dead = set()  # pool indices of groups made unusable by a bad-group fault
+        self.algs, self.expected, self.validate = ALGS, expected_reduce, True
+        self.extra, self.extra_rate = Extra(self), EXTRA_RATE
+        self.skip_prog = None  # --fatal skip: this rank leaves out its first collective of that program
+
+    def replace(self, k):
+        """A new group with pool group k's ranks (collective over the world), and its MPI duplicate."""
+        old, ref = self.pool[k], self.refs[k]
+        self.pool[k] = dt.new_group(old.ranks)
+        self.refs[k] = self.pool[k].comm.Dup() if self.pool[k].is_member else None
+        if ref is not None:
+            ref.Free()
+        return old
 
     def fail(self, prog, msg):
         self.failures.append(f"seed={self.seed} program={prog}: {msg}")
 
     def program(self, prog):
         rng = np.random.default_rng([self.seed, prog])
-        outstanding = []  # (handle, expected, what)
-        validate = True
+        outstanding = []  # (handle, expected, what[, pool index of its group])
+        self.validate = True
         for i in range(int(rng.integers(3, 12))):
             # Every random choice is drawn on every rank, member or not, so all ranks keep drawing
             # the same program.
@@ -150,20 +168,28 @@ class Fuzzer:
             rows2d = bool(more.random() < 0.3)
             if fault[1] == "shape" and more.random() < 0.3:
                 fault = (fault[0], "reshape", fault[2])
+            x7 = np.random.default_rng([self.seed, prog, i, 2])  # its own stream: the draws above stay put
+            if x7.random() < self.extra_rate and kind != "settings":
+                self.extra.run(prog, i, str(x7.choice(EXTRA_KINDS)), gi, x7, outstanding)
+                continue
             if kind == "settings":
-                validate = new_validate
-                dt.set_validation(validate)
+                self.validate = new_validate
+                dt.set_validation(new_validate)
                 config.update(segment_bytes=seg)
                 continue
             if gi in self.dead:  # its peers abandoned a call after a bad group=: unusable until replaced
                 continue
             if kind == "fault":
-                if validate and g.size >= 2:
+                if self.validate and g.size >= 2:
                     self.fault(prog, g, gi, *fault)
                 continue
             if not g.is_member:
                 continue
             members = g.ranks
+            if self.skip_prog is not None and prog >= self.skip_prog:  # --fatal skip: one call its peers make
+                self.skip_prog = None
+                print(f"FUZZ-SKIPPED rank {self.r}: {kind} on {list(members)} in program {prog}", flush=True)
+                continue
             self.calls += 1
             if kind in ("allreduce", "async"):
                 xs = [rank_data(self.seed, prog, i, m, n, dtype) for m in members]
@@ -176,7 +202,7 @@ class Fuzzer:
                 what = f"{op} {alg} n={n} {np.dtype(dtype)} {how} on {members}"
                 if kind == "async":
                     call = dt.allreduce_async_ if how == "inplace" else dt.allreduce_async
-                    outstanding.append((call(mine, op=op, algorithm=alg, group=g), want, f"allreduce_async {what}"))
+                    outstanding.append((call(mine, op=op, algorithm=alg, group=g), want, f"allreduce_async {what}", gi))
                 elif how == "inplace":
                     got = dt.allreduce_(mine, op=op, algorithm=alg, group=g)
                     if got is not mine:
@@ -212,18 +238,27 @@ class Fuzzer:
                 if list(rc) != splits[:, g.rank].tolist():
                     self.fail(prog, f"alltoall recv_splits {rc}")
             if outstanding and waitnow:
-                h, want, what = outstanding.pop(int(pick * len(outstanding)))
-                self.check(prog, h.wait(), want, what)
-        for h, want, what in outstanding:
-            self.check(prog, h.wait(), want, what)
+                self.finish(prog, *outstanding.pop(int(pick * len(outstanding))))
+        for entry in outstanding:
+            self.finish(prog, *entry)
         dt.set_validation(True)
         # every program ends with the same digest of its results on every rank
         if rng.random() < 0.2:  # groups are created and freed between programs
             k = int(rng.integers(1, len(self.pool)))
             if k not in self.dead:
-                old = self.pool[k]
-                self.pool[k] = dt.new_group(old.ranks)
-                old.free()
+                self.replace(k).free()
+
+    def finish(self, prog, h, want, what, gi=None):
+        """Wait for an asynchronous call and check its result. A bad-group fault on its group
+        while it was in flight makes the group unusable (stall.mark_broken, when a peer's wait is
+        interrupted by the notice): the call may then raise CollectiveError instead."""
+        try:
+            got = h.wait()
+        except dt.CollectiveError as e:
+            if gi in self.dead and "unusable after an abandoned collective" in str(e):
+                return
+            raise
+        self.check(prog, got, want, what)
 
     def check(self, prog, got, want, what):
         if got.dtype.kind == "f":
@@ -270,21 +305,25 @@ class Fuzzer:
         for prog in range(programs):
             self.program(prog)
             for k in sorted(self.dead):  # collective on the world: every rank replaces the same groups
-                self.pool[k] = dt.new_group(self.pool[k].ranks)
+                self.replace(k)
             self.dead = set()
         return self.failures
 
 
 def main():
     seed, programs = int(sys.argv[1]), int(sys.argv[2])
-    fatal = sys.argv[4] if len(sys.argv) > 4 and sys.argv[3] == "--fatal" else None
+    opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))
+    fatal = opts.get("--fatal")
     dt.init()
     f = Fuzzer(seed)
+    f.extra_rate = float(opts.get("--extra", EXTRA_RATE))
     if fatal:
         rng = np.random.default_rng([seed, 7])
         victim, at = int(rng.integers(dt.size())), int(rng.integers(1, max(2, programs // 2)))
         for prog in range(programs):
-            if prog == at and dt.rank() == victim:
+            if prog == at and dt.rank() == victim and fatal == "skip":
+                f.skip_prog = prog
+            elif prog == at and dt.rank() == victim:
                 print(f"FUZZ-FATAL rank {victim} {fatal} at program {prog} (seed {seed})", flush=True)
                 if fatal == "exit":
                     sys.exit(0)

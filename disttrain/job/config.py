@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 from disttrain import compression
 from disttrain import optim
+from disttrain.comm.registry import ALLREDUCE, ALLTOALL
 from disttrain.data import STRATEGIES
 from disttrain.parallel.embedding import SHARDINGS
 from disttrain.parallel.sync import problems as sync_problems
+from disttrain.parallel.zero import algorithm_problem
 from .straggler import problems as straggler_problems
 from disttrain.parallel.pipeline import RECOMPUTE, SCHEDULES
 from disttrain.parallel.pipeline.schedules import problem as schedule_problem
@@ -277,6 +279,10 @@ def _validate(c: TrainConfig) -> None:
             problems.append(f"{name}: {path!r} is a directory; give a file name")
     if c.optimizer not in optim.OPTIMIZERS:
         problems.append(f"optimizer must be one of {list(optim.OPTIMIZERS)} (got {c.optimizer!r})")
+    for flag, family, name in (("--algorithm", ALLREDUCE, c.algorithm), ("--alltoall-algorithm", ALLTOALL,
+                                                                          c.alltoall_algorithm)):
+        if family.problem(name):  # refused only inside the run before (a traceback, exit 1), or never (--sync ssp)
+            problems.append(f"{flag}: {family.problem(name)}")
     if c.batching not in STRATEGIES:
         problems.append(f"batching must be one of {list(STRATEGIES)} (got {c.batching!r})")
     if c.max_tokens < 0 or (c.max_tokens and c.model != "gnmt"):
@@ -309,6 +315,9 @@ def _validate(c: TrainConfig) -> None:
         if c.shard != "optimizer" and c.compression != "none":
             problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
                             "optimizer with --compression, or --compression none")
+        elif algorithm_problem(c.shard, c.compression != "none", c.algorithm):
+            problems.append(algorithm_problem(c.shard, c.compression != "none", c.algorithm).replace(
+                "DataParallel: shard=", "--shard ").replace("algorithm must", "--algorithm must"))
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS

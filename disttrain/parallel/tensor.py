@@ -22,9 +22,12 @@ raise on every rank of the group.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import comm as C
+from ..comm import lowlevel as L
 from ..comm import validate
 from ..nn.activations import GELU
 from ..nn.attention import MultiHeadAttention
@@ -138,9 +141,15 @@ class ParallelMLP(Module):
 
     def __init__(self, d, ffn, group=None, rng=None, dtype=np.float32, input_grad=True):
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.up = ColumnParallelLinear(d, ffn, group, rng=rng, dtype=dtype, input_grad=input_grad)
-        self.act = GELU()
-        self.down = RowParallelLinear(ffn, d, group, init="xavier", rng=rng, dtype=dtype)
+        # kept as `layers` [up, act, down]: the parameters are named like that Sequential's
+        # ("mlp.layers.0.weight"), so a checkpoint resumes across --tp (attack7: a transformer
+        # written at --tp 2 "held a different model" at --tp 1 - "mlp.up.weight")
+        self.layers = [ColumnParallelLinear(d, ffn, group, rng=rng, dtype=dtype, input_grad=input_grad), GELU(),
+                       RowParallelLinear(ffn, d, group, init="xavier", rng=rng, dtype=dtype)]
+
+    up = property(lambda self: self.layers[0])
+    act = property(lambda self: self.layers[1])
+    down = property(lambda self: self.layers[2])
 
     def forward(self, x):
         return self.down.forward(self.act.forward(self.up.forward(x)))
@@ -166,3 +175,50 @@ class ParallelAttention(MultiHeadAttention):
         self.d, self.heads, self.local_heads, self.causal, self.group = d, heads, local, causal, g
         self.qkv = ColumnParallelLinear(d, 3 * d, g, init="xavier", rng=rng, dtype=dtype, input_grad=input_grad)
         self.proj = RowParallelLinear(d, d, g, init="xavier", rng=rng, dtype=dtype)
+
+
+# ------------------------------------------------------------------ whole-tensor optimizer norms
+def split_parameters(model) -> list:
+    """(tp group, Parameter) of every parameter a tensor-parallel layer of `model` splits over its
+    group (each rank holds a block: Column's weight and bias, Row's weight - Row's bias is
+    replicated), in model order."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, ColumnParallelLinear):  # VocabParallelLinear too
+            ps = (m.weight, m.bias)
+        elif isinstance(m, RowParallelLinear):
+            ps = (m.weight,)
+        else:
+            continue
+        out += [(m.group, p) for p in ps if p is not None and m.group.size > 1]
+    return out
+
+
+def whole_tensor_norms(opt, model) -> None:
+    """Make an optimizer whose update needs whole-tensor norms (``norm_sums``: LAMB's trust ratio
+    ||w|| / ||update||, You et al. 2020) exact under tensor parallelism: the squared norms of the
+    split parameters are summed over their tp group, after any sum over the data-parallel ranks
+    (ZeRO's). Without it each tp rank scaled its block by the block's own ratio - another run than
+    one process (attack7: mlp --tp 2 --optimizer lamb, losses off by 3e-4 from step 2). Collective
+    over each tp group (an agreement on the rows); no-op for other optimizers."""
+    if not hasattr(opt, "norm_sums"):
+        return
+    where = {id(p): g for g, p in split_parameters(model)}
+    by_name = {p.name: where[id(p)] for p in model.parameters() if id(p) in where}
+    parts = {}  # group uid -> (group, rows of opt.params: ZeRO's shards carry the model's names)
+    for i, p in enumerate(opt.params):
+        g = by_name.get(p.name)
+        if g is not None:
+            parts.setdefault(g.uid, (g, []))[1].append(i)
+    for uid in sorted(parts):  # the same groups in the same order on every rank of the tp group
+        g, rows = parts[uid]
+        L.check(g.comm, "whole_tensor_norms", {"rows": [opt.params[i].name for i in rows]}, always=True)
+    if parts:
+        opt.norm_sums = functools.partial(_split_norm_sums, opt.norm_sums, [parts[u] for u in sorted(parts)])
+
+
+def _split_norm_sums(inner, parts, sq: np.ndarray) -> np.ndarray:
+    out = inner(sq) if inner is not None else sq.copy()
+    for g, rows in parts:
+        out[rows] = C.allreduce(np.ascontiguousarray(out[rows]), group=g)
+    return out

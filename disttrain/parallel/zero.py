@@ -36,6 +36,7 @@ from ..comm import lowlevel as L
 from ..comm.registry import ALLGATHER, REDUCE_SCATTER
 from ..nn.layout import Piece, shards, whole
 from ..nn.module import Parameter
+from .tensor import whole_tensor_norms
 
 SHARD_MODES = ("none", "optimizer", "gradients", "full")
 
@@ -66,7 +67,13 @@ def problems(mode: str, params, dtype, compressor, algorithm: str) -> str | None
         return (f"DataParallel: compression {compressor.spec!r} needs the full gradient bucket; shard={mode!r} "
                 "reduce-scatters it. Use shard='optimizer' (allreduce through the compressor, then keep the "
                 "owned slice) or no compression")
-    if (mode != "optimizer" or compressor.name == "none") and REDUCE_SCATTER.problem(algorithm):
+    return algorithm_problem(mode, compressor.name != "none", algorithm)
+
+
+def algorithm_problem(mode: str, compressed: bool, algorithm: str) -> str | None:
+    """Why shard `mode` cannot reduce its gradients with `algorithm` (None if it can); also the main
+    job's configuration check (a traceback and exit 1 from inside DataParallel before, attack7)."""
+    if mode in SHARD_MODES[1:] and (mode != "optimizer" or not compressed) and REDUCE_SCATTER.problem(algorithm):
         return (f"DataParallel: shard={mode!r} reduce-scatters the gradients; algorithm must be 'auto' or one of "
                 f"{REDUCE_SCATTER.names()}, got {algorithm!r}")
     return None
@@ -205,11 +212,14 @@ def make_optimizer(ddp, cls, options: dict):
                          f"partial sums (norm_sums), but shard={ddp.shard!r} gives each rank a slice; use "
                          "shard='none' or another optimizer")
     if ddp._zero is None:
-        return cls(ddp.model.parameters(), **options)
+        opt = cls(ddp.model.parameters(), **options)
+        whole_tensor_norms(opt, ddp.model)
+        return opt
     owned = ddp._zero.owned()
     opt = cls(owned + [p for p in ddp.model.parameters() if not p.replicated], **options)
     if exact:  # the owned slices' squared norms summed over the group: the whole tensors' (same order everywhere)
         opt.norm_sums = functools.partial(_norm_sums, len(owned), ddp.group)
+        whole_tensor_norms(opt, ddp.model)  # then the tp blocks' over the tp group
     if ddp.shard != "full":
         opt.register_step_post_hook(lambda: ddp._zero.gather_all(ddp))
     if ddp.shard == "optimizer":
