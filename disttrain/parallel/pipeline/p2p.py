@@ -23,6 +23,10 @@ Two modes per step, agreed by every rank of the pipeline at the step's start (``
   data lands where it is read instead of in MPI's unexpected-message queue), and an op's receive is
   a wait. A layer whose output shape depends on the data, not on the input shape, is caught: the
   sender raises if a shape differs from the one remembered, the receiver if a message's size does.
+
+In known-shape mode with ``transport="shm"`` the messages between ranks of one node skip MPI: the
+sender writes into the receiver's slot of a shared window and the receiver computes from it
+(channel.py); nothing is posted for them, and messages to ranks on other nodes stay as above.
 """
 from __future__ import annotations
 
