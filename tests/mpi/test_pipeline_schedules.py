@@ -199,6 +199,8 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
         Pipeline(two, mesh.pp_group, loss, "interleaved", micro_batches=p, virtual_stages=3)
     with pytest.raises(CollectiveError, match="recompute must be one of"):
         Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, recompute="some")
+    with pytest.raises(CollectiveError, match="transport must be one of"):
+        Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, transport="tcp")
     pipe = Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=2)
     first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
     with pytest.raises(CollectiveError, match="divide into 2 micro-batches"):  # zero samples
@@ -210,6 +212,8 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
     # ranks that disagree (one rank asks for another schedule) raise everywhere, no hang
     with pytest.raises(CollectiveError):
         Pipeline(two, mesh.pp_group, loss, "zb1" if mesh.pp_rank == p - 1 else "1f1b", micro_batches=p)
+    with pytest.raises(CollectiveError, match="transport"):  # one rank's messages on MPI, the others' in slots
+        Pipeline(two, mesh.pp_group, loss, "1f1b", micro_batches=p, transport="mpi" if mesh.pp_rank == 0 else "shm")
 
 
 @pytest.mark.mpi
