@@ -83,6 +83,7 @@ def worker(a) -> None:
     comm = mesh.pp_group.comm
     rows = []
     schedules = a.schedules.split(",")
+    transports = a.transport.split(",")
 
     spin = a.spin_us / 1e6
 
@@ -174,7 +175,7 @@ def worker(a) -> None:
 
     hop_ms = one_way_ms()
 
-    def record(part, schedule, m, per, recompute="none") -> None:
+    def record(part, schedule, m, per, recompute="none", transport="mpi") -> None:
         """One table row from every stage's measurements (rank 0 holds them)."""
         if dt.rank() == 0:
             v, fn = chunks_of(schedule), SCHEDULES[schedule]
@@ -183,7 +184,7 @@ def worker(a) -> None:
             # schedule played with them is the bubble of *these* stages (unequal when the model's
             # partition is), against which the runtime's own cost shows
             mf, mb, mw = ([per[g % P]["op_ms"][kind][g // P] for g in range(P * v)] for kind in "FBW")
-            rows.append(dict(part=part, pp=P, schedule=schedule, V=v, recompute=recompute, m=m,
+            rows.append(dict(part=part, pp=P, schedule=schedule, V=v, recompute=recompute, m=m, transport=transport,
                              bubble=float(np.mean([s["bubble"] for s in per])),
                              own_bubble=float(np.mean([s["own_bubble"] for s in per])),
                              idle_ms=float(np.mean([s["idle_ms"] for s in per])),
@@ -211,10 +212,11 @@ def worker(a) -> None:
             batch = m * a.mb
             x, y = np.ones((batch, a.width), np.float32), np.zeros((batch, a.width), np.float32)
             f = a.fwd_ms / 1e3 / v
-            stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-            pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
-                            schedule=schedule, micro_batches=m, virtual_stages=v)
-            record("timed", schedule, m, run(pipe, x, y, a.steps))
+            for tr in transports:  # side by side: the same sizes through each transport in turn
+                stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
+                pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+                                schedule=schedule, micro_batches=m, virtual_stages=v, transport=tr)
+                record("timed", schedule, m, run(pipe, x, y, a.steps), transport=tr)
 
     # 1c. the hand-off between stages, from the runtime's per-op trace (Pipeline(trace=True)): for
     # every message whose receiver was already waiting for it, the time from the sender's compute
@@ -227,23 +229,24 @@ def worker(a) -> None:
             continue
         x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
         f = a.fwd_ms / 1e3 / v
-        stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-        pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
-                        schedule=schedule, micro_batches=m, virtual_stages=v, trace=True)
-        hand, post = [], []
-        for k in range(a.warmup + a.steps):
-            comm.Barrier()
-            pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
-            traces = comm.gather(pipe.stats["trace"], root=0)
-            if dt.rank() == 0 and k >= a.warmup:
-                h, q = handoffs(traces, P)
-                hand += h
-                post += q
-        if dt.rank() == 0:
-            rows.append(dict(part="handoff", pp=P, schedule=schedule, V=v, m=m, messages=len(hand),
-                             handoff_us=1e6 * float(np.median(hand)) if hand else float("nan"),
-                             handoff_p90_us=1e6 * float(np.percentile(hand, 90)) if hand else float("nan"),
-                             post_us=1e6 * float(np.median(post))))
+        for tr in transports:
+            stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
+            pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+                            schedule=schedule, micro_batches=m, virtual_stages=v, trace=True, transport=tr)
+            hand, post = [], []
+            for k in range(a.warmup + a.steps):
+                comm.Barrier()
+                pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
+                traces = comm.gather(pipe.stats["trace"], root=0)
+                if dt.rank() == 0 and k >= a.warmup:
+                    h, q = handoffs(traces, P)
+                    hand += h
+                    post += q
+            if dt.rank() == 0:
+                rows.append(dict(part="handoff", pp=P, schedule=schedule, V=v, m=m, messages=len(hand), transport=tr,
+                                 handoff_us=1e6 * float(np.median(hand)) if hand else float("nan"),
+                                 handoff_p90_us=1e6 * float(np.percentile(hand, 90)) if hand else float("nan"),
+                                 post_us=1e6 * float(np.median(post))))
 
     # 1a. what a pause does to the next op's cost on this machine: one op's worth of runtime work
     # (a 32 KiB copy, a self Isend/Irecv pair, a few dict updates) timed hot (back to back) and
@@ -303,10 +306,11 @@ def worker(a) -> None:
             chunks = [nn.Sequential(*units[lo:hi]) for lo, hi in assign(costs, P, v)[mesh.pp_rank]]
             stage = chunks[0] if v == 1 else nn.Sequential(*chunks)
             x, y = batch(m)
-            pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
-                            schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
-            record(part, schedule, m, run(pipe, x, y, steps), recompute)
-            stage.zero_grad()
+            for tr in transports:
+                pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
+                                schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute, transport=tr)
+                record(part, schedule, m, run(pipe, x, y, steps), recompute, tr)
+                stage.zero_grad()
 
         for schedule in schedules:
             for m in (m for m in a.micro_batches if runnable(schedule, m)):
@@ -402,7 +406,7 @@ def handoffs(traces, p: int) -> tuple:
 
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
-    print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
+    print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'tr':<3} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
           f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'+rt':>7} {'diff':>6} {'rt us/op':>9} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
           f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
@@ -411,7 +415,7 @@ def report(rows) -> None:
         rel = (r["bubble"] - r["theory"]) / r["theory"] if r["theory"] else 0.0
         played = r.get("played", r["theory"])
         relp = (r["bubble"] - played) / played if played else 0.0
-        print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
+        print(f"{r['part']:<6} {r['pp']:>2} {r['schedule']:<11} {r.get('transport', 'mpi'):<3} {r.get('V', 1):>1} {r.get('recompute', 'none'):<9} "
               f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
               f"{r.get('played_lat', played):>7.3f} {r.get('played_rt', played):>7.3f} "
               f"{(r['bubble'] - r.get('played_rt', played)) / r.get('played_rt', played) if r.get('played_rt', played) else 0:>+6.0%} "
@@ -435,7 +439,7 @@ def report(rows) -> None:
               f"{base['us_per_microbatch']:.0f} us per micro-batch with shape headers, {r['us_per_microbatch']:.0f} us "
               f"with known shapes (receives posted up front): {r['us_per_microbatch'] / base['us_per_microbatch']:.2f}x")
     for r in (r for r in rows if r["part"] == "handoff"):
-        print(f"hand-off, pp={r['pp']} {r['schedule']} m={r['m']}: {r['handoff_us']:.0f} us median "
+        print(f"hand-off, pp={r['pp']} {r['schedule']} m={r['m']} {r.get('transport', 'mpi')}: {r['handoff_us']:.0f} us median "
               f"(p90 {r['handoff_p90_us']:.0f}) from a sender's compute end to its waiting receiver's compute "
               f"start over {r['messages']} messages; compute end to send issued {r['post_us']:.0f} us")
     for r in (r for r in rows if r["part"] == "cold"):
@@ -443,14 +447,13 @@ def report(rows) -> None:
               f"{r['hot_us']:.0f} us hot, {r['after_sleep_us']:.0f} us after {r['pause_ms']:g} ms of sleep, "
               f"{r['after_spin_us']:.0f} us after {r['pause_ms']:g} ms of spinning (a cold cache)")
     timed = [r for r in rows if r["part"] == "timed"]
-    for pp in sorted({r["pp"] for r in timed}):
-        for m in sorted({r["m"] for r in timed if r["pp"] == pp}):
-            got = {r["schedule"]: r for r in timed if r["pp"] == pp and r["m"] == m}
-            if "zb1" in got and "1f1b" in got and got["1f1b"]["bubble"] > 0:
-                z, o = got["zb1"], got["1f1b"]
-                print(f"pp={pp} m={m}: zb1 / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
-                      f"(Qi et al.'s 1/3: (p-1)(F+B-W) against (p-1)(F+B+W)); as a fraction of the step "
-                      f"{z['bubble'] / o['bubble']:.2f} (formula {SCHEDULE_RATIO(pp, m):.2f})")
+    for pp, m, tr in sorted({(r["pp"], r["m"], r.get("transport", "mpi")) for r in timed}):
+        got = {r["schedule"]: r for r in timed if r["pp"] == pp and r["m"] == m and r.get("transport", "mpi") == tr}
+        if "zb1" in got and "1f1b" in got and got["1f1b"]["bubble"] > 0:
+            z, o = got["zb1"], got["1f1b"]
+            print(f"pp={pp} m={m} {tr}: zb1 / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
+                  f"(Qi et al.'s 1/3: (p-1)(F+B-W) against (p-1)(F+B+W)); as a fraction of the step "
+                  f"{z['bubble'] / o['bubble']:.2f} (formula {SCHEDULE_RATIO(pp, m):.2f})")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -531,6 +534,8 @@ def main() -> int:
                          "handoff (the runtime's per-op trace: sender's compute end to waiting receiver's compute start), overhead (stages computing nothing), "
                          "mlp, transformer (real stages, pp <= cores), tp, emb")
     ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
+    ap.add_argument("--transport", default="mpi,shm",
+                    help="Pipeline transports, run side by side for every case: mpi, shm (shared-memory channel)")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")
     ap.add_argument("--micro-batches", default="1,2,4,8,16")
     ap.add_argument("--mb", type=int, default=32, help="samples per micro-batch")
@@ -564,7 +569,7 @@ def main() -> int:
                   file=sys.stderr, flush=True)
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
-                   "--schedules", a.schedules, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
+                   "--schedules", a.schedules, "--transport", a.transport, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
                    "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,

@@ -78,12 +78,15 @@ def shares(n, dp, r):
     return np.array_split(np.arange(n), dp)[r]
 
 
-GNMT_CASES = [("1f1b", 1, "none"), ("zb1", 1, "full"), ("interleaved", 2, "selective"), ("gpipe", 1, "none")]
+# tuples of arrays and None parts between stages: through the shared-memory channel (the
+# default), and one case through MPI's known-shape path
+GNMT_CASES = [("1f1b", 1, "none", "shm"), ("zb1", 1, "full", "shm"), ("interleaved", 2, "selective", "shm"),
+              ("gpipe", 1, "none", "mpi")]
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("schedule,v,recompute", GNMT_CASES)
-def test_gnmt_pipeline_matches_one_process(comm, schedule, v, recompute):
+@pytest.mark.parametrize("schedule,v,recompute,transport", GNMT_CASES)
+def test_gnmt_pipeline_matches_one_process(comm, schedule, v, recompute, transport):
     """pp = world (dp2 x pp2 at 4, dp2 x pp4 at 8): 7 units, replicas with 10 and 9 sentences cut
     into 3 or p uneven micro-batches whose token counts differ; the loss is the token mean of the
     global batch. Steps 1-2 have the same shapes (known-shape messages), step 3 others."""
@@ -100,7 +103,7 @@ def test_gnmt_pipeline_matches_one_process(comm, schedule, v, recompute):
     ref, want = train_reference(gnmt(), nn.SoftmaxCrossEntropy(ignore_index=0), data)
     stage, mod = cut(gnmt(), mesh, v)
     pipe = Pipeline(mod, mesh.pp_group, nn.SoftmaxCrossEntropy(ignore_index=0) if mesh.pp_is_last_stage else None,
-                    schedule, m, virtual_stages=v, recompute=recompute, uneven=True)
+                    schedule, m, virtual_stages=v, recompute=recompute, uneven=True, transport=transport)
     opt, got, known = sgd(stage.parameters()), [], []
     for x, y in data:
         rows = shares(len(y), dp, mesh.dp_rank)

@@ -32,7 +32,7 @@ def units(n, rng, dropout=False):
     return out
 
 
-def build(mesh, schedule, m, v, recompute="none", dropout=False, n=None):
+def build(mesh, schedule, m, v, recompute="none", dropout=False, n=None, **kw):
     """(pipeline, this rank's parameters in global order, the reference units) for the mesh."""
     pp = mesh.pp
     n = n or pp * v + 1
@@ -43,7 +43,7 @@ def build(mesh, schedule, m, v, recompute="none", dropout=False, n=None):
     stage = nn.Sequential(*chunks) if v > 1 else chunks[0]
     mod = dt.DataParallel(stage, group=mesh.dp_group, bucket_mb=0.001) if mesh.dp > 1 else stage
     pipe = Pipeline(mod, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
-                    schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute)
+                    schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute, **kw)
     return pipe, stage, ref
 
 
@@ -97,6 +97,59 @@ def test_schedule_matches_one_process(comm, schedule, v, m_):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("schedule,v,m_", [("1f1b", 1, "1"), ("zb1", 1, "p+1"), ("interleaved", 2, "p")])
+def test_both_transports_give_the_one_process_result(comm, schedule, v, m_):
+    """The shared-memory channel (the default) and MPI: uneven micro-batches (m does not divide the
+    batch), m = 1, three steps (headers, then known shapes) - both equal one process, and each other
+    bit for bit; in a known-shape step every message between stages (one node) goes through the
+    channel's slots and no MPI receive is posted, with MPI none does."""
+    dp, pp = pipeline_shape(comm.Get_size())
+    m = {"1": 1, "p+1": pp + 1, "p": pp}[m_]
+    n = 3 * m + 2 if m > 1 else 5  # samples per replica
+    mesh = Mesh(dp=dp, pp=pp)
+    data = batches(3, dp * n, seed=31)
+    rows = slice(mesh.dp_rank * n, (mesh.dp_rank + 1) * n)
+    got = {}
+    for transport in ("shm", "mpi"):
+        pipe, stage, ref = build(mesh, schedule, m, v, transport=transport, uneven=True)
+        want = train_reference(nn.Sequential(*ref), data)
+        opt, losses = sgd(stage.parameters()), []
+        for k, (x, y) in enumerate(data):
+            losses.append(pipe.step(x[rows] if mesh.pp_is_first_stage else None, y[rows] if mesh.pp_is_last_stage else None))
+            opt.step()
+            opt.zero_grad()
+            assert pipe.net.known == (k > 0)
+            slots = set(pipe.net._inbound)
+            if k and transport == "shm" and pp > 1:
+                assert slots == {e[1:] for e in pipe._expected} and not pipe.net.posted, (slots, pipe.net.posted)
+                assert pipe.net.sent > 0
+            else:
+                assert not slots and not pipe.net._outbound
+        assert_matches(stage, ref, losses, want, dp)
+        got[transport] = [q.data.copy() for q in stage.parameters()]
+    for a, b in zip(got["shm"], got["mpi"]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_stages_that_remember_different_shapes_raise_on_every_rank(comm):
+    """The channel's slots are laid out from what each side remembers of the last step: a sender
+    whose memory differs from its receiver's (here: stage 0's, tampered) is a CollectiveError on
+    every rank when the known-shape step starts - not a hang, not a slot read with another shape."""
+    p = comm.Get_size()
+    mesh = Mesh(pp=p)
+    pipe, stage, _ = build(mesh, "1f1b", 2, 1)
+    x, y = batches(1, 8)[0]
+    pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
+    if mesh.pp_rank == 0:
+        key = next(iter(pipe.net.sent_shapes))
+        tup, ((dtype, shape),) = pipe.net.sent_shapes[key]
+        pipe.net.sent_shapes[key] = (tup, ((dtype, (shape[0] + 1, *shape[1:])),))
+    with pytest.raises(CollectiveError, match="stage 0 would send stage 1 .* remember different shapes"):
+        pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved", 2), ("zb1", 1)])
 @pytest.mark.parametrize("recompute", ["full", "selective"])
 def test_recompute_is_exact_and_keeps_less(comm, schedule, v, recompute):
@@ -146,6 +199,8 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
         Pipeline(two, mesh.pp_group, loss, "interleaved", micro_batches=p, virtual_stages=3)
     with pytest.raises(CollectiveError, match="recompute must be one of"):
         Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, recompute="some")
+    with pytest.raises(CollectiveError, match="transport must be one of"):
+        Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=p, transport="tcp")
     pipe = Pipeline(two, mesh.pp_group, loss, "zb1", micro_batches=2)
     first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
     with pytest.raises(CollectiveError, match="divide into 2 micro-batches"):  # zero samples
@@ -157,6 +212,8 @@ def test_bad_schedule_sizes_raise_on_every_rank(comm):
     # ranks that disagree (one rank asks for another schedule) raise everywhere, no hang
     with pytest.raises(CollectiveError):
         Pipeline(two, mesh.pp_group, loss, "zb1" if mesh.pp_rank == p - 1 else "1f1b", micro_batches=p)
+    with pytest.raises(CollectiveError, match="transport"):  # one rank's messages on MPI, the others' in slots
+        Pipeline(two, mesh.pp_group, loss, "1f1b", micro_batches=p, transport="mpi" if mesh.pp_rank == 0 else "shm")
 
 
 @pytest.mark.mpi

@@ -6,6 +6,7 @@ schedules with and without a bubble, activation recomputation.
 - ``executor.py``: ``Pipeline``, the runtime that runs a schedule's ops on this rank's stage;
 - ``stash.py``: what is kept between forward and backward, and recomputation;
 - ``p2p.py``: the point-to-point messages between stages;
+- ``channel.py``: the shared-memory channel that carries them between ranks of one node;
 - ``activations.py``: multi-tensor activations (tuples of arrays) between units, ``Carry``;
 - ``partition.py``: contiguous stage (or chunk) boundaries from measured layer costs.
 """

@@ -36,6 +36,7 @@ from ...groups import as_group
 from ...nn.module import Sequential
 from . import activations as A
 from . import stash as S
+from .channel import TRANSPORTS
 from .p2p import BWD, FWD, P2P
 from .schedules import SCHEDULES, problem
 
@@ -60,6 +61,10 @@ class Pipeline:
             depend on the data, not only on the input shape.
         uneven: allow a batch that m does not divide (``np.array_split`` micro-batches, each of at
             least one sample): variable-size batches such as sentences under a token budget.
+        transport: "shm" (default): once shapes are known, messages between stages on one node go
+            through a shared-memory channel (channel.py: the sender writes into the receiver's
+            slot, the receiver computes from it), others through MPI; "mpi": every message
+            through MPI (p2p.py).
         trace: keep every op's ``perf_counter`` stamps in ``stats["trace"]``: (kind, micro-batch,
             chunk, op start, compute start, compute end, send issued) - the hand-off between stages
             (a sender's compute end to its receiver's compute start) is measured from them.
@@ -82,7 +87,7 @@ class Pipeline:
 
     def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
                  virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True,
-                 uneven: bool = False, trace: bool = False):
+                 uneven: bool = False, trace: bool = False, transport: str = "shm"):
         self.group = as_group(group)
         self.s, self.p = self.group.rank, self.group.size
         self.ddp = stage if hasattr(stage, "no_sync") else None
@@ -93,6 +98,8 @@ class Pipeline:
             err = f"micro_batches must be a positive int, got {micro_batches!r}"
         elif recompute not in S.RECOMPUTE:
             err = f"recompute must be one of {list(S.RECOMPUTE)}, got {recompute!r}"
+        elif transport not in TRANSPORTS:
+            err = f"transport must be one of {list(TRANSPORTS)}, got {transport!r}"
         else:
             err = problem(schedule, self.p, micro_batches, v)
         if err is None and v > 1 and not (isinstance(self.module, Sequential) and len(self.module) == v):
@@ -102,7 +109,7 @@ class Pipeline:
         if err is None and self.s == self.p - 1 and loss_fn is None:
             err = "the last pipeline stage needs a loss_fn"
         validate.check(self.group.comm, "Pipeline", dict(schedule=schedule, micro_batches=micro_batches,
-                       virtual_stages=v, recompute=recompute), err, always=True)
+                       virtual_stages=v, recompute=recompute, transport=transport), err, always=True)
         self.loss_fn, self.schedule, self.m, self.v, self.recompute = loss_fn, schedule, micro_batches, v, recompute
         self.uneven = uneven
         self.chunks = list(self.module.layers) if v > 1 else [self.module]
@@ -111,7 +118,8 @@ class Pipeline:
         self._loss_plan = S.Plan(None, [loss_fn]) if self.is_last else None
         self.ops = SCHEDULES[schedule](self.s, self.p, micro_batches, v)
         self._program = self._compile(self.ops)
-        self.net = P2P(self.group.comm, micro_batches, cache_shapes)
+        self.transport = transport
+        self.net = P2P(self.group.comm, micro_batches, cache_shapes, transport, self.group.uid)
         self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
                           for op, i, c in self.ops
                           if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]

@@ -23,6 +23,10 @@ Two modes per step, agreed by every rank of the pipeline at the step's start (``
   data lands where it is read instead of in MPI's unexpected-message queue), and an op's receive is
   a wait. A layer whose output shape depends on the data, not on the input shape, is caught: the
   sender raises if a shape differs from the one remembered, the receiver if a message's size does.
+
+In known-shape mode with ``transport="shm"`` the messages between ranks of one node skip MPI: the
+sender writes into the receiver's slot of a shared window and the receiver computes from it
+(channel.py); nothing is posted for them, and messages to ranks on other nodes stay as above.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import numpy as np
 
 from ... import mpi, stall
 from . import activations as A
+from .channel import Channel
 
 FWD, BWD = 0, 1
 _HDR = 64  # header: tuple flag, part count, then per part: dtype code (0: None), ndim, dims
@@ -71,12 +76,17 @@ def _parse(hdr) -> tuple:
 class P2P:
     """The pipeline's messages on one communicator, for m micro-batches.
 
-    ``cache`` False: always headers (the mode before known shapes; a benchmark's baseline)."""
+    ``cache`` False: always headers (the mode before known shapes; a benchmark's baseline).
+    ``transport`` "shm": known-shape messages between ranks of one node go through the node's
+    shared memory (channel.py; ``uid``: the group's, for its window pool), the others through MPI.
+    """
 
     max_messages = 32767 - _TAG0
 
-    def __init__(self, comm, micro_batches: int, cache: bool = True):
+    def __init__(self, comm, micro_batches: int, cache: bool = True, transport: str = "mpi", uid: str = ""):
         self.comm, self.m, self.cache = comm, micro_batches, cache
+        self.chan = Channel(comm, uid) if transport == "shm" and comm.Get_size() > 1 else None
+        self._inbound, self._outbound = {}, {}  # this step's channel slots (empty: all MPI)
         self.shapes, self.sent_shapes, self.cached_for = {}, {}, None
         self.buffers, self.posted, self.known = {}, {}, False
         self._status = None  # an MPI.Status, made at the first begin (mpi4py is imported lazily)
@@ -91,7 +101,14 @@ class P2P:
         # waited: seconds this step's receives spent waiting for a message not yet there (only the
         # wait path is timed: a message already here adds nothing) - what the runtime's own time
         # per op is told apart from with (Pipeline.stats["runtime_s"])
-        self.sends, self.sent, self.waited = [], 0, 0.0
+        self.sends, self.sent, self._waited = [], 0, 0.0
+        if self.chan is not None:
+            self.chan.waited = 0.0
+
+    @property
+    def waited(self) -> float:
+        """Seconds this step's receives waited for a message not yet there (MPI and channel)."""
+        return self._waited + (self.chan.waited if self.chan is not None else 0.0)
 
     def tag(self, direction: int, i: int, chunk: int) -> int:
         return _TAG0 + 2 * (chunk * self.m + i) + direction
@@ -114,11 +131,21 @@ class P2P:
             self._status, self._byte = mpi.MPI.Status(), mpi.MPI.BYTE
         self.input_key = input_key
         self.known = self.cache and all(c == input_key for c in cached)
+        self._inbound, self._outbound = {}, {}
         if not self.known:
             self.forget()
             return
+        chan = self.chan
+        if chan is not None:  # every rank here (known is agreed), and laid_for is the same everywhere
+            if chan.laid_for != input_key:
+                chan.lay_out(input_key, {(d, i, c): (src, self.shapes[(d, i, c)]) for src, d, i, c in expected},
+                             self.sent_shapes)
+            chan.begin()
+            self._inbound, self._outbound = chan.inbound, chan.outbound
         for src, direction, i, chunk in expected:
             key, tag = (direction, i, chunk), self.tag(direction, i, chunk)
+            if key in self._inbound:
+                continue  # in a shared-memory slot: nothing to post
             sig = self.shapes[key]
             bufs = self.buffers.get(key)
             if bufs is None or bufs[0] != sig:
@@ -133,6 +160,8 @@ class P2P:
     def forget(self) -> None:
         """Headers from now on, until a step completes and its shapes are remembered."""
         self.known, self.cached_for, self.shapes, self.sent_shapes = False, None, {}, {}
+        if self.chan is not None:
+            self.chan.forget()
 
     def end(self) -> None:
         """The step completed: its shapes are known for its input shape."""
@@ -144,8 +173,12 @@ class P2P:
         key, tag = (dest, direction, i, chunk), self.tag(direction, i, chunk)
         if self.known:
             want = self.sent_shapes.get(key)
+            slot = self._outbound.get(key)
             if type(a) is np.ndarray:  # the common case without building a signature (the per-op cost)
                 ok = want is not None and not want[0] and want[1][0] == (a.dtype, a.shape)
+                if ok and slot is not None:  # into the receiver's slot (any layout: a copy)
+                    self.sent += self.chan.put(slot, (a,))
+                    return
                 if ok and a.flags.c_contiguous:  # on the wire first, the accounting after
                     self.sends.append(self.comm.Isend(a, dest, tag))
                     self.sent += a.nbytes
@@ -153,11 +186,15 @@ class P2P:
                 data = [np.ascontiguousarray(a)]
             else:
                 ok = _signature(a) == want
-                data = [np.ascontiguousarray(p) for p in A.parts(a) if p is not None]
+                data = [p for p in A.parts(a) if p is not None]
             if not ok:
                 raise ValueError(f"pipeline: micro-batch {i}'s {'activation' if direction == FWD else 'gradient'} "
                                  f"has shapes {_signature(a)}, not {want} as in the last step with "
                                  "the same input shape: shapes that depend on the data need Pipeline(cache_shapes=False)")
+            if slot is not None:
+                self.sent += self.chan.put(slot, data)
+                return
+            data = [np.ascontiguousarray(d) for d in data]
         else:
             sig = _signature(a)
             data = [np.ascontiguousarray(p) for p in A.parts(a) if p is not None]
@@ -176,12 +213,15 @@ class P2P:
             req.Wait(status)
         finally:
             stall.leave(op)
-            self.waited += time.perf_counter() - t
+            self._waited += time.perf_counter() - t
 
     def recv(self, src: int, direction: int, i: int, chunk: int):
         """What rank `src` sent to this rank's chunk `chunk` for micro-batch i."""
         key = (direction, i, chunk)
         if self.known:
+            slot = self._inbound.get(key)
+            if slot is not None:  # the sender writes it into this rank's slot: read it there
+                return self.chan.take(slot, self.world_ranks[src])
             reqs, result = self.posted.pop(key)
             status = self._status
             for req, buf, nbytes in reqs:
@@ -211,7 +251,7 @@ class P2P:
                 self.shapes[key] = sig
             finally:
                 stall.leave(op)
-                self.waited += time.perf_counter() - t  # headers: the whole receive counts as waiting
+                self._waited += time.perf_counter() - t  # headers: the whole receive counts as waiting
             first = next((b for b in out if b is not None), None)
             if first is not None:
                 op.shape, op.dtype = first.shape, first.dtype
