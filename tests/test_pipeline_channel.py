@@ -34,7 +34,8 @@ class RaiseAt(nn.Module):
 
 stage = nn.Sequential(layers()[r], RaiseAt())
 loss = nn.SoftmaxCrossEntropy()
-pipe = Pipeline(stage, dt.new_group(range(p)), loss if r == p - 1 else None, "1f1b", micro_batches=3, uneven=True)
+pipe = Pipeline(stage, dt.new_group(range(p)), loss if r == p - 1 else None, "1f1b", micro_batches=3, uneven=True,
+                transport="shm")
 rng = np.random.default_rng(1)
 x, y = rng.standard_normal((7, 6)), rng.integers(0, 6, 7)
 for _ in range(2):
