@@ -127,17 +127,21 @@ def _allreduce(comm, x, op, algorithm, inplace):
     into = ALLREDUCE.into.get(name)
     if into is not None and not inplace and acc is x.dtype and not fused.keyed(kop, acc) and x.size:
         # out of place straight into the (recycled) result: MPI_Allreduce(x, y), no copy of x first
+        # (of an aligned x: mpi4py cannot map an unaligned buffer's dtype - a KeyError on that rank
+        # alone; call6 found it)
         out = pool.empty(x.shape, x.dtype)
         flat = out.reshape(-1)
+        src = np.require(x, requirements="CA").reshape(-1)
         if timeline.enabled():
             with timeline.span(f"allreduce:{name}", "algo", bytes=x.nbytes):
-                into(comm, np.ascontiguousarray(x).reshape(-1), flat, kop)
+                into(comm, src, flat, kop)
         else:
-            into(comm, np.ascontiguousarray(x).reshape(-1), flat, kop)
+            into(comm, src, flat, kop)
         if opc == AVG:
             divide(flat, comm.Get_size())
         return out
-    direct = inplace and acc is x.dtype and x.flags.c_contiguous  # reduce in x itself: DataParallel's buckets
+    # reduce in x itself (DataParallel's buckets) when the algorithms can take it as it is
+    direct = inplace and acc is x.dtype and x.flags.c_contiguous and x.flags.aligned
     work = x.reshape(-1) if direct else _to_work(x, acc)
     _run_reduce("allreduce", ALLREDUCE.resolve(name), comm, work, kop, name)
     if opc == AVG:
@@ -271,7 +275,7 @@ def _hot(x, op, algorithm, group, inplace):
         # validate.check posts, so ranks on either path meet), then the algorithm "auto" picks,
         # out of place straight into a recycled result as the general path does (e.g.
         # MPI_Allreduce(x, y)); the general path runs algorithms without an out-of-place form
-        if inplace or not x.flags.c_contiguous:
+        if inplace or not (x.flags.c_contiguous and x.flags.aligned):
             return None
         name = choose("allreduce", g.comm, nbytes, plan.dtype)
         into = ALLREDUCE.into.get(name)

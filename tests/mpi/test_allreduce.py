@@ -172,3 +172,24 @@ def test_shm_across_nodes_is_refused_on_every_rank(comm, monkeypatch):
 
     c = costmodel.CostParams(4, hosts=2)
     assert costmodel.predict(c, "shm", 1 << 20) == float("inf")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("algorithm", ["auto", "mpi", "ring"])
+def test_an_unaligned_array_on_one_rank_above_the_fused_limit(comm, algorithm):
+    """A float64 view at an odd byte offset is a valid input: it reached mpi4py as it was on the
+    library paths (KeyError "cannot map '=d'" on that rank alone - call6), and in place it was
+    reduced in x itself. Out of place and in place, against MPI's own sum; rank 0 unaligned."""
+    from disttrain.comm import fused
+
+    n = fused.limit(comm.Get_size()) // 8 + 3
+    if comm.Get_rank() == 0:
+        x = np.zeros(8 * n + 1, np.uint8)[1:].view(np.float64)
+        assert not x.flags.aligned
+    else:
+        x = np.empty(n)
+    x[:] = rank_rng(comm, 7).integers(-9, 9, n)
+    want = oracle(comm, x.copy(), "sum")  # a copy is aligned: mpi4py takes it
+    np.testing.assert_array_equal(dt.allreduce(x, algorithm=algorithm), want)
+    assert dt.allreduce_(x, algorithm=algorithm) is x
+    np.testing.assert_array_equal(x, want)
