@@ -138,7 +138,7 @@ def test_stages_that_remember_different_shapes_raise_on_every_rank(comm):
     every rank when the known-shape step starts - not a hang, not a slot read with another shape."""
     p = comm.Get_size()
     mesh = Mesh(pp=p)
-    pipe, stage, _ = build(mesh, "1f1b", 2, 1)
+    pipe, stage, _ = build(mesh, "1f1b", 2, 1, transport="shm")
     x, y = batches(1, 8)[0]
     pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
     if mesh.pp_rank == 0:
