@@ -281,8 +281,8 @@ def _validate(c: TrainConfig) -> None:
         problems.append(f"optimizer must be one of {list(optim.OPTIMIZERS)} (got {c.optimizer!r})")
     for flag, family, name in (("--algorithm", ALLREDUCE, c.algorithm), ("--alltoall-algorithm", ALLTOALL,
                                                                           c.alltoall_algorithm)):
-        if family.problem(name):  # refused only inside the run before (a traceback, exit 1), or never (--sync ssp)
-            problems.append(f"{flag}: {family.problem(name)}")
+        if why := family.problem(name):  # refused only inside the run before (a traceback, exit 1), or never (--sync ssp)
+            problems.append(f"{flag}: {why}")
     if c.batching not in STRATEGIES:
         problems.append(f"batching must be one of {list(STRATEGIES)} (got {c.batching!r})")
     if c.max_tokens < 0 or (c.max_tokens and c.model != "gnmt"):
@@ -315,9 +315,8 @@ def _validate(c: TrainConfig) -> None:
         if c.shard != "optimizer" and c.compression != "none":
             problems.append(f"--shard {c.shard} reduce-scatters the gradients and cannot compress them; use --shard "
                             "optimizer with --compression, or --compression none")
-        elif algorithm_problem(c.shard, c.compression != "none", c.algorithm):
-            problems.append(algorithm_problem(c.shard, c.compression != "none", c.algorithm).replace(
-                "DataParallel: shard=", "--shard ").replace("algorithm must", "--algorithm must"))
+        elif why := algorithm_problem(c.shard, c.compression != "none", c.algorithm, ("--shard ", "--algorithm")):
+            problems.append(why)
     if c.sharding not in SHARDINGS:
         problems.append(f"sharding must be one of {list(SHARDINGS)} (got {c.sharding!r})")
     if (c.model == "dlrm" and c.sparse_embeddings and c.optimizer in optim.OPTIMIZERS

@@ -70,11 +70,13 @@ def problems(mode: str, params, dtype, compressor, algorithm: str) -> str | None
     return algorithm_problem(mode, compressor.name != "none", algorithm)
 
 
-def algorithm_problem(mode: str, compressed: bool, algorithm: str) -> str | None:
+def algorithm_problem(mode: str, compressed: bool, algorithm: str,
+                      names=("DataParallel: shard=", "algorithm")) -> str | None:
     """Why shard `mode` cannot reduce its gradients with `algorithm` (None if it can); also the main
-    job's configuration check (a traceback and exit 1 from inside DataParallel before, attack7)."""
+    job's configuration check (a traceback and exit 1 from inside DataParallel before, attack7),
+    which names the two settings by its flags (`names`: how the message spells them)."""
     if mode in SHARD_MODES[1:] and (mode != "optimizer" or not compressed) and REDUCE_SCATTER.problem(algorithm):
-        return (f"DataParallel: shard={mode!r} reduce-scatters the gradients; algorithm must be 'auto' or one of "
+        return (f"{names[0]}{mode!r} reduce-scatters the gradients; {names[1]} must be 'auto' or one of "
                 f"{REDUCE_SCATTER.names()}, got {algorithm!r}")
     return None
 
