@@ -279,7 +279,8 @@ _ARRIVED, _LEAVING = 0, 1
 _init_refused = ""  # set when init found ranks that had left: a second init must not wait for them
 #: what a rank's launcher-side parent is (/proc/PID/comm, at most 15 characters): a process the
 #: rank spawns itself inherits the rank's environment but not its connection to the launcher
-_LAUNCHER_PARENTS = frozenset({"hydra_pmi_proxy", "prted", "orted", "slurmstepd"})
+#: (mpiexec.gforker, MPICH's single-host launcher that ships in the mpich wheel, starts the ranks itself)
+_LAUNCHER_PARENTS = frozenset({"hydra_pmi_proxy", "prted", "orted", "slurmstepd", "mpiexec.gforker"})
 #: set by a rank at ``import disttrain`` to its pid, inherited by every process it starts: a process
 #: that finds it on its way up to the launcher is the rank's child (subprocess, os.system,
 #: multiprocessing), not a rank - though it has the rank's PMI_RANK/PMI_SIZE (and, without close_fds,

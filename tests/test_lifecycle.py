@@ -3,7 +3,11 @@ the flight recorder names what went wrong. Each test runs a real job under mpiex
 import ast
 import json
 import os
+import shutil
+import sys
 import time
+
+import pytest
 
 from ._mpirun import run
 
@@ -107,6 +111,25 @@ print("UNREACHABLE", flush=True)
     res = run(3, ["-c", wrapper], timeout=30, env=ENV)
     assert res.returncode not in (0, -9), res.stdout  # -9: killed by our timeout, i.e. a hang
     assert time.monotonic() - t < 25
+    assert "rank(s) [1] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_a_rank_that_leaves_before_init_under_mpiexec_gforker_ends_the_job(tmp_path, monkeypatch):
+    """attack8: MPICH's gforker launcher (in the mpich wheel) is the ranks' parent itself - not a
+    name the exit hook knew, so the others waited in dt.init() forever."""
+    exe = shutil.which("mpiexec.gforker", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("no mpiexec.gforker next to this python")
+    monkeypatch.setenv("DISTTRAIN_MPIEXEC", exe)  # run()'s launcher (its timeout kills the process group)
+    res, took = job(tmp_path, 3, """
+import os, sys, disttrain as dt
+if os.environ["PMI_RANK"] == "1":
+    sys.exit(0)
+dt.init()
+print("UNREACHABLE", flush=True)
+""", timeout=30)
+    assert res.returncode not in (0, -9) and took < 25, res.stdout  # -9: killed by our timeout, a hang
     assert "rank(s) [1] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
     assert "UNREACHABLE" not in res.stdout
 
