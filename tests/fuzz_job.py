@@ -70,10 +70,12 @@ def draw(rng, focus="any"):
         layout += ["--sharding", str(rng.choice(["table", "row"])),
                    "--alltoall-algorithm", str(rng.choice(["auto", "pairwise", "bruck", "mpi"]))]
     gbs = dp * m * int(rng.integers(1, 4)) + (int(rng.integers(0, dp)) if pp == 1 and model != "gnmt" else 0)
+    if pipe:  # a batch most layouts divide (1-6, 8, 10, 12 micro-batches per replica at dp <= 2): resumes
+        gbs = 120  # under another layout are then run rather than refused
     opt = str(rng.choice(["sgd", "adam", "adamw", "lamb"] if model != "dlrm" else ["sgd", "adam", "adamw"]))
     extra = list(MODELS[model])
     if pipe:  # enough layers for 5 stages x 3 chunks (the zoo's defaults refuse most deep pipelines)
-        deep = {"mlp": "24," + ",".join(["12"] * 13), "gnmt": "6,12,3", "transformer": "24,12,4"}
+        deep = {"mlp": "24," + ",".join(["12"] * 13), "gnmt": "6,12,6", "transformer": "24,12,8"}
         if model in deep:
             extra[extra.index("--hidden") + 1] = deep[model]
         if model == "gnmt" and rng.random() < 0.6:  # a token budget: sentences per step vary
