@@ -142,11 +142,12 @@ def test_5_a_child_process_of_a_rank_that_raises_does_not_end_the_job(tmp_path):
     res, _ = job(tmp_path, 2, """
 import os, sys, disttrain as dt
 status = os.system(sys.executable + " -c 'import disttrain; raise ValueError(5)'")
+assert os.waitstatus_to_exitcode(status) == 1, status   # its own exit status (else this rank aborts the job)
 dt.init()
-print("DONE", dt.rank(), os.waitstatus_to_exitcode(status), flush=True)
+print(f"DONE {dt.rank()}", flush=True)
 """, timeout=60)
     assert res.returncode == 0, res.stdout
-    assert "DONE 0 1" in res.stdout and "DONE 1 1" in res.stdout, res.stdout
+    assert res.stdout.count("DONE") == 2, res.stdout  # (the ranks' lines may interleave)
     assert "ValueError: 5" in res.stdout and "aborting all ranks" not in res.stdout, res.stdout
 
 
