@@ -277,9 +277,16 @@ def _launched_rank_size() -> tuple[int, int]:
 #: a rank's first world collective says whether it came to start the runtime or to leave (_arrivals)
 _ARRIVED, _LEAVING = 0, 1
 _init_refused = ""  # set when init found ranks that had left: a second init must not wait for them
-#: what a rank's parent is under a launcher (/proc/PID/comm, at most 15 characters): a process the
+#: what a rank's launcher-side parent is (/proc/PID/comm, at most 15 characters): a process the
 #: rank spawns itself inherits the rank's environment but not its connection to the launcher
-_LAUNCHER_PARENTS = frozenset({"hydra_pmi_proxy", "prted", "orted", "slurmstepd"})
+#: (mpiexec.gforker, MPICH's single-host launcher that ships in the mpich wheel, starts the ranks itself)
+_LAUNCHER_PARENTS = frozenset({"hydra_pmi_proxy", "prted", "orted", "slurmstepd", "mpiexec.gforker"})
+#: set by a rank at ``import disttrain`` to its pid, inherited by every process it starts: a process
+#: that finds it on its way up to the launcher is the rank's child (subprocess, os.system,
+#: multiprocessing), not a rank - though it has the rank's PMI_RANK/PMI_SIZE (and, without close_fds,
+#: its PMI_FD: MPI_Init there connected to the launcher as that rank; attack8)
+_RANK_MARK = "DISTTRAIN_RANK_PID"
+_HOPS = 8  # ancestors looked at: wrappers (a shell script, timeout, a Python launcher script) are few
 
 
 def _arrivals(cw) -> None:
@@ -296,13 +303,37 @@ def _arrivals(cw) -> None:
         raise CollectiveError(_init_refused)
 
 
-def _launched_as_rank() -> bool:
-    """True in the process the launcher started as a rank (its parent is the launcher's proxy)."""
+def _parent(pid: int) -> tuple:
+    """(command name, parent pid) of process `pid` from /proc ((None, 0) where it cannot be read)."""
     try:
-        with open(f"/proc/{os.getppid()}/comm") as f:
-            return f.read().strip() in _LAUNCHER_PARENTS
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
-        return False
+        return None, 0
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses - it ends at the last ')'
+    return stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def _lineage() -> str:
+    """What this process is under a launcher, from its ancestors (up to _HOPS): "rank" when the
+    launcher's proxy comes first - directly its parent, or through wrappers (``mpiexec ./run.sh``,
+    ``mpiexec timeout 600 python ...``), whose ranks the parent's name alone missed, and whose
+    early exit then left the others in dt.init() forever (attack8); "child" when a disttrain rank
+    comes first (its _RANK_MARK): a process the rank started; "unknown" otherwise (a launcher not
+    in _LAUNCHER_PARENTS, no /proc)."""
+    mark, pid = os.environ.get(_RANK_MARK), os.getppid()
+    for _ in range(_HOPS):
+        if mark is not None and str(pid) == mark:
+            return "child"
+        name, ppid = _parent(pid)
+        if name is None:
+            return "unknown"
+        if name in _LAUNCHER_PARENTS:
+            return "rank"
+        if ppid <= 1:
+            return "unknown"
+        pid = ppid
+    return "unknown"
 
 
 def _leave_before_init(r: int, pid: int) -> None:
@@ -332,22 +363,28 @@ def install_early_abort_hook() -> None:
     ``dt.init()`` ends the job instead of leaving the other ranks waiting in init forever:
     - an uncaught exception aborts the whole job (MPI is started just to call MPI_Abort); dt.init()
       replaces this excepthook with the full one;
-    - any other exit (the script's end, sys.exit) of the rank the launcher started joins the
-      world's first collective as a leaving rank: the ranks in dt.init() raise, naming it
-      (:func:`_arrivals`).
+    - any other exit (the script's end, sys.exit) of the rank the launcher started (directly or
+      through wrappers: :func:`_lineage`) joins the world's first collective as a leaving rank: the
+      ranks in dt.init() raise, naming it (:func:`_arrivals`).
+    A process a rank starts (subprocess, os.system, multiprocessing) gets neither: it is no rank.
     DISTTRAIN_NO_ABORT_HOOK=1 turns both off."""
     if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") == "1":
         return
     r, n = _launched_rank_size()
     if n <= 1:
         return
-    if _launched_as_rank():
-        atexit.register(_leave_before_init, r, os.getpid())
+    kind, pid = _lineage(), os.getpid()
+    if kind == "child":  # started by a rank: its exit and its exceptions are its own (see _RANK_MARK)
+        return
+    os.environ[_RANK_MARK] = str(pid)  # what the processes this rank starts find on their way up
+    if kind == "rank":
+        atexit.register(_leave_before_init, r, pid)
     if sys.excepthook is not sys.__excepthook__:
         return
 
     def early(exc_type, exc, tb):
-        if groups.current() is not None or issubclass(exc_type, KeyboardInterrupt):
+        # a child forked by the rank (os.fork without exec) is no rank either
+        if groups.current() is not None or issubclass(exc_type, KeyboardInterrupt) or os.getpid() != pid:
             return sys.__excepthook__(exc_type, exc, tb)
         msg = "".join(traceback.format_exception(exc_type, exc, tb))
         sys.stderr.write(f"[disttrain] rank {r}: uncaught exception before dt.init(); aborting all ranks\n{msg}")

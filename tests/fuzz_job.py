@@ -1,6 +1,6 @@
 """Job-level randomized check, run by hand (not in the suite: each configuration is two jobs).
 
-    python tests/fuzz_job.py SEED COUNT [--kind valid|invalid|resume] [--out DIR]
+    python tests/fuzz_job.py SEED COUNT [--kind valid|invalid|resume] [--focus any|pipeline] [--out DIR]
 
 valid: a random configuration of `python -m disttrain.train` (model, --dp/--pp/--tp mesh, --shard,
   schedule, --recompute, algorithm, buckets, optimizer, ...) at float64 on 2-5 ranks against the
@@ -41,20 +41,23 @@ def divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def draw(rng):
-    """(ranks, flags that shape the run, flags that only lay it out, exact?)."""
+def draw(rng, focus="any"):
+    """(ranks, flags that shape the run, flags that only lay it out, exact?). focus "pipeline": a
+    pipeline of 2-5 stages (pp up to the rank count, not only 2-3), mostly interleaved (V 2-3) and
+    zb1, and gnmt under a token budget - micro-batches of uneven sizes (attack8)."""
+    pipe = focus == "pipeline"
     model = str(rng.choice(list(MODELS)))
     n = int(rng.integers(2, 6))
-    tp = int(rng.choice([d for d in divisors(n) if d <= 4 and (model != "gnmt" or 60 % d == 0)]))
-    pp = int(rng.choice([d for d in divisors(n // tp) if d <= 3]))
+    tp = int(rng.choice([d for d in divisors(n) if d <= 4 and (model != "gnmt" or 60 % d == 0)])) if not pipe else 1
+    pp = int(rng.choice([d for d in divisors(n // tp) if (d <= 3 if not pipe else d >= 2)]))
     dp = n // (pp * tp)
     m = int(rng.integers(1, 5))
     layout = ["--dp", str(dp), "--pp", str(pp), "--tp", str(tp)]
     if pp > 1:
-        sched = str(rng.choice(["gpipe", "1f1b", "interleaved", "zb1"]))
+        sched = str(rng.choice(["gpipe", "1f1b", "interleaved", "zb1"], p=[0.1, 0.1, 0.5, 0.3] if pipe else None))
         if sched == "interleaved":
             m = pp * int(rng.integers(1, 3))
-            layout += ["--virtual-stages", "2"]
+            layout += ["--virtual-stages", str(int(rng.integers(2, 4)) if pipe else 2)]
         layout += ["--schedule", sched, "--micro-batches", str(m),
                    "--recompute", str(rng.choice(["none", "full", "selective"]))]
     else:
@@ -67,8 +70,17 @@ def draw(rng):
         layout += ["--sharding", str(rng.choice(["table", "row"])),
                    "--alltoall-algorithm", str(rng.choice(["auto", "pairwise", "bruck", "mpi"]))]
     gbs = dp * m * int(rng.integers(1, 4)) + (int(rng.integers(0, dp)) if pp == 1 and model != "gnmt" else 0)
+    if pipe:  # a batch most layouts divide (1-6, 8, 10, 12 micro-batches per replica at dp <= 2): resumes
+        gbs = 120  # under another layout are then run rather than refused
     opt = str(rng.choice(["sgd", "adam", "adamw", "lamb"] if model != "dlrm" else ["sgd", "adam", "adamw"]))
-    run_flags = ["--model", model, *MODELS[model], "--steps", "4", "--log-every", "1", "--dtype", "float64",
+    extra = list(MODELS[model])
+    if pipe:  # enough layers for 5 stages x 3 chunks (the zoo's defaults refuse most deep pipelines)
+        deep = {"mlp": "24," + ",".join(["12"] * 13), "gnmt": "6,12,6", "transformer": "24,12,8"}
+        if model in deep:
+            extra[extra.index("--hidden") + 1] = deep[model]
+        if model == "gnmt" and rng.random() < 0.6:  # a token budget: sentences per step vary
+            extra[extra.index("--max-tokens") + 1] = str(int(rng.integers(40, 120)))
+    run_flags = ["--model", model, *extra, "--steps", "4", "--log-every", "1", "--dtype", "float64",
                  "--global-batch-size", str(gbs), "--optimizer", opt, "--seed", str(int(rng.integers(100))),
                  "--warmup-steps", "1"]
     if "--shard" in layout and layout[layout.index("--shard") + 1] != "none" and \
@@ -101,8 +113,8 @@ def close(a, b, tol):
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tol, abs_tol=1e-12) for x, y in zip(a, b))
 
 
-def valid(rng, d, tag):
-    n, flags, layout, exact = draw(rng)
+def valid(rng, d, tag, focus="any"):
+    n, flags, layout, exact = draw(rng, focus)
     res, took = job(n, flags + layout, f"{d}/{tag}-n.jsonl")
     cmd = f"n={n} {' '.join(flags + layout)}"
     if res.returncode == 2 and "configuration error" in res.stdout and "Traceback" not in res.stdout:
@@ -134,8 +146,8 @@ BREAK = [("--steps", "0"), ("--steps", "x"), ("--global-batch-size", "0"), ("--l
          ("--config", "/nonexistent.toml"), ("--metrics", "/nonexistent/dir/m.jsonl")]
 
 
-def invalid(rng, d, tag):
-    n, flags, layout, _ = draw(rng)
+def invalid(rng, d, tag, focus="any"):
+    n, flags, layout, _ = draw(rng, focus)
     k, v = BREAK[int(rng.integers(len(BREAK)))]
     args = flags + layout
     if k in args:
@@ -154,9 +166,9 @@ def invalid(rng, d, tag):
     return f"ok-refused {k} {v} ({took:.0f} s): {out.strip().splitlines()[-1][:150]}"
 
 
-def resume(rng, d, tag):
-    n1, flags, lay1, exact = draw(rng)
-    n2, _, lay2, _ = draw(np.random.default_rng(rng.integers(1 << 30)))
+def resume(rng, d, tag, focus="any"):
+    n1, flags, lay1, exact = draw(rng, focus)
+    n2, _, lay2, _ = draw(np.random.default_rng(rng.integers(1 << 30)), focus)
     if not exact:  # B takes A's flags (the run) with its own layout only
         return "skip (inexact mode)"
     ck = f"{d}/{tag}-ck"
@@ -187,13 +199,15 @@ def main():
     ap.add_argument("count", type=int)
     ap.add_argument("--kind", default="valid", choices=["valid", "invalid", "resume"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--focus", default="any", choices=["any", "pipeline"],
+                    help="pipeline: 2-5 stages, interleaved V 2-3 / zb1, uneven micro-batches (gnmt token budgets)")
     a = ap.parse_args()
     d = a.out or tempfile.mkdtemp(prefix="fuzz-job-")
     os.makedirs(d, exist_ok=True)
     fails = 0
     for k in range(a.count):
         rng = np.random.default_rng([a.seed, k])
-        line = {"valid": valid, "invalid": invalid, "resume": resume}[a.kind](rng, d, f"{a.seed}-{k}")
+        line = {"valid": valid, "invalid": invalid, "resume": resume}[a.kind](rng, d, f"{a.seed}-{k}", a.focus)
         fails += line.startswith("FAIL")
         print(f"[{a.kind} seed {a.seed} #{k}] {line}", flush=True)
     print(f"fuzz_job: {a.count} {a.kind} configurations, {fails} failures", flush=True)

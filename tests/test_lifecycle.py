@@ -3,7 +3,11 @@ the flight recorder names what went wrong. Each test runs a real job under mpiex
 import ast
 import json
 import os
+import shutil
+import sys
 import time
+
+import pytest
 
 from ._mpirun import run
 
@@ -89,6 +93,62 @@ print("UNREACHABLE", flush=True)
     assert took < 20, f"took {took:.0f} s"
     assert "rank(s) [1, 2] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
     assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_a_rank_started_through_a_wrapper_that_leaves_before_init_ends_the_job(tmp_path):
+    """attack8: ranks started through a wrapper (a shell script, `timeout`, here a Python one that
+    imports nothing of disttrain) have the wrapper, not the launcher's proxy, as their parent: the
+    exit hook was not registered and the ranks in dt.init() waited forever (killed by the timeout)."""
+    (tmp_path / "inner.py").write_text("""
+import os, sys, disttrain as dt
+if os.environ["PMI_RANK"] == "1":
+    sys.exit(0)
+dt.init()
+print("UNREACHABLE", flush=True)
+""")
+    wrapper = f"import subprocess, sys; sys.exit(subprocess.call([sys.executable, {str(tmp_path / 'inner.py')!r}], close_fds=False))"
+    t = time.monotonic()
+    res = run(3, ["-c", wrapper], timeout=30, env=ENV)
+    assert res.returncode not in (0, -9), res.stdout  # -9: killed by our timeout, i.e. a hang
+    assert time.monotonic() - t < 25
+    assert "rank(s) [1] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_a_rank_that_leaves_before_init_under_mpiexec_gforker_ends_the_job(tmp_path, monkeypatch):
+    """attack8: MPICH's gforker launcher (in the mpich wheel) is the ranks' parent itself - not a
+    name the exit hook knew, so the others waited in dt.init() forever."""
+    exe = shutil.which("mpiexec.gforker", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("no mpiexec.gforker next to this python")
+    monkeypatch.setenv("DISTTRAIN_MPIEXEC", exe)  # run()'s launcher (its timeout kills the process group)
+    res, took = job(tmp_path, 3, """
+import os, sys, disttrain as dt
+if os.environ["PMI_RANK"] == "1":
+    sys.exit(0)
+dt.init()
+print("UNREACHABLE", flush=True)
+""", timeout=30)
+    assert res.returncode not in (0, -9) and took < 25, res.stdout  # -9: killed by our timeout, a hang
+    assert "rank(s) [1] of 3 ended their program without calling dt.init()" in res.stdout, res.stdout
+    assert "UNREACHABLE" not in res.stdout
+
+
+def test_5_a_child_process_of_a_rank_that_raises_does_not_end_the_job(tmp_path):
+    """attack8: a program a rank runs with os.system (its file descriptors inherited, the launcher's
+    PMI_FD among them) that imports disttrain and raises took the early excepthook for a rank's: it
+    started MPI as that rank and aborted the whole job - every rank killed, no word. It is no rank:
+    its exception is its own (exit status 1), and its exit does not join the world's first collective."""
+    res, _ = job(tmp_path, 2, """
+import os, sys, disttrain as dt
+status = os.system(sys.executable + " -c 'import disttrain; raise ValueError(5)'")
+assert os.waitstatus_to_exitcode(status) == 1, status   # its own exit status (else this rank aborts the job)
+dt.init()
+print(f"DONE {dt.rank()}", flush=True)
+""", timeout=60)
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.count("DONE") == 2, res.stdout  # (the ranks' lines may interleave)
+    assert "ValueError: 5" in res.stdout and "aborting all ranks" not in res.stdout, res.stdout
 
 
 def test_5_a_program_where_no_rank_starts_the_runtime_ends_cleanly(tmp_path):
