@@ -130,3 +130,25 @@ def test_every_kind_of_input_on_every_rank_in_one_program(comm):
         x = _kind(base, kind)
         y = np.asarray(dt.allreduce_(x) if inplace else dt.allreduce(x))
         assert np.all(y == sum(q + i for q in range(p))), (i, kind, n, inplace)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_read_only_array_in_place_on_one_rank_is_an_error_everywhere(comm, warm):
+    """The in-place variant needs a writeable array: one rank's read-only x is its local error
+    (the general path), while its peers are on the hot path with a payload of one or several
+    chunks - every rank raises the same CollectiveError, and the group stays usable."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    for n in (1, fused.chunk(p, 8) + 5, fused.limit(p) // 8 + 1):
+        if warm:
+            dt.allreduce_(np.ones(1))
+        else:
+            _forget_plans()
+        x = np.full(n, float(r))
+        if r == p - 1:
+            x.flags.writeable = False
+        with pytest.raises(dt.CollectiveError, match="writeable") as e:
+            dt.allreduce_(x)
+        assert len(set(comm.allgather(str(e.value)))) == 1
+        assert np.all(x == r)  # nothing written on any rank
+        assert np.all(dt.allreduce(np.ones(n)) == p)
