@@ -34,7 +34,7 @@ from .errors import CollectiveError
 
 TAG_QUERY, TAG_REPLY, TAG_NOTICE = 31_001, 31_002, 31_003
 _inflight: dict = {}  # native thread id -> _Op running on that thread
-_last: dict = {}  # native thread id -> (name, seq, finished at)
+_last: dict = {}  # thread id -> the _Op it finished last
 _settings = {"warn": 60.0, "shutdown": 0.0}
 _gseq: dict = {}  # group key -> number of collectives this rank has issued on it (the n-th call)
 _done: dict = {}  # group key -> number of them finished here (sent to peers when this rank leaves)
@@ -49,12 +49,18 @@ _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-wa
 # The keys of _inflight / _last only tell threads apart: pthread_self (get_ident) costs ~30 ns,
 # get_native_id a gettid system call (~1 us here, three times per collective: issue 16).
 _tid = threading.get_ident
-_names = threading.local()
+
+
+class _Names(threading.local):
+    name = None  # a class default: reading it needs no getattr fallback (every record reads it)
+
+
+_names = _Names()
 
 
 def _thread_name() -> str:
     """This thread's name, looked up once per thread (current_thread().name costs ~0.5 us)."""
-    name = getattr(_names, "name", None)
+    name = _names.name
     if name is None:
         name = _names.name = threading.current_thread().name
     return name
@@ -73,28 +79,45 @@ class _Op:
     """One collective or point-to-point operation of this rank: what, where, when, state.
 
     The same object is the stall inspector's in-flight record and the flight recorder's entry
-    (flight.py keeps the last N)."""
+    (flight.py keeps the last N). Made on every collective's path (issue 16: at 8 B the record
+    was a quarter of the call), so it stores only what is at hand and formats nothing: the call
+    site is a string, or - from the hot path - the caller's code object and instruction offset,
+    turned into "file:line" only when a report reads ``site``; the blocking-time decision is
+    made once here (``blocks``), not with string tests in leave()."""
 
-    __slots__ = ("name", "seq", "gkey", "ranks", "shape", "dtype", "algorithm", "site", "t_enq", "t0", "t1",
-                 "state", "thread", "x")
+    __slots__ = ("name", "seq", "gkey", "ranks", "shape", "dtype", "algorithm", "where", "lasti", "t_enq", "t0",
+                 "t1", "state", "thread", "blocks")
 
-    def __init__(self, name, x, site, group=None, lane="b"):
-        self.name, self.site, self.x = name, site, x
-        self.shape, self.dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    def __init__(self, name, shape, dtype, where, lasti, gkey, ranks, asynchronous=False):
+        self.name = name
+        self.shape = shape
+        self.dtype = dtype
+        self.where = where  # "file:line", or a code object whose line is at offset `lasti` (site)
+        self.lasti = lasti
         self.algorithm = ""
-        self.t_enq = self.t0 = time.monotonic()
+        self.t_enq = self.t0 = _now()
         self.t1 = 0.0
         self.state = "running"
-        self.thread = _thread_name()
-        if group is not None:
+        t = _names.name  # _thread_name(), inlined: one call fewer per record
+        self.thread = t = t if t is not None else _thread_name()
+        # the main thread's time inside blocking operations (an asynchronous one runs elsewhere,
+        # or inline for a caller that waits on its handle: not counted either way, as before)
+        self.blocks = t == "MainThread" and not asynchronous
+        self.gkey = gkey
+        self.ranks = ranks
+        if gkey:
             # No lock: one group's lane is driven by one thread at a time (concurrent collectives on
             # one communicator from two threads are erroneous MPI), and the GIL keeps dicts whole.
-            self.gkey, self.ranks = f"{group.uid}:{lane}", group.ranks
-            self.seq = _gseq[self.gkey] = _gseq.get(self.gkey, 0) + 1
+            self.seq = _gseq[gkey] = _gseq.get(gkey, 0) + 1
         else:
-            self.gkey, self.ranks, self.seq = "", (), 0
+            self.seq = 0
         if flight._on:
             flight._buf.append(self)
+
+    @property
+    def site(self) -> str:
+        w = self.where
+        return w if type(w) is str else _format_site(w, self.lasti)
 
     @property
     def detail(self) -> str:  # formatted only when reported: enter() is on every collective's path
@@ -114,25 +137,38 @@ class _Op:
                 "state": self.state, "thread": self.thread}
 
 
+_now = time.monotonic
 _COMM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comm")
-_skip: dict = {}  # code object -> True if it belongs to the collectives layer (skipped)
-_sites: dict = {}  # (code object, line) -> "file:line" (formatting costs more than the lookup)
+# Both caches are keyed by id(code): a code object's own hash is computed from its contents
+# (name, bytecode, constants) on every lookup - ~0.1 us for a small function, ~1 us for a module
+# body - and the hot path looked two up per call. _skip keeps every code object it has seen
+# alive (as the code-keyed cache did), so an id is never reused while it is a key.
+_skip: dict = {}  # id(code) -> (code, True if it belongs to the collectives layer: skipped)
+_sites: dict = {}  # (id(code), line or -1 - offset) -> "file:line" (formatting costs more than the lookup)
 
 
 def call_site(depth: int = 1) -> str:
     """file:line of the nearest caller outside disttrain's collectives layer (on every call's
     path: the per-code decisions and the formatted strings are cached). `depth`: where to start
-    looking, when the caller knows how many of its own frames to skip (comm/api.py's hot path) -
-    since CPython 3.11 every frame a walk passes through is materialised as an object (~0.4 us
-    each), and ``sys._getframe(depth)`` materialises only the one it returns."""
-    f = sys._getframe(depth)
+    looking, when the caller knows how many of its own frames to skip - since CPython 3.11
+    every frame a walk passes through is materialised as an object (~0.4 us each), and
+    ``sys._getframe(depth)`` materialises only the one it returns."""
+    return _site_of(sys._getframe(depth))
+
+
+def _skipped(c) -> bool:
+    e = _skip.get(id(c))
+    if e is None:
+        e = _skip[id(c)] = (c, c.co_filename.startswith(_COMM_DIR) or c.co_filename == __file__)
+    return e[1]
+
+
+def _site_of(f) -> str:
+    """call_site from frame `f` on."""
     while f is not None:
         c = f.f_code
-        skip = _skip.get(c)
-        if skip is None:
-            skip = _skip[c] = c.co_filename.startswith(_COMM_DIR) or c.co_filename == __file__
-        if not skip:
-            key = (c, f.f_lineno)
+        if not _skipped(c):
+            key = (id(c), f.f_lineno)
             site = _sites.get(key)
             if site is None:
                 site = f"{c.co_filename}:{f.f_lineno}"
@@ -143,25 +179,61 @@ def call_site(depth: int = 1) -> str:
     return "?"
 
 
+def _format_site(code, lasti: int) -> str:
+    """"file:line" of the instruction at byte offset `lasti` of `code` (what frame.f_lineno
+    computes from frame.f_lasti - done here only when a report needs it)."""
+    key = (id(code), -1 - lasti)  # offsets, kept apart from call_site's line numbers
+    site = _sites.get(key)
+    if site is None:
+        line = code.co_firstlineno
+        for start, end, ln in code.co_lines():
+            if start <= lasti < end and ln is not None:
+                line = ln
+                break
+        site = f"{code.co_filename}:{line}"
+        if len(_sites) < 100_000:
+            _sites[key] = site
+    return site
+
+
 def issue(name: str, x=None, site: str | None = None, group=None, lane: str = "b") -> _Op:
     """Record an operation issued by this rank (it gets its group sequence number now)."""
-    return _Op(name, x, site or call_site(), group, lane)
+    return _Op(name, getattr(x, "shape", None), getattr(x, "dtype", None), site or call_site(), 0,
+               f"{group.uid}:{lane}" if group is not None else "", group.ranks if group is not None else (),
+               name.endswith("(async)"))
 
 
 def enter(name: str, x=None, site: str | None = None, group=None, lane: str = "b", op: _Op | None = None) -> _Op:
     """This thread starts `op` (or a new one): it is now in flight, visible to the stall inspector."""
     if op is None:
-        op = _Op(name, x, site or call_site(), group, lane)
+        op = issue(name, x, site, group, lane)
     else:
-        op.t0, op.state, op.thread = time.monotonic(), "running", _thread_name()
+        op.t0, op.state, op.thread = _now(), "running", _thread_name()
     _inflight[_tid()] = op
     if _departed or _broken:
         _check_peers(op)
     return op
 
 
+def enter_from(f, name: str, shape, dtype, gkey: str, ranks) -> _Op:
+    """enter() for the hot path (comm/api.py), which has the caller's frame `f`, the group's
+    key and members, and the array's shape and dtype at hand: the site is kept as the frame's
+    code object and instruction offset (formatted when read; a frame inside the collectives
+    layer is walked past now, as call_site does)."""
+    c = f.f_code
+    e = _skip.get(id(c))
+    if e is not None and not e[1]:
+        op = _Op(name, shape, dtype, c, f.f_lasti, gkey, ranks)
+    else:
+        op = _Op(name, shape, dtype, _site_of(f), 0, gkey, ranks)
+    _inflight[_tid()] = op  # the two lines enter() ends with: one call fewer on the hot path
+    if _departed or _broken:
+        _check_peers(op)
+    return op
+
+
 blocking_seconds = 0.0  # seconds the main thread spent inside tracked operations (all exposed)
-# The newest of those operations' (start, end) spans, on the monotonic clock - the clock of
+# The newest of those operations (each one's t0, t1 is a span on the monotonic clock - the clock of
 # time.perf_counter too on Linux and macOS (CPython's _PyTime_GetPerfCounter), which the
 # communication thread's handles use: DataParallel subtracts where the two overlap (blocking_windows).
 blocking_spans: collections.deque = collections.deque(maxlen=4096)
@@ -169,15 +241,16 @@ _ONE_CLOCK = time.get_clock_info("monotonic").implementation == time.get_clock_i
 
 
 def blocking_windows(since: float) -> list:
-    """The main thread's blocking spans that end after `since` (perf_counter seconds), oldest
-    first - disjoint, one thread runs them one after another; [] where the two clocks differ."""
+    """The main thread's blocking spans (start, end) that end after `since` (perf_counter
+    seconds), oldest first - disjoint, one thread runs them one after another; [] where the two
+    clocks differ."""
     if not _ONE_CLOCK:
         return []
     out = []
-    for span in reversed(blocking_spans):
-        if span[1] <= since:
+    for op in reversed(blocking_spans):
+        if op.t1 <= since:
             break
-        out.append(span)
+        out.append((op.t0, op.t1))
     out.reverse()
     return out
 
@@ -186,16 +259,15 @@ def leave(op: _Op, error: BaseException | None = None) -> None:
     global blocking_seconds
     tid = _tid()
     _inflight.pop(tid, None)
-    op.x = None  # do not keep the caller's array alive
-    op.t1 = time.monotonic()
-    if op.thread == "MainThread" and not op.name.endswith("(async)"):
-        blocking_seconds += op.t1 - op.t0
-        blocking_spans.append((op.t0, op.t1))
+    t1 = op.t1 = _now()
+    if op.blocks:
+        blocking_seconds += t1 - op.t0
+        blocking_spans.append(op)  # the record itself is the span: no tuple per call
     op.state = "done" if error is None else f"error: {type(error).__name__}"
-    if op.gkey:
-        if op.seq > _done.get(op.gkey, 0):
-            _done[op.gkey] = op.seq
-    _last[tid] = (op.name, op.seq, op.t1)
+    gkey = op.gkey
+    if gkey and op.seq > _done.get(gkey, 0):
+        _done[gkey] = op.seq
+    _last[tid] = op
 
 
 def current() -> _Op | None:
@@ -422,10 +494,10 @@ def snapshot() -> dict:
     ops = [op.describe(now) for op in list(_inflight.values())]
     frame = sys._current_frames().get(threading.main_thread().ident)
     main_at = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}()" if frame else "?"
-    last = max(_last.values(), key=lambda v: v[2], default=None)
+    last = max(_last.values(), key=lambda o: o.t1, default=None)
     return {"host": socket.gethostname(), "pid": os.getpid(), "ops": ops, "names": [o.name for o in _inflight.values()],
             "main_at": main_at,
-            "last": None if last is None else f"{last[0]} #{last[1]}, {now - last[2]:.1f} s ago"}
+            "last": None if last is None else f"{last.name} #{last.seq}, {now - last.t1:.1f} s ago"}
 
 
 def set_stall_timeout(seconds: float, shutdown_seconds: float | None = None) -> None:

@@ -11,6 +11,8 @@ very same path on the communication thread (engine.py) with the group's ``async_
 """
 from __future__ import annotations
 
+from sys import _getframe
+
 import numpy as np
 
 from .. import groups as _groups
@@ -26,6 +28,8 @@ from .ops import AVG, OPS, REDUCE_DTYPES, accum_dtype, kernel_op
 from .p2p import partition, scratch
 from .pool import MIN_BYTES as POOLED_BYTES, pool
 from .registry import ALLGATHER, ALLREDUCE, ALLTOALL, BROADCAST, REDUCE_SCATTER
+
+_GOLDEN, _MASK = validate._GOLDEN, validate._MASK  # the sequence number's share of the call's hash
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -248,7 +252,12 @@ def _hot(x, op, algorithm, group, inplace):
     enters the hash by a lookup, so a new size is no slower than a known one); above the fused
     limit, out of place, as the validation round alone then the out-of-place algorithm "auto"
     picks. Returns None - having done nothing - when the call is not such a call; the general
-    path (the tracked wrappers above) then does everything, errors included."""
+    path (the tracked wrappers above) then does everything, errors included.
+
+    Every line here is paid by every call (at 8 B the whole call is a few microseconds): one
+    flags read decides whether the plan's compiled entry point may be called directly
+    (fused.Plan.entry), a 1-d array is used as it is (no reshape views), and the stall record
+    keeps the caller's frame's code and offset instead of a formatted call site."""
     g = group if group is not None else _groups.ready_world
     if type(g) is not _groups.Group or g.comm is None:
         return None
@@ -264,10 +273,12 @@ def _hot(x, op, algorithm, group, inplace):
     except TypeError:  # an unhashable op/algorithm: the general path reports it
         return None
     if plan is None:
-        plan = _hot_plan(st, cfg, x, op, algorithm, inplace)
+        plan = _hot_plan(st, cfg, g, x, op, algorithm, inplace)
     nbytes = x.nbytes
-    if plan is False or nbytes == 0 or timeline.enabled() or (
-            inplace and not (x.flags.c_contiguous and x.flags.writeable)):
+    if plan is False or nbytes == 0 or timeline.enabled() or plan.group is not g:
+        return None
+    carray = x.flags.carray  # C-contiguous, aligned, writeable: the entry point's argument type
+    if inplace and not carray and not (x.flags.c_contiguous and x.flags.writeable):
         return None
     into = None
     if nbytes > plan.limit:
@@ -281,33 +292,41 @@ def _hot(x, op, algorithm, group, inplace):
         into = ALLREDUCE.into.get(name)
         if into is None:
             return None
-    hs = fused._shapes.get(x.shape)
+    shape = x.shape
+    hs = fused._shapes.get(shape)
     if hs is None:
-        hs = fused.shape_hash(x.shape)
-    # the caller's frame is 3 up (call_site <- _hot <- allreduce(_) <- caller): skip the walk
-    rec = stall.enter("allreduce", x, stall.call_site(3), group=g)
+        hs = fused.shape_hash(shape)
+    # the caller's frame is 2 up (_hot <- allreduce(_) <- caller): no walk, nothing formatted
+    rec = stall.enter_from(_getframe(2), "allreduce", shape, plan.dtype, plan.gkey, plan.ranks)
     try:
-        rec.algorithm = "fused" if into is None else name
+        flat = x if len(shape) == 1 else x.reshape(-1)
         if inplace:
-            out = x.reshape(-1)
+            out = flat
         elif nbytes < POOLED_BYTES:
-            out = np.empty(x.size, plan.dtype)
+            out = np.empty(flat.shape[0], plan.dtype)
         else:  # a recycled result: no page faults (pool.py)
-            out = pool.empty(x.size, plan.dtype)
-        h = plan.h ^ hs ^ ((rec.seq * validate._GOLDEN) & validate._MASK)
-        payload = x.reshape(-1) if into is None else plan.none
-        if not fused.run(st, g.comm, rec, plan.slots, payload, out if into is None else plan.none, h, plan.kop,
-                         plan.chunk):
+            out = pool.empty(flat.shape[0], plan.dtype)
+        h = plan.h ^ hs ^ ((rec.seq * _GOLDEN) & _MASK)
+        if into is None:
+            rec.algorithm = "fused"
+            ok = fused.run(st, g.comm, rec, plan.slots, flat, out, h, plan.kop, plan.chunk,
+                           plan.entry if carray else fused._exchange)
+        else:
+            rec.algorithm = name
+            ok = fused.run(st, g.comm, rec, plan.slots, plan.none, plan.none, h, plan.kop, plan.chunk, plan.entry)
+        if not ok:
             validate._mismatch(g.comm, "allreduce", _fields(x, op, algorithm), None, rec, rec.seq)
         if into is not None:
-            into(g.comm, x.reshape(-1), out, plan.kop)
+            into(g.comm, flat, out, plan.kop)
         if plan.avg:
             divide(out, st.p)
     except BaseException as e:
         stall.leave(rec, e)
         raise
     stall.leave(rec)
-    return x if inplace else out.reshape(x.shape)
+    if inplace:
+        return x
+    return out if len(shape) == 1 else out.reshape(shape)
 
 
 def _fields(x, op, algorithm) -> dict:
@@ -320,13 +339,13 @@ def _sig(x, op, algorithm) -> int:
     return fused.sig_hash(x.dtype, op, algorithm) ^ fused.shape_hash(x.shape)
 
 
-def _hot_plan(st, cfg, x, op, algorithm, inplace):
+def _hot_plan(st, cfg, g, x, op, algorithm, inplace):
     """The fused.Plan of a signature (but its shape), or False when it does not take the hot
     path (cached on the node state; bounded like validate's hash cache)."""
     opc, kop, acc, err = _plan(x, op, algorithm, inplace)
     plan = False
     if err is None and cfg.validate and not cfg.verbose and fused.fuses(x.dtype, acc, kop, algorithm):
-        plan = fused.Plan(st, fused.sig_hash(x.dtype, op, algorithm), x.dtype, opc, kop)
+        plan = fused.Plan(st, fused.sig_hash(x.dtype, op, algorithm), x.dtype, opc, kop, g)
     if len(st.plans) < 4096:
         st.plans[(x.dtype, op, algorithm, inplace)] = plan
     return plan

@@ -153,18 +153,18 @@ def _fold2(out, a, b, op):
 
 
 @njit(**_JIT)
-def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted, chunk, at):
-    """Rounds k, k + 1, ... of a fused allreduce, one per `chunk` elements of x (round k + c
-    carries elements [c chunk, (c + 1) chunk)): publish the chunk with header [1, h] (unless
-    `posted`: an earlier call arrived at this round already), wait up to `tries` looks for the
-    peers, check every header and fold the chunk (_complete) into out[c chunk:]. at[0] is the
-    first chunk to do (in) and the chunk of the round it stopped at (out). Returns 1 (done),
-    -1 (headers differ: nothing of that round folded), or 0 (a peer has not arrived at round
-    k + at[0] yet: the caller waits, then calls again with posted=True). A payload of at most
-    one chunk is one round - the validation round itself. One entry point for every call: one
-    compiled specialisation per dtype to load (runtime.init warms the float ones)."""
+def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted, chunk, c):
+    """Rounds k + c, k + c + 1, ... of a fused allreduce, one per `chunk` elements of x (round
+    k + c carries elements [c chunk, (c + 1) chunk)): publish the chunk with header [1, h]
+    (unless `posted`: an earlier call arrived at this round already), wait up to `tries` looks
+    for the peers, check every header and fold the chunk (_complete) into out[c chunk:]. Returns
+    DONE (0), LATE + c (a peer has not arrived at round k + c yet: the caller waits, then calls
+    again from chunk c with posted=True) or MISMATCH - c (headers differ at round k + c: nothing
+    of that round folded) - the chunk in the code, not in an array the caller would have to pass
+    and reset (one argument fewer to unbox per call: issue 16's 8 B latency). A payload of at
+    most one chunk is one round - the validation round itself. One entry point for every call:
+    one compiled specialisation per dtype to load (runtime.init warms the float ones)."""
     n = x.shape[0]
-    c = at[0]
     while True:
         o = c * chunk
         m = min(chunk, n - o)
@@ -181,14 +181,17 @@ def _exchange(ctrl, slots, x, out, r, p, k, h, op, tries, posted, chunk, at):
             ctrl[r * 8] = kc
             _fence()
         posted = False
-        at[0] = c
         if not _arrived(ctrl, p, kc, tries):
-            return 0
+            return LATE + c
         if _complete(ctrl, slots, out[o:o + m], p, kc, h, op) < 0:
-            return -1
+            return MISMATCH - c
         c += 1
         if c * chunk >= n:
-            return 1
+            return DONE
+
+
+#: What _exchange returns: done, or a code carrying the chunk it stopped at.
+DONE, LATE, MISMATCH = 0, 1, -1
 
 
 def rounds(n: int, chunk: int) -> int:
@@ -197,44 +200,78 @@ def rounds(n: int, chunk: int) -> int:
     return max(1, -(-n // chunk))
 
 
-def run(st, comm, rec, slots, x, out, h, kop, chunk) -> bool:
+def run(st, comm, rec, slots, x, out, h, kop, chunk, entry=_exchange) -> bool:
     """The fused allreduce of the flat contiguous x into the flat out (x itself: in place) on
     the communicator's node state `st`, posting h: True when done, False when some rank posted
     another header (the caller raises the agreed error, validate._mismatch). The hot and the
-    general path both call this, so ranks on either path meet in the same rounds."""
+    general path both call this, so ranks on either path meet in the same rounds. `entry`: the
+    compiled round to call - numba's dispatcher, or a Plan's entry point when the caller knows
+    the arguments have exactly its types (Plan.entry)."""
     k = st.k + 1
-    n = rounds(x.shape[0], chunk)
-    st.k = k + n - 1  # every rank counts the same rounds: the signature (and so n) is agreed
-    at = st.at
-    at[0] = 0
-    done = _exchange(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, SPINS, False, chunk, at)
-    while done == 0:  # a peer is late: the yielding, interruptible wait, then check and fold
-        validate._slow(st.request(k + int(at[0])), comm, rec, "allreduce")
-        done = _exchange(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, 1, True, chunk, at)
-    if done < 0:
+    n = x.shape[0]
+    # every rank counts the same rounds (k + rounds(n, chunk) - 1): the signature (and so n) is agreed
+    st.k = k + (n - 1) // chunk if n > chunk else k
+    done = entry(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, SPINS, False, chunk, 0)
+    while done >= LATE:  # a peer is late: the yielding, interruptible wait, then check and fold
+        c = done - LATE
+        validate._slow(st.request(k + c), comm, rec, "allreduce")
+        done = entry(st.ctrl, slots, x, out, st.r, st.p, k, h, kop, 1, True, chunk, c)
+    if done != DONE:
         # only round k can differ (a rank on another call posts once); its peers counted one round
-        st.k = k + int(at[0])
+        st.k = k + MISMATCH - done
         return False
     return True
 
 
 class Plan:
     """What the hot path needs about one call signature but its shape - (dtype, op, algorithm,
-    in place) on one communicator - resolved once: the signature's hash without the shape
-    (sig_hash), op codes, the typed slots, the largest payload that fuses. The shape enters
-    every call's hash through ``shape_hash`` (a lookup), so a new shape makes no new plan: the
-    first call at a size runs the warm path. Never a decision that depends on anything the
-    round does not agree on (see the module docstring)."""
+    in place) on one group's communicator - resolved once: the signature's hash without the
+    shape (sig_hash), op codes, the typed slots, the largest payload that fuses, the group's
+    stall key, and the compiled round's entry point. The shape enters every call's hash through
+    ``shape_hash`` (a lookup), so a new shape makes no new plan: the first call at a size runs
+    the warm path. Never a decision that depends on anything the round does not agree on (see
+    the module docstring).
 
-    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "limit", "chunk", "none")
+    ``entry`` is the compiled round's C entry point for exactly the argument types the hot path
+    passes (this dtype's slots, flat C-contiguous aligned writeable x and out, ints, a bool):
+    calling it skips numba's dispatcher, which types all 13 arguments on every call to pick
+    that same specialisation (~0.2-0.4 us of an 8 B call: issue 16). The caller must pass
+    exactly those types (api._hot checks ``x.flags.carray``; anything else goes through the
+    dispatcher, ``_exchange``) - the entry point unboxes without checking."""
 
-    def __init__(self, st, h, dtype, opc, kop):
+    __slots__ = ("h", "opc", "kop", "avg", "slots", "dtype", "limit", "chunk", "none", "entry",
+                 "group", "gkey", "ranks")
+
+    def __init__(self, st, h, dtype, opc, kop, group):
         self.h, self.opc, self.kop, self.avg = h, opc, kop, opc == AVG
         self.dtype = dtype
         self.slots = st.slots(dtype)
         self.limit = limit(st.p)
         self.chunk = chunk(st.p, dtype.itemsize)
         self.none = np.empty(0, dtype)  # the payload of a validation-only round (api._delegated)
+        self.entry = entry(st.ctrl, self.slots, self.none)
+        # the stall record's key of the group's blocking lane (stall.issue's, made once)
+        self.group, self.gkey, self.ranks = group, f"{group.uid}:b", group.ranks
+
+
+_entries: dict = {}  # dtype -> _exchange's entry point for a node state's ctrl and slots of it
+
+
+def entry(ctrl, slots, flat):
+    """The C entry point of _exchange for these arrays' types and the hot path's scalars
+    (compiled, or loaded from numba's cache, if not yet: ``Dispatcher.compile`` - it runs
+    nothing). `ctrl` and `slots`: a node state's (node.Node.ctrl, .slots(dtype): always of
+    the same types for one dtype); `flat`: an array of the type of x and out, a 1-d C array of
+    that dtype (Plan.none). Kept per dtype: asking the dispatcher again costs 70-190 us (typing
+    and its compile lock), and every settings change (dt.set_validation) makes new plans - the
+    first call after one paid that (bench_call_overhead's "first call" at 4 KiB, P = 2: 0.6-1.3
+    ms on call6's code against 0.12-0.14 ms on main's)."""
+    key = flat.dtype
+    e = _entries.get(key)
+    if e is None:
+        args = (ctrl, slots, flat, flat, 0, 2, 1, 1, SUM, 1, False, 1, 0)
+        e = _entries[key] = _exchange.compile(tuple(_exchange.typeof_pyval(a) for a in args))
+    return e
 
 
 _M64 = (1 << 64) - 1
@@ -280,4 +317,4 @@ def warmup(dtypes=(np.float32, np.float64, np.int32, np.int64)) -> None:
     for t in dtypes:
         slots = np.zeros((p, 2, 4), t)
         x = np.ones(4, t)
-        _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, SUM, 1, False, 4, np.zeros(1, np.int64))
+        _exchange(ctrl, slots, x, np.empty(4, t), 0, p, 1, 0, SUM, 1, False, 4, 0)

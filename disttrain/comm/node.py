@@ -164,7 +164,6 @@ class Node:
         self.small = raw[p * 192:].reshape(p, 2, SMALL)
         self.typed: dict = {}  # dtype -> [p, 2, SMALL / itemsize] view of the slots (fused.py)
         self.plans: dict = {}  # call signature -> fused.Plan (api.py's hot path), for settings `cfg`
-        self.at = np.zeros(1, np.int64)  # fused._exchange's resume point (one call at a time per communicator)
         self.cfg = None
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.cnt[self.r * _LINE] = 0  # MPI does not promise zeroed memory: each rank clears its own

@@ -255,13 +255,13 @@ def test_compiled_round_against_numpy(dtype):
             ctrl[p * 8 + (q * 2 + (k & 1)) * 8:][:2] = (1, h)
             ctrl[q * 8] = k
         out = np.empty(n, dtype)
-        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10, False, 64, np.zeros(1, np.int64)) == 1
+        assert fused._exchange(ctrl, slots, rows[0].copy(), out, 0, p, k, h, op, 10, False, 64, 0) == fused.DONE
         np.testing.assert_array_equal(out, shm.fold_ref(rows, op))
         assert ctrl[0] == k
     k = int(ctrl[0]) + 1
     ctrl[8] = k  # rank 2 is late
     assert fused._exchange(ctrl, slots, rows[0].copy(), np.empty(n, dtype), 0, p, k, h, SUM, 10, False, 64,
-                           np.zeros(1, np.int64)) == 0
+                           0) == fused.LATE
     ctrl[16] = k
     ctrl[p * 8 + (1 * 2 + (k & 1)) * 8 + 1] = h + 1  # rank 1 posted another signature
     out = np.full(n, 7, dtype)
@@ -271,27 +271,38 @@ def test_compiled_round_against_numpy(dtype):
 
 def test_compiled_rounds_resume_chunk_by_chunk():
     """A multi-chunk _exchange with p = 2 simulated in one process: it stops at the first round
-    whose peer has not arrived (at[0] = that chunk), resumes there with posted=True, and folds
-    every chunk (rank order) into its place; rank 0's slot of each round holds its own chunk."""
+    whose peer has not arrived (returning LATE + that chunk), resumes there with posted=True,
+    and folds every chunk (rank order) into its place; rank 0's slot of each round holds its own
+    chunk. A header that differs at a later chunk returns MISMATCH - that chunk."""
     p, n, ch, h = 2, 23, 5, 777
     ctrl = np.zeros(p * 24, np.int64)
     slots = np.zeros((p, 2, 8), np.float64)
     x0, x1 = np.arange(n, dtype=np.float64), np.arange(n, dtype=np.float64) * 10 + 1
-    out, at, k = np.full(n, -1.0), np.zeros(1, np.int64), 5
-    done, posted = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, False, ch, at), False
+    out, k = np.full(n, -1.0), 5
+    done, posted = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, False, ch, 0), False
     rounds = 0
-    while done == 0:
-        c = int(at[0])
-        assert ctrl[0] == k + c and np.all(out[c * ch:] == -1)  # arrived, nothing of this chunk folded
+    while done != fused.DONE:
+        c = done - fused.LATE
+        assert c >= 0 and ctrl[0] == k + c and np.all(out[c * ch:] == -1)  # arrived, nothing of this chunk folded
         par = (k + c) & 1
         np.testing.assert_array_equal(slots[0, par, :min(ch, n - c * ch)], x0[c * ch:][:ch])
         slots[1, par, :min(ch, n - c * ch)] = x1[c * ch:][:ch]  # the peer posts round k + c
         ctrl[p * 8 + (2 + par) * 8:][:2] = (1, h)
         ctrl[8] = k + c
-        done = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, True, ch, at)
+        done = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, True, ch, c)
         rounds += 1
-    assert done == 1 and rounds == fused.rounds(n, ch) == 5
+    assert rounds == fused.rounds(n, ch) == 5
     np.testing.assert_array_equal(out, x0 + x1)
+    k += 5  # the same call again, the peer's header of its fourth round (chunk 3) differs
+    ctrl[8] = k + 2
+    for c in range(3):
+        par = (k + c) & 1
+        ctrl[p * 8 + (2 + par) * 8:][:2] = (1, h)
+    done = fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, False, ch, 0)
+    assert done == fused.LATE + 3
+    ctrl[8] = k + 3
+    ctrl[p * 8 + (2 + ((k + 3) & 1)) * 8 + 1] = h + 1
+    assert fused._exchange(ctrl, slots, x0, out, 0, p, k, h, SUM, 3, True, ch, 3) == fused.MISMATCH - 3
 
 
 @pytest.mark.mpi
