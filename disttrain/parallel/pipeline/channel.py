@@ -48,7 +48,6 @@ long wait is reported by the stall watchdog.
 """
 from __future__ import annotations
 
-import os
 import time
 import weakref
 
@@ -59,14 +58,15 @@ from ... import mpi, stall
 from ...comm import futex, topology
 from ...comm import node as N
 from ...errors import CollectiveError
-from ...groups import local_size
 from . import activations as A
 
 TRANSPORTS = ("mpi", "shm")
 _LINE = 8  # int64 words per cache line: each stamp and flag alone on its line
 _ALIGN = 64
-_SPINS = 2000  # looks at a stamp per burst (~tens of us): the fast path's, and the slow path's unit
-_SPIN_S = 0.05  # seconds a receiver with a core of its own spins before it sleeps (see _sleep)
+# looks at a stamp before a receiver sleeps: ~5 us on this VM (2000 looks of one word, measured
+# 4.6 us) - long enough for a message already on its way, short enough that a waiting stage does
+# not take the cycles its neighbour's compute needs (see Channel._sleep)
+_SPINS = 2000
 _NAP = 1e-3  # seconds a sleeping receiver waits at most before it looks again
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 _warm = False  # the kernels' compiled code is loaded (once per process)
@@ -108,22 +108,6 @@ def warmup() -> None:
     _ready(w, 0, 0, 1)
     _publish(w, 0, 0, _LINE)
     _doze(w, _LINE, 0, 0)
-
-
-_own = None
-
-
-def _own_core() -> bool:
-    """Whether this host has a core for every rank on it (decided once; a local waiting policy,
-    which decides nothing any peer depends on)."""
-    global _own
-    if _own is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        _own = local_size() <= cores
-    return _own
 
 
 def _aligned(n: int) -> int:
@@ -287,23 +271,20 @@ class Channel:
         return result
 
     def _sleep(self, w: int, flag: int, src: int, world_src: int, result) -> None:
-        """Wait for slot word w, tracked by the stall inspector (a source that leaves the job ends
-        it, as for an MPI receive): spinning for up to _SPIN_S when every rank of this host has a
-        core, then asleep on the futex. Measured on this VM (2 vCPUs, sender after 10 ms of sleep,
-        32 KiB): a spinning receiver sees the message 40-70 us after the sender's compute end, a
-        futex-woken one ~250 us after (waking a halted vCPU), MPICH's busy-polling receive 80-100
-        us - so a receiver with a core of its own polls like MPICH does, and one that shares its
-        core with other ranks sleeps (a spinning one would take the core the sender needs)."""
+        """Wait for slot word w asleep on its futex, tracked by the stall inspector (a source that
+        leaves the job ends it, as for an MPI receive). The receiver has spun only ``_SPINS`` looks
+        (take) before it gets here: the sixth round's receiver spun for up to 50 ms when every
+        rank had a vCPU, and on this VM (two vCPUs sharing one core's resources) that spin took
+        the cycles the peer's GEMMs needed - real MLP stages at pp 2 ran 1.4-4x slower per step
+        than over MPI (README, pipelines). Asleep it costs its neighbour nothing; the sender's
+        ``_publish`` sees the flag and wakes it (no lost wake-up: the kernel compares the word
+        with the value seen after the flag was set, Drepper 2011)."""
         t = time.perf_counter()
         op = stall.enter(f"pipeline recv from stage {src}", A.parts(result)[0], site="pipeline shm channel", group=None)
         op.ranks = (world_src,)
         words, stamp, address = self.words, self.epoch, self.words.ctypes.data + 8 * w
         try:
-            until = t + (_SPIN_S if _own_core() else 0.0)
-            while time.perf_counter() < until:  # nogil bursts: the watchdog thread runs between looks
-                if _ready(words, w, stamp, _SPINS):
-                    return
-            while True:
+            while True:  # each futex wait at most _NAP: the watchdog thread and a departed peer are seen
                 seen = int(_doze(words, flag, w, 1))
                 if seen >= stamp:
                     break
