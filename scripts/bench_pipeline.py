@@ -9,7 +9,8 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
 1. bubble: every stage is a layer whose forward waits --fwd-ms and whose backward 2x that (a timed
    wait, not arithmetic: stage times are then exactly equal, as the formulas assume, and pp = 4
    stages on this 2-core machine do not steal each other's cores - the figure measures the
-   *schedule* and its point-to-point traffic). Each schedule in SCHEDULES: gpipe, 1f1b,
+   *schedule* and its point-to-point traffic; the loss is free by default, --timed-loss: a real
+   loss is work on the last stage only). Each schedule in SCHEDULES: gpipe, 1f1b,
    interleaved (--virtual-stages V chunks per rank, each waiting 1/V of the stage's time) and zb1
    (the backward split into B and W, --fwd-ms each). Measured bubble per stage = 1 - busy / wall of
    a step; the table reports the mean over stages (median over --steps steps) next to the
@@ -63,7 +64,7 @@ import sys
 import time
 
 import numpy as np
-from _bench import ROOT, add_output_args, emit, save, worker_env
+from _bench import ROOT, FreeLoss, add_output_args, emit, save, worker_env
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -125,6 +126,13 @@ def worker(a) -> None:
 
         def backward_weight(self):
             wait(self.f)
+
+    def timed_loss():
+        """The timed stages' loss: --timed-loss free costs nothing, so the last stage's ops take as
+        long as every other stage's (the formulas' equal stages); mse (the fixture before the
+        seventh round) adds the loss's forward and backward to the last stage's ops only - measured
+        here +0.15-0.2 ms on its 10 ms forward, an imbalance that every micro-batch repeats."""
+        return FreeLoss() if a.timed_loss == "free" else nn.MSE()
 
     def run(pipes, x, y, steps):
         """Every stage's measurements of each pipeline in `pipes` over `steps` steps (after
@@ -224,7 +232,7 @@ def worker(a) -> None:
                              played_all=simulate(schedule, P, m, v, mf, mb, mw,
                                                  latency=max(0.0, per[0]["handoff_ms"] - per[0]["post_ms"]),
                                                  overhead=[s["runtime_ms"] for s in per])["bubble"],
-                             runtime_us=[1e3 * s["runtime_ms"] for s in per], fixture=a.fixture,
+                             runtime_us=[1e3 * s["runtime_ms"] for s in per], fixture=a.fixture, timed_loss=a.timed_loss,
                              op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
@@ -242,7 +250,7 @@ def worker(a) -> None:
             x, y = np.ones((batch, a.width), np.float32), np.zeros((batch, a.width), np.float32)
             f = a.fwd_ms / 1e3 / v
             stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-            pipes = [Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None, schedule=schedule,
+            pipes = [Pipeline(stage, mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None, schedule=schedule,
                               micro_batches=m, virtual_stages=v, transport=tr, trace=True) for tr in transports]
             for tr, per in zip(transports, run(pipes, x, y, a.steps)):  # side by side, step by step
                 record("timed", schedule, m, per, transport=tr)
@@ -260,7 +268,7 @@ def worker(a) -> None:
         f = a.fwd_ms / 1e3 / v
         for tr in transports:
             stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-            pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+            pipe = Pipeline(stage, mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, virtual_stages=v, trace=True, transport=tr)
             hand, post = [], []
             for k in range(a.warmup + a.steps):
@@ -316,7 +324,7 @@ def worker(a) -> None:
     x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
     for cache in ((False, True) if "overhead" in a.parts else ()):
         for schedule in ("1f1b", "zb1"):
-            pipe = Pipeline(Timed(0.0), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+            pipe = Pipeline(Timed(0.0), mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, cache_shapes=cache)
             per = run([pipe], x, y, 3 * a.steps)[0]
             if dt.rank() == 0:
@@ -583,6 +591,8 @@ def main() -> int:
                     help="timed stage's wait: one time.sleep (the fixture of every earlier round), or sleep to "
                          "--spin-us before the deadline then spin (precise)")
     ap.add_argument("--spin-us", type=float, default=500.0, help="--fixture spin: microseconds spun at the end")
+    ap.add_argument("--timed-loss", choices=("free", "mse"), default="free",
+                    help="the timed stages' loss: free (costs nothing: equal stages) or mse (extra work on the last stage)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
@@ -608,7 +618,7 @@ def main() -> int:
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
                    "--schedules", a.schedules, "--transport", a.transport, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
-                   "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
+                   "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--timed-loss", a.timed_loss, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,
                                  timeout=a.timeout)
