@@ -48,6 +48,7 @@ long wait is reported by the stall watchdog.
 """
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 
@@ -134,6 +135,17 @@ class _Window:
     def free_here(self) -> bool:
         return self.user is None or self.user() is None or self.user().window is not self
 
+    def unviewed(self) -> bool:
+        """No array of this process views the window's memory - a layer's cache of an earlier step
+        (its input: a slot) may, and unmapping the window under it would crash a later read."""
+        return sys.getrefcount(self.mem) <= 2  # views' base is self.mem: only this attribute and the argument
+
+    def release(self) -> None:
+        """Unmap the window (collective over its node communicator)."""
+        self.win.Unlock_all()
+        self.win.Free()
+        self.mem = None
+
 
 class Channel:
     """The shared-memory messages of one pipeline (its group's communicator), for the pairs of
@@ -207,6 +219,7 @@ class Channel:
                     total += 0 if nb is None else _aligned(max(nb, 1))
                 place[(pr, k)] = (wi, flag, offs, sig)
                 wi += _LINE
+        self.words, self.inbound, self.outbound = None, {}, {}  # no view of the old window left here
         self._window_of(max(total, _ALIGN))
         mem = self.window.mem
         self.words = mem[:n_words * 8].view(np.int64)
@@ -235,11 +248,22 @@ class Channel:
         pool = _pools.setdefault(self.uid, [])
         if self.window is not None:
             self.window.user = None  # this channel's own window is free for its new layout
-        free = np.array([int(w.free_here() and w.nbytes >= nbytes) for w in pool], np.int32)
-        if len(pool):  # per-rank liveness (garbage collection) agreed: the group's minimum
-            self.comm.Allreduce(mpi.MPI.IN_PLACE, free, op=mpi.MPI.MIN)
-        chosen = next((w for w, ok in zip(pool, free) if ok), None)
+        n = len(pool)
+        # per window: free and large enough; free and viewed by no array (may be unmapped)
+        flags = np.array([int(w.free_here() and w.nbytes >= nbytes) for w in pool] +
+                         [int(w.free_here() and w.unviewed()) for w in pool], np.int32)
+        if n:  # per-rank liveness (garbage collection, live arrays) agreed: the group's minimum
+            self.comm.Allreduce(mpi.MPI.IN_PLACE, flags, op=mpi.MPI.MIN)
+        chosen = next((w for w, ok in zip(pool, flags[:n]) if ok), None)
         if chosen is None:
+            # before a new window, give back those no rank uses or views any more: the pool held
+            # the sum of every layout ever made (attack8, finding 01: batches that grow). The
+            # minimum makes the set the same on every rank; MPI_Win_free is collective over the
+            # window's node communicator, all of whose ranks are in this group's lay_out.
+            for w, gone in zip(list(pool), flags[n:]):
+                if gone:
+                    w.release()
+                    pool.remove(w)
             chosen = _Window(self.wcomm, nbytes)
             pool.append(chosen)
         chosen.user = weakref.ref(self)
