@@ -9,7 +9,8 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
 1. bubble: every stage is a layer whose forward waits --fwd-ms and whose backward 2x that (a timed
    wait, not arithmetic: stage times are then exactly equal, as the formulas assume, and pp = 4
    stages on this 2-core machine do not steal each other's cores - the figure measures the
-   *schedule* and its point-to-point traffic). Each schedule in SCHEDULES: gpipe, 1f1b,
+   *schedule* and its point-to-point traffic; the loss is free by default, --timed-loss: a real
+   loss is work on the last stage only). Each schedule in SCHEDULES: gpipe, 1f1b,
    interleaved (--virtual-stages V chunks per rank, each waiting 1/V of the stage's time) and zb1
    (the backward split into B and W, --fwd-ms each). Measured bubble per stage = 1 - busy / wall of
    a step; the table reports the mean over stages (median over --steps steps) next to the
@@ -29,6 +30,9 @@ The bubble is 1 - busy / the step's span (earliest stage's first op to the lates
 mean over stages - the definition of the formulas and of ``simulate``; "old def" divides by each
 stage's own first-to-last op time instead (what this benchmark reported before: it leaves out the
 idle tail of the stages that finish first). ZB-H1 against 1F1B: idle time (Qi et al.'s 1/3).
+"+h+rt" plays them with that and with every message taking the case's own median hand-off (from
+the trace of the same steps): the per-micro-batch costs the formulas take as zero, all measured.
+The transports of a case run side by side step by step (mpi's step k, shm's step k, then k + 1).
 "+rt" plays the op lists with each stage's own runtime time per op as well (``Pipeline.stats
 ["runtime_s"]`` over its ops: neither compute nor waiting for a message; ``simulate(overhead=)``):
 on the timed stages it accounts for the excess over the formula within a few percent. Part
@@ -60,7 +64,7 @@ import sys
 import time
 
 import numpy as np
-from _bench import ROOT, add_output_args, emit, save, worker_env
+from _bench import ROOT, FreeLoss, add_output_args, emit, save, worker_env
 
 
 # ----------------------------------------------------------------------------------- worker
@@ -123,36 +127,62 @@ def worker(a) -> None:
         def backward_weight(self):
             wait(self.f)
 
-    def run(pipe, x, y, steps):
-        """Every stage's measurements over `steps` steps (after --warmup), gathered on rank 0.
+    def timed_loss():
+        """The timed stages' loss: --timed-loss free costs nothing, so the last stage's ops take as
+        long as every other stage's (the formulas' equal stages); mse (the fixture before the
+        seventh round) adds the loss's forward and backward to the last stage's ops only - measured
+        here +0.15-0.2 ms on its 10 ms forward, an imbalance that every micro-batch repeats."""
+        return FreeLoss() if a.timed_loss == "free" else nn.MSE()
+
+    def run(pipes, x, y, steps):
+        """Every stage's measurements of each pipeline in `pipes` over `steps` steps (after
+        --warmup), gathered on rank 0: one list per pipeline. The pipelines (one per transport)
+        take their steps in turn - step k of each before step k + 1 of any - so that the machine's
+        load drifts over all of them alike (side by side, not one after the other).
 
         The step's span is the same for every stage: from the earliest stage's first op to the
         latest stage's last (the stages' perf_counter stamps: one host), because a stage that
         finishes early still waits for the others before the next step's work reaches it. A
         stage's bubble is 1 - its busy time (compute + recomputation) / the span; its own wall
         (first to last op of that stage alone) is kept as ``own_bubble``: that definition, used
-        before, does not count the idle tail of the stages that finish first."""
-        got = []
+        before, does not count the idle tail of the stages that finish first. A traced pipeline
+        (trace=True) also gives the case's hand-offs (``handoffs``: rank 0's median)."""
+        got, hand, replay = [[] for _ in pipes], [([], []) for _ in pipes], [[] for _ in pipes]
         for k in range(a.warmup + steps):
-            comm.Barrier()
-            pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
-            st = pipe.stats
-            stamps = comm.allgather((st["t0"], st["t1"]))
-            span = max(t1 for _, t1 in stamps) - min(t0 for t0, _ in stamps)
-            busy = st["compute_s"] + st["recompute_s"]
-            if k >= a.warmup:
-                got.append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"],
-                            st["runtime_s"] / st["ops"]))
-        n = pipe.m
-        mine = dict(bubble=float(np.median([g[0] for g in got])), idle_ms=1e3 * float(np.median([g[1] for g in got])),
-                    wall_ms=1e3 * float(np.median([g[2] for g in got])),
-                    own_bubble=float(np.median([g[3] for g in got])),
-                    runtime_ms=1e3 * float(np.median([g[5] for g in got])),
-                    op_ms={kind: [1e3 * float(np.mean([g[4][kind][c] for g in got])) / n for c in range(pipe.v)]
-                           for kind in "FBW"},
-                    peak_live=st["peak_live"], peak_activation_bytes=st["peak_activation_bytes"],
-                    p2p_bytes=st["sent_bytes"], recompute_ms=1e3 * st["recompute_s"])
-        return comm.gather(mine, root=0)
+            for j, pipe in enumerate(pipes):
+                comm.Barrier()
+                pipe.step(x if mesh.pp_is_first_stage else None, y if mesh.pp_is_last_stage else None)
+                st = pipe.stats
+                stamps = comm.allgather((st["t0"], st["t1"]))
+                traces = comm.gather(st["trace"], root=0) if pipe.trace else None
+                span = max(t1 for _, t1 in stamps) - min(t0 for t0, _ in stamps)
+                busy = st["compute_s"] + st["recompute_s"]
+                if k >= a.warmup:
+                    got[j].append((1 - busy / span, span - busy, span, 1 - busy / (st["t1"] - st["t0"]), st["op_s"],
+                                   st["runtime_s"] / st["ops"]))
+                    if traces is not None and P > 1:
+                        h, q = handoffs(traces, P)
+                        hand[j][0].extend(h), hand[j][1].extend(q)
+                    if traces is not None:  # this step's ops replayed with their own compute times
+                        times = {(s, kind, i, c): t1 - t for s, ops in enumerate(traces)
+                                 for kind, i, c, _, t, t1, _ in ops}
+                        replay[j].append(simulate(pipe.schedule, P, pipe.m, pipe.v, op_times=times)["bubble"])
+        out = []
+        for pipe, g, (h, q), rep in zip(pipes, got, hand, replay):
+            n, st = pipe.m, pipe.stats
+            mine = dict(bubble=float(np.median([r[0] for r in g])), idle_ms=1e3 * float(np.median([r[1] for r in g])),
+                        wall_ms=1e3 * float(np.median([r[2] for r in g])),
+                        own_bubble=float(np.median([r[3] for r in g])),
+                        runtime_ms=1e3 * float(np.median([r[5] for r in g])),
+                        op_ms={kind: [1e3 * float(np.mean([r[4][kind][c] for r in g])) / n for c in range(pipe.v)]
+                               for kind in "FBW"},
+                        peak_live=st["peak_live"], peak_activation_bytes=st["peak_activation_bytes"],
+                        p2p_bytes=st["sent_bytes"], recompute_ms=1e3 * st["recompute_s"],
+                        handoff_ms=1e3 * float(np.median(h)) if h else 0.0,
+                        post_ms=1e3 * float(np.median(q)) if q else 0.0,
+                        replay=float(np.median(rep)) if rep else float("nan"))
+            out.append(comm.gather(mine, root=0))
+        return out
 
     def chunks_of(name):
         return a.virtual_stages if name == "interleaved" else 1
@@ -195,7 +225,14 @@ def worker(a) -> None:
                              # played with each stage's own runtime time per op too (not busy)
                              played_rt=simulate(schedule, P, m, v, mf, mb, mw,
                                                 overhead=[s["runtime_ms"] for s in per])["bubble"],
-                             runtime_us=[1e3 * s["runtime_ms"] for s in per], fixture=a.fixture,
+                             # and with every message taking this case's own median hand-off (less the
+                             # sender's compute end to send issued: that is in its runtime per op) -
+                             # every cost measured: what is left over is not accounted for
+                             handoff_us=1e3 * per[0]["handoff_ms"], replay=per[0]["replay"],
+                             played_all=simulate(schedule, P, m, v, mf, mb, mw,
+                                                 latency=max(0.0, per[0]["handoff_ms"] - per[0]["post_ms"]),
+                                                 overhead=[s["runtime_ms"] for s in per])["bubble"],
+                             runtime_us=[1e3 * s["runtime_ms"] for s in per], fixture=a.fixture, timed_loss=a.timed_loss,
                              op_ms=dict(F=mf, B=mb, W=mw),
                              live_formula=[fn.live(s, P, m, v) for s in range(P)],
                              step_ms=max(s["wall_ms"] for s in per),
@@ -212,11 +249,11 @@ def worker(a) -> None:
             batch = m * a.mb
             x, y = np.ones((batch, a.width), np.float32), np.zeros((batch, a.width), np.float32)
             f = a.fwd_ms / 1e3 / v
-            for tr in transports:  # side by side: the same sizes through each transport in turn
-                stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-                pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
-                                schedule=schedule, micro_batches=m, virtual_stages=v, transport=tr)
-                record("timed", schedule, m, run(pipe, x, y, a.steps), transport=tr)
+            stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
+            pipes = [Pipeline(stage, mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None, schedule=schedule,
+                              micro_batches=m, virtual_stages=v, transport=tr, trace=True) for tr in transports]
+            for tr, per in zip(transports, run(pipes, x, y, a.steps)):  # side by side, step by step
+                record("timed", schedule, m, per, transport=tr)
 
     # 1c. the hand-off between stages, from the runtime's per-op trace (Pipeline(trace=True)): for
     # every message whose receiver was already waiting for it, the time from the sender's compute
@@ -231,7 +268,7 @@ def worker(a) -> None:
         f = a.fwd_ms / 1e3 / v
         for tr in transports:
             stage = Timed(f) if v == 1 else nn.Sequential(*[Timed(f) for _ in range(v)])
-            pipe = Pipeline(stage, mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+            pipe = Pipeline(stage, mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, virtual_stages=v, trace=True, transport=tr)
             hand, post = [], []
             for k in range(a.warmup + a.steps):
@@ -287,9 +324,9 @@ def worker(a) -> None:
     x, y = np.ones((m * a.mb, a.width), np.float32), np.zeros((m * a.mb, a.width), np.float32)
     for cache in ((False, True) if "overhead" in a.parts else ()):
         for schedule in ("1f1b", "zb1"):
-            pipe = Pipeline(Timed(0.0), mesh.pp_group, nn.MSE() if mesh.pp_is_last_stage else None,
+            pipe = Pipeline(Timed(0.0), mesh.pp_group, timed_loss() if mesh.pp_is_last_stage else None,
                             schedule=schedule, micro_batches=m, cache_shapes=cache)
-            per = run(pipe, x, y, 3 * a.steps)
+            per = run([pipe], x, y, 3 * a.steps)[0]
             if dt.rank() == 0:
                 rows.append(dict(part="overhead", pp=P, schedule=schedule, m=m, cache_shapes=cache,
                                  us_per_microbatch=1e6 * max(s["wall_ms"] for s in per) / 1e3 / m))
@@ -306,11 +343,12 @@ def worker(a) -> None:
             chunks = [nn.Sequential(*units[lo:hi]) for lo, hi in assign(costs, P, v)[mesh.pp_rank]]
             stage = chunks[0] if v == 1 else nn.Sequential(*chunks)
             x, y = batch(m)
-            for tr in transports:
-                pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
-                                schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute, transport=tr)
-                record(part, schedule, m, run(pipe, x, y, steps), recompute, tr)
-                stage.zero_grad()
+            pipes = [Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy() if mesh.pp_is_last_stage else None,
+                              schedule=schedule, micro_batches=m, virtual_stages=v, recompute=recompute, transport=tr,
+                              trace=True) for tr in transports]
+            for tr, per in zip(transports, run(pipes, x, y, steps)):  # side by side, step by step
+                record(part, schedule, m, per, recompute, tr)
+            stage.zero_grad()
 
         for schedule in schedules:
             for m in (m for m in a.micro_batches if runnable(schedule, m)):
@@ -407,7 +445,7 @@ def handoffs(traces, p: int) -> tuple:
 # ----------------------------------------------------------------------------------- driver
 def report(rows) -> None:
     print(f"\n{'part':<6} {'pp':>2} {'schedule':<11} {'tr':<3} {'V':>1} {'recompute':<9} {'m':>3} {'bubble':>7} {'formula':>7} "
-          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'+rt':>7} {'diff':>6} {'rt us/op':>9} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
+          f"{'diff':>6} {'played':>7} {'diff':>6} {'+lat':>7} {'+rt':>7} {'diff':>6} {'+h+rt':>7} {'diff':>6} {'h us':>5} {'replay':>7} {'diff':>6} {'rt us/op':>9} {'old def':>7} {'idle':>8} {'step':>8} {'peak live / stage':>18} "
           f"{'formula':>14} {'peak act. KiB / stage':>24} {'recompute ms':>14} {'p2p KiB / stage':>18}")
     for r in rows:
         if r["part"] in ("tp", "emb", "overhead", "cold", "handoff"):
@@ -419,6 +457,10 @@ def report(rows) -> None:
               f"{r['m']:>3} {r['bubble']:>7.3f} {r['theory']:>7.3f} {rel:>+6.0%} {played:>7.3f} {relp:>+6.0%} "
               f"{r.get('played_lat', played):>7.3f} {r.get('played_rt', played):>7.3f} "
               f"{(r['bubble'] - r.get('played_rt', played)) / r.get('played_rt', played) if r.get('played_rt', played) else 0:>+6.0%} "
+              f"{r.get('played_all', played):>7.3f} "
+              f"{(r['bubble'] - r.get('played_all', played)) / r.get('played_all', played) if r.get('played_all', played) else 0:>+6.0%} "
+              f"{r.get('handoff_us', 0):>5.0f} {r.get('replay', float('nan')):>7.3f} "
+              f"{(r['bubble'] - r.get('replay', 0)) / r['replay'] if r.get('replay') else float('nan'):>+6.0%} "
               f"{np.mean(r.get('runtime_us', [0])):>9.0f} "
               f"{r.get('own_bubble', r['bubble']):>7.3f} {r.get('idle_ms', 0):>5.1f} ms {r['step_ms']:>5.0f} ms "
               f"{r['peak_live']!s:>18} {r.get('live_formula', '-')!s:>14} "
@@ -431,7 +473,11 @@ def report(rows) -> None:
           "each stage measured (schedules.simulate); +lat: played with every message taking the measured one-way "
           f"time ({hops}); +rt: played with each stage's own runtime time per op too (Pipeline.stats['runtime_s'] "
           "per op: between its first and last op, neither compute nor waiting for a message; rt us/op: its mean "
-          "over stages); old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
+          "over stages); +h+rt: played with that runtime per op and every message taking the case's own median "
+          "hand-off (h: a sender's compute end to its waiting receiver's compute start, from the trace) less the "
+          "sender's compute end to send issued (in its runtime already); replay: each step's op lists played "
+          "with every op's own compute time from its trace and nothing else (median over steps): replay - formula "
+          "is what the ops' unequal and jittered times cost, bubble - replay what the runtime between them costs; old def: 1 - busy / each stage's own first-to-last op; idle: span - busy, mean over stages")
     over = [r for r in rows if r["part"] == "overhead"]
     for r in (r for r in over if r["cache_shapes"]):
         base = next(b for b in over if not b["cache_shapes"] and b["pp"] == r["pp"] and b["schedule"] == r["schedule"])
@@ -545,6 +591,8 @@ def main() -> int:
                     help="timed stage's wait: one time.sleep (the fixture of every earlier round), or sleep to "
                          "--spin-us before the deadline then spin (precise)")
     ap.add_argument("--spin-us", type=float, default=500.0, help="--fixture spin: microseconds spun at the end")
+    ap.add_argument("--timed-loss", choices=("free", "mse"), default="free",
+                    help="the timed stages' loss: free (costs nothing: equal stages) or mse (extra work on the last stage)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 1)
@@ -570,7 +618,7 @@ def main() -> int:
             cmd = [a.mpiexec, "-n", str(P), sys.executable, os.path.abspath(__file__), "--worker",
                    "--micro-batches", ",".join(map(str, a.micro_batches)),
                    "--schedules", a.schedules, "--transport", a.transport, "--parts", a.parts, "--virtual-stages", str(a.virtual_stages), "--mb", str(a.mb), "--width", str(a.width),
-                   "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
+                   "--fwd-ms", str(a.fwd_ms), "--fixture", a.fixture, "--timed-loss", a.timed_loss, "--spin-us", str(a.spin_us), "--steps", str(a.steps), "--warmup", str(a.warmup), "--cores",
                    str(a.cores), "--tables", a.tables, "--dim", str(a.dim), "--alpha", str(a.alpha)]
             out = subprocess.run(cmd, env=job_env(a, P), capture_output=True, text=True,
                                  timeout=a.timeout)

@@ -92,6 +92,21 @@ def test_simulator_takes_each_chunks_own_op_times():
     assert simulate("1f1b", 1, 4, 1, 1.0, 2.0, 0.0, latency=5.0)["makespan"] == pytest.approx(12.0)
 
 
+def test_simulator_replays_single_ops_own_times():
+    """A step replayed with its ops' own measured times (op_times, from Pipeline(trace=True)): 1F1B
+    at p 2, m 4, F 1 and B 2 takes (m + p - 1) 3 = 15; the last stage's steady state has no slack,
+    so its F of micro-batch 2 taking 1.5 makes the step 15.5 - one op's overshoot per micro-batch
+    is what accumulates with m - and the busy time counts the 1.5; the first stage's F 0 at its
+    default time changes nothing."""
+    base = simulate("1f1b", 2, 4, 1, 1.0, 2.0)
+    assert base["makespan"] == pytest.approx(15.0)
+    slow = simulate("1f1b", 2, 4, 1, 1.0, 2.0, op_times={(1, "F", 2, 0): 1.5})
+    assert slow["makespan"] == pytest.approx(15.5)
+    assert slow["bubble"] == pytest.approx(1 - (12 + 12.5) / (2 * 15.5))
+    same = simulate("1f1b", 2, 4, 1, 1.0, 2.0, op_times={(0, "F", 0, 0): 1.0})
+    assert same["makespan"] == pytest.approx(15.0) and same["bubble"] == pytest.approx(base["bubble"])
+
+
 def test_simulator_plays_the_runtimes_own_time_per_op():
     """`overhead` o (the runtime's time per op, measured as Pipeline.stats["runtime_s"]) delays each
     op's result and its rank but is not busy: one stage, 2m ops, idle 2m o; GPipe at p = 2, m = 2

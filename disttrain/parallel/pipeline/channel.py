@@ -48,7 +48,7 @@ long wait is reported by the stall watchdog.
 """
 from __future__ import annotations
 
-import os
+import sys
 import time
 import weakref
 
@@ -59,14 +59,15 @@ from ... import mpi, stall
 from ...comm import futex, topology
 from ...comm import node as N
 from ...errors import CollectiveError
-from ...groups import local_size
 from . import activations as A
 
 TRANSPORTS = ("mpi", "shm")
 _LINE = 8  # int64 words per cache line: each stamp and flag alone on its line
 _ALIGN = 64
-_SPINS = 2000  # looks at a stamp per burst (~tens of us): the fast path's, and the slow path's unit
-_SPIN_S = 0.05  # seconds a receiver with a core of its own spins before it sleeps (see _sleep)
+# looks at a stamp before a receiver sleeps: ~5 us on this VM (2000 looks of one word, measured
+# 4.6 us) - long enough for a message already on its way, short enough that a waiting stage does
+# not take the cycles its neighbour's compute needs (see Channel._sleep)
+_SPINS = 2000
 _NAP = 1e-3  # seconds a sleeping receiver waits at most before it looks again
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
 _warm = False  # the kernels' compiled code is loaded (once per process)
@@ -110,22 +111,6 @@ def warmup() -> None:
     _doze(w, _LINE, 0, 0)
 
 
-_own = None
-
-
-def _own_core() -> bool:
-    """Whether this host has a core for every rank on it (decided once; a local waiting policy,
-    which decides nothing any peer depends on)."""
-    global _own
-    if _own is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        _own = local_size() <= cores
-    return _own
-
-
 def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -149,6 +134,17 @@ class _Window:
 
     def free_here(self) -> bool:
         return self.user is None or self.user() is None or self.user().window is not self
+
+    def unviewed(self) -> bool:
+        """No array of this process views the window's memory - a layer's cache of an earlier step
+        (its input: a slot) may, and unmapping the window under it would crash a later read."""
+        return sys.getrefcount(self.mem) <= 2  # views' base is self.mem: only this attribute and the argument
+
+    def release(self) -> None:
+        """Unmap the window (collective over its node communicator)."""
+        self.win.Unlock_all()
+        self.win.Free()
+        self.mem = None
 
 
 class Channel:
@@ -223,6 +219,7 @@ class Channel:
                     total += 0 if nb is None else _aligned(max(nb, 1))
                 place[(pr, k)] = (wi, flag, offs, sig)
                 wi += _LINE
+        self.words, self.inbound, self.outbound = None, {}, {}  # no view of the old window left here
         self._window_of(max(total, _ALIGN))
         mem = self.window.mem
         self.words = mem[:n_words * 8].view(np.int64)
@@ -251,11 +248,22 @@ class Channel:
         pool = _pools.setdefault(self.uid, [])
         if self.window is not None:
             self.window.user = None  # this channel's own window is free for its new layout
-        free = np.array([int(w.free_here() and w.nbytes >= nbytes) for w in pool], np.int32)
-        if len(pool):  # per-rank liveness (garbage collection) agreed: the group's minimum
-            self.comm.Allreduce(mpi.MPI.IN_PLACE, free, op=mpi.MPI.MIN)
-        chosen = next((w for w, ok in zip(pool, free) if ok), None)
+        n = len(pool)
+        # per window: free and large enough; free and viewed by no array (may be unmapped)
+        flags = np.array([int(w.free_here() and w.nbytes >= nbytes) for w in pool] +
+                         [int(w.free_here() and w.unviewed()) for w in pool], np.int32)
+        if n:  # per-rank liveness (garbage collection, live arrays) agreed: the group's minimum
+            self.comm.Allreduce(mpi.MPI.IN_PLACE, flags, op=mpi.MPI.MIN)
+        chosen = next((w for w, ok in zip(pool, flags[:n]) if ok), None)
         if chosen is None:
+            # before a new window, give back those no rank uses or views any more: the pool held
+            # the sum of every layout ever made (attack8, finding 01: batches that grow). The
+            # minimum makes the set the same on every rank; MPI_Win_free is collective over the
+            # window's node communicator, all of whose ranks are in this group's lay_out.
+            for w, gone in zip(list(pool), flags[n:]):
+                if gone:
+                    w.release()
+                    pool.remove(w)
             chosen = _Window(self.wcomm, nbytes)
             pool.append(chosen)
         chosen.user = weakref.ref(self)
@@ -287,23 +295,20 @@ class Channel:
         return result
 
     def _sleep(self, w: int, flag: int, src: int, world_src: int, result) -> None:
-        """Wait for slot word w, tracked by the stall inspector (a source that leaves the job ends
-        it, as for an MPI receive): spinning for up to _SPIN_S when every rank of this host has a
-        core, then asleep on the futex. Measured on this VM (2 vCPUs, sender after 10 ms of sleep,
-        32 KiB): a spinning receiver sees the message 40-70 us after the sender's compute end, a
-        futex-woken one ~250 us after (waking a halted vCPU), MPICH's busy-polling receive 80-100
-        us - so a receiver with a core of its own polls like MPICH does, and one that shares its
-        core with other ranks sleeps (a spinning one would take the core the sender needs)."""
+        """Wait for slot word w asleep on its futex, tracked by the stall inspector (a source that
+        leaves the job ends it, as for an MPI receive). The receiver has spun only ``_SPINS`` looks
+        (take) before it gets here: the sixth round's receiver spun for up to 50 ms when every
+        rank had a vCPU, and on this VM (two vCPUs sharing one core's resources) that spin took
+        the cycles the peer's GEMMs needed - real MLP stages at pp 2 ran 1.4-4x slower per step
+        than over MPI (README, pipelines). Asleep it costs its neighbour nothing; the sender's
+        ``_publish`` sees the flag and wakes it (no lost wake-up: the kernel compares the word
+        with the value seen after the flag was set, Drepper 2011)."""
         t = time.perf_counter()
         op = stall.enter(f"pipeline recv from stage {src}", A.parts(result)[0], site="pipeline shm channel", group=None)
         op.ranks = (world_src,)
         words, stamp, address = self.words, self.epoch, self.words.ctypes.data + 8 * w
         try:
-            until = t + (_SPIN_S if _own_core() else 0.0)
-            while time.perf_counter() < until:  # nogil bursts: the watchdog thread runs between looks
-                if _ready(words, w, stamp, _SPINS):
-                    return
-            while True:
+            while True:  # each futex wait at most _NAP: the watchdog thread and a departed peer are seen
                 seen = int(_doze(words, flag, w, 1))
                 if seen >= stamp:
                     break

@@ -61,11 +61,13 @@ class Pipeline:
             depend on the data, not only on the input shape.
         uneven: allow a batch that m does not divide (``np.array_split`` micro-batches, each of at
             least one sample): variable-size batches such as sentences under a token budget.
-        transport: "mpi" (default): every message through MPI (p2p.py); "shm": once shapes are
-            known, messages between stages on one node go through a shared-memory channel
-            (channel.py: the sender writes into the receiver's slot, the receiver computes from
-            it), others through MPI. Not the default: on this 2-vCPU machine it cut the hand-off
-            and the bubble but made real MLP stages' steps slower (README, pipelines, sixth round).
+        transport: "shm" (default): once shapes are known, messages between stages on one node
+            go through a shared-memory channel (channel.py: the sender writes into the receiver's
+            slot, the receiver computes from it; a waiting receiver spins a few microseconds and
+            then sleeps on a futex), others - and every message of a step whose shapes are not
+            known yet - through MPI; "mpi": every message through MPI (p2p.py). The received
+            activations are views of the slots, valid until the next step (as the MPI path's
+            reused receive buffers). README, pipelines, seventh round: the measurements.
         trace: keep every op's ``perf_counter`` stamps in ``stats["trace"]``: (kind, micro-batch,
             chunk, op start, compute start, compute end, send issued) - the hand-off between stages
             (a sender's compute end to its receiver's compute start) is measured from them.
@@ -88,7 +90,7 @@ class Pipeline:
 
     def __init__(self, stage, group, loss_fn=None, schedule: str = "1f1b", micro_batches: int = 4,
                  virtual_stages: int = 1, recompute: str = "none", cache_shapes: bool = True,
-                 uneven: bool = False, trace: bool = False, transport: str = "mpi"):
+                 uneven: bool = False, trace: bool = False, transport: str = "shm"):
         self.group = as_group(group)
         self.s, self.p = self.group.rank, self.group.size
         self.ddp = stage if hasattr(stage, "no_sync") else None

@@ -153,7 +153,7 @@ def problem(name: str, stages: int, m: int, chunks: int) -> str | None:
 
 
 def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: float = 2.0,
-             w: float = 0.0, latency: float = 0.0, overhead: float = 0.0) -> dict:
+             w: float = 0.0, latency: float = 0.0, overhead: float = 0.0, op_times: dict | None = None) -> dict:
     """Play schedule `name` (or a function of the schedule signature) with op times f (forward), b (backward, or its input part when split), w
     (the weight part; in an unsplit schedule "B" costs b + w). Each of f, b, w is one time for
     every chunk, or a list of one per global chunk g = c p + s (unequal stages: a benchmark's
@@ -161,8 +161,11 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
     formulas take it as 0; interleaved sends V times as many along the critical path).
     `overhead`: the runtime's own time per op on its rank (receive, bookkeeping, send: not compute,
     so not busy), one time or one per stage; an op's result is ready `overhead` + its cost after it
-    starts (a benchmark's measured ``Pipeline.stats["runtime_s"]`` per op). Raises RuntimeError on
-    a deadlock.
+    starts (a benchmark's measured ``Pipeline.stats["runtime_s"]`` per op). `op_times`: {(stage,
+    kind, micro-batch, chunk): seconds} overriding single ops' costs - a step replayed with every
+    op's own measured compute time (``Pipeline(trace=True)``), so that what the ops' unequal or
+    jittered times cost is told apart from what the runtime between them costs. Raises
+    RuntimeError on a deadlock.
 
     Returns:
         dict(makespan, bubble (idle share of the step's span, mean over the stages),
@@ -174,6 +177,11 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
     costs = {"F": f, "B": [bi + (0 if fn.split else wi) for bi, wi in zip(b, w)], "W": w}
     extra = [float(overhead)] * stages if isinstance(overhead, (int, float)) else list(overhead)
     lists = {s: fn(s, stages, m, chunks) for s in range(stages)}
+    mine = op_times or {}
+
+    def cost(s, kind, i, c):
+        return mine.get((s, kind, i, c), costs[kind][c * stages + s])
+
     last = stages * chunks - 1
     done, pos, free = {}, dict.fromkeys(range(stages), 0), dict.fromkeys(range(stages), 0.0)
     timed = {s: [] for s in range(stages)}
@@ -200,7 +208,7 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
                 if t is None:
                     break
                 start = max(t, free[s])
-                free[s] = done[(kind, i, c * stages + s)] = start + extra[s] + costs[kind][c * stages + s]
+                free[s] = done[(kind, i, c * stages + s)] = start + extra[s] + cost(s, kind, i, c)
                 timed[s].append((kind, i, c, start))
                 pos[s] += 1
                 progress = True
@@ -208,5 +216,5 @@ def simulate(name, stages: int, m: int, chunks: int = 1, f: float = 1.0, b: floa
     if stuck:
         raise RuntimeError(f"schedule {name!r} deadlocks at p={stages} m={m} V={chunks}: waiting ops {stuck}")
     span = max(free.values())
-    busy = [sum(costs[k][c * stages + s] for k, _, c in lists[s]) for s in range(stages)]
+    busy = [sum(cost(s, k, i, c) for k, i, c in lists[s]) for s in range(stages)]
     return dict(makespan=span, bubble=1 - sum(busy) / (stages * span) if span else 0.0, ops=timed)
