@@ -1,7 +1,7 @@
 """Stage-to-stage messages through the node's shared memory (issue 19's hand-off).
 
 On one node a pipeline message need not go through MPI at all: the sender can write it where the
-receiver reads it. Measured on MPICH (README, fifth round), a hand-off - the sender's compute end
+receiver reads it. Measured on MPICH (docs/MEASUREMENTS.md, pipelines, fifth round), a hand-off - the sender's compute end
 to its waiting receiver's compute start - cost 114-183 us, most of it MPI's own path (an
 ``MPI_Isend`` cold after a long op 23-63 us, then the library's delivery through its cells and
 progress engine). Here a message is one copy into a slot of an MPI-3 shared window
