@@ -405,3 +405,5 @@ def install_early_abort_hook() -> None:
 
 
 groups.install(init, _release)
+# timeline.start / stop begin with the world's set-up check (the timeline sits below comm/)
+timeline.install(lambda what, err: validate.check(groups.world().comm, what, {}, err, always=True))
