@@ -99,7 +99,13 @@ def init() -> "Group":
         # rank 0's environment decides for every rank (as for DISTTRAIN_FAKE_NODES and the cost
         # model): DISTTRAIN_VALIDATE=0 on one host only left its ranks out of the other ranks'
         # per-collective check - a hang in the first collective; a bad value is an error everywhere
-        err, values = cw.bcast((err, {k: getattr(config.current(), k) for k in config.ENV_FIELDS}), root=0)
+        # The same holds for the two switches below that make a rank communicate: the watchdog
+        # (its communicator is a collective Dup of the world) and the timeline (a world barrier).
+        # Read on one host only they left the other ranks in MPI_Comm_dup / MPI_Barrier for good
+        # (attack9: `mpiexec -n 1 env DISTTRAIN_TIMELINE=t.json python x.py : -n 1 python x.py`)
+        err, values, watchdog, trace = cw.bcast(
+            (err, {k: getattr(config.current(), k) for k in config.ENV_FIELDS},
+             os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1", os.environ.get("DISTTRAIN_TIMELINE", "")), root=0)
         if err:
             raise CollectiveError(err)
         config.update(**values)
@@ -115,7 +121,7 @@ def init() -> "Group":
                 node.warmup()
                 fused.warmup((np.float32, np.float64))
         _warn_blas_threads(local)
-        if os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1":
+        if watchdog:  # rank 0's environment (broadcast above)
             stall.start(w)  # stall reports, notices, departures, signal -> job-wide abort
         if warm:
             # One real call of the default path, tracked like any other (the same on every rank:
@@ -126,8 +132,8 @@ def init() -> "Group":
             with stall.unrecorded():
                 allreduce(np.zeros(1), group=w)  # explicit: the hot path sees only a ready world
         _install_finalize_hooks(MPI)
-        if os.environ.get("DISTTRAIN_TIMELINE"):
-            timeline.start(os.environ["DISTTRAIN_TIMELINE"])
+        if trace:  # rank 0's DISTTRAIN_TIMELINE (broadcast above); each rank streams its own file of it
+            timeline.start(trace)
         groups.mark_ready()
     return w
 
@@ -399,3 +405,5 @@ def install_early_abort_hook() -> None:
 
 
 groups.install(init, _release)
+# timeline.start / stop begin with the world's set-up check (the timeline sits below comm/)
+timeline.install(lambda what, err: validate.check(groups.world().comm, what, {}, err, always=True))

@@ -52,6 +52,17 @@ _path = ""
 _rank = 0
 _threads: dict = {}
 _atexit = False
+#: (what, local error or None) -> None: the cross-rank check start() and stop() begin with, installed by the runtime
+#: (comm/validate.py sits above this module): a rank that calls either alone meets its peers' next
+#: collective there and every rank raises CollectiveError, instead of waiting in the world barrier
+#: for good (attack9)
+agree = None
+
+
+def install(check) -> None:
+    """Called once by the runtime: how start() and stop() agree with the other ranks."""
+    global agree
+    agree = check
 
 
 class _Null:
@@ -138,11 +149,20 @@ def start(path: str, group=None) -> None:
     Each rank streams its events to ``<path>.rank<r>.json`` (see the module doc)."""
     global _on, _origin, _path, _rank, _file, _own, _next_flush
     w = groups.world()
+    own, err = rank_file(path, w.rank), None
+    try:  # a directory one host cannot write is an error on every rank, not a rank missing the barrier
+        os.makedirs(os.path.dirname(os.path.abspath(own)), exist_ok=True)
+        if not os.access(os.path.dirname(os.path.abspath(own)), os.W_OK):
+            err = f"timeline.start: cannot write {own} (directory not writable)"
+    except OSError as e:
+        err = f"timeline.start: cannot write {own}: {e}"
+    if agree is not None:
+        agree("timeline.start", err)
+    elif err:
+        raise OSError(err)
     if _on:  # started twice: close the previous stream, which stays as a per-rank file
         _close_own()
-    _rank, _path = w.rank, path
-    _own = rank_file(path, _rank)
-    os.makedirs(os.path.dirname(os.path.abspath(_own)), exist_ok=True)
+    _rank, _path, _own = w.rank, path, own
     _file = open(_own, "w")
     _file.write("[\n")
     _buf.clear()
@@ -193,6 +213,8 @@ def stop() -> str | None:
     the one trace file; the per-rank files are then deleted. Returns the path on rank 0."""
     if not _on:
         return None
+    if agree is not None:
+        agree("timeline.stop", None)
     _close_own()
     comm = groups.world().comm
     if _rank != 0:

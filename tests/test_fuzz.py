@@ -72,3 +72,22 @@ def test_fuzz_a_rank_that_leaves_ends_the_job_promptly(n, how, tmp_path):
     victim = m.group(1)
     named = f"rank {victim} has left the job" if how == "exit" else f"rank {victim}: uncaught exception"
     assert named in res.stdout, f"seed {seed}:\n{res.stdout[-4000:]}"
+
+
+DISAGREE = re.compile(r"disagree: (\d+) programs, (\d+) deviations \((\d+) harmful\), seed (\d+), (\d+) failures")
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_disagreement_fuzz_one_rank_deviates_every_rank_raises_or_all_agree(n, tmp_path):
+    """attack9: tests/fuzz_disagree.py - one member of a random collective changes one argument
+    (harmful: every member raises CollectiveError) or only its spelling / layout / verbosity
+    (harmless: every member's result is the NumPy and MPI answer, bit for bit); never a hang. Odd
+    counts only here (3, 5: 240 programs, ~10 s); 2,500+ programs at 2-5 ranks ran by hand."""
+    seed = BASE + 1000 + n
+    res = run(n, [os.path.join(HERE, "fuzz_disagree.py"), str(seed), "120"], timeout=120,
+              env={**ENV, "DISTTRAIN_FLIGHT_DIR": str(tmp_path)})
+    summary = DISAGREE.search(res.stdout)
+    assert res.returncode == 0 and summary, f"seed {seed} at {n} ranks:\n{res.stdout[-6000:]}"
+    programs, deviations, harmful, _, failures = map(int, summary.groups())
+    assert failures == 0, res.stdout[-6000:]
+    assert programs == 120 and harmful > 20 and deviations - harmful > 20, summary.group(0)

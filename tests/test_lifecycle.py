@@ -267,22 +267,27 @@ def test_an_environment_that_differs_on_one_rank_is_rank_0s_on_every_rank(tmp_pa
     """DISTTRAIN_VALIDATE=0 on one host only left that rank out of the others' per-collective
     check: the first collective hung (seen: killed at the timeout). Rank 0's environment decides
     for every rank, as for DISTTRAIN_FAKE_NODES and the cost model; a bad value in it is an error
-    on every rank."""
-    res, took = job(tmp_path, 3, """
+    on every rank. attack9: so do the two switches of init that communicate - the watchdog
+    (DISTTRAIN_NO_ABORT_HOOK: its communicator is a collective Dup) and DISTTRAIN_TIMELINE (a
+    barrier); set on one host only, the other ranks waited in init / the first collective for good."""
+    res, took = job(tmp_path, 3, f"""
 import os
 if os.environ.get("PMI_RANK") == "1":   # this rank's host sets its own
-    os.environ.update(DISTTRAIN_VALIDATE="0", DISTTRAIN_SEGMENT_BYTES="4096")
+    os.environ.update(DISTTRAIN_VALIDATE="0", DISTTRAIN_SEGMENT_BYTES="4096", DISTTRAIN_NO_ABORT_HOOK="1",
+                      DISTTRAIN_TIMELINE={str(tmp_path / "t.json")!r})
 import numpy as np, disttrain as dt
+from disttrain import stall
 from disttrain.comm import config
 dt.init()
 got = dt.allreduce(np.full(5, dt.rank() + 1.0), algorithm="ring")
-rows = dt.world().comm.gather((got.tolist(), config.current().validate, config.current().segment_bytes))
+rows = dt.world().comm.gather((got.tolist(), config.current().validate, config.current().segment_bytes,
+                               stall._watchdog is not None, dt.timeline.enabled()))
 if dt.rank() == 0:   # one line: the ranks' prints would interleave
     print("RESULT", rows, flush=True)
 """, timeout=40)
     assert res.returncode == 0, res.stdout[-2000:]
     rows = ast.literal_eval(next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))[7:])
-    assert rows[0][:2] == ([6.0] * 5, True) and rows[0][2] != 4096, rows
+    assert rows[0][:2] == ([6.0] * 5, True) and rows[0][2] != 4096 and rows[0][3:] == (True, False), rows
     assert rows == [rows[0]] * 3, rows  # every rank: the sum, and rank 0's settings
     res, _ = job(tmp_path, 3, """
 import os

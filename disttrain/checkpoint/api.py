@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import log
+from ..comm import validate
 from ..groups import as_group
 from . import manifest, reader, state, writer
 from .manifest import CheckpointError, CorruptCheckpoint
@@ -53,7 +54,13 @@ def _agree_step(g, step, what: str, strict=None) -> None:
     """Raise the same CheckpointError on every rank if the ranks name different steps: rank 0's
     step names the directory and picks the checkpoint, so a rank whose step counter drifted would
     otherwise have its state written under, or read from, another step than the one it asked for.
-    `strict` (load) decides whether every rank takes part in the name check: agreed the same way."""
+    `strict` (load) decides whether every rank takes part in the name check: agreed the same way.
+
+    First the set-up check (validate.py): a rank that calls save or load alone - the habit of
+    ``if rank == 0: save_checkpoint(...)`` - waited in the allgather below for good, untracked, so
+    not even the stall inspector said where (attack9); now it meets its peers' next call on the
+    group (every rank raises CollectiveError), or their departure (it raises, naming them)."""
+    validate.check(g.comm, "load_checkpoint" if strict is not None else "save_checkpoint", {}, None, always=True)
     both = g.comm.allgather((step, strict))
     for i, kind in ((0, "steps"), (1, "strict= values")):
         if len({b[i] for b in both}) > 1:

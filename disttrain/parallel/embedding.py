@@ -288,6 +288,9 @@ class ShardedEmbeddings(Module):
     # ---------------------------------------------------------------------- inspection
     def full_tables(self) -> list:
         """Collective: every table assembled from its owners' shards (checkpoints, tests)."""
+        # the set-up check first: a rank that called this alone waited in the (untracked) allgather
+        # for good while its peers waited in their next call (attack9); now every rank raises
+        validate.check(self.group.comm, "ShardedEmbeddings.full_tables", {}, None, always=True)
         shards = self.group.comm.allgather(self.shard.data)
         out = [np.empty((n, self.dim), self.shard.data.dtype) for n in self.sizes]
         for t, blocks in enumerate(self.placement):

@@ -350,6 +350,26 @@ def test_ranks_that_name_different_steps_raise_everywhere(comm, where):
     comm.Barrier()
 
 
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_that_skips_save_or_load_makes_every_rank_raise(comm, where):
+    """attack9: a save or load called by some ranks only (the habit ``if rank == 0: save(...)``)
+    left them in the checkpoint's first allgather for good - untracked, so no stall report either -
+    while the others went on. Now it meets the others' next call: CollectiveError on every rank."""
+    d = os.path.join(where, "skip")
+    params = [Parameter(np.arange(6.0), name="w")]
+    last = comm.Get_size() - 1
+    for call in ("save", "load"):
+        if call == "load":  # the load needs a checkpoint: every rank saves it
+            dt.save_checkpoint(d, 1, model=params)
+        with pytest.raises(dt.CollectiveError, match="different collectives") as e:
+            if comm.Get_rank() != last:
+                dt.save_checkpoint(d, 2, model=params) if call == "save" else dt.load_checkpoint(d, model=params)
+            dt.allreduce(np.ones(3))
+        assert len(set(comm.allgather(str(e.value)))) == 1
+    assert dt.load_checkpoint(d, model=params)[0] == 1  # the group is still usable, nothing was written
+    comm.Barrier()
+
+
 def test_a_checkpoint_of_a_larger_model_is_refused_unless_strict_false(comm, where):
     """strict (the default) compares the checkpoint's parameters with the union of every rank's:
     here the new model lacks "c.e" on every rank; strict=False loads the rest; ranks passing

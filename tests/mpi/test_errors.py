@@ -163,3 +163,29 @@ def test_a_wait_interrupted_on_one_rank_makes_the_group_unusable_on_every_rank(c
             for _ in range(2):
                 dt.allreduce(np.ones(4), group=g)
     np.testing.assert_array_equal(dt.allreduce(np.ones(2)), np.full(2, comm.Get_size()))  # the world is fine
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_timeline_started_or_stopped_on_one_rank_only_raises_everywhere(comm, tmp_path_factory):
+    """attack9: timeline.start / stop are collective (a world barrier; stop streams to rank 0) but
+    were not checked: a rank that called one alone waited in the barrier, its peers in their next
+    collective - for good. Now they begin with the world's set-up check."""
+    r = comm.Get_rank()
+    path = comm.bcast(str(tmp_path_factory.mktemp("tl") / "t.json") if r == 0 else None)
+
+    def start_on_last_rank_only():
+        if r == comm.Get_size() - 1:
+            dt.timeline.start(path)
+        dt.allreduce(np.ones(3))
+    raises_everywhere(comm, start_on_last_rank_only, "timeline.start")
+    assert not dt.timeline.enabled()
+    dt.timeline.start(path)  # every rank: fine
+
+    def stop_on_last_rank_only():
+        if r == comm.Get_size() - 1:
+            dt.timeline.stop()
+        dt.allreduce(np.ones(3))
+    raises_everywhere(comm, stop_on_last_rank_only, "timeline.stop")
+    assert dt.timeline.enabled()
+    out = dt.timeline.stop()  # every rank: the merged trace on rank 0
+    assert not dt.timeline.enabled() and (out is not None) == (r == 0)

@@ -210,3 +210,15 @@ def test_ranks_disagreeing_about_tables_raise(comm):
         ShardedEmbeddings([5, 9], 3, sparse=r == 0)
     with pytest.raises(CollectiveError, match="non-negative integer, got -1"):  # a bad seed on one rank only
         ShardedEmbeddings([5, 9], 3, seed=-1 if r == p - 1 else 0)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_full_tables_called_on_one_rank_only_raises_everywhere(comm):
+    """attack9: full_tables is collective (an allgather of the shards) but was not checked: a rank
+    that called it alone waited there for good, its peers in their next collective."""
+    emb = ShardedEmbeddings([5, 9], 3, rng=np.random.default_rng(0), dtype=np.float64)
+    with pytest.raises(CollectiveError, match="different collectives"):
+        if comm.Get_rank() == comm.Get_size() - 1:
+            emb.full_tables()
+        emb.forward(np.array([[1, 2]]))
+    assert [t.shape for t in emb.full_tables()] == [(5, 3), (9, 3)]  # still usable
