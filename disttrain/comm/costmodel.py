@@ -28,8 +28,7 @@ from ..errors import CollectiveError
 from ..groups import as_group
 from ..log import logger
 from ..registry import split
-from . import config
-from . import topology
+from . import config, topology, validate
 from .cost import LARGE, SMALL, CostParams, across, bg
 from .kernels import reduce_into
 from .ops import SUM
@@ -175,6 +174,9 @@ def calibrate(group=None, save: str | None = None) -> CostParams:
         >>> dt.calibrate()      # then algorithm="auto" uses the measured parameters
     """
     g = as_group(group)
+    # the set-up check first: a rank that calibrates alone would wait in measure()'s untracked
+    # Barrier for good while its peers wait in their next call (attack9); now every rank raises
+    validate.check(g.comm, "calibrate", {}, None, always=True)
     c = measure(g.comm)
     install(c, g.comm, g.async_comm)
     if save and g.rank == 0:

@@ -520,8 +520,15 @@ def broadcast_parameters(model, root: int = 0, group=None) -> None:
 
 
 def broadcast_optimizer_state(opt, root: int = 0, group=None) -> None:
-    """Make every rank's optimizer state (momenta, step count, lr) equal to root's."""
+    """Make every rank's optimizer state (momenta, step count, lr) equal to root's.
+
+    Collective over the group: every rank calls it (a rank that calls it alone, or names another
+    root, raises CollectiveError on every rank - the set-up check below - instead of waiting in
+    the untracked bcast for good)."""
     g = as_group(group)
+    p = g.comm.Get_size()
+    bad = None if isinstance(root, (int, np.integer)) and 0 <= root < p else f"root={root!r} is not a rank of the group (size {p})"
+    L.check(g.comm, "broadcast_optimizer_state", {"root": root}, bad, always=True)
     meta = g.comm.bcast({k: (v.shape, v.dtype.str) for k, v in opt.state_arrays().items()} | {
         "#steps": opt.steps, "#lr": opt.lr}, root=root)
     opt.steps, opt.lr = meta.pop("#steps"), meta.pop("#lr")
