@@ -138,7 +138,27 @@ def init() -> "Group":
     return w
 
 
-def new_group(ranks) -> Group:
+def creator(kind: str, tag) -> tuple[dict, str | None]:
+    """The fields a group's creation agrees on besides its ranks, and this rank's error if any.
+
+    Groups made on several threads pair up across ranks in the order the ranks reach the
+    creation: rank 0's thread A made its group with rank 1's thread B when their threads ran in
+    another order, and each thread then reduced with the other's data - silently (attack9). MPI
+    leaves ordering concurrent communicator creation to the program (MPI 4.0, sec. 11.6.2:
+    collectives on one communicator from several threads must be ordered by the user); nothing
+    about an unnamed thread says which peer thread is its partner, so a creation off the main
+    thread must name itself with ``tag=`` - agreed like the ranks, so swapped creations raise on
+    every rank - or it is refused, on every rank."""
+    main = threading.current_thread() is threading.main_thread()
+    err = None
+    if not main and tag is None:
+        err = (f"{kind} called from thread {threading.current_thread().name!r}: groups created on threads other "
+               f"than the main thread need tag= (any value every rank's matching thread passes), because "
+               f"creations on several threads pair up across ranks in arrival order")
+    return {"main_thread": main, "tag": tag}, err
+
+
+def new_group(ranks, *, tag=None) -> Group:
     """Create a sub-group of the world for use as ``group=`` in collectives.
 
     Collective over the WORLD: every rank calls it with the same ``ranks`` (like
@@ -146,24 +166,32 @@ def new_group(ranks) -> Group:
     rank -1. Group rank i is world rank ``ranks[i]``. Raises CollectiveError on every rank if the
     list is invalid or differs between ranks.
 
+    Args:
+        ranks: the members' world ranks, in group-rank order.
+        tag: needed when called from a thread other than the main thread (see :func:`creator`):
+            a value (str/int) naming this creation, the same on every rank; ranks that pass
+            different tags raise CollectiveError instead of pairing two threads' groups.
+
     Example:
         >>> evens = dt.new_group(range(0, dt.size(), 2))
         >>> if evens.is_member: y = dt.allreduce(x, group=evens)
     """
     w = world()
-    err = None
+    fields, err = creator("new_group", tag)
     try:
         ranks = tuple(int(r) for r in ranks)
     except (TypeError, ValueError):
         err, ranks = f"new_group: ranks must be a sequence of ints, got {ranks!r}", ()
-    if err is None:
+    if not err:
         if not ranks:
             err = "new_group: ranks is empty"
         elif len(set(ranks)) != len(ranks):
             err = f"new_group: ranks contains duplicates: {list(ranks)}"
         elif min(ranks) < 0 or max(ranks) >= w.size:
             err = f"new_group: ranks must lie in [0, {w.size}), got {list(ranks)}"
-    validate.check(w.comm, "new_group", {"ranks": ranks}, err)
+    # always: a set-up call - with validation off, a rank with an error would raise alone while
+    # its peers went on into the split below
+    validate.check(w.comm, "new_group", {"ranks": ranks, **fields}, err, always=True)
     member = w.rank in ranks
     return split(w, 0 if member else None, ranks.index(w.rank) if member else 0, ranks)
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from ..comm import validate
 from ..groups import Group, world
-from ..runtime import split
+from ..runtime import creator, split
 
 
 class Mesh:
     """A dp x pp x tp grid over the world (or over `group`'s ranks)."""
 
-    def __init__(self, dp: int = 1, pp: int = 1, tp: int = 1, group: Group | None = None):
+    def __init__(self, dp: int = 1, pp: int = 1, tp: int = 1, group: Group | None = None, *, tag=None):
+        """`tag`: needed when the mesh is made off the main thread (runtime.creator says why)."""
         g = group or world()
         sizes = dict(dp=dp, pp=pp, tp=tp)
         err = None
@@ -32,7 +33,8 @@ class Mesh:
         elif dp * pp * tp != g.size:
             err = (f"mesh dp={dp} x pp={pp} x tp={tp} = {dp * pp * tp} ranks, but the job has {g.size}: "
                    f"launch {dp * pp * tp} ranks or choose sizes whose product is {g.size}")
-        validate.check(g.comm, "Mesh", sizes, err)  # the same verdict on every rank
+        fields, thread_err = creator("Mesh", tag)
+        validate.check(g.comm, "Mesh", sizes | fields, err or thread_err, always=True)  # the same verdict everywhere
         self.dp, self.pp, self.tp, self.base = dp, pp, tp, g
         r = g.rank
         self.dp_rank, rest = divmod(r, pp * tp)

@@ -1,5 +1,7 @@
 """Bad input raises CollectiveError on EVERY rank, with a message naming the ranks - no hang, no
 silently wrong data - and the group stays usable afterwards."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -215,3 +217,64 @@ def test_calibrate_or_an_optimizer_broadcast_on_one_rank_only_raises_everywhere(
     raises_everywhere(comm, broadcast_on_last_rank_only, "broadcast_optimizer_state")
     raises_everywhere(comm, lambda: dt.broadcast_optimizer_state(opt, root=comm.Get_size()), "root=")
     dt.broadcast_optimizer_state(opt)  # every rank: fine
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("tagged,swapped", [(False, False), (True, True), (True, False)])
+def test_groups_made_on_threads_agree_on_their_tag_or_raise(comm, tagged, swapped):
+    """attack9: groups made on two threads paired up across ranks in arrival order - rank 0's thread
+    A with rank 1's thread B - and each thread then reduced the other's data, silently. A group
+    made off the main thread now needs tag=, agreed like the ranks: untagged creations raise on
+    every rank, tags met in swapped order raise, tags in the same order give each thread its own
+    sum (oracle: the closed form of the per-rank values)."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    base = {"A": 1.0, "B": 100.0}
+    res, created = {}, threading.Event()
+    first = "B" if swapped and r % 2 else "A"  # the thread that creates its group first on this rank
+
+    def worker(name):
+        if name != first:
+            created.wait(60)
+        try:
+            g = dt.new_group(range(p), tag=name if tagged else None)
+        except dt.CollectiveError as e:
+            res[name] = str(e)
+            return
+        finally:
+            if name == first:
+                created.set()
+        res[name] = float(dt.allreduce(np.full(4, base[name] + r), group=g)[0])
+        g.free()
+
+    threads = [threading.Thread(target=worker, args=(n,), name=f"maker-{n}") for n in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    if tagged and not swapped:
+        assert res == {n: base[n] * p + p * (p - 1) / 2 for n in "AB"}
+    else:
+        assert set(res) == {"A", "B"} and all(isinstance(v, str) for v in res.values()), res
+        assert all(("tag=" if not tagged else "tag") in v for v in res.values()), res
+    still_works(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_group_made_on_the_main_thread_of_one_rank_and_a_thread_of_another_raises(comm):
+    """The creating thread's kind (main or not) is agreed too, tag or no tag."""
+    out = {}
+
+    def make():
+        try:
+            dt.new_group(range(comm.Get_size()), tag="t")
+        except dt.CollectiveError as e:
+            out["e"] = str(e)
+    if comm.Get_rank() == 0:
+        make()
+    else:
+        t = threading.Thread(target=make)
+        t.start()
+        t.join(120)
+    assert "main_thread" in out.get("e", ""), out
+    still_works(comm)
