@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain import nn
+from disttrain import nn, optim
 from disttrain.comm import config, costmodel, kernels
 from disttrain.comm.ops import MAX, MIN
 
@@ -399,3 +399,44 @@ def test_4_an_async_call_on_an_unusable_group_raises_at_wait_and_the_thread_surv
     with pytest.raises(dt.CollectiveError, match="unusable"):
         dt.allreduce_async(np.ones(3), group=g).wait()
     assert np.all(dt.allreduce_async(np.ones(3)).wait() == p)  # the communication thread lives on
+
+
+@pytest.mark.mpi(min_size=2)
+def test_7_replicas_that_drift_apart_are_named_by_check_replicas(comm):
+    """attack9: a custom loop whose ranks built their optimizers with different learning rates
+    trained on with replicas that drifted apart, silently (the averaged gradients agree in shape
+    and count). dt.check_replicas compares the replicas bit for bit: equal ones pass; a setting,
+    a parameter or a call made on one rank only raise on every rank; a model-parallel shard
+    (replicated=False) is each rank's own and is not compared."""
+    r = comm.Get_rank()
+    model = _ddp_model()
+    ddp = dt.DataParallel(model, bucket_mb=1e-4)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = np.random.default_rng(r).standard_normal((4, 6))
+    _step(ddp, model, x)
+    opt.step()
+    dt.check_replicas(ddp, opt)  # equal: passes everywhere
+
+    shard = nn.Parameter(np.full(3, float(r)), name="shard", replicated=False)
+    dt.check_replicas([*model.parameters(), shard])  # a rank's own shard is not compared
+
+    opt.lr = 0.2 if r == 1 else 0.1
+    with pytest.raises(dt.CollectiveError, match=r"optimizer setting 'lr' \(ranks \[0(, 2)*.*\] have 0.1; ranks \[1\] have 0.2"):
+        dt.check_replicas(ddp, opt)
+    _step(ddp, model, x)
+    opt.step()  # rank 1 steps with another learning rate: the parameters now differ
+    msg = same_everywhere(comm, _raised(lambda: dt.check_replicas(model)))
+    assert "the data-parallel replicas differ at parameter" in msg and "ranks [1]" in msg, msg
+
+    def alone():
+        if r == 1:
+            dt.check_replicas(model)
+        dt.allreduce(np.ones(2))
+    with pytest.raises(dt.CollectiveError, match="check_replicas"):
+        alone()
+
+
+def _raised(fn) -> str:
+    with pytest.raises(dt.CollectiveError) as e:
+        fn()
+    return str(e.value)
