@@ -18,7 +18,7 @@ the group deviates in one respect, chosen at random:
 - lane (harmful): a blocking call on one rank against the asynchronous one on the others (two
   communicators: attack9, /tmp/attack9-to-call8/02.md). The stall inspector finds the circular
   wait and ends it with CollectiveError on every member (stall.py, waitfor.py), after about two
-  stall intervals: the fuzzer sets DISTTRAIN_STALL_SECONDS=1 unless the environment sets it.
+  stall intervals: the fuzzer sets a 0.5 s interval unless DISTTRAIN_STALL_SECONDS is set.
   The ended call leaves its group unusable (by design), so every rank replaces that group of
   the pool with a new one of the same members after such a program.
 --known 1 adds deviations that are known to hang today (kept out of the suite until fixed):
@@ -268,7 +268,7 @@ def main():
     opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))
     dt.init()
     if "DISTTRAIN_STALL_SECONDS" not in os.environ:
-        dt.set_stall_timeout(1.0)  # a circular wait ("lane") is ended after about two of these
+        dt.set_stall_timeout(0.5)  # a circular wait ("lane") is ended ~1.5 s later (waitfor.py)
     f = Fuzzer(seed, float(opts.get("--rate", 0.6)), opts.get("--known", "0") == "1")
     f.watch(float(opts.get("--hang-seconds", 30)))
     for prog in range(programs):
