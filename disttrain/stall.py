@@ -757,6 +757,11 @@ class Watchdog(threading.Thread):
         for gkey, seq, _ in mine.values():
             _cycle[gkey] = (seq, why)
         alarm += 1
+        stuck = [o for o in list(_inflight.values()) if (o.gkey, o.seq) in {e[:2] for e in mine.values()}
+                 and o.state == "running"]
+        if stuck:  # waiting inside the algorithm (validation off): no wait there looks at notices
+            abort_job(f"[disttrain] {why}; its wait cannot be interrupted (validation is off): "
+                      "aborting all ranks")
 
     def _report(self, op: _Op) -> None:
         """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
