@@ -727,6 +727,8 @@ class Watchdog(threading.Thread):
         that waits for this rank gets a failure notice (their waits raise; validate.wait), and
         this rank's own waiting call raises the same message (peers_problem, via _cycle)."""
         global alarm
+        if self._ended is not None:
+            self._check_ended()
         now = time.monotonic()
         if not any(now - o.t0 >= warn and o.state in ("running", "validating") and o.gkey
                    for o in list(_inflight.values())):
@@ -757,11 +759,19 @@ class Watchdog(threading.Thread):
         for gkey, seq, _ in mine.values():
             _cycle[gkey] = (seq, why)
         alarm += 1
-        stuck = [o for o in list(_inflight.values()) if (o.gkey, o.seq) in {e[:2] for e in mine.values()}
-                 and o.state == "running"]
-        if stuck:  # waiting inside the algorithm (validation off): no wait there looks at notices
-            abort_job(f"[disttrain] {why}; its wait cannot be interrupted (validation is off): "
-                      "aborting all ranks")
+        # an interruptible wait (validate.wait) ends within its 0.1 s recheck; one inside the
+        # algorithm (validation off) looks at no notice: the job ends if it is still there
+        self._ended = ({e[:2] for e in mine.values()}, time.monotonic() + 2 * max(warn, 1.0), why)
+
+    _ended = None  # (the calls of a confirmed cycle, when they must have ended, why)
+
+    def _check_ended(self) -> None:
+        calls, deadline, why = self._ended
+        if time.monotonic() < deadline:
+            return
+        self._ended = None
+        if any((o.gkey, o.seq) in calls and o.state in ("running", "validating") for o in list(_inflight.values())):
+            abort_job(f"[disttrain] {why}; its wait could not be interrupted (validation off?): aborting all ranks")
 
     def _report(self, op: _Op) -> None:
         """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
