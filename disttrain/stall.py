@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 
-from . import flight, groups, mpi, timeline
+from . import flight, groups, mpi, timeline, waitfor
 from .errors import CollectiveError
 
 TAG_QUERY, TAG_REPLY, TAG_NOTICE = 31_001, 31_002, 31_003
@@ -44,6 +44,7 @@ _departed: dict = {}  # world rank -> (its _done, monotonic time): the rank left
 _asked = threading.local()  # .sig: what this thread's last peers_problem asked (validate.wait's call)
 P2P_DEPARTED_GRACE = 5.0  # seconds a point-to-point wait on a rank that has left may still complete
 _broken: dict = {}  # group uid -> why: a collective on it was abandoned half-way; never usable again
+_cycle: dict = {}  # group key -> (seq, why): this rank's call there is in a confirmed circular wait
 
 
 # The keys of _inflight / _last only tell threads apart: pthread_self (get_ident) costs ~30 ns,
@@ -405,6 +406,9 @@ def peers_problem(ranks, gkey: str, seq: int | None, since: float = 0.0, sig: tu
     why = _broken.get(_uid(gkey)) if gkey else None
     if why:
         return why
+    c = _cycle.get(gkey) if _cycle and gkey else None
+    if c is not None and c[0] == seq:
+        return c[1]
     now = time.monotonic()
     for r in ranks:
         # every notice of r still pending: a rank can fail several calls in a row before its
@@ -497,7 +501,29 @@ def snapshot() -> dict:
     last = max(_last.values(), key=lambda o: o.t1, default=None)
     return {"host": socket.gethostname(), "pid": os.getpid(), "ops": ops, "names": [o.name for o in _inflight.values()],
             "main_at": main_at,
-            "last": None if last is None else f"{last.name} #{last.seq}, {now - last.t1:.1f} s ago"}
+            "last": None if last is None else f"{last.name} #{last.seq}, {now - last.t1:.1f} s ago",
+            "wait": wait_state(frame)}
+
+
+_ENGINE = os.path.join(_COMM_DIR, "engine.py")
+
+
+def wait_state(frame=None) -> dict:
+    """This rank's part of the wait-for graph (waitfor.py): is the main thread blocked (inside a
+    tracked call, or in an asynchronous handle's wait() without a timeout - waiting for the
+    communication thread), how many calls it issued per group lane, and its calls in flight."""
+    if frame is None:
+        frame = sys._current_frames().get(threading.main_thread().ident)
+    live = [o for o in list(_inflight.values()) if o.state in ("running", "validating")]
+    blocked = any(o.thread == "MainThread" for o in live)
+    f, depth = frame, 0
+    while not blocked and f is not None and depth < 8:  # Condition.wait <- Event.wait <- Handle.wait
+        c = f.f_code
+        blocked = c.co_name == "wait" and c.co_filename == _ENGINE and f.f_locals.get("timeout") is None
+        f, depth = f.f_back, depth + 1
+    return {"blocked": blocked, "issued": dict(_gseq),
+            "ops": [(o.gkey, o.seq, tuple(o.ranks), f"{o.name} #{o.seq} of group {o.gkey} (called at {o.site})")
+                    for o in live if o.gkey]}
 
 
 def set_stall_timeout(seconds: float, shutdown_seconds: float | None = None) -> None:
@@ -593,6 +619,7 @@ class Watchdog(threading.Thread):
                 warn = _settings["warn"]
                 if warn > 0:
                     self._check(warn, _settings["shutdown"])
+                    self._check_cycles(warn)
 
     def notify(self, msg) -> None:
         """Send a notice to every other rank (non-blocking; any thread)."""
@@ -606,8 +633,10 @@ class Watchdog(threading.Thread):
         MPI = mpi.MPI
         st = MPI.Status()
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_QUERY, status=st):
-            self.comm.recv(source=st.Get_source(), tag=TAG_QUERY)
-            self.comm.send(snapshot(), dest=st.Get_source(), tag=TAG_REPLY)
+            q = self.comm.recv(source=st.Get_source(), tag=TAG_QUERY)
+            rep = snapshot()
+            rep["q"] = q  # the asker's round: a late answer to an earlier round is told apart
+            self.comm.send(rep, dest=st.Get_source(), tag=TAG_REPLY)
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_NOTICE, status=st):
             src = st.Get_source()
             note = self.comm.recv(source=src, tag=TAG_NOTICE)
@@ -663,21 +692,91 @@ class Watchdog(threading.Thread):
                 abort_job(f"[disttrain] rank {self.world.rank}: {op.name} has waited {waited:.0f} s "
                           f"(stall shutdown after {shutdown:.0f} s); aborting all ranks")
 
-    def _report(self, op: _Op) -> None:
-        """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
+    _round = 0  # queries this watchdog has sent (each answer carries its round)
+
+    def _ask(self) -> dict:
+        """Ask every other rank what it is doing; wait up to a few seconds. Returns rank -> its
+        snapshot() (ranks that did not answer in time are absent)."""
         MPI = mpi.MPI
         me, p = self.world.rank, self.world.size
+        self._round += 1
+        q = (me, self._round)
         for r in range(p):
             if r != me:
-                self.comm.send(me, dest=r, tag=TAG_QUERY)
+                self.comm.send(q, dest=r, tag=TAG_QUERY)
         replies, deadline = {}, time.monotonic() + min(10.0, max(2.0, _settings["warn"]))
         st = MPI.Status()
         while len(replies) < p - 1 and time.monotonic() < deadline:
             self._answer()  # others may be asking us at the same moment
             if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_REPLY, status=st):
-                replies[st.Get_source()] = self.comm.recv(source=st.Get_source(), tag=TAG_REPLY)
+                rep = self.comm.recv(source=st.Get_source(), tag=TAG_REPLY)
+                if rep.get("q") == q:
+                    replies[st.Get_source()] = rep
             else:
                 time.sleep(0.02)
+        return replies
+
+    _next_look = 0.0  # monotonic time of the next look for a circular wait
+    _suspect = None  # (waitfor.key of a circular wait, monotonic time first seen) - not yet confirmed
+
+    def _check_cycles(self, warn: float) -> None:
+        """End a circular wait (waitfor.py) that this rank is part of. Looked for once a call has
+        waited `warn` seconds; declared only when a second look, at least max(warn, 1) s later,
+        finds the very same calls in the cycle (answers are taken at slightly different moments:
+        a rank that was between two calls must not be accused). Then every call of another rank
+        that waits for this rank gets a failure notice (their waits raise; validate.wait), and
+        this rank's own waiting call raises the same message (peers_problem, via _cycle)."""
+        global alarm
+        if self._ended is not None:
+            self._check_ended()
+        now = time.monotonic()
+        if not any(now - o.t0 >= warn and o.state in ("running", "validating") and o.gkey
+                   for o in list(_inflight.values())):
+            self._suspect = None
+            return
+        if now < self._next_look:
+            return
+        self._next_look = now + max(warn, 1.0)  # one look per grace period: queries cost every rank
+        me = self.world.rank
+        states = {r: rep.get("wait") for r, rep in self._ask().items()}
+        states[me] = wait_state()
+        path = waitfor.cycle_through(me, states)
+        if path is None:
+            self._suspect = None
+            return
+        k = waitfor.key(path, states)
+        if self._suspect is None or self._suspect[0] != k:
+            self._suspect = (k, time.monotonic())
+            return
+        self._suspect = None
+        why = f"rank {me}: " + waitfor.describe(me, path, states)
+        sys.stderr.write(f"[disttrain] {why}; ending the calls of the cycle with CollectiveError\n")
+        sys.stderr.flush()
+        g = waitfor.edges(states)
+        for gkey in sorted({e[0] for r, es in g.items() if r != me for s, e in es.items() if s == me}):
+            notify_failure(why, gkey, None)  # the calls of others that wait for this rank
+        mine = g.get(me, {})
+        for gkey, seq, _ in mine.values():
+            _cycle[gkey] = (seq, why)
+        alarm += 1
+        # an interruptible wait (validate.wait) ends within its 0.1 s recheck; one inside the
+        # algorithm (validation off) looks at no notice: the job ends if it is still there
+        self._ended = ({e[:2] for e in mine.values()}, time.monotonic() + 2 * max(warn, 1.0), why)
+
+    _ended = None  # (the calls of a confirmed cycle, when they must have ended, why)
+
+    def _check_ended(self) -> None:
+        calls, deadline, why = self._ended
+        if time.monotonic() < deadline:
+            return
+        self._ended = None
+        if any((o.gkey, o.seq) in calls and o.state in ("running", "validating") for o in list(_inflight.values())):
+            abort_job(f"[disttrain] {why}; its wait could not be interrupted (validation off?): aborting all ranks")
+
+    def _report(self, op: _Op) -> None:
+        """Ask every other rank what it is doing (waiting up to a few seconds) and print it all."""
+        me, p = self.world.rank, self.world.size
+        replies = self._ask()
         now = time.monotonic()
         lines = [f"[disttrain] stall: rank {me} has been waiting in {op.describe(now)}"]
         missing = []
