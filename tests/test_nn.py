@@ -314,3 +314,22 @@ def test_add_at_b_is_used_by_linear_when_numpy_bundles_openblas():
     bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs",
                                      "libscipy_openblas64_*.so"))
     assert blas.AVAILABLE == bool(bundled)
+
+
+def test_layers_and_losses_take_zero_rows():
+    """A batch with no rows (an empty pipeline micro-batch, a replica at the ragged end of an
+    epoch) gives empty outputs, empty input gradients and unchanged (zero) parameter gradients -
+    it used to raise in LSTM / Embedding backward (reshape(-1) of zero rows) and MSE gave NaN."""
+    for layer, x, width in ((nn.LSTM(3, 4, dtype=np.float64), np.zeros((0, 5, 3)), 4),
+                            (nn.Embedding(7, 4, dtype=np.float64), np.zeros((0, 5), np.int64), 4),
+                            (nn.Linear(3, 4, dtype=np.float64), np.zeros((0, 3)), 4)):
+        for p in layer.parameters():
+            p.grad = np.zeros_like(p.data)
+        y = layer.forward(x)
+        assert y.shape[0] == 0 and y.shape[-1] == width, (type(layer).__name__, y.shape)
+        dx = layer.backward(np.zeros_like(y))
+        assert dx is None or dx.shape == x.shape, (type(layer).__name__, dx.shape)
+        assert all(not p.grad.any() for p in layer.parameters()), type(layer).__name__
+    loss = nn.MSE()
+    assert loss.forward(np.zeros((0, 2)), np.zeros((0, 2))) == 0.0
+    assert loss.backward().shape == (0, 2)

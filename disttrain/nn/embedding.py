@@ -44,7 +44,7 @@ class Embedding(Module):
         # That is why padding_idx must be normalised: a raw -1 used to mean "no padding" here
         # while __init__ zeroed row -1, so the zeroed row kept being updated.
         pad = -1 if self.padding_idx is None else self.padding_idx
-        K.embedding_bwd(ids, np.ascontiguousarray(dy).reshape(ids.shape[0], -1), self.weight.grad, pad)
+        K.embedding_bwd(ids, np.ascontiguousarray(dy).reshape(ids.shape[0], self.weight.grad.shape[1]), self.weight.grad, pad)
         return None  # ids have no gradient
 
 

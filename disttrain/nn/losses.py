@@ -45,14 +45,15 @@ class SoftmaxCrossEntropy:
 
 
 class MSE:
-    """Mean squared error over all elements."""
+    """Mean squared error over all elements (0.0 and a zero gradient on no elements: an empty
+    pipeline micro-batch)."""
 
     def terms(self, target) -> int:
         return int(np.asarray(target).size)
 
     def forward(self, pred, target) -> float:
         self._diff = np.asarray(pred) - np.asarray(target)
-        return float(np.mean(self._diff.astype(np.float64) ** 2))
+        return float(np.mean(self._diff.astype(np.float64) ** 2)) if self._diff.size else 0.0
 
     def backward(self):
         return (2.0 / max(1, self._diff.size)) * self._diff

@@ -97,7 +97,7 @@ class LSTM(Module):
         self.dstate = (dh, dc)
         # Parameter and input grads: three GEMMs over all steps at once.
         dg2 = dgates.reshape(n_t * n_b, 4 * n_h)
-        self.w_x.grad += xt.reshape(n_t * n_b, -1).T @ dg2
+        self.w_x.grad += xt.reshape(n_t * n_b, xt.shape[-1]).T @ dg2  # explicit width: zero rows
         self.w_h.grad += hs[:-1].reshape(n_t * n_b, n_h).T @ dg2
         self.bias.grad += dg2.sum(axis=0)
-        return (dg2 @ self.w_x.data.T).reshape(n_t, n_b, -1).transpose(1, 0, 2)
+        return (dg2 @ self.w_x.data.T).reshape(n_t, n_b, xt.shape[-1]).transpose(1, 0, 2)
