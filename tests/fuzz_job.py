@@ -126,12 +126,18 @@ def valid(rng, d, tag, focus="any"):
         return f"FAIL non-finite losses {got[0]}: {cmd}"
     if not exact:
         return f"inexact-ok {cmd}"
-    ref, _ = job(1, flags, f"{d}/{tag}-1.jsonl")
+    dp = int(layout[layout.index("--dp") + 1])
+    if "--max-tokens" in flags and flags[flags.index("--max-tokens") + 1] != "0" and dp > 1:
+        # the token budget is per rank, so dp replicas draw another global batch than one process
+        # does: the oracle is then plain data parallelism at the same dp (no pipeline, no tp)
+        ref, _ = job(dp, flags + ["--dp", str(dp), "--pp", "1", "--tp", "1"], f"{d}/{tag}-1.jsonl")
+    else:
+        ref, _ = job(1, flags, f"{d}/{tag}-1.jsonl")
     if ref.returncode != 0:
-        return f"FAIL one process rc {ref.returncode}: {cmd}\n{ref.stdout[-2000:]}"
+        return f"FAIL reference rc {ref.returncode}: {cmd}\n{ref.stdout[-2000:]}"
     want = metrics(f"{d}/{tag}-1.jsonl")
     if not close(got[0], want[0], EXACT_TOL) or not close(list(got[1].values()), list(want[1].values()), EXACT_TOL):
-        return f"FAIL losses {got} != one process {want}: {cmd}"
+        return f"FAIL losses {got} != reference {want}: {cmd}"
     return f"ok {cmd}"
 
 
