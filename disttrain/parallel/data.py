@@ -268,8 +268,11 @@ class DataParallel:
             self._late_error = self._late_error or error  # raised after the step, whose collectives go on
             error = None
         z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
+        # at least 0: a pipeline runs its stage's forwards past DataParallel (only the last backward
+        # goes through ddp.backward), and a replica with no samples joins through synchronize(): both
+        # have no forward without its backward
         fields = {"step": self._steps, "optimizer_steps": self._optimizer_steps(),
-                  "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
+                  "training_forwards_without_backward (evaluate with model.eval())": max(0, self._forwards - self._backwards),
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
         zero, shared = self._zero, self._shared
