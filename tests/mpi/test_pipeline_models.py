@@ -183,3 +183,24 @@ def test_dlrm_mesh_matches_one_process(comm, schedule):
             np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"dp{dp} pp{pp} tp{tp}")
         assert_regions_match(stage.parameters(), ref)
         mesh.free()
+
+
+@pytest.mark.mpi
+def test_predict_on_one_stage_while_the_others_train_raises_everywhere(comm):
+    """attack9 (05): an evaluation guarded by a rank-dependent condition - one stage predicts, the
+    others step - is a CollectiveError on every stage (it hung in the pipeline's receives)."""
+    p = comm.Get_size()
+    if p < 2 or p > 7:
+        pytest.skip("two to seven stages")
+    mesh = Mesh(dp=1, pp=p)
+    stage, _ = cut(gnmt(), mesh)
+    first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
+    pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy(ignore_index=0) if last else None, "1f1b", 2, uneven=True)
+    x, y = sentences(4, 5)
+    with pytest.raises(dt.CollectiveError, match="Pipeline"):
+        if mesh.pp_rank == p - 1:
+            pipe.predict(None)
+        else:
+            pipe.step(x if first else None, y if last else None)
+    out = pipe.predict(x if first else None)  # the pipeline is usable afterwards
+    np.testing.assert_allclose(out, gnmt().forward(x), rtol=1e-12)

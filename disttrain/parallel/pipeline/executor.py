@@ -371,6 +371,9 @@ class Pipeline:
     def predict(self, x=None):
         """Forward only (evaluation, no activations kept for backward): x on the first stage;
         returns the last stage's output on every stage of the group."""
+        # agreed first, as step() is (attack9, finding 05): a stage that evaluates while its peers
+        # train raises CollectiveError on every stage instead of waiting for good in the receives
+        validate.check(self.group.comm, "Pipeline.predict", {}, None, always=True)
         self.net.reset()
         self.net.forget()  # evaluation batches may have any shape: headers, on every rank
         out = None
