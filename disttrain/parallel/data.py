@@ -525,6 +525,11 @@ def broadcast_parameters(model, root: int = 0, group=None) -> None:
 def broadcast_optimizer_state(opt, root: int = 0, group=None) -> None:
     """Make every rank's optimizer state (momenta, step count, lr) equal to root's."""
     g = as_group(group)
+    # agreed first (attack9, finding 04): a rank calling it alone, or a bad root, raises on every
+    # rank instead of waiting for good in the raw bcast below (which the stall inspector does not see)
+    bad = None if isinstance(root, int) and 0 <= root < g.size else \
+        f"root must be a rank of the group (0..{g.size - 1}), got {root!r}"
+    L.check(g.comm, "broadcast_optimizer_state", {"root": root if bad is None else None}, bad, always=True)
     meta = g.comm.bcast({k: (v.shape, v.dtype.str) for k, v in opt.state_arrays().items()} | {
         "#steps": opt.steps, "#lr": opt.lr}, root=root)
     opt.steps, opt.lr = meta.pop("#steps"), meta.pop("#lr")
