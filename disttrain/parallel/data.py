@@ -272,7 +272,8 @@ class DataParallel:
         # goes through ddp.backward), and a replica with no samples joins through synchronize(): both
         # have no forward without its backward
         fields = {"step": self._steps, "optimizer_steps": self._optimizer_steps(),
-                  "training_forwards_without_backward (evaluate with model.eval())": max(0, self._forwards - self._backwards),
+                  "training_forwards_without_backward (evaluate with model.eval())":
+                      max(0, self._forwards - self._backwards),
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
         zero, shared = self._zero, self._shared

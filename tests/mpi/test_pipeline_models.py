@@ -195,7 +195,8 @@ def test_predict_on_one_stage_while_the_others_train_raises_everywhere(comm):
     mesh = Mesh(dp=1, pp=p)
     stage, _ = cut(gnmt(), mesh)
     first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
-    pipe = Pipeline(stage, mesh.pp_group, nn.SoftmaxCrossEntropy(ignore_index=0) if last else None, "1f1b", 2, uneven=True)
+    loss = nn.SoftmaxCrossEntropy(ignore_index=0) if last else None
+    pipe = Pipeline(stage, mesh.pp_group, loss, "1f1b", 2, uneven=True)
     x, y = sentences(4, 5)
     with pytest.raises(dt.CollectiveError, match="Pipeline"):
         if mesh.pp_rank == p - 1:
