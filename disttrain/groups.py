@@ -28,6 +28,16 @@ _start = None  # () -> Group: the runtime's init, installed by install()
 _release = None  # (Group) -> None: frees a group's communicators, installed by install()
 
 
+_on_free: list = []  # (Group) -> None, run by every member in Group.free while its communicators live
+
+
+def on_free(fn) -> None:
+    """Register fn(group), run on every member inside ``Group.free`` (collective, the same point on
+    every member) before the communicators go: what a module keeps per group - e.g. shared-memory
+    windows keyed by the group's uid - is given back there, by collectives over ``group.comm``."""
+    _on_free.append(fn)
+
+
 def install(start, release) -> None:
     """Called once by the runtime: how to start on first use, and how to release a group."""
     global _start, _release
@@ -112,9 +122,13 @@ class Group:
         self.freed = True
         if self.comm is None:
             return
-        _by_handle.pop(self.comm.handle, None)
-        _by_handle.pop(self.async_comm.handle, None)
-        _release(self)
+        try:
+            for fn in _on_free:  # registration order: the same on every rank (module import order)
+                fn(self)
+        finally:
+            _by_handle.pop(self.comm.handle, None)
+            _by_handle.pop(self.async_comm.handle, None)
+            _release(self)
         self.comm = self.async_comm = None
         self.rank = -1
 

@@ -30,7 +30,10 @@
 #    killed by a signal is killed again by the same signal after the record is written, so mpiexec
 #    still sees a killed process and tears the job down at once (~0.1 s measured), as without the
 #    wrapper; the ranks it tears down die by SIGKILL without a record.
-# 3. When mpiexec returns: status 0 -> done (exit 0). Otherwise the failure is attributed to ranks:
+# 3. When mpiexec returns: status 0 -> done (exit 0), unless a rank that recorded its start has no
+#    exit record: Hydra tore it down because another rank exited with status 0 mid-run (os._exit(0)
+#    after MPI_Init, no MPI_Finalize) and returned that 0 - a failure attributed to the rank(s) that
+#    exited 0 (they left the job). Otherwise the failure is attributed to ranks:
 #    (a) a rank whose own process died by a signal (its "exit" record, status > 128);
 #    (b) a rank that left the job while others waited for it, or that received a signal: the abort
 #        line the job prints names it ("rank R has left the job", "rank R: received SIGTERM").
@@ -181,6 +184,14 @@ choose_world() {  # -> $world, or exit 69 naming what is missing
   fi
 }
 
+torn_down() {  # ranks that recorded a start but no exit (records are best effort: no start, no verdict)
+  local r
+  for ((r = 0; r < world; r++)); do
+    grep -q '^start ' "$records/rank-$r" 2>/dev/null && ! grep -q '^exit ' "$records/rank-$r" 2>/dev/null && printf '%s ' "$r"
+  done
+  return 0
+}
+
 attribute() {  # after a failed launch: $why, $failed_hosts (with a hostfile) / $lost_slots; 1 if none
   local rec st r sig all_exited=1
   why="" failed_hosts=() lost_slots=0
@@ -200,6 +211,12 @@ attribute() {  # after a failed launch: $why, $failed_hosts (with a hostfile) / 
   while read -r r sig; do
     [ -n "$r" ] && [ -z "${seen[$r]:-}" ] && seen[$r]="rank $r (host ${rank_host[r]:-?}) received $sig"
   done < <(grep -oE 'rank [0-9]+: received SIG[A-Z]+' "$errlog" 2>/dev/null | sed -E 's/rank ([0-9]+): received /\1 /' | sort -un)
+  if [ "${#seen[@]}" -eq 0 ] && [ -n "$(torn_down)" ]; then  # a rank's status-0 exit took the others down
+    for ((r = 0; r < world; r++)); do
+      st=$(awk '$1 == "exit" {print $3}' "$records/rank-$r" 2>/dev/null | tail -1)
+      [ "$st" != 0 ] || seen[$r]="rank $r (host ${rank_host[r]}) left the job (exit status 0 before the job ended)"
+    done
+  fi
   if [ "${#seen[@]}" -eq 0 ] && [ "$all_exited" = 0 ] && [ -n "$hostfile" ]; then
     local h
     for h in $(printf '%s\n' "${rank_host[@]}" | awk '!s[$0]++'); do
@@ -262,7 +279,15 @@ while :; do
   rc=$?
   set -e
   job_pid=""
-  [ "$rc" -ne 0 ] || exit 0
+  if [ "$rc" -eq 0 ]; then
+    # MPICH's Hydra tears every rank down (SIGKILL, nothing of theirs runs) when one exits with
+    # status 0 after MPI_Init without MPI_Finalize (os._exit(0) mid-run), and then returns that
+    # rank's 0: a rank that started and has no exit record was torn down - the job did not finish
+    torn=$(torn_down); torn=${torn% }
+    [ -n "$torn" ] || exit 0
+    echo "elastic: mpiexec returned 0, but rank(s) $torn never exited on their own: a rank left the job with status 0 before it ended" >&2
+    rc=1
+  fi
   kill_leftovers
   if ! attribute; then
     die "the job ended with status $rc and no rank or host failed (a configuration error, non-finite gradients or an uncaught exception: see above); not restarting" "$rc"

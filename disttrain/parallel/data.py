@@ -268,8 +268,12 @@ class DataParallel:
             self._late_error = self._late_error or error  # raised after the step, whose collectives go on
             error = None
         z, comm, algorithm = self.compressor, self.group.async_comm, self.algorithm
+        # at least 0: a pipeline runs its stage's forwards past DataParallel (only the last backward
+        # goes through ddp.backward), and a replica with no samples joins through synchronize(): both
+        # have no forward without its backward
         fields = {"step": self._steps, "optimizer_steps": self._optimizer_steps(),
-                  "training_forwards_without_backward (evaluate with model.eval())": self._forwards - self._backwards,
+                  "training_forwards_without_backward (evaluate with model.eval())":
+                      max(0, self._forwards - self._backwards),
                   "bucket": b.index, "key": b.key, "size": b.buffer.size}
 
         zero, shared = self._zero, self._shared
@@ -526,9 +530,11 @@ def broadcast_optimizer_state(opt, root: int = 0, group=None) -> None:
     root, raises CollectiveError on every rank - the set-up check below - instead of waiting in
     the untracked bcast for good)."""
     g = as_group(group)
-    p = g.comm.Get_size()
-    bad = None if isinstance(root, (int, np.integer)) and 0 <= root < p else f"root={root!r} is not a rank of the group (size {p})"
-    L.check(g.comm, "broadcast_optimizer_state", {"root": root}, bad, always=True)
+    # agreed first (attack9, finding 04): a rank calling it alone, or a bad root, raises on every
+    # rank instead of waiting for good in the raw bcast below (which the stall inspector does not see)
+    bad = None if isinstance(root, (int, np.integer)) and 0 <= root < g.size else \
+        f"root must be a rank of the group (0..{g.size - 1}), got {root!r}"
+    L.check(g.comm, "broadcast_optimizer_state", {"root": root if bad is None else None}, bad, always=True)
     meta = g.comm.bcast({k: (v.shape, v.dtype.str) for k, v in opt.state_arrays().items()} | {
         "#steps": opt.steps, "#lr": opt.lr}, root=root)
     opt.steps, opt.lr = meta.pop("#steps"), meta.pop("#lr")

@@ -35,8 +35,9 @@ agreed topology) says so, and which window a DataParallel gets is agreed by one 
 construction (:func:`take`).
 
 Windows are kept per group (by its uid) and reused by a later DataParallel once no array of an
-earlier one is alive on any rank; they are not freed with the group (a window may outlive it:
-MPI keeps its own duplicate of the communicator), only at exit.
+earlier one is alive on any rank; ``Group.free`` unmaps those no rank uses any more
+(parallel/windows.py; one still used somewhere stays until the process exits), the world's go at
+exit.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ from ..comm import futex
 from ..comm import node as N
 from ..comm import topology, validate
 from ..comm.p2p import blocks
-from ..groups import local_size
+from ..groups import local_size, on_free
+from . import windows
 
 _LINE = 64  # bytes: each rank's round counter alone on a cache line
 _BLOCK = 1024  # elements per pass of the reduction kernel (accumulator stays in L1)
@@ -242,6 +244,14 @@ def take(group, n: int, dtype) -> Window:
         w = pool[chosen]
     _windows[group.uid] = keep
     return w
+
+
+def _give_back(group) -> None:
+    """Group.free: the group's windows no array of any rank is alive in are unmapped."""
+    windows.give_back(group, _windows.pop(group.uid, []), lambda w: w.free_for(0, w.dtype), Window.free)
+
+
+on_free(_give_back)
 
 
 class SharedBuckets:

@@ -77,6 +77,24 @@ def test_no_sync_accumulates_then_averages(comm):
 
 
 @pytest.mark.mpi
+def test_optimizer_state_broadcast_alone_or_bad_root_raises_everywhere(comm):
+    """attack9 (04): one rank broadcasting the optimizer state while the others go on, or a root
+    outside the group, is a CollectiveError on every rank (the lone caller hung in a raw bcast)."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    opt = optim.SGD(MLP([3, 4, 2], dtype=np.float64, seed=0).parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(dt.CollectiveError, match="root must be a rank"):
+        dt.broadcast_optimizer_state(opt, root=p)
+    if p < 2:
+        return
+    with pytest.raises(dt.CollectiveError):
+        if r == p - 1:
+            dt.broadcast_optimizer_state(opt)
+        else:
+            dt.allreduce(np.ones(5))
+    np.testing.assert_array_equal(dt.allreduce(np.ones(3)), np.full(3, float(p)))  # the world is usable after
+
+
+@pytest.mark.mpi
 def test_optimizer_state_broadcast(comm):
     r = comm.Get_rank()
     model = MLP([3, 4, 2], dtype=np.float64, seed=r)

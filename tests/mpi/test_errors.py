@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain import optim
 from disttrain.comm import config
 
 pytestmark = pytest.mark.mpi
@@ -195,11 +194,10 @@ def test_a_timeline_started_or_stopped_on_one_rank_only_raises_everywhere(comm, 
 
 
 @pytest.mark.mpi(min_size=2)
-def test_calibrate_or_an_optimizer_broadcast_on_one_rank_only_raises_everywhere(comm):
-    """attack9: dt.calibrate (a Barrier and timed exchanges) and dt.broadcast_optimizer_state (a
-    raw bcast) called by one rank alone waited for good, untracked, while the peers waited in
-    their next collective. Both now begin with the group's set-up check; a bad root is an error
-    on every rank too."""
+def test_calibrate_on_one_rank_only_raises_everywhere(comm):
+    """attack9: dt.calibrate (a Barrier and timed exchanges) called by one rank alone waited for
+    good, untracked, while the peers waited in their next collective; it now begins with the
+    group's set-up check (broadcast_optimizer_state's: tests/mpi/test_data_parallel.py)."""
     r, last = comm.Get_rank(), comm.Get_size() - 1
 
     def calibrate_on_last_rank_only():
@@ -207,16 +205,6 @@ def test_calibrate_or_an_optimizer_broadcast_on_one_rank_only_raises_everywhere(
             dt.calibrate()
         dt.allreduce(np.ones(3))
     raises_everywhere(comm, calibrate_on_last_rank_only, "calibrate")
-
-    opt = optim.SGD([dt.nn.Parameter(np.full(4, float(r)))], lr=0.1, momentum=0.9)
-
-    def broadcast_on_last_rank_only():
-        if r == last:
-            dt.broadcast_optimizer_state(opt)
-        dt.allreduce(np.ones(3))
-    raises_everywhere(comm, broadcast_on_last_rank_only, "broadcast_optimizer_state")
-    raises_everywhere(comm, lambda: dt.broadcast_optimizer_state(opt, root=comm.Get_size()), "root=")
-    dt.broadcast_optimizer_state(opt)  # every rank: fine
 
 
 @pytest.mark.mpi(min_size=2)

@@ -122,7 +122,8 @@ def test_gnmt_pipeline_matches_one_process(comm, schedule, v, recompute, transpo
 @pytest.mark.mpi
 def test_gnmt_pipeline_predict_and_bad_batches(comm):
     """Evaluation through the stages equals the one-process forward; fewer sentences than
-    micro-batches raise on every rank (no hang), and so does a non-dividing batch without uneven."""
+    micro-batches give the one-process loss (uneven); a non-dividing batch without uneven raises on
+    every rank (no hang)."""
     p = comm.Get_size()
     dp = 2 if p == 8 else 1  # 7 units: at most 7 stages
     mesh = Mesh(dp=dp, pp=p // dp)
@@ -132,9 +133,9 @@ def test_gnmt_pipeline_predict_and_bad_batches(comm):
     x, y = sentences(6, 4)
     np.testing.assert_allclose(pipe.predict(x if mesh.pp_is_first_stage else None), gnmt().forward(x), rtol=1e-12)
     first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
-    few = tuple(a[:3] for a in x)
-    with pytest.raises(dt.CollectiveError, match="3 samples must split into 4 micro-batches"):
-        pipe.step(few if first else None, y[:3] if last else None)
+    few = tuple(a[:3] for a in x)  # fewer sentences than micro-batches: the 4th is empty and skipped
+    want = nn.SoftmaxCrossEntropy(ignore_index=0).forward(gnmt().forward(few), y[:3])
+    np.testing.assert_allclose(pipe.step(few if first else None, y[:3] if last else None), want, rtol=RTOL)
     strict = Pipeline(stage, mesh.pp_group, loss, "1f1b", 4)
     with pytest.raises(dt.CollectiveError, match="6 samples must divide into 4 micro-batches"):
         strict.step(x if first else None, y if last else None)
@@ -182,3 +183,25 @@ def test_dlrm_mesh_matches_one_process(comm, schedule):
             np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=f"dp{dp} pp{pp} tp{tp}")
         assert_regions_match(stage.parameters(), ref)
         mesh.free()
+
+
+@pytest.mark.mpi
+def test_predict_on_one_stage_while_the_others_train_raises_everywhere(comm):
+    """attack9 (05): an evaluation guarded by a rank-dependent condition - one stage predicts, the
+    others step - is a CollectiveError on every stage (it hung in the pipeline's receives)."""
+    p = comm.Get_size()
+    if p < 2 or p > 7:
+        pytest.skip("two to seven stages")
+    mesh = Mesh(dp=1, pp=p)
+    stage, _ = cut(gnmt(), mesh)
+    first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
+    loss = nn.SoftmaxCrossEntropy(ignore_index=0) if last else None
+    pipe = Pipeline(stage, mesh.pp_group, loss, "1f1b", 2, uneven=True)
+    x, y = sentences(4, 5)
+    with pytest.raises(dt.CollectiveError, match="Pipeline"):
+        if mesh.pp_rank == p - 1:
+            pipe.predict(None)
+        else:
+            pipe.step(x if first else None, y if last else None)
+    out = pipe.predict(x if first else None)  # the pipeline is usable afterwards
+    np.testing.assert_allclose(out, gnmt().forward(x), rtol=1e-12)

@@ -59,6 +59,8 @@ from ... import mpi, stall
 from ...comm import futex, topology
 from ...comm import node as N
 from ...errors import CollectiveError
+from ...groups import on_free
+from .. import windows
 from . import activations as A
 
 TRANSPORTS = ("mpi", "shm")
@@ -145,6 +147,14 @@ class _Window:
         self.win.Unlock_all()
         self.win.Free()
         self.mem = None
+
+
+def _give_back(group) -> None:
+    """Group.free: the group's windows that no rank uses or views any more are unmapped."""
+    windows.give_back(group, _pools.pop(group.uid, []), lambda w: w.free_here() and w.unviewed(), _Window.release)
+
+
+on_free(_give_back)
 
 
 class Channel:

@@ -123,9 +123,8 @@ class Pipeline:
         self._program = self._compile(self.ops)
         self.transport = transport
         self.net = P2P(self.group.comm, micro_batches, cache_shapes, transport, self.group.uid)
-        self._expected = [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
-                          for op, i, c in self.ops
-                          if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]
+        self._expected = self._receives(self.ops)
+        self._programs = {(): (self._program, self._expected)}  # per set of empty micro-batches
         # DataParallel's overlapped path (the last backward through ddp.backward) needs one whole
         # backward per op; otherwise every backward runs under no_sync and the allreduce follows.
         self._ddp_last = self.ddp is not None and v == 1 and not self.split and recompute != "selective"
@@ -150,12 +149,29 @@ class Pipeline:
     def _is_end(self, c: int) -> bool:
         return self._global(c) == self.p * self.v - 1
 
+    def _receives(self, ops) -> list:
+        """(src, direction, micro-batch, chunk) of every receive the ops make."""
+        return [(self._neighbour(c, -1)[0], FWD, i, c) if op == "F" else (self._neighbour(c, 1)[0], BWD, i, c)
+                for op, i, c in ops if (op == "F" and self._global(c) > 0) or (op == "B" and not self._is_end(c))]
+
+    def _without(self, empty: tuple) -> tuple:
+        """(program, receives) of the schedule without the ops of the `empty` micro-batches (none
+        of their messages is sent or awaited on any rank: every rank derives `empty` from the same
+        gathered batch size). Dropping a micro-batch's every op from every rank keeps a schedule
+        deadlock-free: each remaining op waits only on ops of its own micro-batch, and sends never
+        block. Worked out once per set."""
+        got = self._programs.get(empty)
+        if got is None:
+            ops = [op for op in self.ops if op[1] not in empty]
+            got = self._programs[empty] = (self._compile(ops), self._receives(ops))
+        return got
+
     def _compile(self, ops) -> list:
         """The schedule as a flat program, worked out once: per op its method and arguments - the
         micro-batch, the chunk, the rank a receive comes from (None: the first chunk's data or the
         loss), the (rank, chunk) a send goes to (None: nothing to send), whether it is the last
         backward - so that running an op decides nothing the schedule already fixed."""
-        last = max(k for k, (op, _, _) in enumerate(ops) if op != "F")
+        last = max((k for k, (op, _, _) in enumerate(ops) if op != "F"), default=None)
         prog = []
         for k, (op, i, c) in enumerate(ops):
             g, end = self._global(c), self._is_end(c)
@@ -170,10 +186,15 @@ class Pipeline:
         return prog
 
     def _bad(self, what: str, a) -> str | None:
-        n = 0 if a is None else A.rows(a)
-        if a is None or n < self.m or (n % self.m and not self.uneven):
-            how = "split into" if self.uneven else "divide into"
-            return f"the {what}, and its {n} samples must {how} {self.m} micro-batches (of at least one sample)"
+        # uneven: any number of samples, 0 and fewer than m included - the micro-batches past the
+        # last sample are empty and still run (zero rows through every op), so a replica whose batch
+        # is short or empty (a ragged epoch end under a token budget) joins the step and its
+        # DataParallel allreduce; its loss weight is 0 for the empty ones (terms / the step's weight)
+        if a is None:
+            return f"the {what}"
+        n = A.rows(a)
+        if not self.uneven and (n < self.m or n % self.m):
+            return f"the {what}, and its {n} samples must divide into {self.m} micro-batches (of at least one sample)"
         return None
 
     def step(self, x=None, y=None, weight: float = 1.0) -> float:
@@ -189,6 +210,9 @@ class Pipeline:
         if samples != targets:
             raise CollectiveError(f"Pipeline.step: the first stage's batch has {samples} samples but the last "
                                   f"stage's targets {targets}: pass the same global batch on every stage")
+        # micro-batch sizes as np.array_split cuts `samples` (the first samples % m get one more):
+        # those past the last sample are empty (uneven, fewer samples than m) and do not run at all
+        program, expected = self._without(tuple(range(samples, m)))
         self._xs = A.split(x, m) if self.is_first else None
         self._ys = np.array_split(y, m) if self.is_last else None
         if self.is_last:  # micro-batch i's share of the loss terms (1/m each for equal shares)
@@ -200,19 +224,21 @@ class Pipeline:
         self._peak = [0, 0]
         self._times = dict(compute_s=0.0, recompute_s=0.0)
         self._op_s = {k: [0.0] * self.v for k in "FBW"}
-        self.net.begin(key, [i[3] for i in info], self._expected)
+        self.net.begin(key, [i[3] for i in info], expected)
         self._trace = [] if self.trace else None
         t0 = time.perf_counter()
         if self._trace is None:
-            for run, args in self._program:
+            for run, args in program:
                 run(*args)
         else:  # the op's start stamp for its trace entry (no stamp per op without tracing)
-            for run, args in self._program:
+            for run, args in program:
                 self._t_op = time.perf_counter()
                 run(*args)
         t1 = time.perf_counter()
-        if self.ddp is not None and not self._ddp_last:
-            self.ddp.synchronize()  # every backward ran under no_sync: now the one dp allreduce
+        if self.ddp is not None and (not self._ddp_last or not program):
+            # every backward ran under no_sync (or none ran: an empty replica joins with zero
+            # gradients): now the one dp allreduce
+            self.ddp.synchronize()
         op = stall.enter("pipeline send completion", None, group=None)
         mpi.MPI.Request.Waitall(self.net.sends)
         stall.leave(op)
@@ -345,6 +371,9 @@ class Pipeline:
     def predict(self, x=None):
         """Forward only (evaluation, no activations kept for backward): x on the first stage;
         returns the last stage's output on every stage of the group."""
+        # agreed first, as step() is (attack9, finding 05): a stage that evaluates while its peers
+        # train raises CollectiveError on every stage instead of waiting for good in the receives
+        validate.check(self.group.comm, "Pipeline.predict", {}, None, always=True)
         self.net.reset()
         self.net.forget()  # evaluation batches may have any shape: headers, on every rank
         out = None
