@@ -26,6 +26,7 @@ _local = None  # node-local communicator (ranks sharing memory)
 _by_handle: dict = {}  # MPI communicator handle -> Group (both of a group's communicators)
 _start = None  # () -> Group: the runtime's init, installed by install()
 _release = None  # (Group) -> None: frees a group's communicators, installed by install()
+_agree = None  # (Group) -> bool: Group.free's set-up check (False: talk to nobody), installed by install()
 
 
 _on_free: list = []  # (Group) -> None, run by every member in Group.free while its communicators live
@@ -38,10 +39,11 @@ def on_free(fn) -> None:
     _on_free.append(fn)
 
 
-def install(start, release) -> None:
-    """Called once by the runtime: how to start on first use, and how to release a group."""
-    global _start, _release
-    _start, _release = start, release
+def install(start, release, agree) -> None:
+    """Called once by the runtime: how to start on first use, how to release a group, and how its
+    members agree that they all free it (the runtime's validate sits above this module)."""
+    global _start, _release, _agree
+    _start, _release, _agree = start, release, agree
 
 
 def set_world(world: "Group", local) -> None:
@@ -119,11 +121,13 @@ class Group:
             return
         if self is _world:
             raise ValueError("the world group cannot be freed")
-        self.freed = True
         if self.comm is None:
+            self.freed = True
             return
+        talk = _agree(self)  # raises on every member if one frees alone; False: the group is dead
+        self.freed = True
         try:
-            for fn in _on_free:  # registration order: the same on every rank (module import order)
+            for fn in _on_free if talk else ():  # registration order: the same on every rank (imports)
                 fn(self)
         finally:
             _by_handle.pop(self.comm.handle, None)

@@ -46,6 +46,19 @@ def _release(g: Group) -> None:
     engine.call(free_async, "free group")
 
 
+def _agree_free(g: Group) -> bool:
+    """Group.free's set-up check: a member that frees the group alone - a ``with new_group(r) as
+    g:`` block one rank leaves early by an exception it catches - waited for good in the release's
+    untracked collectives while its peers waited in their next call (attack9); now it meets their
+    next call on the group and every member raises, or the wait-for graph (stall.py) ends a wait
+    in another group's call. A group that can no longer communicate (broken, or a member left)
+    is freed locally only: False, and its shared windows stay mapped."""
+    if stall.cannot_talk(g.uid, g.ranks):
+        return False
+    validate.check(g.comm, "Group.free", {}, None, always=True)
+    return True
+
+
 def _check_launcher() -> None:
     """The MPICH wheel cannot join a PMIx launch (Open MPI's mpirun, srun --mpi=pmix): MPICH then
     fails with 'unsupported PMI version PMIx'. Say what to do before MPI starts."""
@@ -432,6 +445,6 @@ def install_early_abort_hook() -> None:
     sys.excepthook = early
 
 
-groups.install(init, _release)
+groups.install(init, _release, _agree_free)
 # timeline.start / stop begin with the world's set-up check (the timeline sits below comm/)
 timeline.install(lambda what, err: validate.check(groups.world().comm, what, {}, err, always=True))

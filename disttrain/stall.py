@@ -468,6 +468,12 @@ _used_up: list = []  # (rank, notice number) of unknown-group failure notices th
 _notices = 0  # failure notices this rank has sent
 
 
+def cannot_talk(uid: str, ranks) -> str | None:
+    """Why a group can no longer communicate - broken after an abandoned collective, or a member
+    (world ranks `ranks`) left the job - else None (Group.free then releases locally only)."""
+    return _broken.get(uid) or next((f"rank {r} has left the job" for r in ranks if r in _departed), None)
+
+
 def mark_broken(gkey: str, why: str) -> None:
     """A collective on `gkey` was abandoned half-way (its MPI request can never complete): every
     later call on the group is refused here, and the peers are told so that one that went on

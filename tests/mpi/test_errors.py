@@ -266,3 +266,24 @@ def test_a_group_made_on_the_main_thread_of_one_rank_and_a_thread_of_another_rai
         t.join(120)
     assert "main_thread" in out.get("e", ""), out
     still_works(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_group_freed_on_one_rank_only_raises_everywhere(comm):
+    """attack9: Group.free on one member alone (a `with new_group(r) as g:` block that one rank
+    leaves early through an exception it catches) waited for good in the release's untracked
+    collectives, its peers in their next call on the group. Free now begins with the group's
+    set-up check: every member raises, the group stays usable, and a free by all then works."""
+    r, p = comm.Get_rank(), comm.Get_size()
+    g = dt.new_group(range(p))
+    np.testing.assert_array_equal(dt.allreduce(np.ones(3), group=g), np.full(3, float(p)))
+
+    def free_on_last_rank_only():
+        if r == p - 1:
+            g.free()
+        dt.allreduce(np.ones(3), group=g)
+    raises_everywhere(comm, free_on_last_rank_only, "Group.free")
+    assert not g.freed
+    np.testing.assert_array_equal(dt.allreduce(np.ones(3), group=g), np.full(3, float(p)))
+    g.free()
+    assert g.freed
