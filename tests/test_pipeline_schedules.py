@@ -197,6 +197,7 @@ def test_rules_refuse_clearly():
     assert "need the interleaved schedule" in problem("1f1b", 2, 4, 2)
     assert "unknown pipeline schedule" in problem("zigzag", 2, 4, 1)
     assert "positive int" in problem("zb1", 2, 4, 0)
+    assert "need the interleaved schedule" in problem("zb2", 3, 4, 2) and "positive int" in problem("zb2", 2, 4, 0)
     assert problem("interleaved", 3, 6, 3) is None and problem("zb1", 5, 1, 1) is None
 
 
