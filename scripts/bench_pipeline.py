@@ -11,11 +11,12 @@ Every pp is one ``mpiexec -n pp`` job (scripts/bench_pipeline.py --worker). Part
    stages on this 2-core machine do not steal each other's cores - the figure measures the
    *schedule* and its point-to-point traffic; the loss is free by default, --timed-loss: a real
    loss is work on the last stage only). Each schedule in SCHEDULES: gpipe, 1f1b,
-   interleaved (--virtual-stages V chunks per rank, each waiting 1/V of the stage's time) and zb1
+   interleaved (--virtual-stages V chunks per rank, each waiting 1/V of the stage's time), zb1 and zb2
    (the backward split into B and W, --fwd-ms each). Measured bubble per stage = 1 - busy / wall of
    a step; the table reports the mean over stages (median over --steps steps) next to the
    schedule's formula (``SCHEDULES[name].bubble``: (p-1)/(m+p-1) for GPipe/1F1B, (p-1)/(Vm+p-1)
-   interleaved, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) ZB-H1) and the bubble the op lists have when
+   interleaved, (p-1)(F+B-W)/(m(F+B+W)+(p-1)(F+B-W)) ZB-H1, (p-1)F in place of (p-1)(F+B-W) for ZB-H2
+   at m >= 2p - 1 and these times) and the bubble the op lists have when
    played with the same op times (``schedules.simulate``: equal to the formula except ZB-H1 at m < p).
 2. real pipelines (pp <= cores: one rank per core): an MLP (8 Linear+ReLU units of width --width
    and a head, --mb samples per micro-batch) and a small transformer LM (embedding, 8 blocks of
@@ -495,11 +496,11 @@ def report(rows) -> None:
     timed = [r for r in rows if r["part"] == "timed"]
     for pp, m, tr in sorted({(r["pp"], r["m"], r.get("transport", "mpi")) for r in timed}):
         got = {r["schedule"]: r for r in timed if r["pp"] == pp and r["m"] == m and r.get("transport", "mpi") == tr}
-        if "zb1" in got and "1f1b" in got and got["1f1b"]["bubble"] > 0:
-            z, o = got["zb1"], got["1f1b"]
-            print(f"pp={pp} m={m} {tr}: zb1 / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
-                  f"(Qi et al.'s 1/3: (p-1)(F+B-W) against (p-1)(F+B+W)); as a fraction of the step "
-                  f"{z['bubble'] / o['bubble']:.2f} (formula {SCHEDULE_RATIO(pp, m):.2f})")
+        for zb in (name for name in ("zb1", "zb2") if name in got and "1f1b" in got and got["1f1b"]["bubble"] > 0):
+            z, o = got[zb], got["1f1b"]
+            print(f"pp={pp} m={m} {tr}: {zb} / 1f1b idle time {z.get('idle_ms', 0) / max(1e-9, o.get('idle_ms', 0)):.2f} "
+                  f"(formula {IDLE_RATIO(z, o):.2f}: Qi et al.'s 1/3, (p-1)(F+B-W) against (p-1)(F+B+W), "
+                  f"for F = B = W); as a fraction of the step {z['bubble'] / o['bubble']:.2f}")
     for r in rows:
         if r["part"] == "tp":
             print(f"tensor-parallel {r.get('block', 'mlp')} block, tp = {r['pp']}: {r['tp_allreduces']:.0f} allreduces, "
@@ -521,9 +522,11 @@ def report(rows) -> None:
                   f"{r['step_ms']:>5.1f} ms")
 
 
-def SCHEDULE_RATIO(p: int, m: int) -> float:
-    """ZB-H1 over 1F1B bubble fraction by the formulas, equal F, B, W: (m + p - 1) / (3m + p - 1)."""
-    return (m + p - 1) / (3 * m + p - 1)
+def IDLE_RATIO(zb: dict, flush: dict) -> float:
+    """A zero-bubble row's idle time over 1F1B's by their formulas ("theory": F = B = W for the
+    split schedules, B = 2F for 1F1B - the same work, so the ratio of bubble / (1 - bubble)): 1/3
+    for ZB-H1 at m >= p and for ZB-H2 at m >= 2p - 1."""
+    return (zb["theory"] / (1 - zb["theory"])) / (flush["theory"] / (1 - flush["theory"]))
 
 
 def plot(rows, out) -> None:
@@ -534,7 +537,7 @@ def plot(rows, out) -> None:
 
     timed = [r for r in rows if r["part"] == "timed"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    marks = dict(gpipe="o", zb1="^", interleaved="D")
+    marks = dict(gpipe="o", zb1="^", zb2="v", interleaved="D")
     for pp in sorted({r["pp"] for r in timed}):
         for sched in dict.fromkeys(r["schedule"] for r in timed):
             rs = [r for r in timed if r["pp"] == pp and r["schedule"] == sched]
@@ -579,7 +582,7 @@ def main() -> int:
                     help="which parts to run: timed (equal timed stages), cold (one op's runtime work hot vs after a pause), "
                          "handoff (the runtime's per-op trace: sender's compute end to waiting receiver's compute start), overhead (stages computing nothing), "
                          "mlp, transformer (real stages, pp <= cores), tp, emb")
-    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1", help="pipeline schedules to run")
+    ap.add_argument("--schedules", default="gpipe,1f1b,interleaved,zb1,zb2", help="pipeline schedules to run")
     ap.add_argument("--transport", default="mpi,shm",
                     help="Pipeline transports, run side by side for every case: mpi, shm (shared-memory channel)")
     ap.add_argument("--virtual-stages", type=int, default=2, help="chunks per rank of the interleaved schedule")

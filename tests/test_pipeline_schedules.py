@@ -72,6 +72,26 @@ def test_simulated_bubble_is_the_formula(p, m):
     assert zb["makespan"] <= flush["makespan"]
 
 
+@pytest.mark.parametrize("p", [2, 3, 4, 5])
+def test_zb2_bubble_is_its_formula_and_absorbs_the_hand_offs(p):
+    """ZB-H2, synchronous: for m >= 2p - 1 the simulated idle is (p - 1) max(F, F + B - 2W) - the
+    floor (p - 1) F of any synchronous step (the last stage starts after p - 1 forwards) when
+    B <= 2W, below ZB-H1's (p - 1)(F + B - W) when B > W; never above ZB-H1 at any m; and with a
+    hand-off latency d its extra warm-up forwards keep it below ZB-H1 for m >= 2p - 1."""
+    for f, b, w in ((1, 1, 1), (1, 1.2, 0.8), (1, 1, 0.5), (1, 2, 0.2), (0.5, 1, 1)):
+        for m in range(1, 3 * p + 2):
+            zb2, zb1 = simulate("zb2", p, m, 1, f, b, w), simulate("zb1", p, m, 1, f, b, w)
+            assert zb2["makespan"] <= zb1["makespan"] + 1e-12, (f, b, w, m)
+            if m >= 2 * p - 1:
+                assert zb2["bubble"] == pytest.approx(SCHEDULES["zb2"].bubble(p, m, 1, f, b, w)), (f, b, w, m)
+                assert zb2["makespan"] - m * (f + b + w) == pytest.approx((p - 1) * max(f, f + b - 2 * w))
+                if b > w:
+                    assert zb2["makespan"] < zb1["makespan"] - 1e-9
+    for m in (2 * p - 1, 4 * p):
+        late = [simulate(name, p, m, 1, 1, 1, 1, latency=0.3)["makespan"] for name in ("zb2", "zb1")]
+        assert late[0] < late[1], late
+
+
 def test_simulator_takes_each_chunks_own_op_times():
     """Unequal stages (what the benchmark's 'played' theory uses): lists per global chunk. Uniform
     lists are the scalar case; GPipe with a slow second stage has the makespan one works out by hand
@@ -177,6 +197,7 @@ def test_rules_refuse_clearly():
     assert "need the interleaved schedule" in problem("1f1b", 2, 4, 2)
     assert "unknown pipeline schedule" in problem("zigzag", 2, 4, 1)
     assert "positive int" in problem("zb1", 2, 4, 0)
+    assert "need the interleaved schedule" in problem("zb2", 3, 4, 2) and "positive int" in problem("zb2", 2, 4, 0)
     assert problem("interleaved", 3, 6, 3) is None and problem("zb1", 5, 1, 1) is None
 
 

@@ -172,6 +172,7 @@ MESHES = {  # name: (ranks, flags); "*/one" is each group's oracle
     "transformer/one": (1, TRANSFORMER), "transformer/tp2": (2, TRANSFORMER + ["--tp", "2"]),
     "transformer/pp2xtp2": (4, TRANSFORMER + ["--pp", "2", "--tp", "2", "--schedule", "gpipe"]),
     "transformer/pp2zb1": (2, TRANSFORMER + ["--pp", "2", "--schedule", "zb1", "--recompute", "selective"]),
+    "transformer/pp2zb2": (2, TRANSFORMER + ["--pp", "2", "--schedule", "zb2", "--micro-batches", "4"]),
 }
 
 
@@ -256,6 +257,6 @@ def test_transformer_meshes_reproduce_the_one_process_run(meshes):
     got = {name: ([r["loss"] for r in recs if "loss" in r], recs[-1]["test_loss"])
            for name, (_, recs) in _group(meshes, "transformer").items()}
     assert len(got["one"][0]) == 2, got
-    for name in ("tp2", "pp2xtp2", "pp2zb1"):
+    for name in ("tp2", "pp2xtp2", "pp2zb1", "pp2zb2"):
         assert got[name][0] == pytest.approx(got["one"][0], rel=1e-9), name
         assert got[name][1] == pytest.approx(got["one"][1], rel=1e-9), name

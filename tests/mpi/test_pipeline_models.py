@@ -81,7 +81,7 @@ def shares(n, dp, r):
 # tuples of arrays and None parts between stages: through the shared-memory channel (the
 # default), and one case through MPI's known-shape path
 GNMT_CASES = [("1f1b", 1, "none", "shm"), ("zb1", 1, "full", "shm"), ("interleaved", 2, "selective", "shm"),
-              ("gpipe", 1, "none", "mpi")]
+              ("gpipe", 1, "none", "mpi"), ("zb2", 1, "selective", "shm")]
 
 
 @pytest.mark.mpi

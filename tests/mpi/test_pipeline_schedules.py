@@ -66,7 +66,7 @@ def assert_matches(stage, ref, got, want, dp):
 
 
 M = {"1": lambda p: 1, "4": lambda p: 4, "8": lambda p: 8, "p": lambda p: p, "2p": lambda p: 2 * p}
-CASES = [("interleaved", v, m) for v in (2, 3) for m in M] + [("zb1", 1, m) for m in ("1", "4", "8", "2p")]
+CASES = [("interleaved", v, m) for v in (2, 3) for m in M] + [(zb, 1, m) for zb in ("zb1", "zb2") for m in ("1", "4", "8", "2p")]
 
 
 @pytest.mark.mpi
@@ -90,6 +90,8 @@ def test_schedule_matches_one_process(comm, schedule, v, m_):
     assert pipe.stats["peak_live"] == kept(pipe.ops, fn.split) == fn.live(mesh.pp_rank, pp, m, v), pipe.stats
     if schedule == "zb1":  # at most p micro-batches whose W has not run, on every stage
         assert pipe.stats["peak_live"] <= min(m, pp)
+    if schedule == "zb2":  # 2p - 1 (Qi et al. 2023: twice 1F1B's first stage), on every stage
+        assert pipe.stats["peak_live"] == min(m, 2 * pp - 1)
     st = pipe.stats  # the compute per op kind and chunk (the benchmark's played theory) adds up
     assert sum(map(sum, st["op_s"].values())) == pytest.approx(st["compute_s"], rel=1e-9)
     assert all(len(t) == v for t in st["op_s"].values()) and min(st["op_s"]["F"]) > 0

@@ -1,7 +1,7 @@
 """Pipeline parallelism: model stages (or interleaved chunks) on different ranks, micro-batches,
 schedules with and without a bubble, activation recomputation.
 
-- ``schedules.py``: ``SCHEDULES`` - gpipe, 1f1b, interleaved (virtual stages), zb1 (zero bubble,
+- ``schedules.py``: ``SCHEDULES`` - gpipe, 1f1b, interleaved (virtual stages), zb1 and zb2 (zero bubble,
   split backward) - with each schedule's rule and bubble formula, and ``simulate``;
 - ``executor.py``: ``Pipeline``, the runtime that runs a schedule's ops on this rank's stage;
 - ``stash.py``: what is kept between forward and backward, and recomputation;

@@ -52,7 +52,7 @@ class Pipeline:
             DataParallel wrapping either (hybrid dp x pp: the gradient allreduce runs once per step).
         group: the pipeline Group (``mesh.pp_group``); group rank = stage index.
         loss_fn: the loss on the last stage (mean over its batch, e.g. SoftmaxCrossEntropy).
-        schedule: a name in ``SCHEDULES``: "gpipe", "1f1b", "interleaved" or "zb1".
+        schedule: a name in ``SCHEDULES``: "gpipe", "1f1b", "interleaved", "zb1" or "zb2".
         micro_batches: m; the batch must divide by it (and m by p, interleaved).
         virtual_stages: V, chunks per rank (interleaved only).
         recompute: "none", "full" or "selective" (stash.py).

@@ -132,6 +132,46 @@ def zb_h1(stage: int, stages: int, m: int, chunks: int = 1) -> list:
     return ops + [("W", i, 0) for i in range(w, m)]
 
 
+def _zb2_lag(stage: int, p: int, m: int) -> int:
+    """The W a ZB-H2 stage owes at the end: ZB-H1's s, plus up to s more once m exceeds p."""
+    return stage + min(stage, max(0, m - p))
+
+
+def _zb2_bubble(p: int, m: int, v: int, f: float = 1.0, b: float = 1.0, w: float = 1.0) -> float:
+    """ZB-H2 with a synchronous step (Qi et al. 2023, section 3.1: (p - 1)(T_F + T_B - 2 T_W) with
+    their post-validation; without it the last stage cannot start before (p - 1) T_F, which then is
+    the floor): (p - 1) max(T_F, T_F + T_B - 2 T_W) idle per stage for m >= 2p - 1 (below that the
+    extra warm-up has no room and the idle is ZB-H1's); the simulator's value, tested."""
+    if m < 2 * p - 1:
+        return _zb_bubble(p, m, v, f, b, w)
+    idle = (p - 1) * max(f, f + b - 2 * w)
+    return idle / (m * (f + b + w) + idle)
+
+
+@_schedule("zb2", split=True, bubble=_zb2_bubble, live=lambda s, p, m, v: min(m, 2 * p - 1))
+def zb_h2(stage: int, stages: int, m: int, chunks: int = 1) -> list:
+    """ZB-H2 (Qi et al. 2023, figure 4), synchronous: 2 (p - s) - 1 warm-up forwards (2p - 1 in
+    flight on the first stage, twice 1F1B's), then B, W, F in turn, the W lagging `_zb2_lag`
+    backwards behind its B, then the remaining B and W, and the owed W last. The extra forwards
+    give every stage work while a backward is on its way, so the hand-offs between stages leave the
+    critical path (the simulator with `latency`); the W lag 2s (ZB-H1's s, doubled) lets the B
+    chain reach the first stage as in ZB-H1. Every stage keeps at most 2p - 1 micro-batches whose
+    W has not run (``live``)."""
+    warm, lag = min(m, 2 * (stages - stage) - 1), min(_zb2_lag(stage, stages, m), m)
+    ops = [("F", i, 0) for i in range(warm)]
+    f, b, w = warm, 0, 0
+    while b < m:
+        ops.append(("B", b, 0))
+        b += 1
+        if b > lag:  # the W of the micro-batch `lag` backwards ago
+            ops.append(("W", w, 0))
+            w += 1
+        if f < m:
+            ops.append(("F", f, 0))
+            f += 1
+    return ops + [("W", i, 0) for i in range(w, m)]
+
+
 def kept(ops, split: bool) -> int:
     """The most micro-batch chunks an op list keeps at once: each F adds one, each B releases one
     (in a split schedule the W does: B leaves W's inputs)."""
