@@ -377,6 +377,14 @@ def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) 
             xc[...] = x
         else:  # reported as an error on the communication thread, like any bad argument
             xc = np.array(x, copy=True)
+    else:
+        # a list as dt.allreduce takes it (attack9 finding 03: it was refused as "the in-place
+        # variant needs a NumPy array"); what NumPy cannot convert stays as it is and is
+        # reported on the communication thread - on every rank, not raised here on one
+        try:
+            xc = np.array(x)
+        except (ValueError, TypeError):
+            pass
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 

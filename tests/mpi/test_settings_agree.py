@@ -112,3 +112,10 @@ def test_validation_off_shape_disagreement_raises_everywhere(comm, sizes):
     raises_everywhere(comm, lambda: dt.allreduce(np.ones(sizes[0], np.float32 if _last(comm) else np.float64)),
                       "dtype")
     assert fused.limit(st.p) < (1 << 20) * 8  # sizes[2] crosses the fused limit
+
+
+def test_allreduce_async_takes_a_list_like_allreduce(comm):
+    """attack9 finding 03: the out-of-place asynchronous call refused a list the blocking one takes."""
+    p = comm.Get_size()
+    assert np.array_equal(dt.allreduce_async([1.0, 2.0]).wait(), dt.allreduce([1.0, 2.0]))
+    assert np.array_equal(dt.allreduce_async([1.0, 2.0]).wait(), np.array([p, 2.0 * p]))
