@@ -116,6 +116,13 @@ def init() -> "Group":
         # (its communicator is a collective Dup of the world) and the timeline (a world barrier).
         # Read on one host only they left the other ranks in MPI_Comm_dup / MPI_Barrier for good
         # (attack9: `mpiexec -n 1 env DISTTRAIN_TIMELINE=t.json python x.py : -n 1 python x.py`)
+        # values set from code before init (config.explicit) must agree: rank 0's would otherwise
+        # silently override a rank's own choice (call8); every rank derives the same error
+        mine = {k: v for k, v in config.explicit.items() if k in config.COLLECTIVE}
+        chosen = cw.allgather(mine)
+        if err is None and any(c != chosen[0] for c in chosen):
+            err = ("set_validation() before dt.init() differs across ranks: "
+                   + "; ".join(f"rank {r}: {c or 'not called'}" for r, c in enumerate(chosen)))
         err, values, watchdog, trace = cw.bcast(
             (err, {k: getattr(config.current(), k) for k in config.ENV_FIELDS},
              os.environ.get("DISTTRAIN_NO_ABORT_HOOK") != "1", os.environ.get("DISTTRAIN_TIMELINE", "")), root=0)
@@ -125,7 +132,7 @@ def init() -> "Group":
         _build_topology(w)
         costmodel.ensure(w.comm, w.async_comm)
         warm = False
-        if w.size > 1 and config.current().validate:  # the same values on every rank (broadcast above)
+        if w.size > 1:  # the same on every rank (the layout is; allreduce's round runs with validation off too)
             # The world's shared control window and the fused round's compiled code now, as MPI_Init
             # sets up its own shared memory, not inside the first collective (issue 16: the first
             # dt.allreduce paid ~0.7 ms for the window, the first at each dtype ~5-160 ms for numba)
@@ -446,5 +453,8 @@ def install_early_abort_hook() -> None:
 
 
 groups.install(init, _release, _agree_free)
+
+# config.set_validation agrees on the world once initialised (comm/ cannot import the runtime)
+config.install(validate.agree_setting)
 # timeline.start / stop begin with the world's set-up check (the timeline sits below comm/)
 timeline.install(lambda what, err: validate.check(groups.world().comm, what, {}, err, always=True))

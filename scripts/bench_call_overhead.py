@@ -12,6 +12,9 @@ the library's time divided by ours (> 1: we are faster); "auto->" is what "auto"
 is the warm call; "+1st" is honest about first use: the first call at the size and the warm
 calls of one batch averaged together - (first + (reps - 1) x warm) / reps - against the library's
 own first call and warm calls averaged the same way (its result buffer is fresh too).
+"off/on" is the default call's time divided by the same call's with validation off, measured in
+the same run (>= 1: off is no slower; call8 - it was 0.37-0.49x on merged main before, off
+leaving the fused round for the general path).
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
     rows, lines = [], []
     lines.append(f"P={dt.size()}  us per call; (x) = MPI_Allreduce(x, y) time / ours")
     lines.append(f"{'bytes':>9} {'MPI':>8} {'dt default':>16} {'first call':>11} {'no-validate':>16} "
-                 f"{'shm':>16} {'mpi':>16} {'check':>7} {'+1st':>8}  auto->")
+                 f"{'shm':>16} {'mpi':>16} {'check':>7} {'+1st':>8} {'off/on':>7}  auto->")
     for s in a.sizes.split(","):
         nb = parse_size(s)
         x = np.ones(max(1, nb // 8), np.float64)
@@ -105,13 +108,13 @@ def main(argv=None) -> None:
         t_mpi1 = (t_mpi_first + (reps - 1) * t_mpi) / reps
         rows.append(dict(bytes=x.nbytes, p=dt.size(), mpi_s=t_mpi, default_s=t_dt, first_s=t_first, no_validate_s=t_nv,
                          shm_s=t_shm, mpi_alg_s=t_lib, check_s=t_chk, auto=auto, mpi_first_s=t_mpi_first,
-                         default_with_first_s=t_dt1, mpi_with_first_s=t_mpi1, reps=reps))
+                         default_with_first_s=t_dt1, mpi_with_first_s=t_mpi1, off_over_on=t_dt / t_nv, reps=reps))
         def col(t):
             return f"{t * 1e6:>9.1f} ({t_mpi / t:4.2f}x)"
         # printed at the end: rank 0's output goes through the launcher's proxy, which wakes on
         # one of the cores while the next size's first calls (ours first) were being timed
         lines.append(f"{x.nbytes:>9} {t_mpi * 1e6:>8.1f} {col(t_dt)} {t_first * 1e6:>11.1f} {col(t_nv)} {col(t_shm)} "
-                     f"{col(t_lib)} {t_chk * 1e6:>7.1f} {t_mpi1 / t_dt1:>7.2f}x  {auto}")
+                     f"{col(t_lib)} {t_chk * 1e6:>7.1f} {t_mpi1 / t_dt1:>7.2f}x {t_dt / t_nv:>6.2f}x  {auto}")
     if dt.rank() == 0:
         print("\n".join(lines), flush=True)
     if a.json and dt.rank() == 0:

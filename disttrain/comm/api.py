@@ -112,16 +112,21 @@ def _allreduce(comm, x, op, algorithm, inplace):
     if type(x) is not np.ndarray:
         x, err = _check_array(x, inplace, "allreduce", reduce=True)
         if err:
-            validate.check(comm, "allreduce", {"shape": None, "dtype": "", "op": op, "algorithm": algorithm}, err)
+            validate.check(comm, "allreduce", {"shape": None, "dtype": "", "op": op, "algorithm": algorithm}, err,
+                           always=node.get(comm) is not None)  # the peers' round is kept when off (below)
     opc, kop, acc, err = _plan(x, op, algorithm, inplace)
     if inplace and not err and not x.flags.writeable:
         err = "allreduce: the in-place variant needs a writeable array"
-    if config.current().validate:
-        st = node.get(comm) if err is None and fused.eligible(x.nbytes, x.dtype, acc, kop, algorithm,
-                                                               comm.Get_size()) else None
-        if st is not None:
+    # On a communicator with node state the round is validated whatever the setting: it is the
+    # fused call's reduction (or precedes the library's), ~1 us, and what keeps the paths of ranks
+    # whose calls differ together - so validation off is never slower than on there, and a shape
+    # a rank disagrees on is an error on every rank, never a fold past a slot or a hang (call8)
+    st = node.get(comm)
+    if st is not None or config.current().validate:
+        if st is not None and err is None and fused.eligible(x.nbytes, x.dtype, acc, kop, algorithm, st.p):
             return _fused(comm, st, x, op, opc, kop, algorithm, inplace)
-        validate.check(comm, "allreduce", _fields(x, op, algorithm), err, h=_sig(x, op, algorithm) if err is None else 0)
+        validate.check(comm, "allreduce", _fields(x, op, algorithm), err, always=True,
+                       h=_sig(x, op, algorithm) if err is None else 0)
     elif err:
         raise CollectiveError(err)
     name = algorithm if algorithm != "auto" else choose("allreduce", comm, x.size * acc.itemsize, acc)
@@ -344,7 +349,8 @@ def _hot_plan(st, cfg, g, x, op, algorithm, inplace):
     path (cached on the node state; bounded like validate's hash cache)."""
     opc, kop, acc, err = _plan(x, op, algorithm, inplace)
     plan = False
-    if err is None and cfg.validate and not cfg.verbose and fused.fuses(x.dtype, acc, kop, algorithm):
+    # not cfg.validate: the round is kept with validation off too (_allreduce's comment)
+    if err is None and not cfg.verbose and fused.fuses(x.dtype, acc, kop, algorithm):
         plan = fused.Plan(st, fused.sig_hash(x.dtype, op, algorithm), x.dtype, opc, kop, g)
     if len(st.plans) < 4096:
         st.plans[(x.dtype, op, algorithm, inplace)] = plan
@@ -371,6 +377,14 @@ def allreduce_async(x, op: str = "sum", *, algorithm: str = "auto", group=None) 
             xc[...] = x
         else:  # reported as an error on the communication thread, like any bad argument
             xc = np.array(x, copy=True)
+    else:
+        # a list as dt.allreduce takes it (attack9 finding 03: it was refused as "the in-place
+        # variant needs a NumPy array"); what NumPy cannot convert stays as it is and is
+        # reported on the communication thread - on every rank, not raised here on one
+        try:
+            xc = np.array(x)
+        except (ValueError, TypeError):
+            pass
     return engine.submit(lambda: _allreduce(g.async_comm, xc, op, algorithm, inplace=True), "allreduce", xc, g)
 
 

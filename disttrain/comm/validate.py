@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from .. import mpi, stall
+from .. import groups, mpi, stall
 from ..groups import group_of, local_size
 from . import config, node
 from .errors import CollectiveError
@@ -107,6 +107,21 @@ def check(comm, kind: str, fields: dict, local_error: str | None, always: bool =
             if stall.current() is temp:
                 stall.leave(temp)
     return _check(comm, kind, fields, local_error, op, payload, h)
+
+
+def agree_setting(kind: str, fields: dict) -> bool:
+    """A collective setter's agreement (config.set_validation): the world's validated round with
+    the new values, whatever the current setting - a rank that calls it alone, or with another
+    value, meets its peers' round and every rank raises CollectiveError naming both calls.
+
+    Returns:
+        False before dt.init() (nothing to agree with yet), True once agreed.
+    """
+    w = groups.ready_world
+    if w is None:
+        return False
+    check(w.comm, kind, fields, None, always=True)
+    return True
 
 
 def _check(comm, kind: str, fields: dict, local_error: str | None, op, payload=None, h=None) -> bool:
