@@ -189,7 +189,7 @@ def test_every_compressor_has_one_compress_signature_and_one_algorithm_rule():
 
 # The library's layers, bottom first: a module may import its own layer and the ones below, never
 # above (docs/ARCHITECTURE.md); the package root (the public API) sits just below the main job.
-LAYERS = [{"errors", "log", "registry", "mpi"}, {"groups"}, {"faults", "flight", "timeline"}, {"stall"},
+LAYERS = [{"errors", "log", "registry", "mpi"}, {"groups"}, {"faults", "flight", "timeline", "waitfor"}, {"stall"},
           {"comm"}, {"runtime"}, {"nn", "optim", "data", "compression", "numerics"}, {"parallel", "checkpoint"},
           {"zoo", "workloads"}, {"job", "train", "elastic"}]
 # the only deferred imports, each documented where it is: mpi4py.MPI starts MPI (disttrain/mpi.py),
