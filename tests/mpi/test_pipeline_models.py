@@ -127,16 +127,16 @@ def test_gnmt_pipeline_predict_and_bad_batches(comm):
     p = comm.Get_size()
     dp = 2 if p == 8 else 1  # 7 units: at most 7 stages
     mesh = Mesh(dp=dp, pp=p // dp)
-    stage, _ = cut(gnmt(), mesh)
+    _, mod = cut(gnmt(), mesh)  # DataParallel-wrapped at dp 2: its replicas average the gradients
     loss = nn.SoftmaxCrossEntropy(ignore_index=0) if mesh.pp_is_last_stage else None
-    pipe = Pipeline(stage, mesh.pp_group, loss, "1f1b", 4, uneven=True)
+    pipe = Pipeline(mod, mesh.pp_group, loss, "1f1b", 4, uneven=True)
     x, y = sentences(6, 4)
     np.testing.assert_allclose(pipe.predict(x if mesh.pp_is_first_stage else None), gnmt().forward(x), rtol=1e-12)
     first, last = mesh.pp_is_first_stage, mesh.pp_is_last_stage
     few = tuple(a[:3] for a in x)  # fewer sentences than micro-batches: the 4th is empty and skipped
     want = nn.SoftmaxCrossEntropy(ignore_index=0).forward(gnmt().forward(few), y[:3])
     np.testing.assert_allclose(pipe.step(few if first else None, y[:3] if last else None), want, rtol=RTOL)
-    strict = Pipeline(stage, mesh.pp_group, loss, "1f1b", 4)
+    strict = Pipeline(mod, mesh.pp_group, loss, "1f1b", 4)
     with pytest.raises(dt.CollectiveError, match="6 samples must divide into 4 micro-batches"):
         strict.step(x if first else None, y if last else None)
 
