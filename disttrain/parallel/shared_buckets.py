@@ -247,11 +247,8 @@ def take(group, n: int, dtype) -> Window:
 
 
 def _give_back(group) -> None:
-    """Group.free: the group's windows no array of any rank is alive in are unmapped. A group
-    that never made a pool (made collectively, so: on no member) costs nothing - most groups."""
-    pool = _windows.pop(group.uid, None)
-    if pool is not None:
-        windows.give_back(group, pool, lambda w: w.free_for(0, w.dtype), Window.free)
+    """Group.free: the group's windows no array of any rank is alive in are unmapped."""
+    windows.give_back(group, _windows.pop(group.uid, []), lambda w: w.free_for(0, w.dtype), Window.free)
 
 
 on_free(_give_back)

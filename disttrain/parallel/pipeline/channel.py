@@ -150,11 +150,8 @@ class _Window:
 
 
 def _give_back(group) -> None:
-    """Group.free: the group's windows that no rank uses or views any more are unmapped. A group
-    that never made a pool (made collectively, so: on no member) costs nothing - most groups."""
-    pool = _pools.pop(group.uid, None)
-    if pool is not None:
-        windows.give_back(group, pool, lambda w: w.free_here() and w.unviewed(), _Window.release)
+    """Group.free: the group's windows that no rank uses or views any more are unmapped."""
+    windows.give_back(group, _pools.pop(group.uid, []), lambda w: w.free_here() and w.unviewed(), _Window.release)
 
 
 on_free(_give_back)
