@@ -524,11 +524,8 @@ def broadcast_parameters(model, root: int = 0, group=None) -> None:
 
 
 def broadcast_optimizer_state(opt, root: int = 0, group=None) -> None:
-    """Make every rank's optimizer state (momenta, step count, lr) equal to root's.
-
-    Collective over the group: every rank calls it (a rank that calls it alone, or names another
-    root, raises CollectiveError on every rank - the set-up check below - instead of waiting in
-    the untracked bcast for good)."""
+    """Make every rank's optimizer state (momenta, step count, lr) equal to root's (collective
+    over the group: every rank calls it at the same point)."""
     g = as_group(group)
     # agreed first (attack9, finding 04): a rank calling it alone, or a bad root, raises on every
     # rank instead of waiting for good in the raw bcast below (which the stall inspector does not see)
